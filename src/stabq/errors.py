@@ -1,0 +1,31 @@
+"""Every failure stabq reports to a user is a :class:`StabqError`.
+
+Each subclass also derives from the built-in exception a Python user would
+expect (``ValueError`` for bad arguments), so ``except ValueError`` keeps
+working. Messages name the argument, the value found and what is allowed.
+"""
+
+from __future__ import annotations
+
+
+class StabqError(Exception):
+    """Base class of every error stabq raises on purpose."""
+
+
+class ConfigError(StabqError, ValueError):
+    """An argument or option has a value that is not allowed."""
+
+
+class ShapeError(StabqError, ValueError):
+    """A tensor's shape or dtype does not fit what the module was built for."""
+
+
+def check(condition: bool, message: str, error: type[StabqError] = ConfigError) -> None:
+    """Raise ``error(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise error(message)
+
+
+def is_int(value: object) -> bool:
+    """True for a Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,28 @@
+"""Quantizers: one method a file, one interface (:class:`Quantizer`)."""
+
+from stabq.quantizers.base import Identity, Quantizer, QuantizerOutput
+from stabq.quantizers.codebook import Codebook, kmeans, nearest_code
+from stabq.quantizers.fsq import FSQ
+from stabq.quantizers.gumbel import GumbelQuantizer
+from stabq.quantizers.pq import ProductQuantizer
+from stabq.quantizers.registry import PRESETS, build_quantizer, preset_names, recommended_levels
+from stabq.quantizers.rvq import ResidualVQ
+from stabq.quantizers.vq import VectorQuantizer
+
+__all__ = [
+    "FSQ",
+    "PRESETS",
+    "Codebook",
+    "GumbelQuantizer",
+    "Identity",
+    "ProductQuantizer",
+    "Quantizer",
+    "QuantizerOutput",
+    "ResidualVQ",
+    "VectorQuantizer",
+    "build_quantizer",
+    "kmeans",
+    "nearest_code",
+    "preset_names",
+    "recommended_levels",
+]

@@ -1,0 +1,314 @@
+"""The codebook pieces VQ, residual VQ and product quantization share.
+
+Shapes: a codebook holds ``G`` groups (1 for VQ, one per subspace for PQ) of
+``K`` codes of size ``d``; inputs arrive as ``(G, N, d)``.
+
+- :func:`nearest_code`: argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k),
+  computed tile by tile so at most ``chunk_elements`` distances exist at once,
+  in float32 (float64 for float64 codebooks), without autograd.
+- :func:`assignment_statistics`: per-code counts ``n_k`` and sums ``s_k``.
+- EMA update (van den Oord et al. 2017, Sonnet's VectorQuantizerEMA)::
+
+      N_k <- decay * N_k + (1 - decay) * n_k
+      S_k <- decay * S_k + (1 - decay) * s_k
+      e_k  = S_k / ((N_k + eps) / (sum N + K eps) * sum N)     (Laplace smoothing)
+
+- :func:`kmeans`: Lloyd's algorithm, used to initialise from the first batch.
+- Dead codes: a code whose ``N_k`` fell under ``dead_code_threshold`` (expected
+  assignments per batch) is moved onto a random input of the current batch and
+  its statistics restart at ``N_k = threshold, S_k = threshold * e_k``.
+- :func:`straight_through` and :func:`rotation_trick` (Fifty et al. 2024): two
+  ways to pass gradients from the code back to the input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stabq.errors import check, is_int
+
+DEFAULT_CHUNK_ELEMENTS = 2**23  # 32 MiB of float32 distances per tile
+
+
+def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``x / ||x||`` over the last dim (zero rows stay zero)."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+@torch.no_grad()
+def nearest_code(
+    x: Tensor, codes: Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> tuple[Tensor, Tensor]:
+    """Nearest code in squared Euclidean distance, ties to the lowest index.
+
+    Args:
+        x: ``(G, N, d)`` inputs (or ``(N, d)`` with ``codes`` ``(K, d)``).
+        codes: ``(G, K, d)`` codebooks.
+        chunk_elements: bound on the distances held at once (per call, all groups).
+    Returns:
+        ``indices`` int64 ``(G, N)`` and ``sq_dist`` ``(G, N)`` (float32 or float64).
+    """
+    if x.dim() == 2:
+        idx, dist = nearest_code(x[None], codes[None], chunk_elements)
+        return idx[0], dist[0]
+    work = torch.float64 if codes.dtype == torch.float64 else torch.float32
+    x, codes = x.to(work), codes.to(work)
+    groups, n, _ = x.shape
+    k = codes.shape[1]
+    code_sq = (codes * codes).sum(-1)
+    codes_t = codes.transpose(1, 2)
+    code_chunk = max(1, min(k, chunk_elements // groups))
+    row_chunk = max(1, chunk_elements // (groups * code_chunk))
+    best = torch.empty(groups, n, dtype=work, device=x.device)
+    best_idx = torch.empty(groups, n, dtype=torch.long, device=x.device)
+    for r0 in range(0, n, row_chunk):
+        xr = x[:, r0 : r0 + row_chunk]
+        vals = idxs = None
+        for k0 in range(0, k, code_chunk):
+            k1 = min(k, k0 + code_chunk)
+            dist = torch.baddbmm(code_sq[:, None, k0:k1], xr, codes_t[:, :, k0:k1], alpha=-2)
+            v, i = dist.min(dim=-1)
+            if vals is None:
+                vals, idxs = v, i
+            else:
+                better = v < vals  # strict: an earlier chunk wins ties
+                vals = torch.where(better, v, vals)
+                idxs = torch.where(better, i + k0, idxs)
+        best[:, r0 : r0 + row_chunk] = vals
+        best_idx[:, r0 : r0 + row_chunk] = idxs
+    sq_dist = (best + (x * x).sum(-1)).clamp_min_(0)
+    return best_idx, sq_dist
+
+
+def gather_codes(codes: Tensor, indices: Tensor) -> Tensor:
+    """``codes[g, indices[g, n]]``: ``(G, K, d)``, ``(G, N)`` -> ``(G, N, d)``, differentiable."""
+    group = torch.arange(codes.shape[0], device=codes.device)[:, None]
+    return codes[group, indices]
+
+
+@torch.no_grad()
+def assignment_statistics(x: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Counts ``n`` ``(G, K)`` and sums ``s`` ``(G, K, d)`` of the inputs assigned to each code."""
+    groups, n, d = x.shape
+    flat = (indices + torch.arange(groups, device=x.device)[:, None] * k).reshape(-1)
+    counts = torch.zeros(groups * k, dtype=x.dtype, device=x.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
+    sums = torch.zeros(groups * k, d, dtype=x.dtype, device=x.device)
+    sums.index_add_(0, flat, x.reshape(-1, d))
+    return counts.view(groups, k), sums.view(groups, k, d)
+
+
+def laplace_smooth(cluster_size: Tensor, eps: float) -> Tensor:
+    """``(N_k + eps) / (sum N + K eps) * sum N`` per group: no code divides by zero."""
+    total = cluster_size.sum(-1, keepdim=True)
+    return (cluster_size + eps) / (total + cluster_size.shape[-1] * eps) * total
+
+
+def _sample_rows(x: Tensor, count: int) -> Tensor:
+    """``count`` distinct rows per group (with repeats only when ``N < count``): ``(G, count)``."""
+    groups, n, _ = x.shape
+    if n >= count:
+        return torch.rand(groups, n, device=x.device).argsort(dim=1)[:, :count]
+    return torch.randint(n, (groups, count), device=x.device)
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int = 10, cosine: bool = False) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means per group, seeded with ``k`` random inputs.
+
+    ``x``: ``(G, N, d)``. Returns centroids ``(G, k, d)`` and their final counts
+    ``(G, k)``; a centroid that loses all its points keeps its place.
+    """
+    x = x.float() if x.dtype != torch.float64 else x
+    centroids = gather_codes(x, _sample_rows(x, k))
+    counts = torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device)
+    for _ in range(iters):
+        indices, _ = nearest_code(x, centroids)
+        counts, sums = assignment_statistics(x, indices, k)
+        means = sums / counts.clamp_min(1)[..., None]
+        if cosine:
+            means = l2norm(means)
+        centroids = torch.where(counts[..., None] > 0, means, centroids)
+    return centroids, counts
+
+
+def straight_through(x: Tensor, q: Tensor) -> Tensor:
+    """Value ``q``, gradient the identity to ``x``."""
+    return x + (q - x).detach()
+
+
+def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """Value ``q``, gradient through ``lambda R`` with R rotating ``x/|x|`` onto ``q/|q|``.
+
+    ``R = I - 2 w w^T + 2 v u^T`` with ``u = x/|x|``, ``v = q/|q|``,
+    ``w = (u + v)/|u + v|`` and ``lambda = |q|/|x|``, all held constant
+    (Fifty et al. 2024, "Restructuring vector quantization with the rotation
+    trick"). Rows of ``x``, ``q``: ``(..., d)``.
+    """
+    x_norm = x.detach().norm(dim=-1, keepdim=True).clamp_min(eps)
+    q_det = q.detach()
+    q_norm = q_det.norm(dim=-1, keepdim=True)
+    u = x.detach() / x_norm
+    v = q_det / q_norm.clamp_min(eps)
+    w = l2norm(u + v, eps)
+    rotated = x - 2 * w * (w * x).sum(-1, keepdim=True) + 2 * v * (u * x).sum(-1, keepdim=True)
+    out = (q_norm / x_norm) * rotated
+    return out + (q - out).detach()  # exact value q, gradient of the rotation
+
+
+def commitment_loss(z: Tensor, codes: Tensor, weight: float, learned: bool) -> Tensor:
+    """``weight * ||z - sg(c)||^2`` (+ ``||sg(z) - c||^2`` for a learned codebook), mean, float32."""
+    z, codes = z.float(), codes.float()
+    loss = weight * F.mse_loss(z, codes.detach()) if z.numel() else z.new_zeros(())
+    if learned and z.numel():
+        loss = loss + F.mse_loss(codes, z.detach())
+    return loss
+
+
+class Codebook(nn.Module):
+    """``G`` codebooks of ``K`` codes of size ``d``: search, EMA, k-means init, dead codes.
+
+    ``forward(x)`` with ``x`` ``(G, N, d)`` returns ``(codes, indices)``, codes
+    ``(G, N, d)`` as they stood before this batch's update (differentiable
+    with respect to the codebook when ``decay=None``), indices ``(G, N)``.
+    In training mode it also initialises by k-means on the first batch,
+    applies the EMA update and replaces dead codes.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        num_groups: int = 1,
+        decay: float | None = 0.99,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        cosine: bool = False,
+        eps: float = 1e-5,
+        usage_decay: float = 0.99,
+        owner: str = "Codebook",
+    ) -> None:
+        super().__init__()
+        check(
+            is_int(codebook_size) and codebook_size >= 1,
+            f"{owner}: codebook_size={codebook_size!r}, allowed is an integer >= 1",
+        )
+        check(is_int(dim) and dim >= 1, f"{owner}: dim={dim!r}, allowed is an integer >= 1")
+        check(
+            decay is None or (isinstance(decay, float | int) and 0.0 <= decay < 1.0),
+            f"{owner}: decay={decay!r}, allowed is a number in [0, 1) or None (learned codebook)",
+        )
+        check(
+            is_int(kmeans_iters) and kmeans_iters >= 1,
+            f"{owner}: kmeans_iters={kmeans_iters!r}, allowed is an integer >= 1",
+        )
+        check(
+            isinstance(dead_code_threshold, float | int) and dead_code_threshold >= 0,
+            f"{owner}: dead_code_threshold={dead_code_threshold!r}, allowed is a number >= 0",
+        )
+        self.codebook_size, self.dim, self.num_groups = codebook_size, dim, num_groups
+        self.decay = None if decay is None else float(decay)
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.cosine, self.eps = cosine, eps
+        self.usage_decay = usage_decay if decay is None else float(decay)
+        embed = torch.randn(num_groups, codebook_size, dim)
+        if cosine:
+            embed = l2norm(embed)
+        if self.decay is None:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+            self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(num_groups, codebook_size))
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    @property
+    def learned(self) -> bool:
+        """True when the codebook is trained by gradient (``decay=None``), not by EMA."""
+        return self.decay is None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initted) and x.shape[1] > 0:
+            self.init_from(x)
+        indices, _ = nearest_code(x, self.embed, self.chunk_elements)
+        codes = gather_codes(self.embed, indices)
+        if self.training and x.shape[1] > 0:
+            self.update(x.detach(), indices)
+            if self.dead_code_threshold > 0:
+                self.replace_dead_codes(x.detach())
+        return codes, indices
+
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Set the codes to k-means centroids of ``x`` ``(G, N, d)``; statistics to match."""
+        centroids, counts = kmeans(x, self.codebook_size, self.kmeans_iters, self.cosine)
+        self._set_codes(torch.ones_like(counts, dtype=torch.bool), centroids, counts.clamp_min(1))
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, indices: Tensor) -> None:
+        """Fold a batch's assignments into the EMA statistics (and the codes, in EMA mode)."""
+        counts, sums = assignment_statistics(x.to(self.cluster_size.dtype), indices, self.codebook_size)
+        self.cluster_size.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        if self.learned:
+            return
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        embed = self.embed_sum / laplace_smooth(self.cluster_size, self.eps)[..., None]
+        self.embed.copy_(l2norm(embed) if self.cosine else embed)
+
+    @torch.no_grad()
+    def replace_dead_codes(self, x: Tensor) -> int:
+        """Move codes with ``cluster_size < dead_code_threshold`` onto random rows of ``x``.
+
+        Their statistics restart at ``cluster_size = threshold`` and
+        ``embed_sum = threshold * code``. Returns the number of codes replaced.
+        """
+        dead = self.cluster_size < self.dead_code_threshold
+        replaced = int(dead.sum())
+        if replaced == 0 or x.shape[1] == 0:
+            return 0
+        samples = gather_codes(x.to(self.embed.dtype), _sample_rows(x, self.codebook_size))
+        if self.cosine:
+            samples = l2norm(samples)
+        size = torch.full_like(self.cluster_size, self.dead_code_threshold)
+        self._set_codes(dead, samples, size)
+        return replaced
+
+    def _set_codes(self, mask: Tensor, codes: Tensor, cluster_size: Tensor) -> None:
+        """Where ``mask`` ``(G, K)``: codes, cluster sizes and EMA sums set consistently."""
+        m = mask[..., None]
+        self.embed.data.copy_(torch.where(m, codes.to(self.embed.dtype), self.embed.data))
+        self.cluster_size.copy_(torch.where(mask, cluster_size, self.cluster_size))
+        if not self.learned:
+            sums = codes * cluster_size[..., None]
+            self.embed_sum.copy_(torch.where(m, sums.to(self.embed_sum.dtype), self.embed_sum))
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.num_groups}, codebook_size={self.codebook_size}, dim={self.dim}, "
+            f"decay={self.decay}, kmeans_init={self.kmeans_init}, "
+            f"dead_code_threshold={self.dead_code_threshold}, cosine={self.cosine}"
+        )
+
+
+
+def projections(dim: int, codebook_dim: int | None, owner: str) -> tuple[nn.Module, nn.Module]:
+    """Linear ``dim -> codebook_dim`` and back, or identities when the sizes agree."""
+    check(
+        codebook_dim is None or (is_int(codebook_dim) and codebook_dim >= 1),
+        f"{owner}: codebook_dim={codebook_dim!r}, allowed is an integer >= 1 or None (= dim)",
+    )
+    if codebook_dim is None or codebook_dim == dim:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, codebook_dim), nn.Linear(codebook_dim, dim)
+
+
+def estimate(z: Tensor, codes: Tensor, rotation: bool) -> Tensor:
+    """Value ``codes``; gradient to ``z`` by the rotation trick or straight through."""
+    return rotation_trick(z, codes) if rotation else straight_through(z, codes)

@@ -1,0 +1,162 @@
+"""Finite scalar quantization (Mentzer et al. 2023, "FSQ: VQ-VAE made simple").
+
+Each of ``d = len(levels)`` dimensions is bounded and rounded to ``L_i`` levels:
+
+    half_l = (L - 1) * (1 + eps) / 2,   offset = 0.5 if L even else 0
+    shift  = atanh(offset / half_l)
+    r      = round(tanh(z + shift) * half_l - offset)      (integers)
+    code   = r / (L // 2)                                 (in [-1, 1])
+    index  = sum_i (r_i + L_i // 2) * prod_{j<i} L_j        (mixed radix)
+
+Rounding passes gradients straight through. The implicit codebook has
+``prod(levels)`` codes; there is nothing to collapse, but the bound can
+saturate: when the projection grows until every ``|z|`` sits far out on the
+tanh, every input lands on a corner code and the gradient vanishes.
+``pre_norm=True`` standardises each dimension over the batch before the bound
+(running statistics at eval), which keeps ``z`` where tanh is not flat.
+The codes and indices equal vector-quantize-pytorch's ``FSQ`` for the same
+levels and input (with ``pre_norm=False``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stabq.errors import ShapeError, check, is_int
+from stabq.quantizers.base import Quantizer
+
+BOUND_EPS = 1e-3
+
+
+def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
+    return torch.as_tensor(levels, dtype=torch.int32, device=device)
+
+
+def fsq_round(z: Tensor, levels: Tensor) -> Tensor:
+    """Bound ``z`` ``(..., d)`` and round it: integer-valued ``r`` (float, straight-through)."""
+    half_l = (levels - 1) * (1 + BOUND_EPS) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    shift = torch.atanh(offset / half_l)
+    bounded = torch.tanh(z + shift) * half_l - offset
+    return bounded + (bounded.round() - bounded).detach()
+
+
+def fsq_level_indices_to_index(level_idx: Tensor, levels: Tensor) -> Tensor:
+    """Mixed-radix index of per-dimension level indices ``(..., d)`` in ``[0, L_i)``."""
+    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    return (level_idx.long() * basis).sum(dim=-1)
+
+
+def fsq_codes_to_indices(codes: Tensor, levels: Tensor) -> Tensor:
+    """Codes ``(..., d)`` on the grid ``r / (L // 2)`` to int64 indices ``(...,)``."""
+    half_width = (levels // 2).to(codes.dtype)
+    level_idx = (codes.detach() * half_width + half_width).round()
+    return fsq_level_indices_to_index(level_idx, levels)
+
+
+def fsq_indices_to_codes(indices: Tensor, levels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`fsq_codes_to_indices`: int indices ``(...,)`` to codes ``(..., d)``."""
+    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    level_idx = (indices.long().unsqueeze(-1) // basis) % levels
+    half_width = levels // 2
+    return ((level_idx - half_width) / half_width).to(dtype)
+
+
+class FSQ(Quantizer):
+    """Finite scalar quantization over ``levels``, with optional projections.
+
+    Args:
+        levels: levels per code dimension, each >= 2; ``prod(levels)`` codes.
+        dim: input size; when it differs from ``len(levels)``, Linear layers
+            project ``dim -> len(levels)`` before and back after quantizing.
+        pre_norm: standardise each code dimension over the batch before the
+            bound (BatchNorm without affine), so tanh cannot saturate.
+    """
+
+    def __init__(
+        self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
+    ) -> None:
+        super().__init__()
+        levels = list(levels) if isinstance(levels, Sequence) else levels
+        check(
+            isinstance(levels, list) and len(levels) > 0,
+            f"FSQ: levels={levels!r}, allowed is a non-empty list of integers >= 2",
+        )
+        check(
+            all(is_int(v) and v >= 2 for v in levels),
+            f"FSQ: levels={levels!r}, allowed is a non-empty list of integers >= 2",
+        )
+        size = math.prod(levels)
+        check(
+            size < 2**62,
+            f"FSQ: levels={levels!r} give {size} codes, allowed is fewer than 2**62",
+        )
+        codes_dim = len(levels)
+        dim = codes_dim if dim is None else dim
+        check(
+            is_int(dim) and dim >= 1,
+            f"FSQ: dim={dim!r}, allowed is an integer >= 1 (or None for len(levels))",
+        )
+        self.levels = levels
+        self.dim = dim
+        self.codebook_size = size
+        self.register_buffer("_levels", _levels_tensor(levels), persistent=False)
+        has_projection = dim != codes_dim
+        self.project_in = nn.Linear(dim, codes_dim) if has_projection else nn.Identity()
+        self.project_out = nn.Linear(codes_dim, dim) if has_projection else nn.Identity()
+        self.pre_norm = nn.BatchNorm1d(codes_dim, affine=False) if pre_norm else None
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        if isinstance(self.project_in, nn.Linear):
+            return self.project_in.weight.dtype
+        if self.pre_norm is not None:
+            return self.pre_norm.running_mean.dtype
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def _normalise(self, z: Tensor) -> Tensor:
+        if self.pre_norm is None:
+            return z
+        if self.training and z.shape[0] < 2:
+            # one value per dimension has no variance: use the running statistics
+            norm = self.pre_norm
+            return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+        return self.pre_norm(z)
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z = self._normalise(self.project_in(x))
+        levels = self._levels
+        r = fsq_round(z, levels)
+        half_width = levels // 2
+        codes = r / half_width
+        indices = fsq_level_indices_to_index(r.detach() + half_width, levels)
+        return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
+
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """Codes ``(..., len(levels))`` on the level grid to int64 indices ``(...,)``."""
+        check(
+            codes.shape[-1:] == (len(self.levels),),
+            f"FSQ.codes_to_indices: codes of shape {tuple(codes.shape)} must end in "
+            f"len(levels)={len(self.levels)}",
+            ShapeError,
+        )
+        return fsq_codes_to_indices(codes, self._levels)
+
+    def indices_to_level_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(...,)`` to codes ``(..., len(levels))`` in [-1, 1], before projection."""
+        flat = self._check_indices(indices)
+        dtype = self.compute_dtype(flat.float())
+        codes = fsq_indices_to_codes(flat, self._levels, dtype)
+        return codes.reshape(*indices.shape, len(self.levels))
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(...,)`` to ``(..., dim)``: the level codes through ``project_out``."""
+        return self.project_out(self.indices_to_level_codes(indices))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, dim={self.dim}, pre_norm={self.pre_norm is not None}"
+

@@ -1,0 +1,97 @@
+"""Quantizers by preset name, and the FSQ paper's recommended levels.
+
+| preset      | what it builds                                                        |
+|-------------|-----------------------------------------------------------------------|
+| ``fsq``       | FSQ [8,8,8,5,5,5] (64,000 codes) with ``pre_norm=True``               |
+| ``fsq-plain`` | textbook FSQ [8,8,8,5,5,5], no normalisation (can saturate tanh)      |
+| ``rvq``       | residual VQ 4 x 256, k-means init, dead codes under 2 replaced        |
+| ``vq-ema``    | vanilla VQ-EMA, 512 codes: the baseline that collapses                |
+| ``vq``        | VQ 512 codes, k-means init, dead codes at 2, 32-dim cosine codebook   |
+| ``gumbel``    | Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1                          |
+| ``pq``        | product quantization, 8 subspaces x 256 codes                         |
+| ``none``      | continuous pass-through (the reference)                               |
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from stabq.errors import ConfigError, check, is_int
+from stabq.quantizers.base import Identity, Quantizer
+from stabq.quantizers.fsq import FSQ
+from stabq.quantizers.gumbel import GumbelQuantizer
+from stabq.quantizers.pq import ProductQuantizer
+from stabq.quantizers.rvq import ResidualVQ
+from stabq.quantizers.vq import VectorQuantizer
+
+FSQ_LEVELS = {
+    2**8: [8, 6, 5],
+    2**10: [8, 5, 5, 5],
+    2**12: [7, 5, 5, 5, 5],
+    2**14: [8, 8, 8, 6, 5],
+    2**16: [8, 8, 8, 5, 5, 5],
+}
+
+
+def recommended_levels(codebook_size: int) -> list[int]:
+    """FSQ levels for about ``codebook_size`` codes (Mentzer et al. 2023, table 1)."""
+    check(
+        is_int(codebook_size) and codebook_size in FSQ_LEVELS,
+        f"recommended_levels: codebook_size={codebook_size!r}, allowed is one of "
+        f"{sorted(FSQ_LEVELS)} (2^8, 2^10, 2^12, 2^14, 2^16)",
+    )
+    return list(FSQ_LEVELS[codebook_size])
+
+
+def _vq_repaired(dim: int) -> dict:
+    return {
+        "codebook_size": 512,
+        "kmeans_init": True,
+        "dead_code_threshold": 2.0,
+        "codebook_dim": 32 if dim > 32 else None,
+        "cosine": True,
+    }
+
+
+PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
+    "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
+    "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
+    "rvq": (
+        ResidualVQ,
+        lambda dim: {
+            "num_quantizers": 4,
+            "codebook_size": 256,
+            "kmeans_init": True,
+            "dead_code_threshold": 2.0,
+        },
+    ),
+    "vq-ema": (VectorQuantizer, lambda dim: {"codebook_size": 512}),
+    "vq": (VectorQuantizer, _vq_repaired),
+    "gumbel": (GumbelQuantizer, lambda dim: {}),
+    "pq": (ProductQuantizer, lambda dim: {"num_subspaces": 8, "bits": 8}),
+    "none": (Identity, lambda dim: {}),
+}
+
+
+def preset_names() -> list[str]:
+    """The preset names :func:`build_quantizer` accepts."""
+    return list(PRESETS)
+
+
+def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
+    """Build the preset ``name`` for inputs of size ``dim``; ``overrides`` replace its options."""
+    if name not in PRESETS:
+        raise ConfigError(f"quantizer={name!r} is not a preset; allowed: {', '.join(PRESETS)}")
+    cls, defaults = PRESETS[name]
+    allowed = [p for p in inspect.signature(cls).parameters if p != "dim"]
+    unknown = sorted(set(overrides) - set(allowed))
+    check(
+        not unknown,
+        f"quantizer {name!r} ({cls.__name__}) has no option {', '.join(map(repr, unknown))}; "
+        f"allowed: {', '.join(allowed) or 'none'}",
+    )
+    return cls(dim=dim, **{**defaults(dim), **overrides})
+
+
+__all__ = ["PRESETS", "build_quantizer", "preset_names", "recommended_levels"]

@@ -1,0 +1,102 @@
+"""Residual vector quantization (Zeghidour et al. 2021, SoundStream).
+
+Each of ``Q`` codebooks quantizes what the previous ones left over::
+
+    r_1 = z,   c_i = nearest code of r_i in codebook i,   r_{i+1} = r_i - c_i
+    q   = c_1 + ... + c_Q
+
+The sum passes gradients to ``z`` once (straight through, or by the rotation
+trick); each layer adds its commitment loss ``beta |r_i - sg(c_i)|^2``. With
+k-means initialisation each layer is seeded on the residuals it actually sees.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stabq.errors import check, is_int
+from stabq.quantizers.base import Quantizer
+from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, projections
+
+
+class ResidualVQ(Quantizer):
+    """``num_quantizers`` codebooks of ``codebook_size`` codes on successive residuals.
+
+    Indices are ``(..., num_quantizers)``; the loss is the sum over layers.
+    Takes VectorQuantizer's options except ``cosine`` (residuals of unit
+    vectors are not unit vectors, so cosine distance has no meaning past the
+    first layer).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_quantizers: int = 4,
+        codebook_size: int = 256,
+        codebook_dim: int | None = None,
+        decay: float | None = 0.99,
+        commitment_weight: float = 0.25,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        cosine: bool = False,
+        rotation_trick: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
+        check(
+            is_int(num_quantizers) and num_quantizers >= 1,
+            f"{name}: num_quantizers={num_quantizers!r}, allowed is an integer >= 1",
+        )
+        check(
+            not cosine,
+            f"{name}: cosine={cosine!r}, allowed is False (residuals are not unit vectors)",
+        )
+        check(
+            isinstance(commitment_weight, float | int) and commitment_weight >= 0,
+            f"{name}: commitment_weight={commitment_weight!r}, allowed is a number >= 0",
+        )
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_quantizers
+        self.commitment_weight = float(commitment_weight)
+        self.rotation_trick = rotation_trick
+        self.project_in, self.project_out = projections(dim, codebook_dim, name)
+        self.layers = nn.ModuleList(
+            Codebook(
+                codebook_size,
+                codebook_dim or dim,
+                decay=decay,
+                kmeans_init=kmeans_init,
+                kmeans_iters=kmeans_iters,
+                dead_code_threshold=dead_code_threshold,
+                owner=name,
+            )
+            for _ in range(num_quantizers)
+        )
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z = self.project_in(x)
+        total = torch.zeros_like(z)
+        loss = z.new_zeros((), dtype=torch.float32)
+        all_indices = []
+        for layer in self.layers:
+            residual = z - total
+            codes, indices = layer(residual.detach()[None])
+            codes = codes[0].to(z.dtype)
+            loss = loss + commitment_loss(residual, codes, self.commitment_weight, layer.learned)
+            total = total + codes.detach()
+            all_indices.append(indices[0])
+        quantized = self.project_out(estimate(z, total, self.rotation_trick))
+        return quantized, torch.stack(all_indices, dim=-1), loss
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(..., num_quantizers)`` to ``(..., dim)``: summed codes, projected out."""
+        flat = self._check_indices(indices).to(self.layers[0].embed.device)
+        total = sum(layer.embed[0][flat[:, i]] for i, layer in enumerate(self.layers))
+        return self.project_out(total).reshape(*indices.shape[:-1], self.dim)
+
+
+__all__ = ["ResidualVQ"]

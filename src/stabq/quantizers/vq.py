@@ -1,0 +1,99 @@
+"""Vector quantization: nearest code of one codebook (van den Oord et al. 2017).
+
+    z = W_in x            (optional low-dim codebook, ``codebook_dim``)
+    z = z / |z|           (``cosine``: codes and inputs on the unit sphere)
+    k = argmin_k |z - e_k|^2,   q = e_k
+    out = W_out q         with the gradient of q passed to z straight through
+                          (or by the rotation trick)
+    loss = beta |z - sg(q)|^2  (+ |sg(z) - q|^2 for a learned codebook)
+
+The defaults are vanilla VQ-EMA: the baseline that collapses under a
+classifier's cross-entropy. The repairs (k-means init, dead-code replacement,
+a 32-dim cosine codebook) are options; the preset ``vq`` turns them on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stabq.errors import check, is_int
+from stabq.quantizers.base import Quantizer
+from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, l2norm, projections
+
+
+class VectorQuantizer(Quantizer):
+    """One codebook of ``codebook_size`` codes.
+
+    Args:
+        dim: input size.
+        codebook_size: number of codes ``K``.
+        codebook_dim: code size; Linear projections in and out when it differs from ``dim``.
+        decay: EMA decay of the codebook; ``None`` trains it by gradient instead.
+        commitment_weight: ``beta`` of the commitment loss.
+        kmeans_init: initialise the codes by k-means on the first training batch.
+        kmeans_iters: Lloyd iterations of that initialisation.
+        dead_code_threshold: replace codes whose EMA count per batch falls under it (0: never).
+        cosine: cosine distance (unit-norm inputs and codes).
+        rotation_trick: pass gradients by the rotation trick rather than straight through.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        decay: float | None = 0.99,
+        commitment_weight: float = 0.25,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        cosine: bool = False,
+        rotation_trick: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
+        check(
+            isinstance(commitment_weight, float | int) and commitment_weight >= 0,
+            f"{name}: commitment_weight={commitment_weight!r}, allowed is a number >= 0",
+        )
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.commitment_weight = float(commitment_weight)
+        self.cosine = cosine
+        self.rotation_trick = rotation_trick
+        self.project_in, self.project_out = projections(dim, codebook_dim, name)
+        self.codebook = Codebook(
+            codebook_size,
+            codebook_dim or dim,
+            decay=decay,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            dead_code_threshold=dead_code_threshold,
+            cosine=cosine,
+            owner=name,
+        )
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z = self.project_in(x)
+        if self.cosine:
+            z = l2norm(z)
+        codes, indices = self.codebook(z[None])
+        codes, indices = codes[0].to(z.dtype), indices[0]
+        loss = commitment_loss(z, codes, self.commitment_weight, self.codebook.learned)
+        return self.project_out(estimate(z, codes, self.rotation_trick)), indices, loss
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(...,)`` to ``(..., dim)``: the codes through the output projection."""
+        flat = self._check_indices(indices).to(self.codebook.embed.device)
+        codes = self.codebook.embed[0][flat]
+        return self.project_out(codes).reshape(*indices.shape, self.dim)
+
+    @property
+    def codes(self) -> Tensor:
+        """The codebook ``(codebook_size, codebook_dim)``, detached."""
+        return self.codebook.embed[0].detach()
+
+
+__all__ = ["VectorQuantizer"]
