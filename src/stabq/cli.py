@@ -30,6 +30,7 @@ T = TypeVar("T")
 def _root() -> None:
     """Stable discrete bottlenecks for classifiers: train, compare and inspect quantizers."""
 
+
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
 
 

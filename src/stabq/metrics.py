@@ -70,8 +70,7 @@ class CodebookUsage:
         valid = flat >= 0
         if flat.numel() and int(flat.max()) >= k:
             raise ShapeError(
-                f"CodebookUsage.update: index {int(flat.max())} out of range for "
-                f"codebook_size={k}"
+                f"CodebookUsage.update: index {int(flat.max())} out of range for codebook_size={k}"
             )
         offsets = torch.arange(c)[None, :] * k
         bins = torch.bincount((flat + offsets)[valid], minlength=c * k)

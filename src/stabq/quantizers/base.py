@@ -75,7 +75,9 @@ class Quantizer(nn.Module):
             )
         lead = x.shape[:-1]
         if not self.quantization_enabled:
-            indices = torch.full((*lead, *self.indices_shape), -1, dtype=torch.long, device=x.device)
+            indices = torch.full(
+                (*lead, *self.indices_shape), -1, dtype=torch.long, device=x.device
+            )
             return QuantizerOutput(x, indices, x.new_zeros((), dtype=torch.float32))
         flat = x.reshape(-1, self.dim).to(self.compute_dtype(x))
         quantized, indices, loss = self._quantize(flat)
@@ -104,8 +106,7 @@ class Quantizer(nn.Module):
         )
         check(
             tuple(indices.shape[indices.dim() - len(tail) :]) == tail,
-            f"{name}.indices_to_codes: indices of shape {tuple(indices.shape)} "
-            f"must end in {tail}",
+            f"{name}.indices_to_codes: indices of shape {tuple(indices.shape)} must end in {tail}",
             ShapeError,
         )
         if indices.numel():

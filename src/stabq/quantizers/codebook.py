@@ -91,7 +91,7 @@ def gather_codes(codes: Tensor, indices: Tensor) -> Tensor:
 @torch.no_grad()
 def assignment_statistics(x: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Counts ``n`` ``(G, K)`` and sums ``s`` ``(G, K, d)`` of the inputs assigned to each code."""
-    groups, n, d = x.shape
+    groups, _, d = x.shape
     flat = (indices + torch.arange(groups, device=x.device)[:, None] * k).reshape(-1)
     counts = torch.zeros(groups * k, dtype=x.dtype, device=x.device)
     counts.index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
@@ -159,7 +159,7 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def commitment_loss(z: Tensor, codes: Tensor, weight: float, learned: bool) -> Tensor:
-    """``weight * ||z - sg(c)||^2`` (+ ``||sg(z) - c||^2`` for a learned codebook), mean, float32."""
+    """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; means, float32."""
     z, codes = z.float(), codes.float()
     loss = weight * F.mse_loss(z, codes.detach()) if z.numel() else z.new_zeros(())
     if learned and z.numel():
@@ -176,6 +176,8 @@ class Codebook(nn.Module):
     In training mode it also initialises by k-means on the first batch,
     applies the EMA update and replaces dead codes.
     """
+
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS  # tile bound of the nearest-code search
 
     def __init__(
         self,
@@ -242,8 +244,6 @@ class Codebook(nn.Module):
                 self.replace_dead_codes(x.detach())
         return codes, indices
 
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
         """Set the codes to k-means centroids of ``x`` ``(G, N, d)``; statistics to match."""
@@ -254,7 +254,9 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor, indices: Tensor) -> None:
         """Fold a batch's assignments into the EMA statistics (and the codes, in EMA mode)."""
-        counts, sums = assignment_statistics(x.to(self.cluster_size.dtype), indices, self.codebook_size)
+        counts, sums = assignment_statistics(
+            x.to(self.cluster_size.dtype), indices, self.codebook_size
+        )
         self.cluster_size.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
         if self.learned:
             return
@@ -295,7 +297,6 @@ class Codebook(nn.Module):
             f"decay={self.decay}, kmeans_init={self.kmeans_init}, "
             f"dead_code_threshold={self.dead_code_threshold}, cosine={self.cosine}"
         )
-
 
 
 def projections(dim: int, codebook_dim: int | None, owner: str) -> tuple[nn.Module, nn.Module]:

@@ -124,7 +124,9 @@ class FSQ(Quantizer):
         if self.training and z.shape[0] < 2:
             # one value per dimension has no variance: use the running statistics
             norm = self.pre_norm
-            return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+            return F.batch_norm(
+                z, norm.running_mean, norm.running_var, training=False, eps=norm.eps
+            )
         return self.pre_norm(z)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,4 +161,3 @@ class FSQ(Quantizer):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, pre_norm={self.pre_norm is not None}"
-

@@ -14,7 +14,6 @@ a 32-dim cosine codebook) are options; the preset ``vq`` turns them on.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from stabq.errors import check, is_int
