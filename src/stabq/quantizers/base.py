@@ -43,6 +43,7 @@ class Quantizer(nn.Module):
     dim: int
     codebook_size: int
     num_codebooks: int = 1
+    multi_codebook: bool = False  # indices keep a trailing codebook axis (RVQ, PQ), even of 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,7 +52,7 @@ class Quantizer(nn.Module):
     @property
     def indices_shape(self) -> tuple[int, ...]:
         """Trailing shape of one row's indices: ``()`` or ``(num_codebooks,)``."""
-        return () if self.num_codebooks == 1 else (self.num_codebooks,)
+        return (self.num_codebooks,) if self.multi_codebook else ()
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the math runs in: the module's float dtype, else float32 or float64."""

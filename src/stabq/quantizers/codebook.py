@@ -93,10 +93,10 @@ def assignment_statistics(x: Tensor, indices: Tensor, k: int) -> tuple[Tensor, T
     """Counts ``n`` ``(G, K)`` and sums ``s`` ``(G, K, d)`` of the inputs assigned to each code."""
     groups, _, d = x.shape
     flat = (indices + torch.arange(groups, device=x.device)[:, None] * k).reshape(-1)
-    counts = torch.zeros(groups * k, dtype=x.dtype, device=x.device)
-    counts.index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
+    counts = torch.bincount(flat, minlength=groups * k).to(x.dtype)
+    # index_put_ with accumulate: measured far faster on CPU than index_add_ / scatter_add_
     sums = torch.zeros(groups * k, d, dtype=x.dtype, device=x.device)
-    sums.index_add_(0, flat, x.reshape(-1, d))
+    sums.index_put_((flat,), x.reshape(-1, d), accumulate=True)
     return counts.view(groups, k), sums.view(groups, k, d)
 
 

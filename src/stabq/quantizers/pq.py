@@ -31,6 +31,8 @@ class ProductQuantizer(Quantizer):
     ``rotation_trick``); distances are Euclidean, as in Faiss.
     """
 
+    multi_codebook = True
+
     def __init__(
         self,
         dim: int,

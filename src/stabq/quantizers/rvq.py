@@ -29,6 +29,8 @@ class ResidualVQ(Quantizer):
     first layer).
     """
 
+    multi_codebook = True
+
     def __init__(
         self,
         dim: int,
