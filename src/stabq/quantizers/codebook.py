@@ -46,7 +46,8 @@ def nearest_code(
     Args:
         x: ``(G, N, d)`` inputs (or ``(N, d)`` with ``codes`` ``(K, d)``).
         codes: ``(G, K, d)`` codebooks.
-        chunk_elements: bound on the distances held at once (per call, all groups).
+        chunk_elements: bound on the distances held at once (all groups together;
+            at least one per group).
     Returns:
         ``indices`` int64 ``(G, N)`` and ``sq_dist`` ``(G, N)`` (float32 or float64).
     """
@@ -139,22 +140,23 @@ def straight_through(x: Tensor, q: Tensor) -> Tensor:
     return x + (q - x).detach()
 
 
-def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
     """Value ``q``, gradient through ``lambda R`` with R rotating ``x/|x|`` onto ``q/|q|``.
 
     ``R = I - 2 w w^T + 2 v u^T`` with ``u = x/|x|``, ``v = q/|q|``,
     ``w = (u + v)/|u + v|`` and ``lambda = |q|/|x|``, all held constant
     (Fifty et al. 2024, "Restructuring vector quantization with the rotation
-    trick"). Rows of ``x``, ``q``: ``(..., d)``.
+    trick"). Rows of ``x``, ``q``: ``(..., d)``. A row with ``|x| < eps`` has no
+    direction to rotate (and ``lambda`` would explode): it passes straight through.
     """
-    x_norm = x.detach().norm(dim=-1, keepdim=True).clamp_min(eps)
-    q_det = q.detach()
+    x_det, q_det = x.detach(), q.detach()
+    x_norm = x_det.norm(dim=-1, keepdim=True)
     q_norm = q_det.norm(dim=-1, keepdim=True)
-    u = x.detach() / x_norm
+    u = x_det / x_norm.clamp_min(eps)
     v = q_det / q_norm.clamp_min(eps)
-    w = l2norm(u + v, eps)
+    w = l2norm(u + v)
     rotated = x - 2 * w * (w * x).sum(-1, keepdim=True) + 2 * v * (u * x).sum(-1, keepdim=True)
-    out = (q_norm / x_norm) * rotated
+    out = torch.where(x_norm < eps, x, (q_norm / x_norm.clamp_min(eps)) * rotated)
     return out + (q - out).detach()  # exact value q, gradient of the rotation
 
 
