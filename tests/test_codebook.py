@@ -172,8 +172,9 @@ def test_learned_codebook_update_moves_counts_but_not_codes():
     torch.testing.assert_close(book.cluster_size, torch.tensor([[0.5, 2.0]]))
 
 
-def starved_codebook(threshold=0.3):
-    """Codes 1..3 get no assignments for two updates: N = 0.5^2 = 0.25 < threshold."""
+def starved_codebook(threshold=0.6):
+    """Codes 1..3 get no assignments for two updates: N = 0.5^2 = 0.25, so over the
+    EMA horizon of 1 / (1 - 0.5) = 2 batches they count 0.5 assignments < threshold."""
     book = Codebook(codebook_size=4, dim=2, decay=0.5, dead_code_threshold=threshold)
     book.embed.copy_(torch.tensor([[[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]]]))
     book.embed_sum.copy_(book.embed)
@@ -186,7 +187,8 @@ def starved_codebook(threshold=0.3):
 def test_replace_dead_codes_moves_exactly_the_dead_codes_onto_batch_rows():
     torch.manual_seed(0)
     book, x = starved_codebook()
-    dead = book.cluster_size[0] < 0.3
+    assert book.horizon == 2.0
+    dead = book.cluster_size[0] * book.horizon < 0.6
     assert dead.tolist() == [False, True, True, True]
     live_code, live_size, live_sum = (
         book.embed[0, 0].clone(),
@@ -200,9 +202,10 @@ def test_replace_dead_codes_moves_exactly_the_dead_codes_onto_batch_rows():
     for k in (1, 2, 3):
         code = book.embed[0, k]
         assert (x[0] == code).all(-1).any(), f"code {k} = {code} is not a batch row"
+    # restart at threshold / horizon = 0.3 per batch, 0.6 over the horizon: not dead any more
     torch.testing.assert_close(book.cluster_size[0, 1:], torch.full((3,), 0.3))
     torch.testing.assert_close(book.embed_sum[0, 1:], 0.3 * book.embed[0, 1:])
-    assert book.replace_dead_codes(x) == 0  # statistics reset: nobody is dead any more
+    assert book.replace_dead_codes(x) == 0
 
 
 def test_replace_dead_codes_with_no_dead_code_changes_nothing():
@@ -214,7 +217,7 @@ def test_replace_dead_codes_with_no_dead_code_changes_nothing():
 
 def test_training_forward_replaces_dead_codes_and_eval_forward_changes_nothing():
     torch.manual_seed(1)
-    book, x = starved_codebook(threshold=0.6)  # N = 0.25 for codes 1..3: already dead
+    book, x = starved_codebook(threshold=1.2)  # N * horizon = 0.5 for codes 1..3: dead
     book.cluster_size[0, 0] = 10.0
     book.eval()
     state = {k: v.clone() for k, v in book.state_dict().items()}
@@ -226,7 +229,7 @@ def test_training_forward_replaces_dead_codes_and_eval_forward_changes_nothing()
     assert torch.equal(codes, state["embed"][:, [0] * 5])  # codes as they stood before the update
     for k in (1, 2, 3):
         assert (x[0] == book.embed[0, k]).all(-1).any()
-    torch.testing.assert_close(book.cluster_size[0, 1:], torch.full((3,), 0.6))
+    torch.testing.assert_close(book.cluster_size[0, 1:], torch.full((3,), 0.6))  # 1.2 / 2
     torch.testing.assert_close(book.embed_sum[0, 1:], 0.6 * book.embed[0, 1:])
     assert book.cluster_size[0, 0] > 0.6
 
@@ -430,3 +433,21 @@ def test_rotation_trick_passes_a_zero_row_straight_through():
     out.sum().backward()
     assert torch.equal(x.grad[0], torch.ones(4))
     assert torch.isfinite(x.grad).all() and not torch.equal(x.grad[1], torch.ones(4))
+
+
+def test_dead_codes_are_counted_over_the_ema_horizon_not_per_batch():
+    """A code taking 1 input a batch is alive at threshold 2 (10 over a 10-batch horizon);
+    a code taking none is dead. A per-batch count would have killed both."""
+    book = Codebook(codebook_size=3, dim=1, decay=0.9, dead_code_threshold=2.0)
+    book.embed.copy_(torch.tensor([[[0.0], [10.0], [20.0]]]))
+    book.embed_sum.copy_(book.embed)
+    x = torch.tensor([[[0.0], [0.1], [0.2], [10.0]]])
+    idx = torch.tensor([[0, 0, 0, 1]])
+    for _ in range(40):
+        book.update(x, idx)
+    assert book.horizon == pytest.approx(10.0)
+    assert book.cluster_size[0, 1] == pytest.approx(1.0, abs=0.02)  # one input per batch
+    before = book.embed.clone()
+    assert book.replace_dead_codes(x) == 1
+    assert torch.equal(book.embed[0, :2], before[0, :2])  # codes 0 and 1 live on
+    assert not torch.equal(book.embed[0, 2], before[0, 2])

@@ -214,8 +214,9 @@ def test_dead_codes_are_moved_onto_the_data(seed):
     """Unused codes are replaced by distinct input rows, and code usage grows; without it, not."""
     torch.manual_seed(seed)
     x = 6.0 + 0.5 * torch.randn(256, 4)  # far from the N(0, 1) initial codes
-    rvq = ResidualVQ(4, num_quantizers=2, codebook_size=16, dead_code_threshold=1.0)
-    control = ResidualVQ(4, num_quantizers=2, codebook_size=16, dead_code_threshold=0.0)
+    # decay 0.5: a 2-batch horizon; an unused code counts 0.5 * 2 = 1.0 < 1.5 after one batch
+    rvq = ResidualVQ(4, num_quantizers=2, codebook_size=16, decay=0.5, dead_code_threshold=1.5)
+    control = ResidualVQ(4, num_quantizers=2, codebook_size=16, decay=0.5, dead_code_threshold=0)
     control.load_state_dict(rvq.state_dict())
     used_before = distinct_codes(rvq, x)
     assert used_before <= 4  # concentrated data: most codes go unused

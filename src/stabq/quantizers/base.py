@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stabq.errors import ShapeError, check
+from stabq.quantizers.codebook import Codebook
 
 
 class QuantizerOutput(NamedTuple):
@@ -91,6 +92,29 @@ class Quantizer(nn.Module):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``x`` of shape ``(n, dim)``: ``(quantized, indices, loss)``."""
         raise NotImplementedError
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1], for quantizers with a schedule (Gumbel's tau)."""
+
+    @torch.no_grad()
+    def init_from_features(self, x: Tensor) -> None:
+        """Re-initialise every codebook by k-means on features ``x`` ``(n, dim)``.
+
+        Used between the stages of two-stage training. Codebooks are seeded on
+        what they see in one training-mode pass (each RVQ layer on its own
+        residuals); quantizers without a codebook only update running statistics.
+        """
+        for module in self.modules():
+            if isinstance(module, Codebook):
+                module.initted.fill_(False)
+        was_training, was_enabled = self.training, self.quantization_enabled
+        self.train()
+        self.quantization_enabled = True
+        try:
+            self(x)
+        finally:
+            self.train(was_training)
+            self.quantization_enabled = was_enabled
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Decode indices ``(...,)`` or ``(..., num_codebooks)`` to ``(..., dim)``."""

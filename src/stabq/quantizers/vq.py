@@ -32,7 +32,8 @@ class VectorQuantizer(Quantizer):
         commitment_weight: ``beta`` of the commitment loss.
         kmeans_init: initialise the codes by k-means on the first training batch.
         kmeans_iters: Lloyd iterations of that initialisation.
-        dead_code_threshold: replace codes whose EMA count per batch falls under it (0: never).
+        dead_code_threshold: replace codes assigned fewer inputs than this over the EMA
+            horizon of 1 / (1 - decay) batches (0: never).
         cosine: cosine distance (unit-norm inputs and codes).
         rotation_trick: pass gradients by the rotation trick rather than straight through.
     """
