@@ -29,3 +29,15 @@ def check(condition: bool, message: str, error: type[StabqError] = ConfigError) 
 def is_int(value: object) -> bool:
     """True for a Python int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class DataError(StabqError, ValueError):
+    """A data file or array cannot be used: missing, unreadable, malformed or invalid values."""
+
+
+class ModelFileError(StabqError):
+    """A saved model directory is missing, incomplete, altered or from a newer stabq."""
+
+
+class TrainingError(StabqError, RuntimeError):
+    """Training diverged and the stability guards could not recover it."""
