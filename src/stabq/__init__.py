@@ -5,8 +5,16 @@ behind one interface (``q, indices, loss = quantizer(x)``), with codebook
 health metrics. See README.md and DESIGN.md.
 """
 
-from stabq.errors import ConfigError, ShapeError, StabqError
+from stabq.errors import (
+    ConfigError,
+    DataError,
+    ModelFileError,
+    ShapeError,
+    StabqError,
+    TrainingError,
+)
 from stabq.metrics import CodebookUsage
+from stabq.model import BottleneckClassifier
 from stabq.quantizers import (
     FSQ,
     GumbelQuantizer,
@@ -20,24 +28,35 @@ from stabq.quantizers import (
     preset_names,
     recommended_levels,
 )
+from stabq.saving import load, save_model
+from stabq.training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FSQ",
+    "BottleneckClassifier",
     "CodebookUsage",
     "ConfigError",
+    "DataError",
     "GumbelQuantizer",
     "Identity",
+    "ModelFileError",
     "ProductQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "ResidualVQ",
     "ShapeError",
     "StabqError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "VectorQuantizer",
     "__version__",
     "build_quantizer",
+    "load",
     "preset_names",
     "recommended_levels",
+    "save_model",
+    "train",
 ]

@@ -6,14 +6,16 @@ A user error (a :class:`StabqError`) prints one line and exits with status 2;
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from stabq.errors import StabqError
+from stabq.errors import ConfigError, StabqError
 from stabq.quantizers.registry import FSQ_LEVELS, recommended_levels
 
 app = typer.Typer(
@@ -24,14 +26,20 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+DATA_HELP = (
+    "A built-in dataset (mnist1d, digits, synthetic, synthetic:DIM) or a file: .npz (arrays x, y), "
+    ".pt / .safetensors (tensors x, y), .csv / .parquet (label column 'label', else the last)."
+)
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
+DataOption = Annotated[str, typer.Option("--data", help=DATA_HELP, show_default=False)]
+PartOption = Annotated[
+    str, typer.Option(help="Which part of a built-in dataset: train, test or all.")
+]
 
 
 @app.callback()
 def _root() -> None:
     """Stable discrete bottlenecks for classifiers: train, compare and inspect quantizers."""
-
-
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
 
 
 def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
@@ -45,6 +53,220 @@ def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
         raise typer.Exit(code=2) from None
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each VALUE read as JSON when it parses (``levels=[8,5,5,5]``)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE, e.g. levels=[8,5,5,5]")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+@app.command()
+def train(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Model directory to write.", show_default=False)],
+    quantizer: Annotated[str, typer.Option(help="Preset: fsq, vq, rvq, gumbel, pq, ...")] = "fsq",
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Quantizer option KEY=VALUE (repeatable), e.g. levels=[8,5,5,5]."),
+    ] = None,
+    val_data: Annotated[
+        str | None, typer.Option(help="Validation data (default: 10% of --data).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of weights, batches and splits.")] = 0,
+    hidden: Annotated[int, typer.Option(help="Hidden width of projector and head.")] = 256,
+    bottleneck_dim: Annotated[int, typer.Option(help="Features handed to the quantizer.")] = 128,
+    two_stage: Annotated[
+        bool, typer.Option(help="Train continuous first, seed the codebooks, then quantized.")
+    ] = False,
+    stage1_epochs: Annotated[
+        int | None, typer.Option(help="Continuous epochs of --two-stage (default: a third).")
+    ] = None,
+    freeze_projector: Annotated[
+        bool, typer.Option(help="Keep the projector fixed in stage 2.")
+    ] = False,
+    ramp_epochs: Annotated[
+        int, typer.Option(help="Blend quantized features in over this many epochs.")
+    ] = 0,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Start stage 2 from this trained continuous stabq model directory."),
+    ] = None,
+    guards: Annotated[bool, typer.Option(help="Stability guards (undo exploding steps).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train a classifier with a discrete bottleneck and save it to OUT.
+
+    Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
+    """
+
+    def run() -> None:
+        import torch
+
+        from stabq.data import load_data
+        from stabq.model import BottleneckClassifier
+        from stabq.saving import load, save_model
+        from stabq.training import TrainConfig
+        from stabq.training import train as train_model
+
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            guards=guards,
+            two_stage=two_stage or init_from is not None,
+            stage1_epochs=0 if init_from is not None else stage1_epochs,
+            freeze_projector=freeze_projector,
+            ramp_epochs=ramp_epochs,
+            progress=None if not quiet else False,
+        )
+        options = parse_options(option or [])
+        train_set = load_data(data, "train")
+        val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
+        torch.manual_seed(seed)
+        model = BottleneckClassifier(
+            train_set.num_features,
+            train_set.num_classes,
+            quantizer=quantizer,
+            hidden=hidden,
+            bottleneck_dim=bottleneck_dim,
+            **options,
+        )
+        if init_from is not None:
+            model.take_continuous_weights(load(init_from))
+        result = train_model(model, train_set, val_set, config, fit_feature_stats=init_from is None)
+        save_model(
+            model, out, classes=train_set.classes, history=result.history,
+            train_config=config.to_dict(),
+        )  # fmt: skip
+        if not quiet:
+            last = result.final
+            typer.echo(
+                f"{quantizer}: val accuracy {last['val_accuracy']:.4f}, usage {last['usage']:.3f}, "
+                f"perplexity {last['perplexity']:.1f}, {len(result.guard_events)} guard events, "
+                f"{result.seconds:.1f} s -> {out}"
+            )
+
+    run_user_command(run, debug)
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
+    data: DataOption,
+    part: PartOption = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Accuracy, loss and codebook health of a saved model on DATA."""
+
+    def run() -> dict[str, Any]:
+        import torch
+
+        from stabq.data import load_data
+        from stabq.saving import load
+        from stabq.training import evaluate_model
+
+        model = load(model_dir)
+        dataset = load_data(data, part, classes=model.classes)
+        _check_features(dataset, model, model_dir)
+        figures = evaluate_model(model, torch.from_numpy(dataset.x), torch.from_numpy(dataset.y))
+        return {"model": str(model_dir), "data": dataset.source, "rows": len(dataset.y), **figures}
+
+    figures = run_user_command(run, debug)
+    if as_json:
+        typer.echo(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        typer.echo(f"{key:<14}{value:.4f}" if isinstance(value, float) else f"{key:<14}{value}")
+
+
+@app.command()
+def encode(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Where to write the codes (.npy).", show_default=False)],
+    part: PartOption = "test",
+    debug: DebugOption = False,
+) -> None:
+    """Write the discrete codes of DATA: int64 .npy, one row per input, one column per codebook."""
+
+    def run() -> tuple[int, int]:
+        import numpy as np
+        import torch
+
+        from stabq.data import load_data
+        from stabq.saving import load
+
+        model = load(model_dir)
+        if not model.quantizer.quantization_enabled or model.quantizer.codebook_size == 0:
+            raise ConfigError(f"{model_dir}: a continuous model (quantizer 'none') has no codes")
+        dataset = load_data(data, part)
+        _check_features(dataset, model, model_dir)
+        with torch.no_grad():
+            _, output = model(torch.from_numpy(dataset.x))
+        codes = output.indices.reshape(len(dataset.y), -1).numpy().astype(np.int64)
+        _save_npy(out, codes)
+        return codes.shape
+
+    rows, cols = run_user_command(run, debug)
+    typer.echo(f"{rows} x {cols} codes -> {out}")
+
+
+def _check_features(dataset, model, model_dir: Path) -> None:
+    from stabq.errors import DataError
+
+    if dataset.num_features != model.input_dim:
+        raise DataError(
+            f"{dataset.source}: {dataset.num_features} features, but the model in {model_dir} "
+            f"expects {model.input_dim}"
+        )
+
+
+def _save_npy(path: Path, array) -> None:
+    """Write ``array`` to ``path`` atomically (temporary file, fsync, rename)."""
+    import contextlib
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from stabq.errors import DataError
+
+    if path.suffix != ".npy":
+        raise ConfigError(f"--out {path}: codes are written as .npy, give a path ending in .npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise DataError(f"{path}: cannot write the codes ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise DataError(f"{path}: cannot write the codes ({err.strerror})") from None
+        raise
+
+
 @app.command()
 def levels(
     codebook_size: Annotated[
@@ -55,7 +277,7 @@ def levels(
     """Print the FSQ levels the FSQ paper recommends for CODEBOOK_SIZE codes."""
     found = run_user_command(lambda: recommended_levels(codebook_size), debug)
     levels_text = ",".join(map(str, found))
-    typer.echo(f"{levels_text}\t({math.prod(found)} codes; use: --levels {levels_text})")
+    typer.echo(f"{levels_text}\t({math.prod(found)} codes; use: --option levels=[{levels_text}])")
 
 
 def main() -> None:

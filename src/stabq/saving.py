@@ -1,0 +1,193 @@
+"""Model directories: ``model.safetensors`` + ``config.json`` (+ ``metrics.jsonl``, plots).
+
+Nothing is unpickled: weights are safetensors, everything else JSON. A save
+is atomic: the directory is built under a temporary name beside the target,
+every file fsynced, then renamed into place, so a crash leaves either the old
+model or the new one, never half of one. ``config.json`` records the SHA-256
+of the weights file and the weights record the SHA-256 of the model section
+of ``config.json``, so an altered file is refused at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from stabq.errors import ModelFileError, StabqError
+from stabq.model import BottleneckClassifier
+from stabq.report import plot_history
+
+FORMAT = "stabq-model"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, METRICS, PLOT = "model.safetensors", "config.json", "metrics.jsonl", "training.png"
+
+
+def _version() -> str:
+    from stabq import __version__
+
+    return __version__
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _model_digest(section: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
+
+
+def _write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_model(
+    model: BottleneckClassifier,
+    directory: str | Path,
+    *,
+    classes: list[str],
+    history: list[dict[str, Any]] | None = None,
+    train_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (replacing an earlier model there)."""
+    target = Path(directory)
+    if len(classes) != model.num_classes:
+        raise StabqError(f"{len(classes)} class names for a model of {model.num_classes} classes")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model dir follows the umask
+    except OSError as err:
+        raise ModelFileError(f"{target}: cannot write the model there ({err.strerror})") from None
+    try:
+        section = {
+            "model": model.config(),
+            "classes": list(classes),
+            "feature_mean": model.feature_mean.tolist(),
+            "feature_std": model.feature_std.tolist(),
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        meta = {"format": FORMAT, "config_sha256": _model_digest(section)}
+        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        with open(tmp / WEIGHTS, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "stabq_version": _version(),
+            **section,
+            "weights_sha256": _sha256(tmp / WEIGHTS),
+            "train_config": train_config or {},
+        }
+        _write(tmp / CONFIG, json.dumps(config, indent=2))
+        if history:
+            _write(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+            plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
+        _swap_into_place(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelFileError(f"{target}: cannot write the model ({err.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise ModelFileError(f"{target}: exists and is not a directory")
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous model back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of a model directory."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise ModelFileError(f"{directory}: no such model directory")
+    if not path.is_file():
+        raise ModelFileError(f"{directory}: not a stabq model ({CONFIG} is missing)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path}: unreadable ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a stabq model config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: written by stabq {config.get('stabq_version', '?')} (model format "
+            f"{version}); this stabq {_version()} reads format {FORMAT_VERSION}: upgrade stabq"
+        )
+    return config
+
+
+def load(directory: str | Path) -> BottleneckClassifier:
+    """Rebuild a saved model (in eval mode); its class names are ``model.classes``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise ModelFileError(f"{directory}: {WEIGHTS} is missing")
+    if _sha256(weights) != config.get("weights_sha256"):
+        raise ModelFileError(f"{weights}: altered or corrupted (checksum differs from {CONFIG})")
+    try:
+        section = {k: config[k] for k in ("model", "classes", "feature_mean", "feature_std")}
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("config_sha256") != _model_digest(section):
+            raise ModelFileError(f"{directory / CONFIG}: altered (does not match the weights)")
+        model = BottleneckClassifier.from_config(section["model"])
+        state = load_file(str(weights))
+        model.load_state_dict(state, strict=True)
+    except ModelFileError:
+        raise
+    except (KeyError, ValueError, RuntimeError, SafetensorError, StabqError, OSError) as err:
+        raise ModelFileError(f"{directory}: cannot rebuild the model ({err})") from None
+    model.classes = list(section["classes"])
+    model.eval()
+    return model
+
+
+def load_history(directory: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch figures saved with a model (empty when there are none)."""
+    path = Path(directory) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["load", "load_history", "read_config", "save_model"]

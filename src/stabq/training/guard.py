@@ -1,0 +1,130 @@
+"""The stability guard: undo a bad step instead of letting it wreck the run.
+
+A step is bad when its loss is not finite, or exceeds ``spike_factor`` x the
+median of the last ``window`` good losses (floored at 1.0), or its largest bottleneck feature
+norm exceeds ``feature_spike_factor`` x its recent median, or its gradient
+norm is not finite. A bad step restores the last snapshot (weights, buffers
+such as EMA codebooks and running statistics, and the optimiser state) and
+halves the learning rate (``lr_backoff``); every ``window`` clean steps the
+rate doubles back, up to its scheduled value. Snapshots are taken every
+``snapshot_every`` clean steps, after checking every weight is finite.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections import deque
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabq.errors import TrainingError
+
+
+def _finite_state(model: nn.Module) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
+class StabilityGuard:
+    """Watches each step; ``check`` says whether to apply it, ``recover`` undoes it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        enabled: bool = True,
+        spike_factor: float = 10.0,
+        feature_spike_factor: float = 100.0,
+        window: int = 50,
+        max_recoveries: int = 10,
+        lr_backoff: float = 0.5,
+        snapshot_every: int = 10,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.enabled = enabled
+        self.spike_factor, self.feature_spike_factor = spike_factor, feature_spike_factor
+        self.window, self.max_recoveries = window, max_recoveries
+        self.lr_backoff, self.snapshot_every = lr_backoff, snapshot_every
+        self.losses: deque[float] = deque(maxlen=window)
+        self.norms: deque[float] = deque(maxlen=window)
+        self.lr_scale = 1.0
+        self.recoveries = 0  # since the last clean epoch
+        self.clean_steps = 0
+        self.events: list[dict[str, Any]] = []
+        self._snapshot: tuple[dict, dict] | None = None
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Remember the current weights, buffers and optimiser state as the last good ones."""
+        if not self.enabled:
+            return
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._snapshot = (state, copy.deepcopy(self.optimizer.state_dict()))
+
+    def check(self, loss: float, feature_norm: float) -> str | None:
+        """The reason this step is bad, or None to apply it."""
+        if not self.enabled:
+            return None
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if not math.isfinite(feature_norm):
+            return f"feature norm is {feature_norm}"
+        if len(self.losses) >= min(10, self.window):
+            median = statistics.median(self.losses)
+            # the floor of 1.0 keeps ordinary noise on a small, well-trained loss from counting
+            if loss > self.spike_factor * max(median, 1.0):
+                return f"loss {loss:.4g} > {self.spike_factor:g} x recent median {median:.4g}"
+            norm_median = statistics.median(self.norms)
+            if feature_norm > self.feature_spike_factor * max(norm_median, 1e-6):
+                return (
+                    f"feature norm {feature_norm:.4g} > {self.feature_spike_factor:g} x "
+                    f"recent median {norm_median:.4g}"
+                )
+        return None
+
+    def accept(self, loss: float, feature_norm: float) -> None:
+        """Record a clean step; snapshot and restore the learning rate on schedule."""
+        self.losses.append(loss)
+        self.norms.append(feature_norm)
+        self.clean_steps += 1
+        if self.clean_steps % self.window == 0 and self.lr_scale < 1.0:
+            self.lr_scale = min(1.0, self.lr_scale / self.lr_backoff)
+        if self.enabled and self.clean_steps % self.snapshot_every == 0:
+            if _finite_state(self.model):
+                self.snapshot()
+            else:
+                self.recover(reason="non-finite weights after a step", step=-1, epoch=-1)
+
+    def skip(self, reason: str, step: int, epoch: int) -> None:
+        """Record a batch left out before it touched the model (nothing to undo)."""
+        self.events.append(
+            {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
+        )
+
+    def recover(self, reason: str, step: int, epoch: int) -> None:
+        """Undo back to the last snapshot at a lower learning rate, or stop the run."""
+        self.recoveries += 1
+        self.lr_scale *= self.lr_backoff
+        self.events.append(
+            {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
+        )
+        if self.recoveries > self.max_recoveries or self._snapshot is None:
+            raise TrainingError(
+                f"training diverged at epoch {epoch}, step {step}: {reason}; "
+                f"{self.recoveries - 1} recoveries did not help "
+                f"(try a lower --lr or another --quantizer)"
+            )
+        state, optim_state = self._snapshot
+        self.model.load_state_dict(state)
+        self.optimizer.load_state_dict(copy.deepcopy(optim_state))
+
+    def end_epoch(self, had_events: bool) -> None:
+        """A clean epoch forgives earlier recoveries."""
+        if not had_events:
+            self.recoveries = 0

@@ -1,0 +1,311 @@
+"""The training loop: one function, blind to which quantizer the model holds.
+
+It only uses the Quantizer interface: ``quantization_enabled`` (two-stage),
+``init_from_features`` (seeding codebooks between the stages),
+``set_progress`` (Gumbel's temperature), ``codebook_size`` /
+``num_codebooks`` (usage figures) and the auxiliary loss each forward returns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
+from stabq.errors import ShapeError, check
+from stabq.metrics import CodebookUsage
+from stabq.model import BottleneckClassifier
+from stabq.training.config import TrainConfig, TrainResult
+from stabq.training.guard import StabilityGuard
+from stabq.training.schedule import cosine_with_warmup, linear_ramp
+
+BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _as_data(data: LabeledData | tuple[Any, Any]) -> LabeledData:
+    return data if isinstance(data, LabeledData) else from_arrays(*data)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: BottleneckClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096
+) -> dict[str, Any]:
+    """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    usage = CodebookUsage.for_quantizer(model.quantizer)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits, out = model(xb)
+        loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+        correct += int((logits.argmax(-1) == yb).sum())
+        usage.update(out.indices)
+    model.train(was_training)
+    health = usage.compute()
+    n = max(1, x.shape[0])
+    return {
+        "loss": loss_sum / n,
+        "accuracy": correct / n,
+        "usage": health["usage"],
+        "perplexity": health["perplexity"],
+        "dead_codes": health["dead_codes"],
+        "entropy_bits": health["entropy_bits"],
+    }
+
+
+def train(
+    model: BottleneckClassifier,
+    train_data: LabeledData | tuple[Any, Any],
+    val: LabeledData | tuple[Any, Any] | None = None,
+    config: TrainConfig | None = None,
+    *,
+    metrics_path: str | Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    batch_transform: BatchTransform | None = None,
+    fit_feature_stats: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``train_data`` and return the model with its history.
+
+    ``val`` defaults to a stratified ``config.val_fraction`` of the training
+    data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
+    flushed) and to ``on_epoch``. ``batch_transform(step, x, y)`` may alter
+    each batch before it is used (tests poison batches with it).
+    """
+    config = config or TrainConfig()
+    data = _as_data(train_data)
+    if val is None:
+        data, val_data = train_val_split(data, config.val_fraction, config.seed)
+    else:
+        val_data = _as_data(val)
+    check(
+        data.num_features == model.input_dim and val_data.num_features == model.input_dim,
+        f"{data.source}: {data.num_features} features, the model expects {model.input_dim}",
+        ShapeError,
+    )
+    check(
+        int(data.y.max()) < model.num_classes,
+        f"{data.source}: label id {int(data.y.max())} but the model has "
+        f"{model.num_classes} classes",
+        ShapeError,
+    )
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    if fit_feature_stats:
+        stats = Standardizer.fit(data.x)
+        model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
+    model.to(device)
+    x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
+    y = torch.from_numpy(data.y).to(device)
+    vx = torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device)
+    vy = torch.from_numpy(val_data.y).to(device)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    guard = StabilityGuard(
+        model,
+        optimizer,
+        enabled=config.guards,
+        spike_factor=config.spike_factor,
+        feature_spike_factor=config.feature_spike_factor,
+        window=config.guard_window,
+        max_recoveries=config.max_recoveries,
+        lr_backoff=config.lr_backoff,
+    )
+    plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
+    result = TrainResult(model=model)
+    log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None  # noqa: SIM115
+    bar = tqdm(
+        range(config.epochs),
+        desc=f"train {model.arch['quantizer']}",
+        unit="epoch",
+        disable=None if config.progress is None else not config.progress,
+        leave=False,
+    )
+    started = time.perf_counter()
+    try:
+        for epoch in bar:
+            if config.two_stage and epoch == plan.stage1:
+                _enter_stage2(model, x, config)
+                optimizer = _rebuild_optimizer(model, config, guard)
+            model.quantizer.quantization_enabled = epoch >= plan.stage1
+            model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
+            epoch_started, events_before = time.perf_counter(), len(guard.events)
+            sums = _train_epoch(model, optimizer, guard, plan, epoch, x, y, gen, batch_transform)
+            new_events = guard.events[events_before:]
+            guard.end_epoch(bool(new_events))
+            row = _epoch_row(model, plan, epoch, sums, evaluate_model(model, vx, vy))
+            row.update(
+                lr=optimizer.param_groups[0]["lr"],
+                guard_events=len(new_events),
+                seconds=time.perf_counter() - epoch_started,
+            )
+            result.history.append(row)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if on_epoch is not None:
+                on_epoch(row)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['val_accuracy']:.3f}",
+                ppl=f"{row['perplexity']:.1f}",
+            )
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    model.eval()
+    result.guard_events = list(guard.events)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _Plan:
+    """Where each epoch and step stands: stages, schedules, progress."""
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.stage1 = config.first_stage_epochs
+        self.total_steps = config.epochs * steps_per_epoch
+
+    def stage_start(self, epoch: int) -> int:
+        return 0 if epoch < self.stage1 else self.stage1
+
+    def lr(self, epoch: int, i: int, lr_scale: float) -> float:
+        """Cosine with warm-up within the current stage, times the guard's scale."""
+        start = self.stage_start(epoch)
+        stage_epochs = self.stage1 if epoch < self.stage1 else self.config.epochs - self.stage1
+        step = (epoch - start) * self.steps_per_epoch + i
+        warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
+        factor = cosine_with_warmup(step, stage_epochs * self.steps_per_epoch, warmup)
+        return self.config.lr * factor * lr_scale
+
+    def progress(self, epoch: int, i: int) -> float:
+        """Fraction of all training steps done, in [0, 1] (drives Gumbel's tau)."""
+        return min(1.0, (epoch * self.steps_per_epoch + i) / max(1, self.total_steps - 1))
+
+
+def _train_epoch(
+    model: BottleneckClassifier,
+    optimizer: torch.optim.Optimizer,
+    guard: StabilityGuard,
+    plan: _Plan,
+    epoch: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    batch_transform: BatchTransform | None,
+) -> dict[str, float]:
+    """One pass over the data; each step checked by the guard. Returns the epoch's sums."""
+    config = plan.config
+    sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
+    model.train()
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    for i in range(plan.steps_per_epoch):
+        step = epoch * plan.steps_per_epoch + i
+        idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+        xb, yb = x[idx], y[idx]
+        if batch_transform is not None:
+            xb, yb = batch_transform(step, xb, yb)
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr(epoch, i, guard.lr_scale)
+        model.quantizer.set_progress(plan.progress(epoch, i))
+        if config.guards and not bool(torch.isfinite(xb).all()):
+            guard.skip("non-finite input batch skipped", step, epoch)
+            continue
+        logits, out, z = model.forward_with_features(xb)
+        ce = F.cross_entropy(logits.float(), yb)
+        loss = ce + out.loss
+        loss_value = float(loss.detach())
+        norm = float(z.detach().norm(dim=-1).max()) if z.numel() else 0.0
+        sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
+        sums["max_norm"] = max(sums["max_norm"], norm)
+        reason = guard.check(loss_value, norm)
+        if reason is None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if config.guards and not bool(torch.isfinite(grad_norm)):
+                reason = f"gradient norm is {float(grad_norm)}"
+        if reason is not None:
+            guard.recover(reason, step, epoch)
+            continue
+        optimizer.step()
+        guard.accept(loss_value, norm)
+        sums["applied"] += 1
+        sums["loss"] += loss_value
+        sums["ce"] += float(ce.detach())
+        sums["aux"] += float(out.loss.detach())
+    return sums
+
+
+def _epoch_row(
+    model: BottleneckClassifier,
+    plan: _Plan,
+    epoch: int,
+    sums: dict[str, float],
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    applied = max(1, sums["applied"])
+    quantized = epoch >= plan.stage1
+    return {
+        "epoch": epoch + 1,
+        "stage": 2 if plan.config.two_stage and quantized else 1,
+        "quantized": quantized,
+        "train_loss": sums["loss"] / applied,
+        "train_ce": sums["ce"] / applied,
+        "train_aux": sums["aux"] / applied,
+        "val_loss": figures["loss"],
+        "val_accuracy": figures["accuracy"],
+        "usage": figures["usage"],
+        "perplexity": figures["perplexity"],
+        "dead_codes": figures["dead_codes"],
+        "entropy_bits": figures["entropy_bits"],
+        "tau": getattr(model.quantizer, "tau", None),
+        "mix": model.quantize_mix,
+        "max_feature_norm": sums["max_norm"],
+        "max_loss": sums["max_loss"],
+    }
+
+
+def _enter_stage2(model: BottleneckClassifier, x: torch.Tensor, config: TrainConfig) -> None:
+    """Seed the codebooks on the stage-1 features; optionally freeze the projector."""
+    model.eval()
+    with torch.no_grad():
+        sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
+        features = model.features(sample)
+    model.quantizer.init_from_features(features)
+    if config.freeze_projector:
+        for p in model.projector.parameters():
+            p.requires_grad_(False)
+
+
+def _rebuild_optimizer(
+    model: BottleneckClassifier,
+    config: TrainConfig,
+    guard: StabilityGuard,
+) -> torch.optim.Optimizer:
+    """A fresh AdamW over the trainable parameters for stage 2; the guard follows it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    guard.optimizer = optimizer
+    guard.snapshot()
+    return optimizer
