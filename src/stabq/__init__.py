@@ -13,6 +13,7 @@ from stabq.errors import (
     StabqError,
     TrainingError,
 )
+from stabq.estimator import DiscreteBottleneckClassifier
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.quantizers import (
@@ -39,6 +40,7 @@ __all__ = [
     "CodebookUsage",
     "ConfigError",
     "DataError",
+    "DiscreteBottleneckClassifier",
     "GumbelQuantizer",
     "Identity",
     "ModelFileError",

@@ -1,0 +1,195 @@
+"""DiscreteBottleneckClassifier: stabq's scikit-learn face over numpy arrays.
+
+    fit(X (n, d), y (n,))        trains a BottleneckClassifier with stabq.train
+    predict_proba(X) (n, k)      softmax of the logits, float64
+    predict(X) (n,)              classes_[argmax]
+    transform(X) (n, c) int64    the discrete codes, c = num_codebooks (1 for FSQ, VQ, Gumbel)
+
+It follows scikit-learn's developer conventions: the constructor only stores
+its arguments, everything learned ends in ``_``, input is validated by
+``validate_data`` in one place (:meth:`_check_X`), and ``random_state`` seeds
+torch, so the same ``random_state`` gives the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.utils import Tags, check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from stabq.errors import ConfigError, DataError
+from stabq.model import BottleneckClassifier
+from stabq.quantizers.base import Identity
+from stabq.training import TrainConfig, train
+
+INFERENCE_CHUNK = 8192  # rows per forward pass at prediction
+MIN_ROWS_TO_SPLIT = 10  # fewer rows (or a class of one row): validate on the training data
+
+
+class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
+    """A classifier with a discrete bottleneck: projector MLP -> quantizer -> head MLP.
+
+    Args:
+        quantizer: a preset name (``fsq``, ``rvq``, ``vq``, ``vq-ema``, ``gumbel``,
+            ``pq``, ``fsq-plain``, ``none``; see ``stabq.preset_names()``).
+        hidden: width of the projector's and the head's hidden layers.
+        dropout: dropout after each hidden layer.
+        bottleneck_dim: size of the features handed to the quantizer.
+        quantizer_options: dict of options passed to the preset (``{"levels": [8, 5, 5]}``).
+        epochs, batch_size, lr, weight_decay, two_stage, val_fraction: training
+            options (see :class:`stabq.training.TrainConfig`).
+        random_state: None, an int or a ``numpy.random.RandomState``; seeds the
+            weights, the batch order and the validation split.
+        device: torch device to train and predict on (``"cpu"``, ``"cuda"``, ``"auto"``).
+        verbose: show a progress bar while training.
+
+    Attributes (after ``fit``):
+        classes_: ``(n_classes,)`` the sorted distinct labels.
+        n_features_in_: number of features seen in ``fit``.
+        model_: the trained :class:`stabq.model.BottleneckClassifier` (eval mode).
+        history_: list of per-epoch dicts (losses, accuracy, usage, perplexity, ...).
+    """
+
+    def __init__(
+        self,
+        quantizer: str = "fsq",
+        hidden: int = 256,
+        dropout: float = 0.1,
+        bottleneck_dim: int = 128,
+        quantizer_options: dict[str, Any] | None = None,
+        epochs: int = 30,
+        batch_size: int = 128,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        two_stage: bool = False,
+        val_fraction: float = 0.1,
+        random_state: int | np.random.RandomState | None = None,
+        device: str = "cpu",
+        verbose: bool = False,
+    ) -> None:
+        self.quantizer = quantizer
+        self.hidden = hidden
+        self.dropout = dropout
+        self.bottleneck_dim = bottleneck_dim
+        self.quantizer_options = quantizer_options
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.two_stage = two_stage
+        self.val_fraction = val_fraction
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []  # transform returns int64 codes
+        return tags
+
+    def fit(self, X: Any, y: Any) -> DiscreteBottleneckClassifier:
+        """Train on features ``X`` ``(n, d)`` (numbers, finite) and labels ``y`` ``(n,)``.
+
+        Labels may be any type scikit-learn allows (ints, strings, ...); there
+        must be at least 2 classes. Returns ``self``.
+        """
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, y_ids = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise DataError(
+                f"y has 1 class ({self.classes_[0]!r}): a classifier needs at least 2 classes"
+            )
+        options = {} if self.quantizer_options is None else self.quantizer_options
+        if not isinstance(options, dict):
+            raise ConfigError(f"quantizer_options={options!r}, allowed is a dict or None")
+        seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+        config = TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            seed=seed,
+            device=self.device,
+            val_fraction=self.val_fraction,
+            two_stage=self.two_stage,
+            progress=bool(self.verbose),
+        )
+        data = (X, y_ids.astype(np.int64).reshape(-1))
+        counts = np.bincount(data[1])
+        val = data if len(y_ids) < MIN_ROWS_TO_SPLIT or counts.min() < 2 else None
+        cuda = self.device != "cpu" and torch.cuda.is_available()
+        devices = [torch.cuda.current_device()] if cuda else []
+        with torch.random.fork_rng(devices=devices):  # the caller's torch RNG stays as it was
+            torch.manual_seed(seed)
+            model = BottleneckClassifier(
+                X.shape[1],
+                len(self.classes_),
+                self.quantizer,
+                hidden=self.hidden,
+                dropout=self.dropout,
+                bottleneck_dim=self.bottleneck_dim,
+                **options,
+            )
+            result = train(model, data, val=val, config=config)
+        model.classes = [str(c) for c in self.classes_]
+        self.model_ = result.model.eval()
+        self.history_ = list(result.history)
+        return self
+
+    @torch.no_grad()
+    def _run(self, X: Any, codes: bool = False) -> torch.Tensor:
+        """Logits ``(n, n_classes)`` float64, or with ``codes`` the indices, of validated ``X``.
+
+        The eval-mode model runs in float64, in chunks: a row's result then does not
+        depend on which other rows share its batch (float32 matrix products change in
+        the last bits with the batch size, and scikit-learn checks that they do not).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        model = copy.deepcopy(self.model_).double().eval()
+        device = model.feature_mean.device
+        outputs = []
+        for start in range(0, X.shape[0], INFERENCE_CHUNK):
+            x = torch.tensor(X[start : start + INFERENCE_CHUNK], device=device)  # a copy
+            if codes:
+                outputs.append(model.quantizer(model.features(x)).indices)
+            else:
+                outputs.append(model(x)[0])
+        return torch.cat(outputs)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits ``(n, n_classes)`` float64; for 2 classes ``(n,)``: the margin of ``classes_[1]``
+        (its logit minus that of ``classes_[0]``)."""
+        logits = self._run(X)
+        if logits.shape[1] == 2:
+            logits = logits[:, 1] - logits[:, 0]
+        return logits.cpu().numpy()
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``(n, n_classes)`` float64, columns in the order of ``classes_``."""
+        return torch.softmax(self._run(X), dim=-1).cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted labels ``(n,)``, taken from ``classes_``."""
+        ids = self._run(X).argmax(dim=-1).cpu().numpy()
+        return self.classes_[ids]
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Discrete codes ``(n, num_codebooks)`` int64: one column for FSQ, VQ and Gumbel,
+        one per codebook for RVQ and PQ. ``model_.logits_from_indices(codes)`` decodes them
+        (squeeze the last axis first for a single-codebook quantizer)."""
+        check_is_fitted(self)
+        if isinstance(self.model_.quantizer, Identity):
+            raise ConfigError(
+                f"quantizer={self.quantizer!r} is continuous and has no discrete codes to "
+                "transform to; choose a quantizer such as 'fsq' or 'rvq'"
+            )
+        indices = self._run(X, codes=True)
+        return indices.reshape(indices.shape[0], -1).to(torch.int64).cpu().numpy()
