@@ -79,7 +79,7 @@ def train(
     val_data: Annotated[
         str | None, typer.Option(help="Validation data (default: 10% of --data).")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 30,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of weights, batches and splits.")] = 0,

@@ -41,3 +41,21 @@ class ModelFileError(StabqError):
 
 class TrainingError(StabqError, RuntimeError):
     """Training diverged and the stability guards could not recover it."""
+
+
+def check_int(owner: str, name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum``, else a ConfigError naming ``owner.name``."""
+    check(
+        is_int(value) and value >= minimum,
+        f"{owner}: {name}={value!r}, allowed is an integer >= {minimum}",
+    )
+    return value  # type: ignore[return-value]
+
+
+def check_number(owner: str, name: str, value: object, minimum: float) -> float:
+    """``float(value)`` if it is a real number >= ``minimum``, else a ConfigError."""
+    check(
+        isinstance(value, float | int) and not isinstance(value, bool) and value >= minimum,
+        f"{owner}: {name}={value!r}, allowed is a number >= {minimum:g}",
+    )
+    return float(value)  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         dropout: float = 0.1,
         bottleneck_dim: int = 128,
         quantizer_options: dict[str, Any] | None = None,
-        epochs: int = 30,
+        epochs: int = 100,
         batch_size: int = 128,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stabq.errors import check, is_int
+from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 
 
@@ -51,25 +51,18 @@ class GumbelQuantizer(Quantizer):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
-        check(
-            is_int(codebook_size) and codebook_size >= 1,
-            f"{name}: codebook_size={codebook_size!r}, allowed is an integer >= 1",
-        )
+        check_int(name, "dim", dim, 1)
+        check_int(name, "codebook_size", codebook_size, 1)
         for arg, value in (("tau_start", tau_start), ("tau_end", tau_end)):
             check(
                 isinstance(value, float | int) and value > 0 and math.isfinite(value),
                 f"{name}: {arg}={value!r}, allowed is a finite number > 0",
             )
-        check(
-            isinstance(kl_weight, float | int) and kl_weight >= 0,
-            f"{name}: kl_weight={kl_weight!r}, allowed is a number >= 0",
-        )
         self.dim = dim
         self.codebook_size = codebook_size
         self.tau_start, self.tau_end = float(tau_start), float(tau_end)
         self.hard = hard
-        self.kl_weight = float(kl_weight)
+        self.kl_weight = check_number(name, "kl_weight", kl_weight, 0)
         self.progress = 0.0
         self.to_logits = nn.Linear(dim, codebook_size)
         self.embed = nn.Parameter(torch.randn(codebook_size, dim))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stabq.errors import check, is_int
+from stabq.errors import check, check_int, check_number, is_int
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import Codebook, commitment_loss, estimate
 
@@ -47,7 +47,7 @@ class ProductQuantizer(Quantizer):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
+        check_int(name, "dim", dim, 1)
         check(
             is_int(num_subspaces) and num_subspaces >= 1 and dim % num_subspaces == 0,
             f"{name}: num_subspaces={num_subspaces!r} with dim={dim}, "
@@ -57,15 +57,11 @@ class ProductQuantizer(Quantizer):
             is_int(bits) and 1 <= bits <= 16,
             f"{name}: bits={bits!r}, allowed is an integer from 1 to 16",
         )
-        check(
-            isinstance(commitment_weight, float | int) and commitment_weight >= 0,
-            f"{name}: commitment_weight={commitment_weight!r}, allowed is a number >= 0",
-        )
         self.dim = dim
         self.bits = bits
         self.codebook_size = 2**bits
         self.num_codebooks = num_subspaces
-        self.commitment_weight = float(commitment_weight)
+        self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.rotation_trick = rotation_trick
         self.codebook = Codebook(
             2**bits,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stabq.errors import check, is_int
+from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, projections
 
@@ -47,23 +47,16 @@ class ResidualVQ(Quantizer):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
-        check(
-            is_int(num_quantizers) and num_quantizers >= 1,
-            f"{name}: num_quantizers={num_quantizers!r}, allowed is an integer >= 1",
-        )
+        check_int(name, "dim", dim, 1)
+        check_int(name, "num_quantizers", num_quantizers, 1)
         check(
             not cosine,
             f"{name}: cosine={cosine!r}, allowed is False (residuals are not unit vectors)",
         )
-        check(
-            isinstance(commitment_weight, float | int) and commitment_weight >= 0,
-            f"{name}: commitment_weight={commitment_weight!r}, allowed is a number >= 0",
-        )
         self.dim = dim
         self.codebook_size = codebook_size
         self.num_codebooks = num_quantizers
-        self.commitment_weight = float(commitment_weight)
+        self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.rotation_trick = rotation_trick
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.layers = nn.ModuleList(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from stabq.errors import check, is_int
+from stabq.errors import check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, l2norm, projections
 
@@ -53,14 +53,10 @@ class VectorQuantizer(Quantizer):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check(is_int(dim) and dim >= 1, f"{name}: dim={dim!r}, allowed is an integer >= 1")
-        check(
-            isinstance(commitment_weight, float | int) and commitment_weight >= 0,
-            f"{name}: commitment_weight={commitment_weight!r}, allowed is a number >= 0",
-        )
+        check_int(name, "dim", dim, 1)
         self.dim = dim
         self.codebook_size = codebook_size
-        self.commitment_weight = float(commitment_weight)
+        self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.cosine = cosine
         self.rotation_trick = rotation_trick
         self.project_in, self.project_out = projections(dim, codebook_dim, name)

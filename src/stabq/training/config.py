@@ -36,7 +36,7 @@ class TrainConfig:
     quantized stage.
     """
 
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
