@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-import stabq.data as data_module
+import stabq.datasets as datasets_module
 from stabq.data import (
     BUILTIN_DATASETS,
     LabeledData,
@@ -88,7 +88,7 @@ def test_builtin_shapes_types_and_determinism(spec, part, shape):
 
 
 def test_mnist1d_leaves_numpy_global_rng_untouched():
-    data_module._mnist1d.cache_clear()  # make it generate again
+    datasets_module._mnist1d.cache_clear()  # make it generate again
     np.random.seed(1234)
     expected = np.random.random(3)
     np.random.seed(1234)

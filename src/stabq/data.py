@@ -16,7 +16,6 @@ header not counted.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -27,14 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from stabq.datasets import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
 from stabq.errors import DataError
 
-BUILTIN_DATASETS: tuple[str, ...] = ("mnist1d", "digits", "synthetic")
 PARTS: tuple[str, ...] = ("train", "test", "all")
 FILE_EXTENSIONS: tuple[str, ...] = (".npz", ".pt", ".safetensors", ".csv", ".parquet")
-DIGIT_CLASSES: list[str] = [str(i) for i in range(10)]
-SYNTHETIC_DIM, SYNTHETIC_TRAIN, SYNTHETIC_TEST, SYNTHETIC_SPREAD = 128, 4000, 1000, 3.5
-SPLIT_SEED = 0  # digits' 80/20 split and the synthetic mixture
 _SHOWN = 10  # class names shown in a message before "..."
 _Columns = Sequence[str] | None  # feature column names of a table; None for arrays
 
@@ -196,68 +192,6 @@ def _build(
     return LabeledData(x32, ids, names, source)
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist1d() -> tuple[np.ndarray, ...]:
-    """mnist1d's default dataset (4000 + 1000 rows, 40-D); numpy's global RNG left as found."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    state = np.random.get_state()
-    try:
-        d = make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(state)
-    return (
-        d["x"].astype(np.float32), d["y"].astype(np.int64),
-        d["x_test"].astype(np.float32), d["y_test"].astype(np.int64),
-    )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, ...]:
-    """scikit-learn's 8x8 digits (1797 x 64, values 0..16), stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x.astype(np.float32), y.astype(np.int64),
-        test_size=0.2, stratify=y, random_state=SPLIT_SEED,
-    )  # fmt: skip
-    return (x_tr, y_tr, x_te, y_te)
-
-
-@functools.lru_cache(maxsize=8)
-def _synthetic(dim: int) -> tuple[np.ndarray, ...]:
-    """10 balanced Gaussian classes in ``dim`` D, unit noise around means drawn as
-    ``N(0, SPREAD**2 / dim)``: means sit about ``SPREAD * sqrt(2)`` apart whatever the
-    dimension, so a linear classifier scores about 0.9 (0.89 at 128-D), not 1.0."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    n = SYNTHETIC_TRAIN + SYNTHETIC_TEST
-    means = rng.normal(0.0, SYNTHETIC_SPREAD / math.sqrt(dim), size=(10, dim))
-    y = rng.permutation(np.arange(n) % 10).astype(np.int64)
-    x = (means[y] + rng.standard_normal((n, dim))).astype(np.float32)
-    cut = SYNTHETIC_TRAIN
-    return (x[:cut], y[:cut], x[cut:], y[cut:])
-
-
-def _builtin(spec: str) -> tuple[np.ndarray, ...] | None:
-    """The (x, y, x_test, y_test) of a built-in ``spec``, or None when it names a file."""
-    name, _, option = spec.partition(":")
-    if name not in BUILTIN_DATASETS:
-        return None
-    if name == "mnist1d" and not option:
-        return _mnist1d()
-    if name == "digits" and not option:
-        return _digits()
-    if name == "synthetic":
-        if not option:
-            return _synthetic(SYNTHETIC_DIM)
-        if option.isdigit() and int(option) >= 2:
-            return _synthetic(int(option))
-        raise _error(spec, f"synthetic:DIM needs an integer DIM >= 2, found {option!r}")
-    raise _error(spec, f"{name} takes no option (only synthetic:DIM); choose a part with part=")
-
-
 def _from_mapping(obj: Any, source: str) -> tuple[np.ndarray, np.ndarray, None]:
     if not isinstance(obj, Mapping):
         raise _error(source, f"expected a dict with 'x' and 'y', found {type(obj).__name__}")
@@ -365,7 +299,7 @@ def load_data(
     spec = os.fspath(spec)
     if part not in PARTS:
         raise _error(spec, f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
-    arrays = _builtin(spec)
+    arrays = builtin_arrays(spec)
     if arrays is None:
         return _load_file(Path(spec), classes)
     x_tr, y_tr, x_te, y_te = arrays
