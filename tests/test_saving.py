@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import stabq
+import stabq.files
 import stabq.saving
 from stabq import BottleneckClassifier, ModelFileError, StabqError
 from stabq.saving import load, load_history, read_config, save_model
@@ -223,14 +224,16 @@ def _crash(*args, **kwargs):
     raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("where", ["plot_history", "_swap_into_place"])
-def test_a_crashed_save_keeps_the_previous_model(tmp_path, monkeypatch, where):
+@pytest.mark.parametrize(
+    ("module", "where"), [(stabq.saving, "plot_history"), (stabq.files, "swap_into_place")]
+)
+def test_a_crashed_save_keeps_the_previous_model(tmp_path, monkeypatch, module, where):
     first, second = make_model("fsq", seed=1), make_model("fsq", seed=2)
     assert not torch.equal(logits(first), logits(second))
     target = save_model(first, tmp_path / "m", classes=CLASSES, history=HISTORY)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    monkeypatch.setattr(stabq.saving, where, _crash)
+    monkeypatch.setattr(module, where, _crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_model(second, target, classes=["x", "y", "z"], history=HISTORY)
     monkeypatch.undo()

@@ -237,34 +237,13 @@ def _check_features(dataset, model, model_dir: Path) -> None:
 
 
 def _save_npy(path: Path, array) -> None:
-    """Write ``array`` to ``path`` atomically (temporary file, fsync, rename)."""
-    import contextlib
-    import os
-    import tempfile
-
-    import numpy as np
-
+    """Write the codes to ``path`` atomically; only ``.npy`` is accepted."""
     from stabq.errors import DataError
+    from stabq.files import write_npy
 
     if path.suffix != ".npy":
         raise ConfigError(f"--out {path}: codes are written as .npy, give a path ending in .npy")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as err:
-        raise DataError(f"{path}: cannot write the codes ({err.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise DataError(f"{path}: cannot write the codes ({err.strerror})") from None
-        raise
+    write_npy(path, array, DataError, "the codes")
 
 
 @app.command()

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from stabq.errors import ModelFileError, StabqError
+from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model import BottleneckClassifier
 from stabq.report import plot_history
 
@@ -36,25 +34,12 @@ def _version() -> str:
     return __version__
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _model_digest(section: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
-
-
-def _write(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_model(
@@ -69,13 +54,7 @@ def save_model(
     target = Path(directory)
     if len(classes) != model.num_classes:
         raise StabqError(f"{len(classes)} class names for a model of {model.num_classes} classes")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model dir follows the umask
-    except OSError as err:
-        raise ModelFileError(f"{target}: cannot write the model there ({err.strerror})") from None
-    try:
+    with atomic_directory(target, ModelFileError, "the model") as tmp:
         section = {
             "model": model.config(),
             "classes": list(classes),
@@ -85,9 +64,7 @@ def save_model(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         meta = {"format": FORMAT, "config_sha256": _model_digest(section)}
         save_file(state, str(tmp / WEIGHTS), metadata=meta)
-        with open(tmp / WEIGHTS, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())
+        fsync_file(tmp / WEIGHTS)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -96,40 +73,11 @@ def save_model(
             "weights_sha256": _sha256(tmp / WEIGHTS),
             "train_config": train_config or {},
         }
-        _write(tmp / CONFIG, json.dumps(config, indent=2))
+        write_text(tmp / CONFIG, json.dumps(config, indent=2))
         if history:
-            _write(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+            write_text(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
             plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
-        _swap_into_place(tmp, target)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelFileError(f"{target}: cannot write the model ({err.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise ModelFileError(f"{target}: exists and is not a directory")
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)  # put the previous model back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

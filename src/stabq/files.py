@@ -1,0 +1,116 @@
+"""Writing files so that a crash never leaves half of them.
+
+``atomic_directory(target)`` yields an empty temporary directory beside
+``target``; when the block ends normally, every file in it has been fsynced
+and the directory is renamed over ``target`` (the previous one is put back if
+that rename fails). When the block raises, the temporary directory is removed
+and ``target`` is untouched. ``write_text`` and ``write_npy`` fsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from stabq.errors import StabqError
+
+
+def umask() -> int:
+    """The process's file-creation mask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_file(path: Path) -> None:
+    """fsync an already written file and give it the umask's permissions."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(path, 0o666 & ~umask())
+
+
+def swap_into_place(tmp: Path, target: Path, error: type[StabqError] = StabqError) -> None:
+    """Rename directory ``tmp`` over ``target``; on failure the previous ``target`` stays."""
+    if target.exists() and not target.is_dir():
+        raise error(f"{target}: exists and is not a directory")
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    target: Path, error: type[StabqError] = StabqError, what: str = "the files"
+) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` when the block succeeds.
+
+    An ``OSError`` (disk full, read-only, no permission) becomes one
+    ``error`` naming ``target``; nothing is left behind either way.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; follow the umask instead
+    except OSError as err:
+        raise error(f"{target}: cannot write {what} there ({err.strerror})") from None
+    try:
+        yield tmp
+        swap_into_place(tmp, target, error)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error(f"{target}: cannot write {what} ({err.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_npy(
+    path: Path, array: np.ndarray, error: type[StabqError] = StabqError, what: str = "the array"
+) -> None:
+    """Write ``array`` to ``path`` (.npy, no pickle) via a temporary file, fsync and rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise error(f"{path}: cannot write {what} there ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise error(f"{path}: cannot write {what} ({err.strerror})") from None
+        raise
