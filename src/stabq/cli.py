@@ -246,6 +246,67 @@ def _save_npy(path: Path, array) -> None:
     write_npy(path, array, DataError, "the codes")
 
 
+@app.command("compare")
+def compare_command(
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP)] = "mnist1d",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods (default: the preset's). Known: "
+            "none, vq-ema, vq, vq-1024, rvq, fsq, fsq-plain, gumbel, pq, "
+            "fsq-2stage, vq-2stage."
+        ),
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per method (default: preset's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run (default: preset's).")] = None,
+    preset: Annotated[
+        str, typer.Option(help="default, or stress: lr 3e-2 with guards off, where VQ-EMA fails.")
+    ] = "default",
+    out: Annotated[
+        Path | None, typer.Option(help="Report directory (results.csv/json, report.md/html).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train every method on DATA with several seeds and print the comparison table.
+
+    Example: stabq compare --data mnist1d --seeds 3 --out runs/compare
+    """
+
+    def run():
+        from tqdm.auto import tqdm
+
+        from stabq.compare import PRESETS, compare
+        from stabq.report import write_comparison
+
+        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        spec = PRESETS.get(preset, PRESETS["default"])
+        total = len(names or spec["methods"]) * (seeds or spec["seeds"])
+        bar = tqdm(total=total, desc="compare", unit="run", disable=True if quiet else None)
+
+        def on_run(record):
+            bar.update(1)
+            bar.set_postfix(method=record["method"], seed=record["seed"])
+
+        try:
+            result = compare(
+                data, names, seeds, epochs, preset, on_run=on_run,
+                progress=False if quiet else None,
+            )  # fmt: skip
+        finally:
+            bar.close()
+        if out is not None:
+            write_comparison(result, out)
+        return result
+
+    result = run_user_command(run, debug)
+    from stabq.report import format_table
+
+    typer.echo(format_table(result.rows))
+    typer.echo(result.verdict)
+    typer.echo(f"{result.seconds:.0f} s" + (f"; report in {out}" if out is not None else ""))
+
+
 @app.command()
 def levels(
     codebook_size: Annotated[

@@ -1,12 +1,24 @@
-"""Plots of training runs (matplotlib, written as PNG files)."""
+"""Tables and plots: one training run's curves, and a comparison's report.
+
+Plots are matplotlib PNG files; a comparison also gets ``report.md`` and a
+self-contained ``report.html`` (the PNGs embedded as data URIs).
+"""
 
 from __future__ import annotations
 
+import base64
+import csv
+import html
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from stabq.errors import StabqError
+from stabq.files import atomic_directory, write_text
 
 matplotlib.use("Agg")  # files only, never a window
 
@@ -41,3 +53,194 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- comparisons: table, files, plots ---------------------------------------------------------
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("accuracy", "test acc %", "pct"),
+    ("accuracy_sd", "± sd", "pct"),
+    ("gap", "gap", "gap"),
+    ("usage", "usage", "{:.3f}"),
+    ("perplexity", "perplexity", "{:.1f}"),
+    ("dead_codes", "dead codes", "{:.0f}"),
+    ("max_loss", "max loss", "{:.3g}"),
+    ("diverged", "diverged", "{}"),
+    ("rescued", "rescued", "{}"),
+    ("seconds", "s / run", "{:.1f}"),
+    ("collapsed", "flag", "flag"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "pct":
+        return f"{100 * value:.1f}"
+    if fmt == "gap":
+        return f"{100 * value:+.1f}"
+    if fmt == "flag":
+        return "COLLAPSED" if value else "ok"
+    return fmt.format(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """The comparison table as aligned text (or a markdown table)."""
+    header = [label for _, label, _ in COLUMNS]
+    body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *body]
+    )
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    curves = [[row.get(key) for row in r["history"]] for r in runs if r["history"]]
+    if not curves:
+        return [], []
+    length = min(len(c) for c in curves)
+    points = []
+    for i in range(length):
+        values = [c[i] for c in curves if c[i] is not None and math.isfinite(c[i])]
+        points.append(sum(values) / len(values) if values else float("nan"))
+    return list(range(1, length + 1)), points
+
+
+def _by_method(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        grouped.setdefault(r["method"], []).append(r)
+    return grouped
+
+
+def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
+    """loss.png, health.png, accuracy.png and codes.png for a :class:`~stabq.compare.Comparison`."""
+    grouped = _by_method(comparison.records)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in grouped.items():
+        epochs, loss = _mean_curve(runs, "train_loss")
+        if epochs:
+            ax.plot(epochs, loss, label=name)
+    ax.set(yscale="log", xlabel="epoch", ylabel="training loss (log)", title="loss per epoch")
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, directory / "loss.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in grouped.items():
+        if runs[0]["code_counts"]:
+            for ax, key in zip(axes, ("usage", "perplexity"), strict=True):
+                epochs, values = _mean_curve(runs, key)
+                ax.plot(epochs, values, label=name)
+    axes[0].set(xlabel="epoch", ylabel="usage", title="codebook usage (validation)")
+    axes[1].set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity (validation)")
+    axes[1].axhline(comparison.num_classes, color="grey", ls="--", lw=1, label="classes")
+    axes[1].legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, directory / "health.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [row["method"] for row in comparison.rows]
+    means = [100 * row["accuracy"] for row in comparison.rows]
+    sds = [100 * row["accuracy_sd"] for row in comparison.rows]
+    colours = ["tab:red" if row["collapsed"] else "tab:blue" for row in comparison.rows]
+    ax.bar(names, means, yerr=sds, color=colours, capsize=4)
+    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: collapsed)")
+    ax.tick_params(axis="x", rotation=45)
+    paths.append(_save(fig, directory / "accuracy.png"))
+
+    quantized = [(n, runs) for n, runs in grouped.items() if runs[0]["code_counts"]]
+    if quantized:
+        cols = min(4, len(quantized))
+        rows_n = -(-len(quantized) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        for ax, (name, runs) in zip(axes.flat, quantized, strict=False):
+            counts = sorted(runs[0]["code_counts"][0], reverse=True)
+            used = [c for c in counts if c > 0]
+            ax.bar(range(len(used)), used, width=1.0)
+            ax.set(yscale="log", title=f"{name}: {len(used)} codes used", xlabel="code rank")
+        for ax in list(axes.flat)[len(quantized) :]:
+            ax.axis("off")
+        fig.suptitle("code frequencies on the test set (seed 0, first codebook)")
+        paths.append(_save(fig, directory / "codes.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(comparison: Any, directory: str | Path) -> Path:
+    """results.csv, results.json, report.md, report.html and the plots, written atomically."""
+    target = Path(directory)
+    with atomic_directory(target, StabqError, "the comparison") as tmp:
+        with open(tmp / "results.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(comparison.rows[0]))
+            writer.writeheader()
+            writer.writerows(comparison.rows)
+        payload = {
+            "data": comparison.data,
+            "preset": comparison.preset,
+            "verdict": comparison.verdict,
+            "seconds": comparison.seconds,
+            "settings": comparison.settings,
+            "rows": comparison.rows,
+            "runs": comparison.records,
+        }
+        write_text(tmp / "results.json", json.dumps(payload, indent=1, default=str))
+        plots = plot_comparison(comparison, tmp)
+        title = f"stabq compare: {comparison.data} ({comparison.preset})"
+        settings = ", ".join(
+            f"{k}={comparison.settings[k]}" for k in ("seeds", "epochs", "lr", "guards")
+        )
+        md = [f"# {title}", "", comparison.verdict, "", format_table(comparison.rows, True), ""]
+        md += [f"Settings: {settings}; {comparison.seconds:.0f} s in all.", ""]
+        md += [f"![{p.stem}]({p.name})" for p in plots]
+        write_text(tmp / "report.md", "\n".join(md) + "\n")
+        images = "".join(
+            f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
+            f'{base64.b64encode(p.read_bytes()).decode()}"></figure>'
+            for p in plots
+        )
+        table = _html_table(comparison.rows)
+        write_text(
+            tmp / "report.html",
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class='verdict'>{html.escape(comparison.verdict)}</p>{table}"
+            f"<p>Settings: {html.escape(settings)}; {comparison.seconds:.0f} s in all.</p>"
+            f"{images}</body></html>\n",
+        )
+    return target
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+    "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
+    "text-align:right}td:first-child,th:first-child{text-align:left}"
+    ".bad{color:#b00;font-weight:bold}.verdict{font-size:1.1em}img{max-width:100%}"
+)
+
+
+def _html_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS)
+    body = ""
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            text = html.escape(_cell(row.get(key), fmt))
+            cls = " class='bad'" if key == "collapsed" and row.get(key) else ""
+            cells.append(f"<td{cls}>{text}</td>")
+        body += "<tr>" + "".join(cells) + "</tr>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

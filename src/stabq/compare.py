@@ -1,0 +1,263 @@
+"""Every method side by side on the same data: which bottleneck does this data favour?
+
+``compare(data)`` trains each method for each seed with the same settings
+(seeds in the same order for every method), evaluates on the held-out part,
+and summarises per method: test accuracy (mean, spread), gap to the continuous
+reference, codebook usage, perplexity, dead codes, the largest loss seen,
+diverged and guard-rescued runs, time. A method is flagged ``collapsed`` when
+its perplexity falls under the number of classes (fewer effective codes than
+classes cannot separate them) or any of its runs diverged.
+
+The ``stress`` preset reproduces the conditions under which vanilla VQ-EMA
+fails (Adam-style lr 3e-2, 512 codes, decay 0.99) with the guards off for
+every method, so a failure shows instead of being rescued.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stabq.data import LabeledData, load_data
+from stabq.errors import ConfigError, TrainingError
+from stabq.metrics import CodebookUsage
+from stabq.model import BottleneckClassifier
+from stabq.training import TrainConfig, evaluate_model, train
+
+
+@dataclass(frozen=True)
+class Method:
+    """One contender: a preset, its options, and how it is trained."""
+
+    name: str
+    quantizer: str
+    options: dict[str, Any] = field(default_factory=dict)
+    two_stage: bool = False
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("none", "none"),
+        Method("vq-ema", "vq-ema"),
+        Method("vq", "vq"),
+        Method("vq-1024", "vq", {"codebook_size": 1024}),
+        Method("rvq", "rvq"),
+        Method("fsq", "fsq"),
+        Method("fsq-plain", "fsq-plain"),
+        Method("gumbel", "gumbel"),
+        Method("pq", "pq"),
+        Method("fsq-2stage", "fsq", two_stage=True),
+        Method("vq-2stage", "vq", two_stage=True),
+    ]
+}
+DEFAULT_METHODS = [
+    "none", "vq-ema", "vq", "rvq", "fsq", "gumbel", "pq", "fsq-2stage", "vq-2stage", "vq-1024",
+]  # fmt: skip
+STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq"]
+PRESETS: dict[str, dict[str, Any]] = {
+    # finishes in a few minutes on 2 cores for mnist1d
+    "default": {"methods": DEFAULT_METHODS, "seeds": 2, "epochs": 40, "config": {}},
+    # vanilla VQ-EMA's failure: a high learning rate, 512 codes, no guards anywhere
+    "stress": {
+        "methods": STRESS_METHODS,
+        "seeds": 3,
+        "epochs": 20,
+        "config": {"lr": 3e-2, "guards": False, "warmup_epochs": 0.0},
+    },
+}
+
+
+def resolve_methods(names: Sequence[str]) -> list[Method]:
+    """Methods by name; an unknown name is a ConfigError listing the known ones."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ConfigError(
+            f"--methods {','.join(names) or '(empty)'}: unknown {', '.join(unknown) or 'list'}; "
+            f"allowed: {', '.join(METHODS)}"
+        )
+    return [METHODS[n] for n in names]
+
+
+def run_one(
+    method: Method,
+    seed: int,
+    train_set: LabeledData,
+    test_set: LabeledData,
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """Train one method with one seed; its figures, history and code frequencies."""
+    torch.manual_seed(seed)
+    model = BottleneckClassifier(
+        train_set.num_features, train_set.num_classes, method.quantizer, **method.options
+    )
+    run_config = TrainConfig(**{**config.to_dict(), "seed": seed, "two_stage": method.two_stage})
+    started = time.perf_counter()
+    record: dict[str, Any] = {"method": method.name, "seed": seed, "diverged": False}
+    try:
+        result = train(model, train_set, config=run_config)
+        history, events = result.history, len(result.guard_events)
+    except TrainingError as err:
+        history, events = [], 0
+        record.update(diverged=True, error=str(err))
+    record["seconds"] = time.perf_counter() - started
+    tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
+    figures = evaluate_model(model, tx, ty)
+    if not all(math.isfinite(figures[k]) for k in ("loss", "accuracy")):
+        record["diverged"] = True
+    record.update({f"test_{k}": v for k, v in figures.items()})
+    record["max_loss"] = max((row["max_loss"] for row in history), default=float("inf"))
+    if not math.isfinite(record["max_loss"]) or not all(
+        bool(torch.isfinite(p).all()) for p in model.parameters()
+    ):
+        record["diverged"] = True
+    record["guard_events"] = events
+    record["history"] = history
+    record["code_counts"] = _code_counts(model, tx)
+    return record
+
+
+@torch.no_grad()
+def _code_counts(model: BottleneckClassifier, x: torch.Tensor) -> list[list[int]]:
+    """Per codebook, how often each code was used on ``x`` (empty for the continuous model)."""
+    if model.quantizer.codebook_size == 0:
+        return []
+    model.eval()
+    usage = CodebookUsage.for_quantizer(model.quantizer)
+    usage.update(model(x)[1].indices)
+    return usage.counts.tolist()
+
+
+def summarise(
+    records: list[dict[str, Any]], num_classes: int, reference: str = "none"
+) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order) from the per-run records."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    ref_runs = by_method.get(reference, [])
+    ref_acc = statistics.mean(r["test_accuracy"] for r in ref_runs) if ref_runs else None
+    rows = []
+    for name, runs in by_method.items():
+        accs = [r["test_accuracy"] for r in runs]
+        quantized = METHODS[name].quantizer != "none" if name in METHODS else True
+        row = {
+            "method": name,
+            "seeds": len(runs),
+            "accuracy": statistics.mean(accs),
+            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "gap": None
+            if ref_acc is None or name == reference
+            else statistics.mean(accs) - ref_acc,
+            "usage": statistics.mean(r["test_usage"] for r in runs) if quantized else None,
+            "perplexity": statistics.mean(r["test_perplexity"] for r in runs)
+            if quantized
+            else None,
+            "dead_codes": statistics.mean(r["test_dead_codes"] for r in runs)
+            if quantized
+            else None,
+            "max_loss": max(r["max_loss"] for r in runs),
+            "diverged": sum(r["diverged"] for r in runs),
+            "rescued": sum(r["guard_events"] > 0 for r in runs),
+            "seconds": statistics.mean(r["seconds"] for r in runs),
+        }
+        row["collapsed"] = bool(row["diverged"] or (quantized and row["perplexity"] < num_classes))
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]], data_name: str) -> str:
+    """One line: the method the data favours, and why."""
+    healthy = [r for r in rows if r["method"] != "none" and not r["collapsed"]]
+    if not healthy:
+        return f"{data_name}: every quantized method collapsed or diverged."
+    best = max(healthy, key=lambda r: r["accuracy"])
+    gap = "" if best["gap"] is None else f" ({100 * best['gap']:+.1f} vs continuous)"
+    failed = [r["method"] for r in rows if r["collapsed"]]
+    tail = f"; collapsed or diverged: {', '.join(failed)}" if failed else ""
+    return (
+        f"{data_name} favours {best['method']}: highest test accuracy among healthy "
+        f"bottlenecks, {100 * best['accuracy']:.1f}%{gap}, perplexity "
+        f"{best['perplexity']:.0f}{tail}."
+    )
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` returns: per-run records, per-method rows and the verdict."""
+
+    data: str
+    preset: str
+    num_classes: int
+    records: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    verdict: str
+    seconds: float
+    settings: dict[str, Any]
+
+
+def compare(
+    data: str = "mnist1d",
+    methods: Sequence[str] | None = None,
+    seeds: int | None = None,
+    epochs: int | None = None,
+    preset: str = "default",
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+) -> Comparison:
+    """Train every method on ``data`` for ``seeds`` seeds and compare them.
+
+    ``data`` is a built-in name or a file (a file is split 80/20, stratified,
+    into train and test). ``preset`` (``default`` or ``stress``) sets the
+    methods, seeds, epochs and training options unless given.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    chosen = resolve_methods(list(methods) if methods else spec["methods"])
+    seeds = spec["seeds"] if seeds is None else seeds
+    epochs = spec["epochs"] if epochs is None else epochs
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds {seeds!r}: allowed is an integer >= 1")
+    config = TrainConfig(epochs=epochs, progress=progress, **spec["config"])
+    train_set, test_set = _train_test(data)
+    started = time.perf_counter()
+    records = []
+    for seed in range(seeds):  # seeds outermost: every method sees seed s before seed s + 1
+        for method in chosen:
+            record = run_one(method, seed, train_set, test_set, config)
+            records.append(record)
+            if on_run is not None:
+                on_run(record)
+    ordered = sorted(records, key=lambda r: [m.name for m in chosen].index(r["method"]))
+    rows = summarise(ordered, train_set.num_classes)
+    return Comparison(
+        data=data,
+        preset=preset,
+        num_classes=train_set.num_classes,
+        records=ordered,
+        rows=rows,
+        verdict=verdict(rows, data),
+        seconds=time.perf_counter() - started,
+        settings={"seeds": seeds, **config.to_dict()},
+    )
+
+
+def _train_test(data: str) -> tuple[LabeledData, LabeledData]:
+    """Built-ins come split; a file is split 80/20 here (stratified, fixed seed)."""
+    from stabq.data import train_val_split
+
+    full = load_data(data, "train")
+    if full.source.endswith(":train"):
+        return full, load_data(data, "test")
+    train_set, test_set = train_val_split(full, 0.2, seed=0)
+    return train_set, test_set
+
+
+__all__ = ["METHODS", "PRESETS", "Comparison", "Method", "compare"]
