@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m stabq.demo
+	$(BIN)/stabq compare --data mnist1d --out runs/compare
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -124,13 +124,14 @@ def _by_method(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
 def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     """loss.png, health.png, accuracy.png and codes.png for a :class:`~stabq.compare.Comparison`."""
     grouped = _by_method(comparison.records)
+    colour = {name: f"C{i % 10}" for i, name in enumerate(grouped)}  # one colour a method
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, runs in grouped.items():
         epochs, loss = _mean_curve(runs, "train_loss")
         if epochs:
-            ax.plot(epochs, loss, label=name)
+            ax.plot(epochs, loss, label=name, color=colour[name])
     ax.set(yscale="log", xlabel="epoch", ylabel="training loss (log)", title="loss per epoch")
     ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, directory / "loss.png"))
@@ -140,7 +141,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
         if runs[0]["code_counts"]:
             for ax, key in zip(axes, ("usage", "perplexity"), strict=True):
                 epochs, values = _mean_curve(runs, key)
-                ax.plot(epochs, values, label=name)
+                ax.plot(epochs, values, label=name, color=colour[name])
     axes[0].set(xlabel="epoch", ylabel="usage", title="codebook usage (validation)")
     axes[1].set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity (validation)")
     axes[1].axhline(comparison.num_classes, color="grey", ls="--", lw=1, label="classes")
