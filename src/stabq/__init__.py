@@ -5,6 +5,7 @@ behind one interface (``q, indices, loss = quantizer(x)``), with codebook
 health metrics. See README.md and DESIGN.md.
 """
 
+from stabq.compare import compare
 from stabq.errors import (
     ConfigError,
     DataError,
@@ -16,6 +17,7 @@ from stabq.errors import (
 from stabq.estimator import DiscreteBottleneckClassifier
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.monitor import Alert, CollapseMonitor, CollapseWarning
 from stabq.quantizers import (
     FSQ,
     GumbelQuantizer,
@@ -36,8 +38,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FSQ",
+    "Alert",
     "BottleneckClassifier",
     "CodebookUsage",
+    "CollapseMonitor",
+    "CollapseWarning",
     "ConfigError",
     "DataError",
     "DiscreteBottleneckClassifier",
@@ -56,6 +61,7 @@ __all__ = [
     "VectorQuantizer",
     "__version__",
     "build_quantizer",
+    "compare",
     "load",
     "preset_names",
     "recommended_levels",

@@ -59,10 +59,15 @@ def fsq_codes_to_indices(codes: Tensor, levels: Tensor) -> Tensor:
     return fsq_level_indices_to_index(level_idx, levels)
 
 
+def fsq_indices_to_levels(indices: Tensor, levels: Tensor) -> Tensor:
+    """Per-dimension level indices ``(..., d)`` in ``[0, L_i)`` of indices ``(...,)``."""
+    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    return (indices.long().unsqueeze(-1) // basis) % levels
+
+
 def fsq_indices_to_codes(indices: Tensor, levels: Tensor, dtype: torch.dtype) -> Tensor:
     """Inverse of :func:`fsq_codes_to_indices`: int indices ``(...,)`` to codes ``(..., d)``."""
-    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
-    level_idx = (indices.long().unsqueeze(-1) // basis) % levels
+    level_idx = fsq_indices_to_levels(indices, levels)
     half_width = levels // 2
     return ((level_idx - half_width) / half_width).to(dtype)
 

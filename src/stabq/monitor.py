@@ -1,0 +1,398 @@
+"""Early, plain-worded warnings of codebook collapse, loss blow-up and FSQ saturation.
+
+``CollapseMonitor(module)`` hooks the forward of any module that returns code
+indices and keeps its last ``window`` forward calls ("steps"). Every
+``check_every`` steps it tests, over that window, for a codebook of ``K`` codes
+with counts ``n_k``:
+
+    collapse     m <= collapse_codes, m the fewest codes with the largest counts
+                 that carry top_fraction of all assignments
+    loss_growth  median aux loss of the last check_every steps > loss_growth times
+                 the lowest such median seen so far (a non-finite loss warns at once)
+    saturation   (FSQ) the fraction of per-dimension levels at 0 or L_i - 1 is
+                 >= saturation; code k has level (k // prod_{j<i} L_j) % L_i in dim i
+
+Each condition warns once when it starts to hold and again only after it has
+cleared. Usage figures are :class:`~stabq.metrics.CodebookUsage`'s over the
+window's counts; like it, indices of -1 are ignored. The monitor sees only this
+process's forward calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from stabq.errors import ShapeError, check, check_int, check_number, is_int
+from stabq.metrics import CodebookUsage
+from stabq.monitor_probe import (
+    attr,
+    infer_levels,
+    infer_num_codebooks,
+    input_norm,
+    read_output,
+    target,
+)
+from stabq.quantizers.fsq import fsq_indices_to_levels
+
+LOSS_FLOOR = 1e-8  # a loss baseline below this counts as this: growth from ~0 is not alarming
+
+
+class CollapseWarning(UserWarning):
+    """Issued by :class:`CollapseMonitor` when a quantizer collapses, blows up or saturates."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One warning: ``kind`` is "collapse", "loss_growth", "loss_nonfinite" or
+    "saturation"; ``step`` the forward call it fired at; ``value`` the figure
+    that crossed its threshold (codes carrying the mass, loss ratio, loss, or
+    saturated fraction)."""
+
+    kind: str
+    step: int
+    message: str
+    value: float
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Step(NamedTuple):
+    bins: Tensor  # bin ids (n * c,), or their counts (c * k + 2,) when is_counts
+    is_counts: bool
+    loss: Tensor | None  # 0-dim float
+    norm: Tensor | None  # 0-dim float: mean L2 norm of the input rows
+    at_bound: Tensor | None  # 0-dim: FSQ values at a bound level
+    values: Tensor | None  # 0-dim: FSQ values counted
+
+
+def codes_carrying(counts: Tensor, fraction: float) -> int:
+    """Fewest codes whose counts sum to at least ``fraction`` of ``counts.sum()`` (0 if empty)."""
+    total = int(counts.sum())
+    if total == 0:
+        return 0
+    need = math.ceil(fraction * total - 1e-9)
+    return int((counts.sort(descending=True).values.cumsum(0) < need).sum()) + 1
+
+
+def _percent(fraction: float) -> str:
+    """``0.95 -> '95%'``, ``0.9996 -> '99.9%'``: rounded down, never overstated."""
+    return f"{math.floor(fraction * 1000 + 1e-6) / 10:g}%"
+
+
+class CollapseMonitor:
+    """Watches a quantizer through a forward hook and warns when it starts to fail.
+
+    Args:
+        module: any module returning code indices (see :func:`read_output`):
+            stabq's quantizers, vector-quantize-pytorch's VectorQuantize /
+            ResidualVQ / FSQ, a ``BottleneckClassifier`` or your own. Attached
+            at once; ``detach()`` or a ``with`` block ends it.
+        codebook_size: codes per codebook; default ``module.codebook_size``.
+        num_codebooks: size of the indices' trailing codebook axis; default from
+            the module (stabq ``num_codebooks`` with ``multi_codebook``,
+            vector-quantize-pytorch ``num_quantizers``), else 1.
+        levels: FSQ levels, to measure saturation; default ``module.levels`` or
+            ``module._levels`` when their product is ``codebook_size``.
+        window: steps (forward calls) the figures cover.
+        check_every: steps between checks.
+        min_samples: assignments per codebook in the window before collapse
+            and saturation are judged.
+        top_fraction: share of assignments that defines the codes "carrying" them.
+        collapse_codes: collapse when at most this many codes carry
+            ``top_fraction``; default 1% of the codebook, at least 2, at most 10.
+            A classifier may honestly use about one code per class.
+        loss_growth: warn when the aux loss exceeds this multiple of its lowest level.
+        saturation: warn when this fraction of FSQ values sits at a bound level.
+        callback: called with each :class:`Alert`.
+        warn: also issue each alert as a :class:`CollapseWarning`.
+        training_only: record only forward calls in training mode.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        codebook_size: int | None = None,
+        num_codebooks: int | None = None,
+        *,
+        levels: Sequence[int] | None = None,
+        window: int = 200,
+        check_every: int = 50,
+        min_samples: int = 256,
+        top_fraction: float = 0.95,
+        collapse_codes: int | None = None,
+        loss_growth: float = 1e4,
+        saturation: float = 0.99,
+        callback: Callable[[Alert], Any] | None = None,
+        warn: bool = True,
+        training_only: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        check(isinstance(module, nn.Module), f"{name}: module={module!r} is not a torch.nn.Module")
+        q = target(module)
+        found = attr(q, "codebook_size")
+        check(
+            codebook_size is not None or (is_int(found) and found >= 1),
+            f"{name}: codebook_size is required: {type(q).__name__} has no integer "
+            f"attribute codebook_size >= 1 (found {found!r})",
+        )
+        self.codebook_size = check_int(
+            name, "codebook_size", found if codebook_size is None else codebook_size, 1
+        )
+        num_codebooks = infer_num_codebooks(q) if num_codebooks is None else num_codebooks
+        self.num_codebooks = check_int(name, "num_codebooks", num_codebooks, 1)
+        self.levels = infer_levels(q, self.codebook_size) if levels is None else levels
+        check(
+            self.levels is None
+            or (
+                isinstance(self.levels, Sequence)
+                and all(is_int(v) and v >= 2 for v in self.levels)
+                and math.prod(self.levels) == self.codebook_size
+            ),
+            f"{name}: levels={levels!r}, allowed is a list of integers >= 2 whose product "
+            f"is codebook_size={self.codebook_size}",
+        )
+        self.levels = None if self.levels is None else list(self.levels)
+        self.window = check_int(name, "window", window, 1)
+        self.check_every = check_int(name, "check_every", check_every, 1)
+        self.min_samples = check_int(name, "min_samples", min_samples, 1)
+        self.top_fraction = _fraction(name, "top_fraction", top_fraction)
+        default_codes = max(2, min(self.codebook_size // 100, 10))
+        self.collapse_codes = check_int(
+            name, "collapse_codes", default_codes if collapse_codes is None else collapse_codes, 1
+        )
+        self.loss_growth = check_number(name, "loss_growth", loss_growth, 1)
+        self.saturation = _fraction(name, "saturation", saturation)
+        check(
+            callback is None or callable(callback),
+            f"{name}: callback={callback!r}, allowed is a callable taking an Alert, or None",
+        )
+        self.callback, self.warn, self.training_only = callback, bool(warn), bool(training_only)
+        self.module = module
+        self.alerts: list[Alert] = []
+        self._handle = None
+        self.reset()
+        self.attach()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def attach(self) -> CollapseMonitor:
+        """Hook the module's forward (no-op when attached already)."""
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hook; the figures recorded so far stay readable."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def __enter__(self) -> CollapseMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Forget the window, the loss baseline and which conditions hold (not ``alerts``)."""
+        self.step = 0
+        self._steps: deque[_Step] = deque(maxlen=self.window)
+        self._loss_min: float | None = None
+        self._loss_min_step = 0
+        self._active: set[str] = set()
+
+    # -- recording ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.training_only and not module.training:
+            return
+        indices, loss = read_output(output)
+        c, k = self.num_codebooks, self.codebook_size
+        check(
+            c == 1 or indices.shape[-1:] == (c,),
+            f"CollapseMonitor: indices of shape {tuple(indices.shape)} must end in "
+            f"num_codebooks={c}",
+            ShapeError,
+        )
+        flat = indices.detach().reshape(-1, c).long()
+        ids = torch.where(flat < 0, c * k, flat + torch.arange(c, device=flat.device) * k)
+        ids = torch.where(flat >= k, c * k + 1, ids).reshape(-1)  # c*k: ignored, c*k+1: too big
+        is_counts = ids.numel() > c * k + 2
+        if is_counts:  # more indices than bins: keep the counts (no device sync)
+            ids = torch.zeros(c * k + 2, dtype=torch.long, device=ids.device).index_add_(
+                0, ids, torch.ones_like(ids)
+            )
+        at_bound = values = None
+        if self.levels is not None:
+            levels = flat.new_tensor(self.levels)
+            valid = (flat >= 0) & (flat < k)
+            level = fsq_indices_to_levels(flat.clamp(0, k - 1), levels)
+            at_bound = (((level == 0) | (level == levels - 1)) & valid.unsqueeze(-1)).sum()
+            values = valid.sum() * len(self.levels)
+        if loss is not None:
+            loss = loss.detach().float().sum()
+        self.step += 1
+        self._steps.append(_Step(ids, is_counts, loss, input_norm(args, kwargs), at_bound, values))
+        if self.step == 1:
+            self._tally([self._steps[-1]])  # fail at once on indices >= codebook_size
+        if loss is not None:
+            value = float(loss)  # one sync a step, so a NaN is reported where it happens
+            message = f"commitment loss is {value} at step {self.step}"
+            self._set("loss_nonfinite", not math.isfinite(value), message, value)
+        if self.step % self.check_every == 0:
+            self._check()
+
+    def _tally(self, steps: Sequence[_Step]) -> Tensor:
+        """Counts ``(num_codebooks, codebook_size)`` over ``steps``; ShapeError on a too big one."""
+        c, k = self.num_codebooks, self.codebook_size
+        total = torch.zeros(c * k + 2, dtype=torch.long)
+        raw = [s.bins for s in steps if not s.is_counts]
+        if raw:
+            ids = torch.cat([r.to(raw[0].device) for r in raw])
+            total += torch.bincount(ids, minlength=c * k + 2).cpu()
+        for s in steps:
+            if s.is_counts:
+                total += s.bins.cpu()
+        check(
+            int(total[-1]) == 0,
+            f"CollapseMonitor: {int(total[-1])} code indices >= codebook_size={k}; "
+            "pass the module's real codebook_size",
+            ShapeError,
+        )
+        return total[: c * k].view(c, k).clone()
+
+    # -- figures and checks -------------------------------------------------------
+
+    def report(self) -> dict:
+        """The current figures.
+
+        Over the window: ``usage``, ``perplexity``, ``entropy_bits``,
+        ``dead_codes``, ``samples`` and ``per_codebook`` as
+        :meth:`CodebookUsage.compute` gives them, ``top_codes`` (fewest codes
+        carrying ``top_fraction``; the lowest over codebooks, and per codebook)
+        and ``saturation`` (FSQ; else None). Over the last ``check_every``
+        steps: ``loss`` (median), ``input_norm`` (mean L2 norm of the first
+        input's rows). ``loss_baseline`` is the lowest such loss median seen,
+        ``loss_growth`` = loss / max(baseline, LOSS_FLOOR). Also ``step`` and
+        ``window_steps``; figures with nothing to measure are None.
+        """
+        steps = list(self._steps)
+        counts = self._tally(steps)
+        usage = CodebookUsage(self.codebook_size, self.num_codebooks)
+        usage.counts = counts
+        figures = usage.compute()
+        tops = [codes_carrying(row, self.top_fraction) for row in counts]
+        for entry, top in zip(figures["per_codebook"], tops, strict=True):
+            entry["top_codes"] = top
+        recent = steps[-self.check_every :]
+        losses = _gather([s.loss for s in recent])
+        losses = losses[losses.isfinite()] if losses is not None else None
+        loss = float(losses.median()) if losses is not None and losses.numel() else None
+        norms = _gather([s.norm for s in recent])
+        at_bound, values = _gather([s.at_bound for s in steps]), _gather([s.values for s in steps])
+        base = self._loss_min
+        return {
+            **figures,
+            "step": self.step,
+            "window_steps": len(steps),
+            "top_codes": min(tops),
+            "saturation": None
+            if values is None or not values.sum()
+            else float(at_bound.sum() / values.sum()),
+            "loss": loss,
+            "loss_baseline": base,
+            "loss_growth": None if None in (loss, base) else loss / max(base, LOSS_FLOOR),
+            "input_norm": float(norms.mean()) if norms is not None else None,
+        }
+
+    def _check(self) -> None:
+        fig = self.report()
+        n, per, sat = fig["window_steps"], fig["per_codebook"], fig["saturation"]
+        if fig["samples"] >= self.min_samples:
+            worst = min(range(len(per)), key=lambda i: per[i]["top_codes"])
+            top, ppl = per[worst]["top_codes"], per[worst]["perplexity"]
+            where = f"codebook {worst}, " if self.num_codebooks > 1 else ""
+            self._set(
+                "collapse",
+                top <= self.collapse_codes,
+                f"collapse: {top} of {self.codebook_size} codes carry "
+                f"{_percent(self.top_fraction)} of assignments ({where}perplexity {ppl:.1f}) "
+                f"over the last {n} steps",
+                top,
+            )
+            if sat is not None:
+                message = f"FSQ saturated: {_percent(sat)} of values at the bound"
+                self._set(
+                    "saturation", sat >= self.saturation, f"{message} over the last {n} steps", sat
+                )
+        loss, ratio, base = fig["loss"], fig["loss_growth"], self._loss_min
+        if ratio is not None:
+            self._set(
+                "loss_growth",
+                ratio > self.loss_growth,
+                f"commitment loss grew 10^{math.floor(math.log10(max(ratio, 1)))}x in "
+                f"{self.step - self._loss_min_step} steps ({base:.1e} -> {loss:.1e})",
+                ratio,
+            )
+        if loss is not None and (base is None or loss < base):
+            self._loss_min, self._loss_min_step = loss, self.step
+
+    def _set(self, kind: str, holds: bool, message: str, value: float) -> None:
+        """Fire ``kind`` when it starts to hold; forget it when it clears."""
+        if not holds or kind in self._active:
+            if not holds:
+                self._active.discard(kind)
+            return
+        self._active.add(kind)
+        alert = Alert(kind, self.step, message, float(value))
+        self.alerts.append(alert)
+        if self.warn:
+            warnings.warn(alert.message, CollapseWarning, stacklevel=_caller_level())
+        if self.callback is not None:
+            self.callback(alert)
+
+
+def _fraction(owner: str, name: str, value: object) -> float:
+    check(
+        isinstance(value, float | int) and not isinstance(value, bool) and 0 < value <= 1,
+        f"{owner}: {name}={value!r}, allowed is a number in (0, 1]",
+    )
+    return float(value)  # type: ignore[arg-type]
+
+
+def _caller_level() -> int:
+    """``stacklevel`` that points a warning at the code that called the module."""
+    frame, level = sys._getframe(2), 2  # 1: CollapseMonitor._set
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(torch_dir)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _gather(scalars: list[Tensor | None]) -> Tensor | None:
+    """The recorded 0-dim tensors as one float64 CPU tensor (one copy), None if none."""
+    found = [t for t in scalars if t is not None]
+    if not found:
+        return None
+    return torch.stack([t.to(found[0].device) for t in found]).double().cpu()
+
+
+__all__ = ["Alert", "CollapseMonitor", "CollapseWarning", "codes_carrying", "read_output"]

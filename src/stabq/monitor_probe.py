@@ -1,0 +1,94 @@
+"""What a quantizer module says about itself, for :class:`stabq.CollapseMonitor`.
+
+Reads code indices and the auxiliary loss from any forward's output (stabq's
+``QuantizerOutput``, vector-quantize-pytorch's tuples, a user's dict), and the
+codebook size, number of codebooks and FSQ levels from a module's attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stabq.errors import ShapeError, is_int
+from stabq.quantizers.base import QuantizerOutput
+
+
+def read_output(output: Any) -> tuple[Tensor, Tensor | None]:
+    """``(indices, loss)`` from what a quantizer's forward returned.
+
+    Understood: a :class:`QuantizerOutput` (also inside a tuple, as
+    ``BottleneckClassifier`` returns it); a dict with ``"indices"`` and
+    optionally ``"loss"``; a tuple ``(quantized, indices[, loss, ...])`` with
+    integer indices (vector-quantize-pytorch's VectorQuantize, ResidualVQ, FSQ).
+    """
+    if isinstance(output, tuple) and not isinstance(output, QuantizerOutput):
+        output = next((o for o in output if isinstance(o, QuantizerOutput)), output)
+    indices = loss = None
+    if isinstance(output, QuantizerOutput):
+        indices, loss = output.indices, output.loss
+    elif isinstance(output, Mapping):
+        indices, loss = output.get("indices"), output.get("loss")
+    elif isinstance(output, tuple | list) and len(output) >= 2:
+        indices, loss = output[1], output[2] if len(output) > 2 else None
+    if not (isinstance(indices, Tensor) and not indices.is_floating_point()):
+        raise ShapeError(
+            f"CollapseMonitor: found no integer code indices in the module's output "
+            f"({type(output).__name__}); expected a QuantizerOutput, a dict with 'indices' "
+            "or a tuple (quantized, indices, ...)"
+        )
+    if isinstance(loss, float | int) and not isinstance(loss, bool):
+        loss = torch.tensor(float(loss))
+    if not (isinstance(loss, Tensor) and loss.is_floating_point()):
+        loss = None
+    return indices, loss
+
+
+def attr(module: nn.Module, name: str) -> Any:
+    try:
+        return getattr(module, name, None)
+    except Exception:  # e.g. vector-quantize-pytorch's ResidualVQ with unequal codebooks
+        return None
+
+
+def target(module: nn.Module) -> nn.Module:
+    """The quantizer whose attributes describe the codes: ``module`` or its ``.quantizer``."""
+    inner = attr(module, "quantizer")
+    if attr(module, "codebook_size") is None and isinstance(inner, nn.Module):
+        return inner
+    return module
+
+
+def infer_num_codebooks(q: nn.Module) -> int:
+    multi = attr(q, "multi_codebook")  # stabq: RVQ and PQ keep a trailing codebook axis
+    if isinstance(multi, bool):
+        return q.num_codebooks if multi else 1
+    if is_int(attr(q, "num_quantizers")):  # vector-quantize-pytorch residual quantizers
+        return q.num_quantizers
+    if attr(q, "separate_codebook_per_head") and is_int(attr(q, "heads")):
+        return q.heads  # vector-quantize-pytorch VectorQuantize with a codebook per head
+    if attr(q, "keep_num_codebooks_dim") and is_int(attr(q, "num_codebooks")):
+        return q.num_codebooks  # vector-quantize-pytorch FSQ / LFQ
+    return 1
+
+
+def infer_levels(q: nn.Module, codebook_size: int) -> list[int] | None:
+    for name in ("levels", "_levels"):
+        found = attr(q, name)
+        if isinstance(found, Tensor) and found.dim() == 1 and not found.is_floating_point():
+            found = found.tolist()
+        if isinstance(found, Sequence) and found and all(is_int(v) and v >= 2 for v in found):
+            return list(found) if math.prod(found) == codebook_size else None
+    return None
+
+
+def input_norm(args: tuple, kwargs: dict) -> Tensor | None:
+    """Mean L2 norm over the last dim of the first tensor argument (None if not float)."""
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+    if x is None or not x.is_floating_point() or x.dim() == 0 or x.numel() == 0:
+        return None
+    return x.detach().float().norm(dim=-1).mean()
