@@ -15,21 +15,16 @@ STABLE = ["fsq", "rvq", "vq", "gumbel", "pq"]
 
 @pytest.fixture(scope="module")
 def accuracies():
-    """Test accuracy of each preset after default training (seed 0, one torch thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_set, test_set = load_data("mnist1d", "train"), load_data("mnist1d", "test")
-        tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
-        found = {}
-        for name in ["none", *STABLE]:
-            torch.manual_seed(0)
-            model = BottleneckClassifier(train_set.num_features, train_set.num_classes, name)
-            train(model, train_set, config=TrainConfig(progress=False))
-            found[name] = evaluate_model(model, tx, ty)["accuracy"]
-        return found
-    finally:
-        torch.set_num_threads(threads)
+    """Test accuracy of each preset after default training (seed 0; conftest: one thread)."""
+    train_set, test_set = load_data("mnist1d", "train"), load_data("mnist1d", "test")
+    tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
+    found = {}
+    for name in ["none", *STABLE]:
+        torch.manual_seed(0)
+        model = BottleneckClassifier(train_set.num_features, train_set.num_classes, name)
+        train(model, train_set, config=TrainConfig(progress=False))
+        found[name] = evaluate_model(model, tx, ty)["accuracy"]
+    return found
 
 
 def test_the_continuous_reference_learns_mnist1d(accuracies):

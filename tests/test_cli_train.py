@@ -26,15 +26,6 @@ FSQ = ["--quantizer", "fsq", "--option", "levels=[5,5]"]
 RVQ = ["--quantizer", "rvq", "--option", "num_quantizers=2", "--option", "codebook_size=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models here run fastest on one thread (the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 

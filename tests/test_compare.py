@@ -12,21 +12,12 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from stabq.cli import app
 from stabq.compare import PRESETS, compare, summarise, verdict
 from stabq.errors import ConfigError
 from stabq.report import format_table, write_comparison
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

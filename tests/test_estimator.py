@@ -35,16 +35,6 @@ def small(quantizer: str = "fsq", **kw) -> DiscreteBottleneckClassifier:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one torch thread is as fast, and far faster on a busy machine
-    (idle OpenMP threads spin against the other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @parametrize_with_checks([small("fsq"), small("rvq")])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)

@@ -18,14 +18,6 @@ from stabq.monitor import Alert, CollapseMonitor, CollapseWarning, codes_carryin
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Scripted(nn.Module):
     """A user's own quantizer: returns a dict with the indices (and loss) it is given."""
 

@@ -11,16 +11,6 @@ from hypothesis import strategies as st
 
 from stabq import ConfigError, ProductQuantizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def faiss_single_thread():
-    """faiss's and torch's OpenMP pools fight over the cores (seconds per call): one thread."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 COMBOS = [(16, 8, 8), (16, 4, 8), (12, 4, 4), (12, 3, 6), (10, 5, 3), (8, 8, 1), (8, 2, 10)]
 
 

@@ -41,15 +41,6 @@ HISTORY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models here run fastest on one thread (the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(quantizer: str = "fsq", seed: int = 0) -> BottleneckClassifier:
     """A small model whose buffers (feature stats, EMA codebooks) are not their initial values."""
     torch.manual_seed(seed)
