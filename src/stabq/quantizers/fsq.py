@@ -37,18 +37,40 @@ def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None =
     return torch.as_tensor(levels, dtype=torch.int32, device=device)
 
 
+class _RoundStraightThrough(torch.autograd.Function):
+    """``round(x)`` forward, identity backward: one pass each way (no ``x + (r - x).detach()``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
 def fsq_round(z: Tensor, levels: Tensor) -> Tensor:
     """Bound ``z`` ``(..., d)`` and round it: integer-valued ``r`` (float, straight-through)."""
     half_l = (levels - 1) * (1 + BOUND_EPS) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0)
     shift = torch.atanh(offset / half_l)
     bounded = torch.tanh(z + shift) * half_l - offset
-    return bounded + (bounded.round() - bounded).detach()
+    return _RoundStraightThrough.apply(bounded)
+
+
+_EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
 
 
 def fsq_level_indices_to_index(level_idx: Tensor, levels: Tensor) -> Tensor:
-    """Mixed-radix index of per-dimension level indices ``(..., d)`` in ``[0, L_i)``."""
+    """Mixed-radix index of per-dimension level indices ``(..., d)`` in ``[0, L_i)``.
+
+    Float input is reduced by one matrix-vector product where the float type
+    holds every index exactly (up to 2^24 codes in float32), else in int64.
+    """
     basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    size = int(basis[-1]) * int(levels[-1])
+    if level_idx.is_floating_point() and size <= _EXACT_INTEGERS.get(level_idx.dtype, 0):
+        return (level_idx @ basis.to(level_idx.dtype)).round_().long()
     return (level_idx.long() * basis).sum(dim=-1)
 
 
