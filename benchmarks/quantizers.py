@@ -15,10 +15,11 @@ elementwise pass (FSQ rows), timed in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
+import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -145,14 +146,16 @@ def time_row(name: str, repeats: int, device: str) -> dict:
     return row
 
 
-def _peak_rss_kib() -> int:
-    """This process's peak resident set (KiB). VmHWM, unlike ru_maxrss, is not inherited
-    from a large parent across fork and exec."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _status_kib(field: str) -> int:
+    """One ``/proc/self/status`` field in KiB (``VmHWM``: peak resident set, ``VmRSS``: now)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> None:
+    """Restart VmHWM from the current resident set (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _peak_child(name: str, side: str, device: str, queue: mp.Queue) -> None:
@@ -162,18 +165,28 @@ def _peak_child(name: str, side: str, device: str, queue: mp.Queue) -> None:
         queue.put(None)
         return
     x = torch.randn(n, dim, device=device)
-    before = _peak_rss_kib()
+    run = step(module, x, side)
+    run()  # warm-up: lazy initialisation (BLAS buffers, k-means) is not a per-step cost
+    gc.collect()
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step(module, x, side)()
-    if device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((_peak_rss_kib() - before) / 1024)
+        before = torch.cuda.memory_allocated()
+        run()
+        queue.put((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return
+    _reset_peak_rss()
+    before = _status_kib("VmRSS")
+    run()
+    queue.put((_status_kib("VmHWM") - before) / 1024)
 
 
 def peak_mib(name: str, side: str, device: str) -> float | None:
-    """Peak memory (MiB) of one forward plus backward, in a fresh process."""
+    """Peak extra memory (MiB) of one forward plus backward after a warm-up step, in a
+    fresh process. On CPU glibc is told to map every block over 128 KiB on its own
+    (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once
+    and the peak resident set tracks the live tensors."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_child, args=(name, side, device, queue))

@@ -171,13 +171,46 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
     return out + (q - out).detach()  # exact value q, gradient of the rotation
 
 
+class _ResidualLoss(torch.autograd.Function):
+    """Forward: a ``value`` computed without autograd. Backward: ``grad * scale * r`` to ``z``."""
+
+    @staticmethod
+    def forward(ctx, z, residual_sum, value, scale):
+        ctx.save_for_backward(residual_sum)
+        ctx.scale, ctx.dtype = scale, z.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        (residual_sum,) = ctx.saved_tensors
+        return residual_sum.mul(grad * ctx.scale).to(ctx.dtype), None, None, None
+
+
+def residual_commitment_loss(
+    z: Tensor, residual_sum: Tensor, squared_sum: Tensor, weight: float
+) -> Tensor:
+    """``weight * sum_l mean(r_l^2)`` for residuals ``r_l = z - sg(t_l)``, 0-dim float32.
+
+    Takes ``sum_l r_l`` (shaped like ``z``) and ``sum_l |r_l|^2``, computed by
+    the caller without autograd; the gradient to ``z``,
+    ``2 weight / z.numel() * sum_l r_l``, costs one pass, where autograd through
+    one ``mse_loss`` per level costs several. EMA codebooks only: codes get no gradient.
+    """
+    if not z.numel():
+        return z.new_zeros((), dtype=torch.float32)
+    value = (squared_sum.float() * (weight / z.numel())).reshape(())
+    return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / z.numel())
+
+
 def commitment_loss(z: Tensor, codes: Tensor, weight: float, learned: bool) -> Tensor:
     """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; means, float32."""
-    z, codes = z.float(), codes.float()
-    loss = weight * F.mse_loss(z, codes.detach()) if z.numel() else z.new_zeros(())
     if learned and z.numel():
-        loss = loss + F.mse_loss(codes, z.detach())
-    return loss
+        z, codes = z.float(), codes.float()
+        return weight * F.mse_loss(z, codes.detach()) + F.mse_loss(codes, z.detach())
+    with torch.no_grad():
+        residual = z.float() - codes.float()
+        squared = residual.reshape(-1).dot(residual.reshape(-1))
+    return residual_commitment_loss(z, residual, squared, weight)
 
 
 class Codebook(nn.Module):
