@@ -1,0 +1,257 @@
+"""The few torch.distributed helpers everything uses.
+
+stabq runs under PyTorch's own engine: ``torchrun`` starts the processes and
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_from_env` joins the process group they describe.
+Every helper here is a no-op (returns its input unchanged) when no process
+group of more than one rank is initialised, and that is checked at each call,
+not at construction: a module built before ``init_process_group`` still syncs.
+
+The rule that keeps collectives from hanging: every rank calls them in the same
+order. The codebook and the trainer only ever decide whether to enter one from
+values that are already identical on every rank (all-reduced sums, a mask
+broadcast from rank 0, the same step count), never from a rank's own batch size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0, the one rank that writes files, logs and progress bars."""
+    return rank() == 0
+
+
+def backend() -> str:
+    """``gloo`` for CPU tensors, plus ``nccl`` for CUDA tensors when a GPU is present."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes in the environment.
+
+    Does nothing (returns False) unless ``WORLD_SIZE`` > 1 and no group exists
+    yet. On a GPU machine each process takes the GPU ``LOCAL_RANK``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend())
+    return True
+
+
+@contextmanager
+def process_group_from_env() -> Iterator[bool]:
+    """``with process_group_from_env() as started:`` join torchrun's group, leave it after."""
+    started = init_from_env()
+    try:
+        yield started
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def all_reduce_sum_(*tensors: Tensor) -> None:
+    """Sum each tensor over all ranks, in place (one collective for all of them)."""
+    if not is_distributed() or not tensors:
+        return
+    if len(tensors) == 1:
+        dist.all_reduce(tensors[0])
+        return
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view_as(t))
+
+
+def sum_statistics_(counts: Tensor, sums: Tensor) -> bool:
+    """All-reduce a codebook's per-code ``counts`` and ``sums`` in place.
+
+    Returns whether any rank assigned anything (identical on every rank), so
+    a batch empty everywhere leaves the EMA alone as it does in one process.
+    """
+    if not is_distributed():
+        return True
+    all_reduce_sum_(counts, sums)
+    return bool(counts.any())
+
+
+def broadcast_(*tensors: Tensor, src: int = 0) -> None:
+    """Overwrite each tensor with rank ``src``'s copy, in place (bool tensors included)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        if t.dtype == torch.bool:
+            as_bytes = t.to(torch.uint8)
+            dist.broadcast(as_bytes, src)
+            t.copy_(as_bytes.bool())
+        else:
+            dist.broadcast(t, src)
+
+
+def gather_rows(x: Tensor, dim: int = 1) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order; sizes may differ (0 too).
+
+    The same tensor comes back on every rank: the union of the ranks' batches.
+    """
+    if not is_distributed():
+        return x
+    sizes = torch.tensor([x.shape[dim]], device=x.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(s) for s in all_sizes]
+    longest = max(counts)
+    if longest == 0:
+        return x
+    pad = list(x.shape)
+    pad[dim] = longest - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(pad)], dim=dim).contiguous()
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, counts, strict=True)], dim=dim)
+
+
+def mean_and_max(means: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+    """Average ``means`` and take the largest of ``maxima`` over all ranks (one collective)."""
+    if not is_distributed():
+        return means, maxima
+    local = torch.tensor(means + maxima, dtype=torch.float64)
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    stacked = torch.stack(parts)
+    k = len(means)
+    return stacked[:, :k].mean(0).tolist(), stacked[:, k:].max(0).values.tolist()
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t) == 0
+
+
+def shard_batches(
+    order: Tensor, batch_size: int, world: int | None = None, rank_: int | None = None
+) -> tuple[Tensor, int]:
+    """This rank's share of an epoch's ``order`` and its per-rank batch size.
+
+    ``batch_size`` is the global batch ``B``; each of ``W`` ranks takes
+    ``b = ceil(B / W)`` rows a step. ``order`` (length ``n``) is padded by
+    wrapping round to ``m * W`` entries, ``m = ceil(n / W)`` (as
+    DistributedSampler pads); step ``i`` takes the global batch
+    ``padded[i*W*b : (i+1)*W*b]`` and rank ``r`` its ``r``-th contiguous
+    ``1/W``. So every rank runs ``ceil(m / b)`` steps of equal, non-empty
+    batches, and the ranks' batches, joined in rank order, are the batch one
+    process would take. With one rank this is ``(order, batch_size)`` unchanged.
+    ``world`` and ``rank_`` default to this process's.
+    """
+    w = world_size() if world is None else world
+    r = rank() if rank_ is None else rank_
+    if w == 1 or order.shape[0] == 0:
+        return order, batch_size
+    n, b = order.shape[0], -(-batch_size // w)
+    m = -(-n // w)
+    padded = order.repeat(math.ceil(m * w / n))[: m * w]
+    pieces = []
+    for start in range(0, m * w, w * b):
+        chunk = padded[start : start + w * b]
+        k = chunk.shape[0] // w
+        pieces.append(chunk[r * k : (r + 1) * k])
+    return torch.cat(pieces), b
+
+
+def steps_per_epoch(rows: int, batch_size: int, world: int | None = None) -> int:
+    """Steps every rank takes over ``rows`` rows with global batch ``batch_size`` (at least 1)."""
+    w = world_size() if world is None else world
+    per_rank_rows, per_rank_batch = -(-rows // w), -(-batch_size // w)
+    return max(1, -(-per_rank_rows // per_rank_batch))
+
+
+def shard_rows(x: Tensor) -> Tensor:
+    """Rows ``r::W`` of ``x`` (for evaluation, where ranks may hold different counts)."""
+    return x[rank() :: world_size()] if is_distributed() else x
+
+
+class _WithFeatures(nn.Module):
+    """Makes ``forward_with_features`` the forward DDP wraps (so gradients sync)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor):
+        return self.model.forward_with_features(x)
+
+
+def training_forward(model: nn.Module, device: torch.device, all_used: bool = True) -> Callable:
+    """``model.forward_with_features``, wrapped in DistributedDataParallel when distributed.
+
+    Buffers are not broadcast from rank 0 at each step: the quantizers keep
+    their codebooks identical themselves. Parameters frozen at the time of the
+    call are left out, so call it again after freezing; ``all_used=False``
+    (quantization switched off, its projections idle) lets DDP skip unused ones.
+    """
+    if not is_distributed():
+        return model.forward_with_features
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    ddp = nn.parallel.DistributedDataParallel
+    newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch >= 2.13
+    no_buffer_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+    return ddp(
+        _WithFeatures(model),
+        device_ids=ids,
+        find_unused_parameters=not all_used,
+        **no_buffer_sync,
+    )
+
+
+__all__ = [
+    "all_reduce_sum_",
+    "all_true",
+    "backend",
+    "broadcast_",
+    "gather_rows",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "mean_and_max",
+    "process_group_from_env",
+    "rank",
+    "shard_batches",
+    "shard_rows",
+    "steps_per_epoch",
+    "sum_statistics_",
+    "training_forward",
+    "world_size",
+]
