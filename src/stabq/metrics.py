@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from stabq import distributed
 from stabq.errors import ShapeError, check, is_int
 
 
@@ -26,10 +27,12 @@ class CodebookUsage:
     """Running tally of code assignments: ``update(indices)``, then ``compute()``.
 
     ``indices`` are ``(...,)`` for one codebook or ``(..., num_codebooks)``;
-    entries of -1 (quantization disabled) are ignored.
+    entries of -1 (quantization disabled) are ignored. Under torch.distributed
+    ``compute()`` counts over all ranks, so every rank must call it (``sync=False``:
+    this rank's counts alone).
     """
 
-    def __init__(self, codebook_size: int, num_codebooks: int = 1) -> None:
+    def __init__(self, codebook_size: int, num_codebooks: int = 1, *, sync: bool = True) -> None:
         check(
             is_int(codebook_size) and codebook_size >= 1,
             f"CodebookUsage: codebook_size={codebook_size!r}, allowed is an integer >= 1",
@@ -40,6 +43,7 @@ class CodebookUsage:
         )
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
+        self.sync = sync
         self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.long)
 
     @classmethod
@@ -79,9 +83,12 @@ class CodebookUsage:
     def compute(self) -> dict:
         """``usage``, ``perplexity``, ``entropy_bits``, ``dead_codes`` (means over
         codebooks), ``samples`` and ``per_codebook`` (a list of the same per codebook)."""
-        per = [_health(row) for row in self.counts]
+        counts = self.counts.clone()
+        if self.sync:
+            distributed.all_reduce_sum_(counts)
+        per = [_health(row) for row in counts]
         mean = {key: sum(p[key] for p in per) / len(per) for key in per[0]}
-        return {**mean, "samples": int(self.counts[0].sum()), "per_codebook": per}
+        return {**mean, "samples": int(counts[0].sum()), "per_codebook": per}
 
 
 def _health(counts: Tensor) -> dict[str, float]:
