@@ -109,11 +109,13 @@ def train(
     """Train a classifier with a discrete bottleneck and save it to OUT.
 
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
+    (on N processes: torchrun --nproc_per_node=N -m stabq train ...; rank 0 writes OUT)
     """
 
     def run() -> None:
         import torch
 
+        from stabq import distributed
         from stabq.data import load_data
         from stabq.model import BottleneckClassifier
         from stabq.saving import load, save_model
@@ -148,6 +150,8 @@ def train(
         if init_from is not None:
             model.take_continuous_weights(load(init_from))
         result = train_model(model, train_set, val_set, config, fit_feature_stats=init_from is None)
+        if not distributed.is_main():
+            return
         save_model(
             model, out, classes=train_set.classes, history=result.history,
             train_config=config.to_dict(),
@@ -160,7 +164,7 @@ def train(
                 f"{result.seconds:.1f} s -> {out}"
             )
 
-    run_user_command(run, debug)
+    run_user_command(lambda: _under_torchrun(run), debug)
 
 
 @app.command()
@@ -226,6 +230,14 @@ def encode(
     typer.echo(f"{rows} x {cols} codes -> {out}")
 
 
+def _under_torchrun(call: Callable[[], T]) -> T:
+    """Run ``call`` inside the process group torchrun's environment describes, if any."""
+    from stabq.distributed import process_group_from_env
+
+    with process_group_from_env():
+        return call()
+
+
 def _check_features(dataset, model, model_dir: Path) -> None:
     from stabq.errors import DataError
 
@@ -271,7 +283,9 @@ def compare_command(
     """Train every method on DATA with several seeds and print the comparison table.
 
     Example: stabq compare --data mnist1d --seeds 3 --out runs/compare
+    (under torchrun each run is trained on all processes; rank 0 prints and writes)
     """
+    from stabq.distributed import is_main
 
     def run():
         from tqdm.auto import tqdm
@@ -282,7 +296,8 @@ def compare_command(
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         spec = PRESETS.get(preset, PRESETS["default"])
         total = len(names or spec["methods"]) * (seeds or spec["seeds"])
-        bar = tqdm(total=total, desc="compare", unit="run", disable=True if quiet else None)
+        quiet_here = quiet or not is_main()
+        bar = tqdm(total=total, desc="compare", unit="run", disable=True if quiet_here else None)
 
         def on_run(record):
             bar.update(1)
@@ -291,15 +306,17 @@ def compare_command(
         try:
             result = compare(
                 data, names, seeds, epochs, preset, on_run=on_run,
-                progress=False if quiet else None,
+                progress=False if quiet_here else None,
             )  # fmt: skip
         finally:
             bar.close()
-        if out is not None:
+        if out is not None and is_main():
             write_comparison(result, out)
-        return result
+        return result, is_main()
 
-    result = run_user_command(run, debug)
+    result, main = run_user_command(lambda: _under_torchrun(run), debug)
+    if not main:
+        return
     from stabq.report import format_table
 
     typer.echo(format_table(result.rows))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stabq import distributed
 from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
 from stabq.errors import ShapeError, check
 from stabq.metrics import CodebookUsage
@@ -58,7 +59,9 @@ def evaluate_model(
         usage.update(out.indices)
     model.train(was_training)
     health = usage.compute()
-    n = max(1, x.shape[0])
+    totals = torch.tensor([loss_sum, correct, x.shape[0]], dtype=torch.float64)
+    distributed.all_reduce_sum_(totals)  # each rank may hold a share of the rows
+    loss_sum, correct, n = totals[0].item(), totals[1].item(), max(1.0, totals[2].item())
     return {
         "loss": loss_sum / n,
         "accuracy": correct / n,
@@ -86,6 +89,13 @@ def train(
     data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
     flushed) and to ``on_epoch``. ``batch_transform(step, x, y)`` may alter
     each batch before it is used (tests poison batches with it).
+
+    Under torch.distributed (e.g. ``torchrun``) every rank passes the same data
+    and config: the model is wrapped in DistributedDataParallel, each step's
+    global batch of ``config.batch_size`` rows is split over the ranks
+    (:func:`stabq.distributed.shard_batches`), validation rows too, the guard
+    decides on figures averaged over ranks, and only rank 0 writes
+    ``metrics_path`` or shows progress; every rank returns the same history.
     """
     config = config or TrainConfig()
     data = _as_data(train_data)
@@ -113,8 +123,8 @@ def train(
     model.to(device)
     x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
     y = torch.from_numpy(data.y).to(device)
-    vx = torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device)
-    vy = torch.from_numpy(val_data.y).to(device)
+    vx = distributed.shard_rows(torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device))
+    vy = distributed.shard_rows(torch.from_numpy(val_data.y).to(device))
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -129,14 +139,15 @@ def train(
         max_recoveries=config.max_recoveries,
         lr_backoff=config.lr_backoff,
     )
-    plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
+    plan = _Plan(config, steps_per_epoch=distributed.steps_per_epoch(x.shape[0], config.batch_size))
     result = TrainResult(model=model)
-    log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None  # noqa: SIM115
+    main = distributed.is_main()
+    log = open(metrics_path, "a", encoding="utf-8") if metrics_path and main else None  # noqa: SIM115
     bar = tqdm(
         range(config.epochs),
         desc=f"train {model.arch['quantizer']}",
         unit="epoch",
-        disable=None if config.progress is None else not config.progress,
+        disable=(None if config.progress is None else not config.progress) if main else True,
         leave=False,
     )
     started = time.perf_counter()
@@ -146,9 +157,13 @@ def train(
                 _enter_stage2(model, x, config)
                 optimizer = _rebuild_optimizer(model, config, guard)
             model.quantizer.quantization_enabled = epoch >= plan.stage1
+            if epoch in (0, plan.stage1):  # DDP over the parameters this stage trains
+                forward = distributed.training_forward(model, device, epoch >= plan.stage1)
             model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
             epoch_started, events_before = time.perf_counter(), len(guard.events)
-            sums = _train_epoch(model, optimizer, guard, plan, epoch, x, y, gen, batch_transform)
+            sums = _train_epoch(
+                model, forward, optimizer, guard, plan, epoch, x, y, gen, batch_transform
+            )
             new_events = guard.events[events_before:]
             guard.end_epoch(bool(new_events))
             row = _epoch_row(model, plan, epoch, sums, evaluate_model(model, vx, vy))
@@ -205,6 +220,7 @@ class _Plan:
 
 def _train_epoch(
     model: BottleneckClassifier,
+    forward: Callable,
     optimizer: torch.optim.Optimizer,
     guard: StabilityGuard,
     plan: _Plan,
@@ -219,23 +235,27 @@ def _train_epoch(
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
     model.train()
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    order, batch_size = distributed.shard_batches(order, config.batch_size)
     for i in range(plan.steps_per_epoch):
         step = epoch * plan.steps_per_epoch + i
-        idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+        idx = order[i * batch_size : (i + 1) * batch_size]
         xb, yb = x[idx], y[idx]
         if batch_transform is not None:
             xb, yb = batch_transform(step, xb, yb)
         for group in optimizer.param_groups:
             group["lr"] = plan.lr(epoch, i, guard.lr_scale)
         model.quantizer.set_progress(plan.progress(epoch, i))
-        if config.guards and not bool(torch.isfinite(xb).all()):
+        if config.guards and not distributed.all_true(bool(torch.isfinite(xb).all())):
             guard.skip("non-finite input batch skipped", step, epoch)
             continue
-        logits, out, z = model.forward_with_features(xb)
+        logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
         loss = ce + out.loss
-        loss_value = float(loss.detach())
         norm = float(z.detach().norm(dim=-1).max()) if z.numel() else 0.0
+        # the guard must decide the same on every rank: it sees the mean loss, the max norm
+        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(
+            [float(loss.detach()), float(ce.detach()), float(out.loss.detach())], [norm]
+        )
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
         reason = guard.check(loss_value, norm)
@@ -252,8 +272,8 @@ def _train_epoch(
         guard.accept(loss_value, norm)
         sums["applied"] += 1
         sums["loss"] += loss_value
-        sums["ce"] += float(ce.detach())
-        sums["aux"] += float(out.loss.detach())
+        sums["ce"] += ce_value
+        sums["aux"] += aux_value
     return sums
 
 
@@ -291,7 +311,7 @@ def _enter_stage2(model: BottleneckClassifier, x: torch.Tensor, config: TrainCon
     model.eval()
     with torch.no_grad():
         sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
-        features = model.features(sample)
+        features = model.features(distributed.shard_rows(sample))
     model.quantizer.init_from_features(features)
     if config.freeze_projector:
         for p in model.projector.parameters():
