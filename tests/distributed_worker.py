@@ -1,0 +1,135 @@
+"""What each rank runs in tests/test_distributed.py (``torchrun ... distributed_worker.py OUT``).
+
+Every case is also importable, so the test builds its one-process reference
+with the very same code: ``world=1`` runs the whole global batch in one process.
+Each rank writes ``OUT/<case>.rank<r>.safetensors`` (the module's state) and,
+for trainer cases, ``OUT/<case>.rank<r>.json`` (the history).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer
+from stabq.model import BottleneckClassifier
+from stabq.training import TrainConfig, train
+
+DIM, GLOBAL = 8, 24
+REPAIRS = {"kmeans_init": True, "dead_code_threshold": 3.0, "decay": 0.8}
+CODEBOOK_CASES = {
+    "vq-vanilla": lambda: VectorQuantizer(DIM, 16),
+    "vq-repaired": lambda: VectorQuantizer(DIM, 16, codebook_dim=4, cosine=True, **REPAIRS),
+    "rvq": lambda: ResidualVQ(DIM, num_quantizers=2, codebook_size=16, **REPAIRS),
+    "pq": lambda: ProductQuantizer(DIM, num_subspaces=2, bits=4, **REPAIRS),
+}
+DDP_CASES = {
+    "fsq": lambda: FSQ([5, 5, 5], dim=DIM),
+    "gumbel": lambda: GumbelQuantizer(DIM, codebook_size=16),
+}
+# (rows of the global batch on rank 0, global batch size); rank 1 takes the rest.
+# Uneven on purpose: k-means on a 5/19 split, rank 1 empty, rank 0 nearly empty,
+# rank 0 empty, a step empty on both ranks.
+SPLITS = [(5, GLOBAL), (12, GLOBAL), (GLOBAL, GLOBAL), (3, GLOBAL), (0, GLOBAL), (0, 0), (12, 20)]
+TRAIN_ROWS = {"trainer-even": 128, "trainer-odd": 129}
+
+
+def batches() -> torch.Tensor:
+    """The global batches, ``(len(SPLITS), GLOBAL, DIM)``, identical in every process."""
+    return torch.randn(len(SPLITS), GLOBAL, DIM, generator=torch.Generator().manual_seed(1))
+
+
+def my_rows(step: int, rank: int, world: int) -> torch.Tensor:
+    cut, size = SPLITS[step]
+    x = batches()[step, :size]
+    return x if world == 1 else (x[:cut] if rank == 0 else x[cut:])
+
+
+def run_codebook_case(name: str, rank: int = 0, world: int = 1) -> tuple[dict, int]:
+    """Train a codebook quantizer through SPLITS (no optimiser: EMA only).
+
+    Returns its state and how many dead codes were replaced. Built from seed 0
+    on every rank; the seed is then made rank-specific, so any random choice
+    not shared between ranks (k-means seeds, dead-code rows) shows as a mismatch.
+    """
+    torch.manual_seed(0)
+    q = CODEBOOK_CASES[name]().train()
+    replaced = []
+    for module in q.modules():
+        if hasattr(module, "replace_dead_codes"):
+            original = module.replace_dead_codes
+            module.replace_dead_codes = lambda x, f=original: replaced.append(f(x)) or replaced[-1]
+    torch.manual_seed(100 + rank)
+    for step in range(len(SPLITS)):
+        q(my_rows(step, rank, world))
+    return {k: v.detach().clone().contiguous() for k, v in q.state_dict().items()}, sum(replaced)
+
+
+def run_ddp_case(name: str, rank: int, world: int) -> dict:
+    """SGD on FSQ / Gumbel parameters under DDP, rank halves of each even batch."""
+    torch.manual_seed(0)
+    q = DDP_CASES[name]().train()
+    model = torch.nn.parallel.DistributedDataParallel(q) if world > 1 else q
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    torch.manual_seed(100 + rank)  # Gumbel noise differs by rank; DDP averages the gradients
+    for step in range(3):
+        x = batches()[step]
+        x = x[rank * GLOBAL // world : (rank + 1) * GLOBAL // world]
+        out = model(x)
+        loss = (out.quantized - x.flip(-1)).pow(2).mean() + out.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone().contiguous() for k, v in q.state_dict().items()}
+
+
+def trainer_data(rows: int) -> tuple:
+    g = np.random.default_rng(0)
+    y = np.arange(rows) % 3
+    x = (g.normal(size=(rows, 6)) + 2.0 * y[:, None]).astype(np.float32)
+    vy = np.arange(30) % 3
+    vx = (g.normal(size=(30, 6)) + 2.0 * vy[:, None]).astype(np.float32)
+    return (x, y), (vx, vy)
+
+
+def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
+    """stabq.train with the repaired VQ, dropout 0 (so 1 and 2 processes can agree)."""
+    train_set, val_set = trainer_data(TRAIN_ROWS[name])
+    torch.manual_seed(0)
+    model = BottleneckClassifier(
+        6, 3, quantizer="vq", hidden=16, bottleneck_dim=8, dropout=0.0, codebook_size=16,
+        codebook_dim=4,
+    )  # fmt: skip
+    config = TrainConfig(
+        epochs=3, batch_size=32, lr=3e-2, warmup_epochs=0, progress=False, device="cpu"
+    )
+    result = train(model, train_set, val_set, config)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return state, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        for name in CODEBOOK_CASES:
+            state, _ = run_codebook_case(name, rank, world)
+            save_file(state, out / f"{name}.rank{rank}.safetensors")
+        for name in DDP_CASES:
+            save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
+        for name in TRAIN_ROWS:
+            state, history = run_trainer_case(name)
+            save_file(state, out / f"{name}.rank{rank}.safetensors")
+            (out / f"{name}.rank{rank}.json").write_text(json.dumps(history))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,225 @@
+"""Distributed training: 2 real gloo processes keep every codebook identical, agree with one
+process on the joined batch, survive uneven and empty per-rank batches, and train from the CLI.
+
+The 2-process runs are started by torchrun (tests/distributed_worker.py) once per module; each
+is bounded by a timeout that fails the test, so a collective entered by only one rank (a hang)
+shows as a failure, not a stuck suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import distributed_worker as worker
+import stabq
+from stabq import ProductQuantizer, VectorQuantizer, distributed
+from stabq.cli import app
+from stabq.metrics import CodebookUsage
+
+SRC = Path(stabq.__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TIMEOUT_S = 240  # far above the ~15 s these take on a loaded 2-core machine: only a hang hits it
+
+
+def torchrun(*args: str, cwd: Path) -> str:
+    """Run ``torchrun --standalone --nproc_per_node=2 ARGS``; fail the test on error or hang."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
+    }
+    proc = subprocess.Popen(
+        [*cmd, *args], cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = proc.communicate()
+        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (a hang):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    """Every case of distributed_worker.py run on 2 gloo ranks; the per-rank files."""
+    out = tmp_path_factory.mktemp("ranks")
+    torchrun(str(TESTS / "distributed_worker.py"), str(out), cwd=out)
+    return out
+
+
+def rank_states(out: Path, name: str) -> tuple[dict, dict]:
+    return tuple(load_file(out / f"{name}.rank{r}.safetensors") for r in (0, 1))
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs between ranks"
+
+
+# ---- 2 processes: codebooks identical, and equal to one process on the joined batch ----
+
+
+@pytest.mark.parametrize("name", list(worker.CODEBOOK_CASES))
+def test_codebook_buffers_identical_on_every_rank(ranks, name):
+    """EMA sums, cluster sizes, codes (and k-means init, dead-code rows) match bit for bit,
+    though each rank saw other rows, some steps none, and draws from its own RNG."""
+    a, b = rank_states(ranks, name)
+    assert any("cluster_size" in k for k in a) and any(k.endswith("embed") for k in a)
+    assert_identical(a, b)
+
+
+@pytest.mark.parametrize("name", list(worker.CODEBOOK_CASES))
+def test_two_ranks_with_split_batches_equal_one_process_with_the_whole_batch(ranks, name):
+    """Rank 0 takes the first rows of each global batch, rank 1 the rest (5/19, 12/12,
+    24/0, 3/21, 0/24, 0/0, 12/8): the EMA statistics and codebook equal one process's run on
+    the whole batches, to float rounding of the summed embeddings."""
+    reference, replaced = worker.run_codebook_case(name)
+    a, _ = rank_states(ranks, name)
+    for key, value in reference.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    if name != "vq-vanilla":
+        assert replaced > 0, "the case must exercise dead-code replacement"
+
+
+@pytest.mark.parametrize("name", list(worker.DDP_CASES))
+def test_codebook_free_quantizers_keep_identical_parameters_under_ddp(ranks, name):
+    a, b = rank_states(ranks, name)
+    torch.manual_seed(0)
+    initial = worker.DDP_CASES[name]().state_dict()
+    assert_identical(a, b)
+    assert any(not torch.equal(a[k], initial[k]) for k in a), "SGD steps must change the params"
+
+
+def test_trainer_on_two_ranks_equals_one_process(ranks):
+    """stabq.train (repaired VQ, k-means, dead codes, guards on, dropout 0) on 2 ranks, 128
+    rows, global batch 32: the same weights, buffers and validation figures as one process."""
+    a, b = rank_states(ranks, "trainer-even")
+    assert_identical(a, b)
+    history = [json.loads((ranks / f"trainer-even.rank{r}.json").read_text()) for r in (0, 1)]
+    assert history[0] == history[1]
+    reference, ref_history = worker.run_trainer_case("trainer-even")
+    for key, value in reference.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for mine, ref in zip(history[0], ref_history, strict=True):
+        assert mine["val_accuracy"] == ref["val_accuracy"]
+        assert math.isclose(mine["train_loss"], ref["train_loss"], rel_tol=1e-5)
+        assert math.isclose(mine["perplexity"], ref["perplexity"], rel_tol=1e-5)
+    assert history[0][-1]["val_accuracy"] > 0.5  # it learned: 3 classes, chance is 1/3
+
+
+def test_trainer_with_rows_that_do_not_split_evenly_finishes_identically(ranks):
+    """129 rows, global batch 32 (16 a rank): split naively, rank 0 would take 5 batches of
+    its 65 rows and rank 1 four of its 64, and rank 0 would wait forever in a collective;
+    padded as DistributedSampler pads, both take 5 steps and end identical."""
+    assert distributed.steps_per_epoch(129, 32, world=2) == 5
+    a, b = rank_states(ranks, "trainer-odd")
+    assert_identical(a, b)
+    history = [json.loads((ranks / f"trainer-odd.rank{r}.json").read_text()) for r in (0, 1)]
+    assert history[0] == history[1] and len(history[0]) == 3
+
+
+def test_torchrun_stabq_train_writes_one_model_that_evaluates(tmp_path):
+    """``torchrun --nproc_per_node=2 -m stabq train`` on digits: rank 0 alone writes the
+    model and the summary, and ``stabq evaluate`` reads it like a one-process model."""
+    args = ["train", "--data", "digits", "--quantizer", "vq", "--epochs", "3", "--hidden", "32"]
+    args += ["--bottleneck-dim", "16", "--batch-size", "64", "--lr", "1e-2"]
+    output = torchrun("-m", "stabq", *args, "--out", "two", cwd=tmp_path)
+    assert output.count("val accuracy") == 1, output  # one summary: rank 0's
+    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one"), "--quiet"])
+    assert single.exit_code == 0, single.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no stray temp dirs
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    figures = {}
+    for run in ("one", "two"):
+        result = CliRunner().invoke(
+            app, ["evaluate", str(tmp_path / run), "--data", "digits", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        figures[run] = json.loads(result.output)
+        assert figures[run]["rows"] == 360
+        history = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert len(history) == 3  # one writer: three epochs, not six
+    assert figures["two"].keys() == figures["one"].keys()
+    assert figures["two"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert abs(figures["two"]["accuracy"] - figures["one"]["accuracy"]) < 0.15
+
+
+# ---- one process: the sharding arithmetic and the no-op path ----
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    batch=st.integers(1, 80),
+    world=st.integers(1, 5),
+)
+def test_shards_give_every_rank_equal_nonempty_batches_that_join_to_one_process_batches(
+    n, batch, world
+):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    shards = [distributed.shard_batches(order, batch, world, r) for r in range(world)]
+    steps = distributed.steps_per_epoch(n, batch, world)
+    b = shards[0][1]
+    assert b == -(-batch // world) and all(bs == b for _, bs in shards)
+    m = -(-n // world)
+    padded = torch.cat([order] * (-(-m * world // n)))[: m * world]
+    seen = []
+    for i in range(steps):
+        parts = [shard[i * b : (i + 1) * b] for shard, _ in shards]
+        assert parts[0].numel() > 0 and all(p.numel() == parts[0].numel() for p in parts)
+        joined = torch.cat(parts)
+        assert torch.equal(joined, padded[i * world * b : (i + 1) * world * b])
+        seen.append(joined)
+    assert all(shard.numel() == m and -(-m // b) == steps for shard, _ in shards)
+    assert torch.equal(torch.cat(seen), padded)
+    assert set(torch.cat(seen).tolist()) == set(range(n))
+    if world == 1:
+        assert torch.equal(shards[0][0], order) and steps == max(1, -(-n // batch))
+
+
+def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.init_from_env()
+    assert not distributed.is_distributed()
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    t = torch.arange(6.0)
+    distributed.all_reduce_sum_(t, t[:2])
+    distributed.broadcast_(t)
+    assert torch.equal(t, torch.arange(6.0))
+    assert distributed.gather_rows(t[None]).data_ptr() == t.data_ptr()
+    assert distributed.mean_and_max([1.5], [2.0]) == ([1.5], [2.0])
+    assert distributed.all_true(False) is False
+    usage = CodebookUsage(4)
+    usage.update(torch.tensor([0, 0, 1]))
+    assert usage.compute()["samples"] == 3
+
+
+def test_an_empty_training_batch_leaves_one_process_codebooks_alone():
+    """What an idle rank feeds: ``x[:0]`` runs (PQ included) and changes nothing alone."""
+    for q in (VectorQuantizer(8, 16, kmeans_init=True), ProductQuantizer(8, 2, 4)):
+        q.train()
+        before = {k: v.clone() for k, v in q.state_dict().items()}
+        out = q(torch.zeros(0, 8))
+        assert out.quantized.shape == (0, 8) and out.indices.shape[0] == 0
+        assert_identical(before, q.state_dict())
