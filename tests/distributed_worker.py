@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer
+from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer, distributed
 from stabq.model import BottleneckClassifier
 from stabq.training import TrainConfig, train
 
@@ -71,6 +71,58 @@ def run_codebook_case(name: str, rank: int = 0, world: int = 1) -> tuple[dict, i
     return {k: v.detach().clone().contiguous() for k, v in q.state_dict().items()}, sum(replaced)
 
 
+def run_drifted_case(rank: int) -> dict:
+    """Ranks whose cluster sizes disagree (as a user's bug or float drift could make them):
+    rank 0 holds 4 dead codes, rank 1 none. Rank 0's mask must rule on both, else rank 0
+    would gather rows alone and wait forever."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(DIM, 16, dead_code_threshold=3.0, decay=0.8).train()
+    q.codebook.cluster_size.fill_(10.0)
+    if rank == 0:
+        q.codebook.cluster_size[0, :4] = 0.01
+    q(batches()[0][rank * 12 : (rank + 1) * 12])
+    return {k: v.detach().clone().contiguous() for k, v in q.state_dict().items()}
+
+
+class Encoded(torch.nn.Module):
+    """Linear -> repaired VQ: a user's own model with parameters and a codebook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(DIM, DIM)
+        self.vq = VectorQuantizer(DIM, 16, **REPAIRS)
+
+    def forward(self, x: torch.Tensor):
+        return self.vq(self.linear(x))
+
+
+# global rows of each step of the uneven loop; rank 1 has rows only in the first two steps
+UNEVEN_STEPS = [24, 24, 24]
+
+
+def run_uneven_loop(rank: int, world: int) -> dict:
+    """A user's DDP loop where rank 0 holds 3 batches and rank 1 only 2, kept in step by
+    ``distributed.even_batches``; the loss is weighed by each step's global rows."""
+    data = batches()
+    if world == 1:
+        mine = [data[i] for i in range(3)]
+    else:
+        mine = [data[0][:12], data[1][:12], data[2]] if rank == 0 else [data[0][12:], data[1][12:]]
+    torch.manual_seed(0)
+    module = Encoded().train()
+    model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    torch.manual_seed(100 + rank)
+    for step, x in enumerate(distributed.even_batches(mine)):
+        out = model(x)
+        sq = (out.quantized - x.flip(-1)).pow(2).sum() + out.loss * x.shape[0]
+        loss = sq / UNEVEN_STEPS[step] * world  # DDP averages over ranks
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
 def run_ddp_case(name: str, rank: int, world: int) -> dict:
     """SGD on FSQ / Gumbel parameters under DDP, rank halves of each even batch."""
     torch.manual_seed(0)
@@ -121,6 +173,8 @@ def main(out: Path) -> None:
         for name in CODEBOOK_CASES:
             state, _ = run_codebook_case(name, rank, world)
             save_file(state, out / f"{name}.rank{rank}.safetensors")
+        save_file(run_drifted_case(rank), out / f"drifted.rank{rank}.safetensors")
+        save_file(run_uneven_loop(rank, world), out / f"uneven-loop.rank{rank}.safetensors")
         for name in DDP_CASES:
             save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
         for name in TRAIN_ROWS:

@@ -100,6 +100,29 @@ def test_two_ranks_with_split_batches_equal_one_process_with_the_whole_batch(ran
         assert replaced > 0, "the case must exercise dead-code replacement"
 
 
+def test_rank_0_decides_dead_codes_even_when_ranks_disagree(ranks):
+    """Rank 0 sees 4 dead codes, rank 1 none: both replace rank 0's 4, with the same rows of
+    the joined batch, and neither waits alone in a collective."""
+    a, b = rank_states(ranks, "drifted")
+    union = worker.batches()[0][:24]
+    for state in (a, b):
+        codes = state["codebook.embed"][0, :4]
+        assert all(any(torch.equal(c, row) for row in union) for c in codes)
+    torch.testing.assert_close(a["codebook.embed"][:, :4], b["codebook.embed"][:, :4])
+    torch.testing.assert_close(a["codebook.embed_sum"][:, :4], b["codebook.embed_sum"][:, :4])
+
+
+def test_own_loop_with_fewer_batches_on_one_rank_finishes_in_step(ranks):
+    """Rank 1 runs out of batches a step before rank 0; even_batches hands it an empty one,
+    so both enter the same collectives (a plain loop would leave rank 0 waiting forever),
+    and the result is one process's on the joined batches."""
+    a, b = rank_states(ranks, "uneven-loop")
+    assert_identical(a, b)
+    reference = worker.run_uneven_loop(0, 1)
+    for key, value in reference.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("name", list(worker.DDP_CASES))
 def test_codebook_free_quantizers_keep_identical_parameters_under_ddp(ranks, name):
     a, b = rank_states(ranks, name)
@@ -210,6 +233,8 @@ def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
     assert distributed.gather_rows(t[None]).data_ptr() == t.data_ptr()
     assert distributed.mean_and_max([1.5], [2.0]) == ([1.5], [2.0])
     assert distributed.all_true(False) is False
+    items = [t, t[:2]]
+    assert [id(b) for b in distributed.even_batches(items)] == [id(b) for b in items]
     usage = CodebookUsage(4)
     usage.update(torch.tensor([0, 0, 1]))
     assert usage.compute()["samples"] == 3

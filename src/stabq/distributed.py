@@ -18,12 +18,14 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from stabq.errors import ConfigError
 
 
 def is_distributed() -> bool:
@@ -159,6 +161,50 @@ def all_true(flag: bool) -> bool:
     return int(t) == 0
 
 
+def _empty_like(batch):
+    """``batch`` (a tensor, or a tuple / list of them) cut to 0 rows."""
+    if isinstance(batch, Tensor):
+        return batch[:0]
+    if isinstance(batch, tuple | list):
+        return type(batch)(_empty_like(b) for b in batch)
+    raise ConfigError(
+        f"even_batches: cannot make an empty batch like a {type(batch).__name__}; pass empty="
+    )
+
+
+def even_batches(batches: Iterable, empty=None) -> Iterator:
+    """This rank's batches, then empty ones until every rank's are done: equal step counts.
+
+    For a loop of your own where ranks hold different numbers of batches: each
+    step all-reduces one flag, and a rank that has run out yields a 0-row
+    batch (``empty``, or its last batch cut to ``[:0]``), so every rank enters
+    the quantizers' and DDP's collectives equally often. Weigh a loss by the
+    rows of the step over all ranks (an empty batch then adds zero).
+    Without a process group it yields ``batches`` unchanged.
+    """
+    done, last = object(), None
+    iterator = iter(batches)
+    while True:
+        item = next(iterator, done)
+        if not is_distributed():
+            if item is done:
+                return
+            yield item
+            continue
+        stuck = item is done and last is None and empty is None
+        flags = torch.tensor([int(item is not done), int(stuck)], dtype=torch.int64)
+        dist.all_reduce(flags)
+        if int(flags[1]):
+            raise ConfigError("even_batches: a rank had no batch at all; pass empty= to pad it")
+        if int(flags[0]) == 0:
+            return
+        if item is done:
+            yield empty if empty is not None else _empty_like(last)
+        else:
+            last = item
+            yield item
+
+
 def shard_batches(
     order: Tensor, batch_size: int, world: int | None = None, rank_: int | None = None
 ) -> tuple[Tensor, int]:
@@ -241,6 +287,7 @@ __all__ = [
     "all_true",
     "backend",
     "broadcast_",
+    "even_batches",
     "gather_rows",
     "init_from_env",
     "is_distributed",
