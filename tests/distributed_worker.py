@@ -37,7 +37,7 @@ DDP_CASES = {
 # Uneven on purpose: k-means on a 5/19 split, rank 1 empty, rank 0 nearly empty,
 # rank 0 empty, a step empty on both ranks.
 SPLITS = [(5, GLOBAL), (12, GLOBAL), (GLOBAL, GLOBAL), (3, GLOBAL), (0, GLOBAL), (0, 0), (12, 20)]
-TRAIN_ROWS = {"trainer-even": 128, "trainer-odd": 129}
+TRAIN_ROWS = {"trainer-even": 128, "trainer-odd": 129, "trainer-two-stage": 128}
 
 
 def batches() -> torch.Tensor:
@@ -158,9 +158,11 @@ def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
         6, 3, quantizer="vq", hidden=16, bottleneck_dim=8, dropout=0.0, codebook_size=16,
         codebook_dim=4,
     )  # fmt: skip
+    two_stage = name == "trainer-two-stage"  # stage 1 leaves the VQ projections idle
     config = TrainConfig(
-        epochs=3, batch_size=32, lr=3e-2, warmup_epochs=0, progress=False, device="cpu"
-    )
+        epochs=3, batch_size=32, lr=3e-2, warmup_epochs=0, progress=False, device="cpu",
+        two_stage=two_stage, freeze_projector=two_stage,
+    )  # fmt: skip
     result = train(model, train_set, val_set, config)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return state, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]

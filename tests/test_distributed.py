@@ -160,10 +160,20 @@ def test_trainer_with_rows_that_do_not_split_evenly_finishes_identically(ranks):
     assert history[0] == history[1] and len(history[0]) == 3
 
 
+def test_two_stage_training_on_two_ranks_ends_identical(ranks):
+    """Stage 1 (quantization off, its projections unused), k-means on the union of the
+    ranks' features, stage 2 with the projector frozen: every rank ends the same."""
+    a, b = rank_states(ranks, "trainer-two-stage")
+    assert_identical(a, b)
+    history = [json.loads((ranks / f"trainer-two-stage.rank{r}.json").read_text()) for r in (0, 1)]
+    assert history[0] == history[1]
+    assert [row["quantized"] for row in history[0]] == [False, True, True]
+
+
 def test_torchrun_stabq_train_writes_one_model_that_evaluates(tmp_path):
     """``torchrun --nproc_per_node=2 -m stabq train`` on digits: rank 0 alone writes the
     model and the summary, and ``stabq evaluate`` reads it like a one-process model."""
-    args = ["train", "--data", "digits", "--quantizer", "vq", "--epochs", "3", "--hidden", "32"]
+    args = ["train", "--data", "digits", "--quantizer", "vq", "--epochs", "6", "--hidden", "32"]
     args += ["--bottleneck-dim", "16", "--batch-size", "64", "--lr", "1e-2"]
     output = torchrun("-m", "stabq", *args, "--out", "two", cwd=tmp_path)
     assert output.count("val accuracy") == 1, output  # one summary: rank 0's
@@ -182,7 +192,7 @@ def test_torchrun_stabq_train_writes_one_model_that_evaluates(tmp_path):
         figures[run] = json.loads(result.output)
         assert figures[run]["rows"] == 360
         history = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        assert len(history) == 3  # one writer: three epochs, not six
+        assert len(history) == 6  # one writer: six epochs, not twelve
     assert figures["two"].keys() == figures["one"].keys()
     assert figures["two"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert abs(figures["two"]["accuracy"] - figures["one"]["accuracy"]) < 0.15

@@ -158,7 +158,10 @@ def train(
                 optimizer = _rebuild_optimizer(model, config, guard)
             model.quantizer.quantization_enabled = epoch >= plan.stage1
             if epoch in (0, plan.stage1):  # DDP over the parameters this stage trains
-                forward = distributed.training_forward(model, device, epoch >= plan.stage1)
+                idle = epoch < plan.stage1 and any(
+                    p.requires_grad for p in model.quantizer.parameters()
+                )
+                forward = distributed.training_forward(model, device, all_used=not idle)
             model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
             epoch_started, events_before = time.perf_counter(), len(guard.events)
             sums = _train_epoch(
