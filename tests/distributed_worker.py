@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer, distributed
+from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.training import TrainConfig, train
 
@@ -123,6 +124,23 @@ def run_uneven_loop(rank: int, world: int) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
 
+def usage_indices(rank: int) -> torch.Tensor:
+    """Rank 0 uses codes 0-3 of codebook 0 and 4 of codebook 1; rank 1 codes 2-7 and 5."""
+    if rank == 0:
+        return torch.tensor([[0, 4], [1, 4], [2, 4], [3, 4], [3, 4]])
+    return torch.tensor([[2, 5], [4, 5], [5, 5], [6, 5], [7, 5], [7, 5], [7, 5]])
+
+
+def run_usage_case(rank: int) -> dict:
+    """CodebookUsage.compute() on each rank: synced (default) and this rank's alone."""
+    figures = {}
+    for sync in (True, False):
+        usage = CodebookUsage(8, 2, sync=sync)
+        usage.update(usage_indices(rank))
+        figures[str(sync)] = usage.compute()
+    return figures
+
+
 def run_ddp_case(name: str, rank: int, world: int) -> dict:
     """SGD on FSQ / Gumbel parameters under DDP, rank halves of each even batch."""
     torch.manual_seed(0)
@@ -177,6 +195,7 @@ def main(out: Path) -> None:
             save_file(state, out / f"{name}.rank{rank}.safetensors")
         save_file(run_drifted_case(rank), out / f"drifted.rank{rank}.safetensors")
         save_file(run_uneven_loop(rank, world), out / f"uneven-loop.rank{rank}.safetensors")
+        (out / f"usage.rank{rank}.json").write_text(json.dumps(run_usage_case(rank)))
         for name in DDP_CASES:
             save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
         for name in TRAIN_ROWS:

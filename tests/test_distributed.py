@@ -100,6 +100,19 @@ def test_two_ranks_with_split_batches_equal_one_process_with_the_whole_batch(ran
         assert replaced > 0, "the case must exercise dead-code replacement"
 
 
+def test_codebook_usage_counts_over_all_ranks(ranks):
+    union = CodebookUsage(8, 2)
+    union.update(torch.cat([worker.usage_indices(0), worker.usage_indices(1)]))
+    expected = union.compute()
+    assert expected["samples"] == 12 and expected["per_codebook"][0]["usage"] == 1.0
+    for r in (0, 1):
+        figures = json.loads((ranks / f"usage.rank{r}.json").read_text())
+        assert figures["True"] == expected  # same arithmetic; JSON keeps floats exactly
+        alone = CodebookUsage(8, 2)
+        alone.update(worker.usage_indices(r))
+        assert figures["False"] == alone.compute()
+
+
 def test_rank_0_decides_dead_codes_even_when_ranks_disagree(ranks):
     """Rank 0 sees 4 dead codes, rank 1 none: both replace rank 0's 4, with the same rows of
     the joined batch, and neither waits alone in a collective."""
