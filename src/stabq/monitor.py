@@ -294,7 +294,7 @@ class CollapseMonitor:
         """
         steps = list(self._steps)
         counts = self._tally(steps)
-        usage = CodebookUsage(self.codebook_size, self.num_codebooks)
+        usage = CodebookUsage(self.codebook_size, self.num_codebooks, sync=False)  # this rank's
         usage.counts = counts
         figures = usage.compute()
         tops = [codes_carrying(row, self.top_fraction) for row in counts]
