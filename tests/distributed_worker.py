@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer, distributed
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.monitor import CollapseMonitor
 from stabq.training import TrainConfig, train
 
 DIM, GLOBAL = 8, 24
@@ -141,6 +142,16 @@ def run_usage_case(rank: int) -> dict:
     return figures
 
 
+def run_monitor_on_rank_0() -> dict:
+    """A CollapseMonitor read on rank 0 alone: it must not enter a collective (rank 1 never
+    would), and its figures are rank 0's own forward calls."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(DIM, 16).eval()
+    with CollapseMonitor(q, warn=False) as monitor:
+        q(batches()[0])
+        return monitor.report()
+
+
 def run_ddp_case(name: str, rank: int, world: int) -> dict:
     """SGD on FSQ / Gumbel parameters under DDP, rank halves of each even batch."""
     torch.manual_seed(0)
@@ -196,6 +207,8 @@ def main(out: Path) -> None:
         save_file(run_drifted_case(rank), out / f"drifted.rank{rank}.safetensors")
         save_file(run_uneven_loop(rank, world), out / f"uneven-loop.rank{rank}.safetensors")
         (out / f"usage.rank{rank}.json").write_text(json.dumps(run_usage_case(rank)))
+        if rank == 0:
+            (out / "monitor.rank0.json").write_text(json.dumps(run_monitor_on_rank_0()))
         for name in DDP_CASES:
             save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
         for name in TRAIN_ROWS:

@@ -8,12 +8,14 @@ shows as a failure, not a stuck suite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,18 +45,49 @@ def torchrun(*args: str, cwd: Path) -> str:
         "MKL_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
     }
-    proc = subprocess.Popen(
-        [*cmd, *args], cwd=cwd, env=env, text=True, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = proc.communicate()
-        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (a hang):\n{output[-3000:]}")
+    # a file, not a pipe: a hung worker holding a pipe open would block reading it
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [*cmd, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            log.seek(0)
+            pytest.fail(
+                f"2-process run did not finish in {TIMEOUT_S} s (a hang):\n{log.read()[-3000:]}"
+            )
+        log.seek(0)
+        output = log.read()
     assert proc.returncode == 0, output[-5000:]
     return output
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End torchrun and its workers (they run in sessions of their own)."""
+    workers = children(proc.pid)
+    proc.terminate()  # torchrun passes SIGTERM on to its workers
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid, cmdline in workers.items():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:  # still that worker
+                os.kill(pid, signal.SIGKILL)
+
+
+def children(pid: int) -> dict[int, bytes]:
+    """Direct children of ``pid`` and their command lines, from /proc (none without it)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +144,14 @@ def test_codebook_usage_counts_over_all_ranks(ranks):
         alone = CodebookUsage(8, 2)
         alone.update(worker.usage_indices(r))
         assert figures["False"] == alone.compute()
+
+
+def test_collapse_monitor_reports_its_own_rank_without_collectives(ranks):
+    """Read on rank 0 alone (rank 1 went on to DDP's collectives): it returned, with rank 0's
+    24 rows, not a sum over ranks."""
+    figures = json.loads((ranks / "monitor.rank0.json").read_text())
+    assert figures["samples"] == worker.GLOBAL
+    assert not (ranks / "monitor.rank1.json").exists()
 
 
 def test_rank_0_decides_dead_codes_even_when_ranks_disagree(ranks):
