@@ -21,7 +21,7 @@ from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuan
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.monitor import CollapseMonitor
-from stabq.training import TrainConfig, train
+from stabq.training import TrainConfig, evaluate_model, train
 
 DIM, GLOBAL = 8, 24
 REPAIRS = {"kmeans_init": True, "dead_code_threshold": 3.0, "decay": 0.8}
@@ -142,14 +142,18 @@ def run_usage_case(rank: int) -> dict:
     return figures
 
 
-def run_monitor_on_rank_0() -> dict:
-    """A CollapseMonitor read on rank 0 alone: it must not enter a collective (rank 1 never
-    would), and its figures are rank 0's own forward calls."""
+def run_on_rank_0_alone() -> dict:
+    """A CollapseMonitor report and evaluate_model on rank 0 alone: neither may enter a
+    collective (rank 1 never would); their figures are this process's own."""
     torch.manual_seed(0)
     q = VectorQuantizer(DIM, 16).eval()
     with CollapseMonitor(q, warn=False) as monitor:
         q(batches()[0])
-        return monitor.report()
+        report = monitor.report()
+    torch.manual_seed(0)
+    model = BottleneckClassifier(DIM, 3, quantizer="vq", hidden=8, bottleneck_dim=8)
+    x = batches()[1]
+    return {"monitor": report, "evaluate": evaluate_model(model, x, torch.arange(GLOBAL) % 3)}
 
 
 def run_ddp_case(name: str, rank: int, world: int) -> dict:
@@ -208,7 +212,7 @@ def main(out: Path) -> None:
         save_file(run_uneven_loop(rank, world), out / f"uneven-loop.rank{rank}.safetensors")
         (out / f"usage.rank{rank}.json").write_text(json.dumps(run_usage_case(rank)))
         if rank == 0:
-            (out / "monitor.rank0.json").write_text(json.dumps(run_monitor_on_rank_0()))
+            (out / "alone.rank0.json").write_text(json.dumps(run_on_rank_0_alone()))
         for name in DDP_CASES:
             save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
         for name in TRAIN_ROWS:

@@ -146,12 +146,13 @@ def test_codebook_usage_counts_over_all_ranks(ranks):
         assert figures["False"] == alone.compute()
 
 
-def test_collapse_monitor_reports_its_own_rank_without_collectives(ranks):
-    """Read on rank 0 alone (rank 1 went on to DDP's collectives): it returned, with rank 0's
-    24 rows, not a sum over ranks."""
-    figures = json.loads((ranks / "monitor.rank0.json").read_text())
-    assert figures["samples"] == worker.GLOBAL
-    assert not (ranks / "monitor.rank1.json").exists()
+def test_monitor_and_evaluate_model_on_rank_0_alone_report_that_rank(ranks):
+    """Called on rank 0 alone (rank 1 went on to DDP's collectives): both returned, with
+    rank 0's own rows, as in a plain process, not sums over ranks."""
+    figures = json.loads((ranks / "alone.rank0.json").read_text())
+    assert figures == json.loads(json.dumps(worker.run_on_rank_0_alone()))
+    assert figures["monitor"]["samples"] == worker.GLOBAL
+    assert not (ranks / "alone.rank1.json").exists()
 
 
 def test_rank_0_decides_dead_codes_even_when_ranks_disagree(ranks):

@@ -44,12 +44,22 @@ def _as_data(data: LabeledData | tuple[Any, Any]) -> LabeledData:
 
 @torch.no_grad()
 def evaluate_model(
-    model: BottleneckClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096
+    model: BottleneckClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 4096,
+    *,
+    sync: bool = False,
 ) -> dict[str, Any]:
-    """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``."""
+    """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``.
+
+    ``sync=True`` (distributed): ``(x, y)`` is this rank's share of the rows
+    and the figures are over all ranks' rows; every rank must call it.
+    """
     was_training = model.training
     model.eval()
     usage = CodebookUsage.for_quantizer(model.quantizer)
+    usage.sync = sync
     loss_sum, correct = 0.0, 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -60,7 +70,8 @@ def evaluate_model(
     model.train(was_training)
     health = usage.compute()
     totals = torch.tensor([loss_sum, correct, x.shape[0]], dtype=torch.float64)
-    distributed.all_reduce_sum_(totals)  # each rank may hold a share of the rows
+    if sync:
+        distributed.all_reduce_sum_(totals)
     loss_sum, correct, n = totals[0].item(), totals[1].item(), max(1.0, totals[2].item())
     return {
         "loss": loss_sum / n,
@@ -169,7 +180,8 @@ def train(
             )
             new_events = guard.events[events_before:]
             guard.end_epoch(bool(new_events))
-            row = _epoch_row(model, plan, epoch, sums, evaluate_model(model, vx, vy))
+            figures = evaluate_model(model, vx, vy, sync=True)  # each rank holds a share
+            row = _epoch_row(model, plan, epoch, sums, figures)
             row.update(
                 lr=optimizer.param_groups[0]["lr"],
                 guard_events=len(new_events),
