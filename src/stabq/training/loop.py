@@ -111,6 +111,8 @@ def train(
         stats = Standardizer.fit(data.x)
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
+    if config.compile:
+        model.quantizer.compile()
     x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
     y = torch.from_numpy(data.y).to(device)
     vx = torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device)
