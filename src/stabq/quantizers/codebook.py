@@ -54,7 +54,8 @@ def nearest_code(
     """Nearest code in squared Euclidean distance, ties to the lowest index.
 
     Memory: besides the ``(G, N)`` results and ``(G, K)`` code norms, no
-    temporary holds more than about ``chunk_elements`` numbers, whatever N and K.
+    temporary holds more than about ``chunk_elements`` numbers and at most two
+    exist at once, whatever N and K (benchmarks/quantizers.py --sweep measures it).
 
     Args:
         x: ``(G, N, d)`` inputs (or ``(N, d)`` with ``codes`` ``(K, d)``).
