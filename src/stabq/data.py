@@ -28,16 +28,11 @@ import numpy as np
 
 from stabq.datasets import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
 from stabq.errors import DataError
+from stabq.readers import FILE_EXTENSIONS, Columns, as_numpy, read_file, where
+from stabq.readers import data_error as _error
 
 PARTS: tuple[str, ...] = ("train", "test", "all")
-FILE_EXTENSIONS: tuple[str, ...] = (".npz", ".pt", ".safetensors", ".csv", ".parquet")
 _SHOWN = 10  # class names shown in a message before "..."
-_Columns = Sequence[str] | None  # feature column names of a table; None for arrays
-
-
-def _error(source: str, message: str) -> DataError:
-    text = " ".join(f"{source}: {message}".splitlines())
-    return DataError(text if len(text) <= 500 else text[:497] + "...")
 
 
 @dataclass(eq=False)
@@ -67,27 +62,7 @@ class LabeledData:
         )
 
 
-def _where(row: int, columns: _Columns, col: int | None = None) -> str:
-    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
-    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
-    if col is not None:
-        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
-    return text
-
-
-def _as_numpy(a: Any, source: str, name: str) -> np.ndarray:
-    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
-        a = a.detach().cpu()
-        if a.is_floating_point() and a.element_size() < 4:  # float16 / bfloat16
-            a = a.float()
-        return a.numpy()
-    try:
-        return np.asarray(a)
-    except (ValueError, TypeError) as exc:
-        raise _error(source, f"{name} is not an array ({exc})") from exc
-
-
-def _check_features(x: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
+def _check_features(x: np.ndarray, source: str, columns: Columns) -> np.ndarray:
     """Numeric, finite ``x`` as C-contiguous float32 (its rank and rows are checked before)."""
     if x.dtype.kind not in "biuf":
         raise _error(source, f"features must be numbers, found dtype {x.dtype}")
@@ -102,11 +77,11 @@ def _check_features(x: np.ndarray, source: str, columns: _Columns) -> np.ndarray
         v = float(x[row, col])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
         what = f"value {v!r} overflows float32" if math.isfinite(v) else f"value is {what}"
-        raise _error(source, f"{_where(row, columns, col)}: feature {what}")
+        raise _error(source, f"{where(row, columns, col)}: feature {what}")
     return x32
 
 
-def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
+def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
     """Labels as int64, or as str when any label is a string; whole floats count as integers."""
     kind = y.dtype.kind
     if kind in "biu":
@@ -123,7 +98,7 @@ def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
             isinstance(v, numbers.Real) and abs(v) < 2**62 and v == int(v)  # False for NaN
         ):
             raise _error(
-                source, f"{_where(row, columns)}: label {v!r} is not a whole number or a string"
+                source, f"{where(row, columns)}: label {v!r} is not a whole number or a string"
             )
     if any(isinstance(v, str) for v in values):
         strings = [v if isinstance(v, str) else str(int(v)) for v in values]
@@ -132,7 +107,7 @@ def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
 
 
 def _encode_labels(
-    y: np.ndarray, classes: Sequence[str] | None, source: str, columns: _Columns
+    y: np.ndarray, classes: Sequence[str] | None, source: str, columns: Columns
 ) -> tuple[np.ndarray, list[str]]:
     """Class ids ``(n,)`` int64 and the class names; labels match names by ``str(label)``."""
     values = _label_values(y, source, columns)
@@ -154,7 +129,7 @@ def _encode_labels(
         others = f" ({bad.size - 1} more rows too)" if bad.size > 1 else ""
         raise _error(
             source,
-            f"{_where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
+            f"{where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
             f"the {len(classes)} known classes [{known}]{others}",
         )
     return ids, classes
@@ -169,7 +144,31 @@ def from_arrays(
     integers). With ``classes``, label ``v`` gets the id of ``str(v)`` there;
     without, the classes are the sorted distinct labels.
     """
-    return _build(_as_numpy(x, source, "x"), _as_numpy(y, source, "y"), classes, source)
+    return _build(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
+
+
+def validate_features(x: Any, source: str = "X") -> np.ndarray:
+    """Features ``x`` ``(n >= 1, d >= 1)``, numbers, finite, as C-contiguous float32: what a
+    model is fed at prediction. A problem is a :class:`DataError` naming the first bad row."""
+    x = as_numpy(x, source, "x")
+    if x.ndim != 2:
+        raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
+    if x.shape[0] == 0:
+        raise _error(source, "no rows")
+    return _check_features(x, source, None)
+
+
+def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
+    """``data`` if its labels hold at least ``minimum`` classes (training needs 2), else a
+    :class:`DataError` naming the source and the one class found."""
+    found = np.unique(data.y)
+    if found.size < minimum:
+        names = ", ".join(repr(data.classes[i]) for i in found.tolist())
+        raise _error(
+            data.source, f"{found.size} class ({names}) in {len(data)} rows: training a "
+            f"classifier needs labels of at least {minimum} classes",
+        )  # fmt: skip
+    return data
 
 
 def _build(
@@ -177,7 +176,7 @@ def _build(
     y: np.ndarray,
     classes: Sequence[str] | None,
     source: str,
-    columns: _Columns = None,
+    columns: Columns = None,
 ) -> LabeledData:
     if x.ndim != 2:
         raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
@@ -192,100 +191,9 @@ def _build(
     return LabeledData(x32, ids, names, source)
 
 
-def _from_mapping(obj: Any, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    if not isinstance(obj, Mapping):
-        raise _error(source, f"expected a dict with 'x' and 'y', found {type(obj).__name__}")
-    for key in ("x", "y"):
-        if key not in obj:
-            raise _error(source, f"no entry {key!r} (found: {', '.join(map(str, obj)) or 'none'})")
-    return _as_numpy(obj["x"], source, "x"), _as_numpy(obj["y"], source, "y"), None
-
-
-def _read_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    with open(path, "rb") as fh:  # ours to close, whatever np.load raises
-        obj = np.load(fh, allow_pickle=False)  # an object array raises: nothing is unpickled
-        if not isinstance(obj, np.lib.npyio.NpzFile):
-            raise _error(source, "holds one array, expected an .npz archive with 'x' and 'y'")
-        with obj:
-            return _from_mapping(obj, source)
-
-
-def _read_tensors(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    if path.suffix.lower() == ".pt":
-        import torch
-
-        return _from_mapping(torch.load(path, map_location="cpu", weights_only=True), source)
-    from safetensors.torch import load_file  # torch, not numpy: bfloat16 is allowed
-
-    return _from_mapping(load_file(path), source)
-
-
-def _read_table(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Feature columns and the label column (``label``, else the last) of a CSV or Parquet file."""
-    import pandas as pd
-
-    if path.suffix.lower() == ".csv":
-        df = pd.read_csv(path, low_memory=False)
-    else:
-        df = pd.read_parquet(path, engine="pyarrow")
-    names = [str(c) for c in df.columns]
-    if len(names) < 2:
-        raise _error(source, f"needs feature columns and a label column, found columns {names}")
-    if len(df) == 0:
-        raise _error(source, "no rows (a header but no data)")
-    label_pos = names.index("label") if "label" in names else len(names) - 1
-    feature_pos = [i for i in range(len(names)) if i != label_pos]
-    columns = [names[i] for i in feature_pos]
-    for j, pos in enumerate(feature_pos):
-        col = df.iloc[:, pos]
-        if not pd.api.types.is_numeric_dtype(col):
-            bad = (pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy()
-            row = int(np.argmax(bad))
-            where = f": {_where(row, columns)} holds {col.iloc[row]!r}" if bad.any() else ""
-            raise _error(source, f"column {columns[j]!r} is not numeric{where}")
-    x = df.iloc[:, feature_pos].to_numpy(dtype=np.float64, na_value=np.nan)
-    label = df.iloc[:, label_pos]
-    missing = label.isna().to_numpy()
-    if missing.any():
-        raise _error(source, f"{_where(int(np.argmax(missing)), columns)}: label is missing")
-    if pd.api.types.is_bool_dtype(label) or pd.api.types.is_integer_dtype(label):
-        return x, label.to_numpy(dtype=np.int64), columns
-    if pd.api.types.is_float_dtype(label):
-        return x, label.to_numpy(dtype=np.float64), columns
-    return x, label.to_numpy(dtype=object), columns
-
-
-_READERS = {
-    ".npz": _read_npz, ".pt": _read_tensors, ".safetensors": _read_tensors,
-    ".csv": _read_table, ".parquet": _read_table,
-}  # fmt: skip
-
-
 def _load_file(path: Path, classes: Sequence[str] | None) -> LabeledData:
-    source = str(path)
-    ext = path.suffix.lower()
-    if ext not in _READERS:
-        raise _error(
-            source, f"unknown data format {ext or '(no extension)'!r}: expected a file ending in "
-            f"{', '.join(FILE_EXTENSIONS)} or a built-in dataset "
-            f"({', '.join(BUILTIN_DATASETS)}, synthetic:DIM)",
-        )  # fmt: skip
-    if not path.exists():
-        raise _error(source, "no such file")
-    if not path.is_file():
-        raise _error(source, "is not a file (a directory?)")
-    if path.stat().st_size == 0:
-        raise _error(source, "file is empty: no rows")
-    try:
-        x, y, columns = _READERS[ext](path, source)
-    except DataError:
-        raise
-    except Exception as exc:  # whatever the third-party reader raises; KeyboardInterrupt passes
-        detail = str(exc).split(". ")[0]  # its first sentence: not its advice to unpickle
-        detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        hint = " (only tensors load: save {'x': tensor, 'y': tensor})" if ext == ".pt" else ""
-        raise _error(source, f"cannot read as a {ext} file: {detail}{hint}") from exc
-    return _build(x, y, classes, source, columns)
+    x, y, columns = read_file(path)
+    return _build(x, y, classes, str(path), columns)
 
 
 def load_data(
@@ -400,3 +308,9 @@ class Standardizer:
             if not (isinstance(v, list) and all(_is_real(e) for e in v)):
                 raise _error("Standardizer", f"{key} must be a list of numbers, found {v!r}")
         return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+
+
+__all__ = [
+    "BUILTIN_DATASETS", "FILE_EXTENSIONS", "PARTS", "DataError", "LabeledData", "Standardizer",
+    "from_arrays", "load_data", "require_classes", "train_val_split", "validate_features",
+]  # fmt: skip
