@@ -114,7 +114,7 @@ def train(
     def run() -> None:
         import torch
 
-        from stabq.data import load_data
+        from stabq.data import load_data, require_classes
         from stabq.model import BottleneckClassifier
         from stabq.saving import load, save_model
         from stabq.training import TrainConfig
@@ -134,7 +134,7 @@ def train(
             progress=None if not quiet else False,
         )
         options = parse_options(option or [])
-        train_set = load_data(data, "train")
+        train_set = require_classes(load_data(data, "train"))
         val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
         torch.manual_seed(seed)
         model = BottleneckClassifier(

@@ -62,23 +62,29 @@ class LabeledData:
         )
 
 
-def _check_features(x: np.ndarray, source: str, columns: Columns) -> np.ndarray:
-    """Numeric, finite ``x`` as C-contiguous float32 (its rank and rows are checked before)."""
+def _check_features(
+    x: np.ndarray, source: str, columns: Columns, dtype: type = np.float32
+) -> np.ndarray:
+    """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before)."""
     if x.dtype.kind not in "biuf":
         raise _error(source, f"features must be numbers, found dtype {x.dtype}")
     if x.shape[1] == 0:
         raise _error(source, f"no feature columns (x has shape {x.shape})")
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by row and column
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x32)
+        xd = np.ascontiguousarray(x, dtype=dtype)
+    bad = ~np.isfinite(xd)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         col = int(np.flatnonzero(bad[row])[0])
         v = float(x[row, col])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
-        what = f"value {v!r} overflows float32" if math.isfinite(v) else f"value is {what}"
+        what = (
+            f"value {v!r} overflows {np.dtype(dtype).name}"
+            if math.isfinite(v)
+            else f"value is {what}: features must be finite, not NaN or infinite"
+        )
         raise _error(source, f"{where(row, columns, col)}: feature {what}")
-    return x32
+    return xd
 
 
 def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
@@ -147,15 +153,16 @@ def from_arrays(
     return _build(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
 
 
-def validate_features(x: Any, source: str = "X") -> np.ndarray:
-    """Features ``x`` ``(n >= 1, d >= 1)``, numbers, finite, as C-contiguous float32: what a
-    model is fed at prediction. A problem is a :class:`DataError` naming the first bad row."""
+def validate_features(x: Any, source: str = "X", dtype: type = np.float32) -> np.ndarray:
+    """Features ``x`` ``(n >= 1, d >= 1)``, numbers, finite in ``dtype``, as a C-contiguous
+    ``dtype`` array: what a model is fed. A problem is a :class:`DataError` naming the first
+    bad row and column."""
     x = as_numpy(x, source, "x")
     if x.ndim != 2:
         raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
     if x.shape[0] == 0:
         raise _error(source, "no rows")
-    return _check_features(x, source, None)
+    return _check_features(x, source, None, dtype)
 
 
 def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:

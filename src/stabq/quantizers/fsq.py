@@ -109,7 +109,8 @@ class FSQ(Quantizer):
         self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
     ) -> None:
         super().__init__()
-        levels = list(levels) if isinstance(levels, Sequence) else levels
+        if isinstance(levels, Sequence) and not isinstance(levels, str):
+            levels = list(levels)
         check(
             isinstance(levels, list) and len(levels) > 0,
             f"FSQ: levels={levels!r}, allowed is a non-empty list of integers >= 2",

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
+from stabq.data import LabeledData, Standardizer, from_arrays, require_classes, train_val_split
 from stabq.errors import ShapeError, check
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.training.config import TrainConfig, TrainResult
+from stabq.training.devices import check_device
 from stabq.training.guard import StabilityGuard
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
 
@@ -31,10 +32,11 @@ BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
+    """``auto`` is CUDA when available, else the CPU; a device that is not here is a
+    :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name)
 
 
 def _as_data(data: LabeledData | tuple[Any, Any]) -> LabeledData:
@@ -88,7 +90,7 @@ def train(
     each batch before it is used (tests poison batches with it).
     """
     config = config or TrainConfig()
-    data = _as_data(train_data)
+    data = require_classes(_as_data(train_data))
     if val is None:
         data, val_data = train_val_split(data, config.val_fraction, config.seed)
     else:
