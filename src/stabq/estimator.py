@@ -106,7 +106,8 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         self.classes_, y_ids = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise DataError(
-                f"y has 1 class ({self.classes_[0]!r}): a classifier needs at least 2 classes"
+                f"y: 1 class ({str(self.classes_[0])!r}) in {len(y_ids)} rows: training a "
+                "classifier needs labels of at least 2 classes"
             )
         options = {} if self.quantizer_options is None else self.quantizer_options
         if not isinstance(options, dict):
