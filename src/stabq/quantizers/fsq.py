@@ -149,6 +149,10 @@ class FSQ(Quantizer):
     def _normalise(self, z: Tensor) -> Tensor:
         if self.pre_norm is None:
             return z
+        # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
+        # would send every later input to one code; tanh saturates long before this bound.
+        limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
+        z = z.clamp(-limit, limit)
         if self.training and z.shape[0] < 2:
             # one value per dimension has no variance: use the running statistics
             norm = self.pre_norm
