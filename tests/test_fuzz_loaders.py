@@ -34,7 +34,7 @@ from stabq.saving import save_model
 
 EXAMPLES = int(os.environ.get("STABQ_FUZZ_EXAMPLES", "0"))  # 0: the suite's fixed, small set
 FUZZ = settings(
-    max_examples=EXAMPLES or 25,
+    max_examples=EXAMPLES or 60,
     derandomize=not EXAMPLES,
     deadline=10_000,  # milliseconds; a file of a few kB loads in a few
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -134,7 +134,7 @@ def check_output(q: Quantizer, x: torch.Tensor) -> stabq.QuantizerOutput:
 # A fixed, modest set of examples in the suite; STABQ_FUZZ_EXAMPLES=500 explores afresh.
 EXAMPLES = int(os.environ.get("STABQ_FUZZ_EXAMPLES", "0"))
 PROPERTY = settings(
-    max_examples=EXAMPLES or 12,
+    max_examples=EXAMPLES or 30,
     derandomize=not EXAMPLES,
     deadline=5000,  # a hang fails; one example takes milliseconds
     suppress_health_check=[HealthCheck.too_slow],
