@@ -1,7 +1,7 @@
 """The bad-data battery: every bad data file through the CLI and through Python alike.
 
 Each case builds one bad input; the same table runs through ``stabq train``,
-``stabq evaluate`` and ``stabq encode`` (one line naming the file and the
+``evaluate``, ``encode`` and ``compare`` (one line naming the file and the
 problem, exit status 2, nothing written or clobbered) and through
 ``load_data`` (the same :class:`DataError`, one line starting with the file).
 """
@@ -32,7 +32,7 @@ RNG = np.random.default_rng(3)
 X = RNG.standard_normal((12, FEATURES)).astype(np.float32)
 Y = np.arange(12) % 3
 H = "(0-based, header excluded)"
-COMMANDS = ("train", "evaluate", "encode")
+COMMANDS = ("train", "evaluate", "encode", "compare")
 
 
 def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
@@ -137,7 +137,12 @@ CASES = [
     Case("labels-2d", arrays("l2.npz", X, Y[:, None]), ("labels must be 1-D",)),
     Case("zero-rows", arrays("z.safetensors", X[:0], Y[:0]), ("no rows",)),
     Case("header-only", text("h.csv", "a,b,label\n"), ("no rows",)),
-    Case("single-class", arrays("one.npz", X, Y * 0), ("1 class ('0') in 12 rows",), ("train",)),
+    Case(
+        "single-class",
+        arrays("one.npz", X, Y * 0),
+        ("1 class ('0') in 12 rows",),
+        ("train", "compare"),
+    ),
     Case("nan", arrays("n.npz", nan_at(4, 2, np.nan), Y), (f"row 4, column 2: {NAN}",)),
     Case(
         "inf", arrays("i.pt", nan_at(7, 0, -np.inf), Y), ("row 7, column 0: feature value is -Inf",)
@@ -186,6 +191,10 @@ def run_command(command: str, data: Path | str, model_dir: Path, work: Path):
         return result, lambda: not out.exists()
     if command == "evaluate":
         return cli("evaluate", model_dir, "--data", data), lambda: True
+    if command == "compare":
+        out = work / "report"
+        result = cli("compare", "--data", data, "--methods", "fsq", "--seeds", "1", "--out", out)
+        return result, lambda: not out.exists()
     out = work / "codes.npy"
     np.save(out, np.arange(3))
     before = listing(work)
@@ -219,6 +228,14 @@ def test_python_refuses_bad_data_with_the_same_data_error(case, tmp_path):
     assert all(f in text for f in case.fragments), (case.fragments, text)
     assert isinstance(info.value, StabqError) and isinstance(info.value, ValueError)
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_an_empty_data_name_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"^data: no name given: a file or a built-in \(mnist1d"):
+        load_data(" ")
+    result = cli("train", "--data", "", "--out", tmp_path / "run")
+    assert_user_error(result, "stabq: error: data: no name given")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("how", ["zip", "legacy", "raw"])

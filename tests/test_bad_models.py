@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import stabq
-from bad_input import Payload, assert_user_error, cli, listing
-from stabq.cli import parse_options
+from bad_input import Payload, assert_user_error, cli, listing, run_stabq
+from stabq.cli import main, parse_options
 from stabq.errors import ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.registry import build_quantizer
@@ -216,3 +216,55 @@ def test_invalid_options_are_refused_alike_by_the_cli_and_python(args, python, f
     result = cli("train", "--data", DATA, "--out", out, "--epochs", "2", "--quiet", *args)
     assert_user_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- usage errors (unknown options, values of the wrong type): one line too ------------------
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "-q", "levels=abc"], "No such option: -q"),
+        (
+            ["train", "--data", DATA, "--out", "o", "--epochs", "abc"],
+            "Invalid value for '--epochs'",
+        ),
+        (["train", "--out", "o"], "Missing option '--data'"),
+        (["levels"], "Missing argument 'codebook_size'"),
+        (["nope"], "No such command 'nope'"),
+    ],
+    ids=["unknown-option", "wrong-type", "missing-option", "missing-argument", "unknown-command"],
+)
+def test_usage_errors_are_one_line_with_exit_status_2(
+    argv, fragment, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["stabq", *argv])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stabq: error: ") and fragment in lines[0], lines
+    assert "--help)" in lines[0] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, code", [([], 2), (["--help"], 0), (["levels", "256"], 0)])
+def test_help_and_answers_are_unchanged_by_the_one_line_usage_errors(
+    argv, code, monkeypatch, capsys
+):
+    monkeypatch.setattr("sys.argv", ["stabq", *argv])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    assert info.value.code == code and captured.err == ""
+    assert ("Usage:" in captured.out) == (argv != ["levels", "256"])
+    assert ("8,6,5" in captured.out) == (argv == ["levels", "256"])
+
+
+def test_process_unknown_option_exits_2_in_one_line():
+    proc = run_stabq("train", "-q", "levels=abc")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "stabq: error: No such option: -q (see: python -m stabq train --help)"
+    ]

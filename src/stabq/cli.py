@@ -321,5 +321,22 @@ def levels(
 
 
 def main() -> None:
-    """Entry point of ``python -m stabq``."""
-    app()
+    """Entry point of ``python -m stabq``.
+
+    A usage error (an unknown option, a value of the wrong type, a missing
+    option) is one line and exit status 2 too, like every other user error.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # click's usage errors, raised when not standalone
+        if type(err).__name__ != "NoArgsIsHelpError":  # plain `stabq` has printed the help
+            text = " ".join(
+                (err.format_message() if hasattr(err, "format_message") else str(err)).split()
+            )
+            command = getattr(getattr(err, "ctx", None), "command_path", "stabq")
+            print(f"stabq: error: {text} (see: {command} --help)", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

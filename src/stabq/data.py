@@ -212,6 +212,8 @@ def load_data(
     labels outside it are a :class:`DataError`.
     """
     spec = os.fspath(spec)
+    if not spec.strip():
+        raise _error("data", f"no name given: a file or a built-in ({', '.join(BUILTIN_DATASETS)})")
     if part not in PARTS:
         raise _error(spec, f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
     arrays = builtin_arrays(spec)
