@@ -102,6 +102,17 @@ def nan_at(row: int, col: int, value: float) -> np.ndarray:
     return x
 
 
+def sparse_pt(tmp: Path) -> Path:
+    torch.save({"x": torch.eye(12, 4).to_sparse(), "y": torch.from_numpy(Y)}, tmp / "sp.pt")
+    return tmp / "sp.pt"
+
+
+def dates_parquet(tmp: Path) -> Path:
+    dates = pd.to_datetime(["2020-01-01"] * 3 + ["2021-01-01"] * 3)
+    pd.DataFrame({"f0": X[:6, 0], "day": dates, "label": Y[:6]}).to_parquet(tmp / "d.parquet")
+    return tmp / "d.parquet"
+
+
 def directory(tmp: Path) -> Path:
     (tmp / "dir.npz").mkdir()
     return tmp / "dir.npz"
@@ -157,6 +168,8 @@ CASES = [
         text("t.csv", "a,b,label\n1,2,0\n3,x,1\n"),
         (f"column 'b' is not numeric: data row 1 {H} holds 'x'",),
     ),
+    Case("sparse-tensor", sparse_pt, ("cannot read as a .pt file: TypeError", "Sparse")),
+    Case("date-feature", dates_parquet, ("column 'day' is not numeric",)),
     Case("string-features", arrays("s.npz", X.astype(str), Y), ("features must be numbers",)),
     Case(
         "fractional-label",

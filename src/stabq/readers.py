@@ -13,6 +13,7 @@ object, so a pickle's ``__reduce__`` never runs.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -170,7 +171,8 @@ def read_file(path: Path) -> Raw:
     except DataError:
         raise
     except Exception as exc:  # whatever the third-party reader raises; KeyboardInterrupt passes
-        hint = " (only tensors load: save {'x': tensor, 'y': tensor})" if ext == ".pt" else ""
+        refused = isinstance(exc, pickle.UnpicklingError)  # weights_only met a non-tensor
+        hint = " (only tensors load: save {'x': tensor, 'y': tensor})" if refused else ""
         raise data_error(source, f"cannot read as a {ext} file: {_detail(exc)}{hint}") from exc
 
 
