@@ -25,7 +25,7 @@ from stabq.cli import main, parse_options
 from stabq.errors import ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.registry import build_quantizer
-from stabq.saving import FORMAT_VERSION, _model_digest, save_model
+from stabq.saving import FORMAT_VERSION, _model_digest, load_history, save_model
 from stabq.training import TrainConfig
 from stabq.training.loop import resolve_device
 
@@ -108,6 +108,7 @@ MODEL_CASES = {  # what is damaged -> (damage, the file named, fragments)
     "config-version-text": (set_config(format_version="1"), "config.json", "format_version='1'"),
     "crafted-classes": (recorded(classes=["a"]), "config.json", "1 class names for 3 classes"),
     "crafted-kwargs": (recorded(quantizer_kwargs={"hidden": 3}), "", "cannot rebuild the model"),
+    "crafted-hidden": (recorded(hidden=16), "", "size mismatch"),
     "crafted-levels": (recorded(quantizer_kwargs={"levels": "ab"}), "", "levels='ab'"),
     "weights-missing": (remove("model.safetensors"), "", "model.safetensors is missing"),
     "weights-flipped": (write("model.safetensors", flip(-1)), "model.safetensors", "altered"),
@@ -191,6 +192,9 @@ OPTION_CASES = [  # (CLI arguments, the same in Python, fragments of both messag
      lambda: build_quantizer("pq", 128, num_subspaces=3), ["num_subspaces=3 with dim=128"]),
     ([Q, "gumbel", "--option", "tau_start=-1"],
      lambda: build_quantizer("gumbel", 8, tau_start=-1), ["tau_start=-1"]),
+    ([Q, "vq", "--option", "commitment_weight=Infinity"],
+     lambda: build_quantizer("vq", 8, commitment_weight=float("inf")),
+     ["commitment_weight=inf, allowed is a finite number >= 0"]),
     (["--epochs", "-1"], lambda: TrainConfig(epochs=-1), ["epochs=-1"]),
     (["--batch-size", "0"], lambda: TrainConfig(batch_size=0), ["batch_size=0"]),
     (["--lr", "nan"], lambda: TrainConfig(lr=float("nan")), ["lr=nan"]),
@@ -216,6 +220,32 @@ def test_invalid_options_are_refused_alike_by_the_cli_and_python(args, python, f
     result = cli("train", "--data", DATA, "--out", out, "--epochs", "2", "--quiet", *args)
     assert_user_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_option_value_is_refused_in_one_bounded_line(tmp_path):
+    deep = "[" * 100_000  # not JSON a parser can nest: taken as text, refused by FSQ
+    assert parse_options([f"levels={deep}"]) == {"levels": deep}
+    result = cli("train", "--data", DATA, "--out", tmp_path / "run", "--option", f"levels={deep}")
+    line = assert_user_error(result, "FSQ: levels='[[[[")
+    assert len(line) <= 1000 + len("stabq: error: ") and line.endswith("...")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [('{"epoch": 1}\n{"epoch": 2', 2), ("[1]\n", 1), ("\n\n" + "[" * 10**5, 3)],
+    ids=["cut-short", "not-an-object", "nested-too-deeply"],
+)
+def test_a_damaged_metrics_file_is_refused_naming_its_line(text, line, good_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(good_model, d)
+    (d / "metrics.jsonl").write_text(text)
+    with pytest.raises(ModelFileError) as info:
+        load_history(d)
+    assert str(info.value) == f"{d / 'metrics.jsonl'}: line {line} is not a JSON object"
+    (d / "metrics.jsonl").write_bytes(b"\xff\xfe")
+    with pytest.raises(ModelFileError, match=r"metrics\.jsonl: unreadable"):
+        load_history(d)
 
 
 # --- usage errors (unknown options, values of the wrong type): one line too ------------------

@@ -2,9 +2,9 @@
 
 ``load_data`` on random bytes, CSV-like text, and mutated valid files
 (truncations, flipped, inserted and deleted bytes) in every format, and
-``stabq.load`` on model directories whose ``config.json`` or
-``model.safetensors`` is mutated or replaced: each call returns valid data (or
-a working model) or raises a one-line :class:`StabqError` naming the file;
+``stabq.load`` and ``load_history`` on model directories whose ``config.json``,
+``model.safetensors`` or ``metrics.jsonl`` is mutated or replaced: each call
+returns valid data (or a working model) or raises a one-line :class:`StabqError` naming the file;
 never another exception, never a warning on the user's terminal, never a hang
 (each example has a deadline, and a watchdog ends the run if a reader is stuck
 in C code where no Python timeout reaches).
@@ -30,7 +30,7 @@ import stabq
 from stabq.data import FILE_EXTENSIONS, load_data
 from stabq.errors import StabqError
 from stabq.model import BottleneckClassifier
-from stabq.saving import save_model
+from stabq.saving import load_history, save_model
 
 EXAMPLES = int(os.environ.get("STABQ_FUZZ_EXAMPLES", "0"))  # 0: the suite's fixed, small set
 FUZZ = settings(
@@ -148,7 +148,9 @@ def test_csv_like_text_loads_or_raises_a_stabq_error(text, header, tmp_path):
 def saved_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = BottleneckClassifier(3, 2, "fsq", hidden=4, bottleneck_dim=4, levels=[3, 3])
-    return save_model(model, tmp_path_factory.mktemp("model") / "m", classes=["a", "b"])
+    history = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.25}]
+    directory = tmp_path_factory.mktemp("model") / "m"
+    return save_model(model, directory, classes=["a", "b"], history=history)
 
 
 def load_model_or_refuse(directory: Path) -> None:
@@ -162,12 +164,18 @@ def load_model_or_refuse(directory: Path) -> None:
             with torch.no_grad():
                 logits = model(torch.randn(5, model.input_dim))[0]
             assert torch.isfinite(logits).all() and model.classes == ["a", "b"]
+        try:
+            history = load_history(directory)
+        except StabqError as err:
+            assert "\n" not in str(err) and str(err).startswith(str(directory)), str(err)
+        else:
+            assert all(isinstance(row, dict) for row in history)
     assert not [w for w in caught if not issubclass(w.category, ResourceWarning)], [
         str(w.message) for w in caught
     ]
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "metrics.jsonl"])
 @given(data=st.data(), replace=st.booleans())
 @FUZZ
 def test_mutated_model_files_load_or_raise_a_stabq_error(

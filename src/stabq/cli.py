@@ -49,7 +49,9 @@ def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
     except StabqError as err:
         if debug:
             raise
-        print(f"stabq: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).split())  # one line, whatever the message holds
+        text = text if len(text) <= 1000 else text[:997] + "..."
+        print(f"stabq: error: {text}", file=sys.stderr)
         raise typer.Exit(code=2) from None
 
 
@@ -62,7 +64,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--option {pair!r}: expected KEY=VALUE, e.g. levels=[8,5,5,5]")
         try:
             options[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             options[key] = raw
     return options
 

@@ -139,7 +139,9 @@ def load(directory: str | Path) -> BottleneckClassifier:
     except (
         KeyError, ValueError, TypeError, RuntimeError, SafetensorError, StabqError, OSError
     ) as err:  # fmt: skip
-        raise ModelFileError(f"{directory}: cannot rebuild the model ({err})") from None
+        detail = " ".join(str(err).split())  # torch's state-dict errors span many lines
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise ModelFileError(f"{directory}: cannot rebuild the model ({detail})") from None
     model.classes = list(section["classes"])
     model.eval()
     return model
@@ -150,7 +152,22 @@ def load_history(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: unreadable ({err})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+            row = None
+        if not isinstance(row, dict):
+            raise ModelFileError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 __all__ = ["load", "load_history", "read_config", "save_model"]
