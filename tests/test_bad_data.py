@@ -9,6 +9,7 @@ problem, exit status 2, nothing written or clobbered) and through
 from __future__ import annotations
 
 import pickle
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,16 @@ def test_python_refuses_bad_data_with_the_same_data_error(case, tmp_path):
     assert all(f in text for f in case.fragments), (case.fragments, text)
     assert isinstance(info.value, StabqError) and isinstance(info.value, ValueError)
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_bad_data_leaves_an_earlier_model_at_out_as_it_was(model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(model_dir, out)
+    data = arrays("n.npz", nan_at(4, 2, np.nan), Y)(tmp_path)
+    before = listing(tmp_path)
+    result = cli("train", "--data", data, "--out", out, "--epochs", "1", "--quiet")
+    assert_user_error(result, str(data), "row 4, column 2")
+    assert listing(tmp_path) == before
 
 
 def test_an_empty_data_name_is_refused(tmp_path):
