@@ -22,12 +22,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from safetensors.numpy import save_file
 
 import stabq
-from stabq.data import FILE_EXTENSIONS, load_data
+from stabq.data import FILE_EXTENSIONS, from_arrays, load_data
 from stabq.errors import StabqError
 from stabq.model import BottleneckClassifier
 from stabq.saving import load_history, save_model
@@ -139,6 +140,43 @@ def test_csv_like_text_loads_or_raises_a_stabq_error(text, header, tmp_path):
     path = tmp_path / "text.csv"
     path.write_text(("a,b,label\n" if header else "") + text, encoding="utf-8")
     load_or_refuse(path)
+
+
+ANY_DTYPE = st.one_of(
+    hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(),
+    hnp.boolean_dtypes(), hnp.complex_number_dtypes(), hnp.datetime64_dtypes(),
+    hnp.unicode_string_dtypes(max_len=3), hnp.byte_string_dtypes(max_len=3),
+)  # fmt: skip
+ANY_ARRAY = hnp.arrays(ANY_DTYPE, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+
+
+@given(x=ANY_ARRAY, y=ANY_ARRAY, fmt=st.sampled_from(["arrays", ".npz", ".safetensors", ".pt"]))
+@FUZZ
+def test_arrays_of_any_dtype_and_shape_load_or_raise_a_stabq_error(x, y, fmt, tmp_path):
+    """Well-formed files holding arrays of any rank, size and dtype (strings, dates,
+    complex, bytes...): the validation, not the parser, must answer."""
+    path = tmp_path / f"arrays{fmt}"
+    try:  # each format stores what it can; the rest is not a file a user can make
+        if fmt == ".npz":
+            np.savez(path, x=x, y=y)
+        elif fmt == ".safetensors":
+            save_file({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(y)}, str(path))
+        elif fmt == ".pt":
+            tensors = {
+                k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in (("x", x), ("y", y))
+            }
+            torch.save(tensors, path)
+    except Exception:  # safetensors' own error type among them
+        assume(False)
+    if fmt != "arrays":
+        load_or_refuse(path)
+        return
+    try:
+        data = from_arrays(x, y)
+    except StabqError as err:
+        assert "\n" not in str(err) and str(err).startswith("arrays: "), str(err)
+    else:
+        assert data.x.dtype == np.float32 and np.isfinite(data.x).all() and len(data) >= 1
 
 
 # --- model directories ------------------------------------------------------------------------
