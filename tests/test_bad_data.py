@@ -18,6 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from safetensors.numpy import save_file
 
 import stabq
@@ -306,6 +309,12 @@ def test_train_validation_data_with_unknown_labels_names_it(tmp_path):
 FIT_CASES = [
     ("nan", nan_at(4, 2, np.nan), Y, ["X: row 4, column 2: feature value is NaN"]),
     ("inf", nan_at(1, 3, np.inf), Y, ["X: row 1, column 3: feature value is +Inf"]),
+    (
+        "overflow",
+        X.astype(np.float64) * 1e300,
+        Y,
+        ["X: row 0, column 0: feature value", "overflows float32"],
+    ),
     ("rank-1", X[:, 0], Y, ["Expected 2D array"]),
     ("zero-rows", X[:0], Y[:0], ["0 sample(s)"]),
     ("text", np.full((12, 4), "a", dtype=object), Y, ["could not convert string to float"]),
@@ -338,6 +347,31 @@ def test_estimator_predict_raises_data_errors():
             with pytest.raises(DataError) as info:
                 method(x)
             assert fragment in str(info.value), (method.__name__, str(info.value))
+
+
+ANY_ARRAY = hnp.arrays(
+    st.one_of(
+        hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(),
+        hnp.boolean_dtypes(), hnp.complex_number_dtypes(), hnp.datetime64_dtypes(),
+        hnp.timedelta64_dtypes(), hnp.unicode_string_dtypes(max_len=3),
+    ),
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+)  # fmt: skip
+
+
+@given(x=ANY_ARRAY, y=ANY_ARRAY, method=st.sampled_from(["fit", "predict", "transform"]))
+@settings(max_examples=40, derandomize=True, deadline=10_000)
+def test_estimator_takes_any_array_or_raises_a_data_error(x, y, method):
+    est = DiscreteBottleneckClassifier(
+        epochs=1, hidden=4, bottleneck_dim=2, quantizer_options={"levels": [3, 3]}
+    )
+    try:
+        if method == "fit":
+            est.fit(x, y)
+        else:
+            getattr(est.fit(X, Y), method)(x)
+    except StabqError as err:
+        assert isinstance(err, ValueError) and "\n" not in str(err), str(err)
 
 
 # --- real processes: exit status 2, one stderr line, no traceback; --debug shows it ------------

@@ -149,11 +149,12 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
     def _validate(self, X: Any, y: Any = None, *, fit: bool, dtype: type) -> Any:
         """``X`` (and at ``fit`` ``y``) as scikit-learn validates them, ``X`` also finite in
         ``dtype``; every problem is a :class:`DataError` (a ``ValueError``)."""
+        wide = [np.float64, np.float32]  # no cast to float32 yet: overflow is reported below
         try:
             if not fit:
-                X = validate_data(self, X, reset=False, dtype=dtype, ensure_all_finite=False)
+                X = validate_data(self, X, reset=False, dtype=wide, ensure_all_finite=False)
             else:
-                X, y = validate_data(self, X, y, dtype=dtype, ensure_all_finite=False)
+                X, y = validate_data(self, X, y, dtype=wide, ensure_all_finite=False)
                 check_classification_targets(y)
         except DataError:
             raise
