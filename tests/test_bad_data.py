@@ -284,6 +284,46 @@ def test_single_class_is_refused_by_the_python_api_naming_the_source():
         DiscreteBottleneckClassifier(epochs=1).fit(X, np.full(12, 5))
 
 
+def small_model(num_classes: int = 3) -> BottleneckClassifier:
+    torch.manual_seed(0)
+    return BottleneckClassifier(
+        FEATURES, num_classes, "fsq", hidden=8, bottleneck_dim=4, levels=[3, 3]
+    )
+
+
+@pytest.mark.parametrize(
+    "val_y, fragment",
+    [
+        (np.arange(12) % 5, "arrays: row 3: label '3' is not one of the 3 known classes"),
+        (np.full(12, "b"), "arrays: row 0: label 'b' is not one of the 3 known classes"),
+    ],
+)
+def test_python_train_refuses_validation_labels_the_training_data_lacks(val_y, fragment):
+    # Validation labels beyond the training classes raised IndexError inside cross_entropy.
+    config = stabq.TrainConfig(epochs=1, progress=False)
+    with pytest.raises(DataError) as info:
+        stabq.train(small_model(), (X, Y), val=(X, val_y), config=config)
+    assert str(info.value).startswith(fragment), str(info.value)
+
+
+def test_python_train_numbers_validation_classes_as_the_training_data_does():
+    # Validation labels {1, 2} used to become ids {0, 1}: class 1 was scored as class 0.
+    config = stabq.TrainConfig(epochs=1, progress=False)
+    model = small_model()
+    val_x, val_y = X[Y > 0], Y[Y > 0]
+    result = stabq.train(model, (X, Y), val=(val_x, val_y), config=config)
+    with torch.no_grad():
+        predicted = model.eval()(torch.from_numpy(val_x))[0].argmax(-1).numpy()
+    assert result.final["val_accuracy"] == pytest.approx(float((predicted == val_y).mean()))
+
+
+def test_python_train_names_the_label_the_model_has_no_class_for():
+    with pytest.raises(
+        DataError, match=r"^arrays \(train split\): label '2' is class 2 of \['0', '1', '2'\], but"
+    ):
+        stabq.train(small_model(2), (X, Y), config=stabq.TrainConfig(epochs=1, progress=False))
+
+
 @pytest.mark.parametrize("command", ["evaluate", "encode"])
 def test_feature_count_that_differs_from_the_model(command, model_dir, tmp_path):
     data = write(tmp_path / "wide.npz", RNG.standard_normal((6, 7)).astype(np.float32), Y[:6])

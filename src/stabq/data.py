@@ -130,13 +130,11 @@ def _encode_labels(
     ids = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)[inverse.reshape(-1)]
     bad = np.flatnonzero(ids < 0)
     if bad.size:
-        known = ", ".join(repr(c) for c in classes[:_SHOWN])
-        known += ", ..." if len(classes) > _SHOWN else ""
         others = f" ({bad.size - 1} more rows too)" if bad.size > 1 else ""
         raise _error(
             source,
             f"{where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
-            f"the {len(classes)} known classes [{known}]{others}",
+            f"the {len(classes)} known classes {_known(classes)}{others}",
         )
     return ids, classes
 
@@ -174,6 +172,45 @@ def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
         raise _error(
             data.source, f"{found.size} class ({names}) in {len(data)} rows: training a "
             f"classifier needs labels of at least {minimum} classes",
+        )  # fmt: skip
+    return data
+
+
+def _known(classes: Sequence[str]) -> str:
+    """``[a, b, ...]``: the first class names, for messages."""
+    shown = ", ".join(repr(c) for c in classes[:_SHOWN])
+    return f"[{shown}{', ...' if len(classes) > _SHOWN else ''}]"
+
+
+def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
+    """``data`` with its class ids re-mapped to ``classes`` by name (the training data's, a
+    saved model's), so id ``i`` means ``classes[i]`` in both; a label outside ``classes``
+    is a :class:`DataError` naming its first row."""
+    classes = list(classes)
+    if data.classes == classes:
+        return data
+    index = {c: i for i, c in enumerate(classes)}
+    ids = np.asarray([index.get(c, -1) for c in data.classes], dtype=np.int64)[data.y]
+    bad = np.flatnonzero(ids < 0)
+    if bad.size:
+        label = data.classes[int(data.y[bad[0]])]
+        raise _error(
+            data.source, f"row {bad[0]}: label {label!r} is not one of the {len(classes)} "
+            f"known classes {_known(classes)}",
+        )  # fmt: skip
+    return LabeledData(data.x, ids, classes, data.source)
+
+
+def require_fit(data: LabeledData, num_features: int, num_classes: int) -> LabeledData:
+    """``data`` if a model of ``num_features`` inputs and ``num_classes`` classes can take
+    it, else a :class:`DataError` naming the source and the first label too many."""
+    if data.num_features != num_features:
+        raise _error(data.source, f"{data.num_features} features, the model expects {num_features}")
+    if len(data) and int(data.y.max()) >= num_classes:
+        label = data.classes[int(data.y.max())]
+        raise _error(
+            data.source, f"label {label!r} is class {int(data.y.max())} of "
+            f"{_known(data.classes)}, but the model has {num_classes} classes",
         )  # fmt: skip
     return data
 
@@ -321,5 +358,6 @@ class Standardizer:
 
 __all__ = [
     "BUILTIN_DATASETS", "FILE_EXTENSIONS", "PARTS", "DataError", "LabeledData", "Standardizer",
-    "from_arrays", "load_data", "require_classes", "train_val_split", "validate_features",
+    "from_arrays", "load_data", "require_classes", "require_fit", "train_val_split",
+    "validate_features", "with_classes",
 ]  # fmt: skip
