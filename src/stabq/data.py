@@ -8,10 +8,16 @@
     y        (n,)   int64 class ids in [0, len(classes))
     classes  class names, id i <-> classes[i]
 
-Every check lives in :func:`from_arrays`; every problem is a one-line
+Files are read by :mod:`stabq.readers`; every check of what they hold lives
+here (:func:`from_arrays` for data sets, :func:`validate_features` for what a
+model is fed, :func:`require_classes`, :func:`with_classes` and
+:func:`require_fit` for what training and a saved model need), for the CLI,
+the Python API and the estimator alike. Every problem is a one-line
 :class:`DataError` that starts with the source and says what and where.
 Rows are counted from 0; in CSV and Parquet files as "data row N", the
-header not counted.
+header not counted. Labels are class names: integer labels keep their values
+as names (``7`` is class ``"7"``), so a label is "out of range" only against
+given classes (a saved model's, the training data's).
 """
 
 from __future__ import annotations
