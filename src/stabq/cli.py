@@ -229,13 +229,9 @@ def encode(
 
 
 def _check_features(dataset, model, model_dir: Path) -> None:
-    from stabq.errors import DataError
+    from stabq.data import require_fit
 
-    if dataset.num_features != model.input_dim:
-        raise DataError(
-            f"{dataset.source}: {dataset.num_features} features, but the model in {model_dir} "
-            f"expects {model.input_dim}"
-        )
+    require_fit(dataset, model.input_dim, model=f"the model in {model_dir}")
 
 
 def _save_npy(path: Path, array) -> None:

@@ -207,16 +207,21 @@ def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
     return LabeledData(data.x, ids, classes, data.source)
 
 
-def require_fit(data: LabeledData, num_features: int, num_classes: int) -> LabeledData:
-    """``data`` if a model of ``num_features`` inputs and ``num_classes`` classes can take
-    it, else a :class:`DataError` naming the source and the first label too many."""
+def require_fit(
+    data: LabeledData,
+    num_features: int,
+    num_classes: int | None = None,
+    model: str = "the model",
+) -> LabeledData:
+    """``data`` if ``model`` (``num_features`` inputs, ``num_classes`` classes; None: any)
+    can take it, else a :class:`DataError` naming the source and the first label too many."""
     if data.num_features != num_features:
-        raise _error(data.source, f"{data.num_features} features, the model expects {num_features}")
-    if len(data) and int(data.y.max()) >= num_classes:
+        raise _error(data.source, f"{data.num_features} features, {model} expects {num_features}")
+    if num_classes is not None and len(data) and int(data.y.max()) >= num_classes:
         label = data.classes[int(data.y.max())]
         raise _error(
             data.source, f"label {label!r} is class {int(data.y.max())} of "
-            f"{_known(data.classes)}, but the model has {num_classes} classes",
+            f"{_known(data.classes)}, but {model} has {num_classes} classes",
         )  # fmt: skip
     return data
 
