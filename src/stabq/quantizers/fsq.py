@@ -165,7 +165,8 @@ class FSQ(Quantizer):
         self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
     ) -> None:
         super().__init__()
-        levels = list(levels) if isinstance(levels, Sequence) else levels
+        if isinstance(levels, Sequence) and not isinstance(levels, str):
+            levels = list(levels)
         check(
             isinstance(levels, list) and len(levels) > 0,
             f"FSQ: levels={levels!r}, allowed is a non-empty list of integers >= 2",
@@ -205,6 +206,10 @@ class FSQ(Quantizer):
     def _normalise(self, z: Tensor) -> Tensor:
         if self.pre_norm is None:
             return z
+        # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
+        # would send every later input to one code; tanh saturates long before this bound.
+        limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
+        z = z.clamp(-limit, limit)
         if self.training and z.shape[0] < 2:
             # one value per dimension has no variance: use the running statistics
             norm = self.pre_norm
