@@ -60,6 +60,10 @@ def nearest_code(
 ) -> tuple[Tensor, Tensor]:
     """Nearest code in squared Euclidean distance, ties to the lowest index.
 
+    Memory: besides the ``(G, N)`` results and ``(G, K)`` code norms, no
+    temporary holds more than about ``chunk_elements`` numbers and at most two
+    exist at once, whatever N and K (benchmarks/quantizers.py --sweep measures it).
+
     Args:
         x: ``(G, N, d)`` inputs (or ``(N, d)`` with ``codes`` ``(K, d)``).
         codes: ``(G, K, d)`` codebooks.
@@ -73,16 +77,21 @@ def nearest_code(
         return idx[0], dist[0]
     work = torch.float64 if codes.dtype == torch.float64 else torch.float32
     x, codes = x.to(work), codes.to(work)
-    groups, n, _ = x.shape
+    groups, n, d = x.shape
     k = codes.shape[1]
-    code_sq = (codes * codes).sum(-1)
     codes_t = codes.transpose(1, 2)
-    code_chunk = max(1, min(k, chunk_elements // (groups * max(1, min(n, MIN_TILE_ROWS)))))
-    row_chunk = max(1, chunk_elements // (groups * code_chunk))
+    # tiles of rows x codes; no temporary (distances, squares) exceeds chunk_elements
+    code_chunk = max(1, min(k, chunk_elements // (groups * max(1, min(n, MIN_TILE_ROWS), d))))
+    row_chunk = max(1, chunk_elements // (groups * max(code_chunk, d)))
+    code_sq = torch.empty(groups, k, dtype=work, device=x.device)
+    for k0 in range(0, k, code_chunk):  # by chunks: no (G, K, d) temporary
+        part = codes[:, k0 : k0 + code_chunk]
+        code_sq[:, k0 : k0 + code_chunk] = (part * part).sum(-1)
     best = torch.empty(groups, n, dtype=work, device=x.device)
     best_idx = torch.empty(groups, n, dtype=torch.long, device=x.device)
     for r0 in range(0, n, row_chunk):
         xr = x[:, r0 : r0 + row_chunk]
+        x_sq = (xr * xr).sum(-1)
         vals = idxs = None
         for k0 in range(0, k, code_chunk):
             k1 = min(k, k0 + code_chunk)
@@ -94,10 +103,9 @@ def nearest_code(
                 better = v < vals  # strict: an earlier chunk wins ties
                 vals = torch.where(better, v, vals)
                 idxs = torch.where(better, i + k0, idxs)
-        best[:, r0 : r0 + row_chunk] = vals
+        best[:, r0 : r0 + row_chunk] = vals + x_sq
         best_idx[:, r0 : r0 + row_chunk] = idxs
-    sq_dist = (best + (x * x).sum(-1)).clamp_min_(0)
-    return best_idx, sq_dist
+    return best_idx, best.clamp_min_(0)
 
 
 def gather_codes(codes: Tensor, indices: Tensor) -> Tensor:

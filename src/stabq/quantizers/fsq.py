@@ -37,11 +37,14 @@ def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None =
     return torch.as_tensor(levels, dtype=torch.int32, device=device)
 
 
-def fsq_constants(levels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-dimension ``shift``, ``half_l``, ``offset`` and ``half_width`` (float) of ``levels``."""
+def fsq_constants(levels: Tensor) -> Tensor:
+    """Per-dimension constants ``(5, d)`` of ``levels`` (float): ``shift``, ``half_l``,
+    ``-offset``, ``half_width`` and ``slope = half_l / half_width``."""
     half_l = (levels - 1) * (1 + BOUND_EPS) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-    return torch.atanh(offset / half_l), half_l, offset, (levels // 2).to(half_l.dtype)
+    half_width = (levels // 2).to(half_l.dtype)
+    shift = torch.atanh(offset / half_l)
+    return torch.stack([shift, half_l, -offset, half_width, half_l / half_width])
 
 
 def _row_group(n: int) -> int:
@@ -55,45 +58,45 @@ class _BoundRound(torch.autograd.Function):
     Rounding passes gradients straight through, so
     ``d codes / dz = half_l / half_width * (1 - tanh(z + shift)^2)``. ``z`` is
     ``(n / g, g d)`` (rows packed ``g`` at a time), every constant ``(g d,)``.
-    Forward takes four elementwise passes and turns ``r`` into the codes in
-    place once its index is read. Backward recomputes ``tanh`` from ``z`` in
-    one buffer rather than keeping ``y`` alive from forward to backward: two
-    more passes, and one tensor less at the peak wherever the caller holds ``z``.
+    Forward takes five elementwise passes and turns ``r`` into the codes in
+    place once its index is read. Backward recomputes ``tanh`` from ``z``
+    rather than keeping it alive from forward to backward: two passes more
+    than the minimum, and one tensor less at the peak wherever the caller holds ``z``.
     """
 
     @staticmethod
-    def forward(ctx, z, shift, half_l, neg_offset, inv_width, slope, levels):
+    def forward(ctx, z, shift, half_l, neg_offset, half_width, slope, levels):
         y = torch.add(z, shift).tanh_()
         r = torch.addcmul(neg_offset, y, half_l).round_()
         indices = fsq_round_to_index(r.view(-1, len(levels)), levels)
         ctx.save_for_backward(z, shift, slope)
         ctx.mark_non_differentiable(indices)
-        return r.mul_(inv_width), indices
+        return r.div_(half_width), indices  # divided, not times 1 / w: the peer's exact values
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
         z, shift, slope = ctx.saved_tensors
-        factor = torch.add(z, shift).tanh_().square_()  # y^2, recomputed: nothing held
-        torch.addcmul(slope, factor, slope, value=-1, out=factor)
-        return factor.mul_(grad), None, None, None, None, None, None
+        y = torch.add(z, shift).tanh_()
+        return torch.ops.aten.tanh_backward(grad, y).mul_(slope), None, None, None, None, None, None
 
 
-def fsq_bound_round(z: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+def fsq_bound_round(
+    z: Tensor, levels: Tensor, constants: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Codes ``(n, d)`` in [-1, 1] (straight-through) and their int64 indices ``(n,)``.
 
+    ``constants``: :func:`fsq_constants` of ``levels`` (computed when None).
     Rows are packed ``g`` at a time into ``(n / g, g d)`` so that the
     per-dimension constants broadcast over a wide last dimension: a broadcast
     over ``(n, 6)`` measured about twice as slow on CPU (torch 2.13).
     """
     n, d = z.shape
     g = _row_group(n)
-    shift, half_l, offset, half_width = (
-        c.to(z.dtype).repeat(g) for c in fsq_constants(levels.to(z.device))
-    )
+    if constants is None:
+        constants = fsq_constants(levels)
+    tiled = constants.to(device=z.device, dtype=z.dtype).repeat(1, g)
     packed = z.contiguous().view(n // g, g * d)
-    codes, indices = _BoundRound.apply(
-        packed, shift, half_l, -offset, 1 / half_width, half_l / half_width, levels
-    )
+    codes, indices = _BoundRound.apply(packed, *tiled, levels)
     return codes.view(n, d), indices
 
 
@@ -162,7 +165,8 @@ class FSQ(Quantizer):
         self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
     ) -> None:
         super().__init__()
-        levels = list(levels) if isinstance(levels, Sequence) else levels
+        if isinstance(levels, Sequence) and not isinstance(levels, str):
+            levels = list(levels)
         check(
             isinstance(levels, list) and len(levels) > 0,
             f"FSQ: levels={levels!r}, allowed is a non-empty list of integers >= 2",
@@ -186,6 +190,7 @@ class FSQ(Quantizer):
         self.dim = dim
         self.codebook_size = size
         self.register_buffer("_levels", _levels_tensor(levels), persistent=False)
+        self._constants: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         has_projection = dim != codes_dim
         self.project_in = nn.Linear(dim, codes_dim) if has_projection else nn.Identity()
         self.project_out = nn.Linear(codes_dim, dim) if has_projection else nn.Identity()
@@ -201,6 +206,10 @@ class FSQ(Quantizer):
     def _normalise(self, z: Tensor) -> Tensor:
         if self.pre_norm is None:
             return z
+        # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
+        # would send every later input to one code; tanh saturates long before this bound.
+        limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
+        z = z.clamp(-limit, limit)
         if self.training and z.shape[0] < 2:
             # one value per dimension has no variance: use the running statistics
             norm = self.pre_norm
@@ -211,7 +220,10 @@ class FSQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self._normalise(self.project_in(x))
-        codes, indices = fsq_bound_round(z, self._levels)
+        key = (z.device, z.dtype)
+        if key not in self._constants:  # once per device and dtype, in float32 like the peer
+            self._constants[key] = fsq_constants(self._levels.cpu()).to(z.device, z.dtype)
+        codes, indices = fsq_bound_round(z, self._levels, self._constants[key])
         return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:

@@ -76,8 +76,7 @@ class ProductQuantizer(Quantizer):
 
     def _split(self, x: Tensor) -> Tensor:
         """``(n, dim)`` -> ``(M, n, dim / M)``."""
-        sub = self.dim // self.num_codebooks  # not -1: an empty batch has no size to infer
-        return x.reshape(x.shape[0], self.num_codebooks, sub).transpose(0, 1)
+        return x.reshape(x.shape[0], self.num_codebooks, self.codebook.dim).transpose(0, 1)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         codes, indices = self.codebook(self._split(x))
