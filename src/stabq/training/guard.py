@@ -124,6 +124,30 @@ class StabilityGuard:
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(copy.deepcopy(optim_state))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the guard's next decisions depend on, for checkpoints.
+
+        Counters, recent losses and norms, events and the learning-rate scale
+        are plain Python; ``snapshot`` is ``(model_state, optimizer_state)`` or None.
+        """
+        return {
+            "losses": list(self.losses),
+            "norms": list(self.norms),
+            "lr_scale": self.lr_scale,
+            "recoveries": self.recoveries,
+            "clean_steps": self.clean_steps,
+            "events": [dict(e) for e in self.events],
+            "snapshot": self._snapshot,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave (snapshot tensors on the model's device)."""
+        self.losses = deque(state["losses"], maxlen=self.window)
+        self.norms = deque(state["norms"], maxlen=self.window)
+        self.lr_scale, self.recoveries = state["lr_scale"], state["recoveries"]
+        self.clean_steps, self.events = state["clean_steps"], list(state["events"])
+        self._snapshot = state["snapshot"]
+
     def end_epoch(self, had_events: bool) -> None:
         """A clean epoch forgives earlier recoveries."""
         if not had_events:

@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
 from stabq.errors import ShapeError, check
+from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.training import checkpoint as ckpt
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.guard import StabilityGuard
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
@@ -79,6 +81,9 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     batch_transform: BatchTransform | None = None,
     fit_feature_stats: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and return the model with its history.
 
@@ -86,6 +91,12 @@ def train(
     data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
     flushed) and to ``on_epoch``. ``batch_transform(step, x, y)`` may alter
     each batch before it is used (tests poison batches with it).
+
+    ``checkpoint_dir``: write a checkpoint there before the first epoch and
+    after every epoch (see :mod:`stabq.training.checkpoint`; ``run_info`` is
+    stored in it). ``resume=True`` continues from that checkpoint instead: the
+    caller passes the same model architecture, data and config (checked), and
+    the run ends exactly as if it had never stopped.
     """
     config = config or TrainConfig()
     data = _as_data(train_data)
@@ -131,15 +142,29 @@ def train(
     )
     plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
     result = TrainResult(model=model)
+    saver = ckpt.Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data))
+    state, start = saver.resumed if saver else None, 0
+    if state is not None:
+        start = state.epoch
+        if config.two_stage and start > plan.stage1:  # stage 2 had begun: its optimiser
+            _freeze_projector(model, config)
+            optimizer = _rebuild_optimizer(model, config, guard)
+        result.history = state.restore(model, optimizer, guard, gen)
+        if metrics_path:
+            write_text(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in result.history))
+    started = time.perf_counter() - (state.seconds if state else 0.0)
+    if saver and state is None:
+        saver.save(0, model, optimizer, guard, gen, [], run_info)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None  # noqa: SIM115
     bar = tqdm(
-        range(config.epochs),
+        range(start, config.epochs),
+        initial=start,
+        total=config.epochs,
         desc=f"train {model.arch['quantizer']}",
         unit="epoch",
         disable=None if config.progress is None else not config.progress,
         leave=False,
     )
-    started = time.perf_counter()
     try:
         for epoch in bar:
             if config.two_stage and epoch == plan.stage1:
@@ -161,6 +186,8 @@ def train(
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            if saver:
+                saver.save(epoch + 1, model, optimizer, guard, gen, result.history, run_info)
             if on_epoch is not None:
                 on_epoch(row)
             bar.set_postfix(
@@ -293,9 +320,18 @@ def _enter_stage2(model: BottleneckClassifier, x: torch.Tensor, config: TrainCon
         sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
         features = model.features(sample)
     model.quantizer.init_from_features(features)
+    _freeze_projector(model, config)
+
+
+def _freeze_projector(model: BottleneckClassifier, config: TrainConfig) -> None:
+    """Stage 2 with ``freeze_projector``: the projector's weights take no more steps.
+
+    Their last stage-1 gradients go too, or gradient clipping would count them.
+    """
     if config.freeze_projector:
         for p in model.projector.parameters():
             p.requires_grad_(False)
+            p.grad = None
 
 
 def _rebuild_optimizer(
