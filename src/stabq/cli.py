@@ -199,7 +199,7 @@ def train(
 
 def _resumed_options(ctx: typer.Context, resume: Path, given: dict[str, Any]) -> dict[str, Any]:
     """The options the run in ``resume`` was started with; any typed again must agree."""
-    from stabq.training.checkpoint import resume_arguments
+    from stabq.training.resume import resume_arguments
 
     def typed_in(name: str) -> bool:  # not left at its default
         return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
-from stabq.errors import ShapeError, check
+from stabq.errors import ShapeError, TrainingError, check
 from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
-from stabq.training import checkpoint as ckpt
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.guard import StabilityGuard
+from stabq.training.resume import Checkpointer
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
 
 BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -142,7 +142,7 @@ def train(
     )
     plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
     result = TrainResult(model=model)
-    saver = ckpt.Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data))
+    saver = Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data))
     state, start = saver.resumed if saver else None, 0
     if state is not None:
         start = state.epoch
@@ -195,6 +195,10 @@ def train(
                 acc=f"{row['val_accuracy']:.3f}",
                 ppl=f"{row['perplexity']:.1f}",
             )
+    except TrainingError:
+        if saver:  # a diverged run would diverge again when resumed: nothing to keep
+            saver.discard()
+        raise
     finally:
         bar.close()
         if log is not None:
