@@ -44,8 +44,8 @@ from stabq.files import write_chunks
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT, FORMAT_VERSION = "stabq-checkpoint", 1
-# Test-only: seconds to sleep halfway through writing a checkpoint, so that a
-# test can kill the process while the temporary file is half written.
+# Test-only hook, "EPOCH:SECONDS": sleep that long halfway through writing the
+# checkpoint of that epoch, so that a test can kill the process mid-write.
 PAUSE_ENV = "STABQ_TEST_CHECKPOINT_PAUSE"
 FREE_OPTIONS = ("device", "progress")  # TrainConfig fields a resumed run may change
 
@@ -126,13 +126,13 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict, gen: torch.Gen
     random.setstate((version, tuple(internal), gauss))
 
 
-def _halves(data: bytes) -> Iterator[bytes]:
+def _halves(data: bytes, epoch: int) -> Iterator[bytes]:
     """``data`` in two pieces, sleeping between them when the test-only hook asks."""
     middle = len(data) // 2
     yield data[:middle]
-    pause = os.environ.get(PAUSE_ENV)
-    if pause:
-        time.sleep(float(pause))
+    at, _, seconds = os.environ.get(PAUSE_ENV, "").partition(":")
+    if at == str(epoch):
+        time.sleep(float(seconds))
     yield data[middle:]
 
 
@@ -185,7 +185,7 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     data = tensors_to_bytes(tensors, metadata={"format": FORMAT, "state": json.dumps(document)})
     what = f"the checkpoint of epoch {epoch} (the previous one is kept)"
-    write_chunks(path, _halves(data), CheckpointError, what)
+    write_chunks(path, _halves(data, epoch), CheckpointError, what)
     return path
 
 

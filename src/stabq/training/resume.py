@@ -103,12 +103,17 @@ class Checkpointer:
         history: list[dict[str, Any]],
         run_info: dict[str, Any] | None,
     ) -> Path:
-        """Write the state after ``epoch`` epochs."""
-        return save_checkpoint(
-            self.directory, epoch=epoch, model=model, optimizer=optimizer, guard=guard,
-            generator=generator, history=history, fingerprint=self.fingerprint,
-            run_info=run_info, seconds=time.perf_counter() - self.started,
-        )  # fmt: skip
+        """Write the state after ``epoch`` epochs (a failed first write leaves nothing)."""
+        try:
+            return save_checkpoint(
+                self.directory, epoch=epoch, model=model, optimizer=optimizer, guard=guard,
+                generator=generator, history=history, fingerprint=self.fingerprint,
+                run_info=run_info, seconds=time.perf_counter() - self.started,
+            )  # fmt: skip
+        except CheckpointError:
+            if self.resumed is None and epoch == 0:
+                self.discard()
+            raise
 
 
 def _flag(name: str) -> str:
