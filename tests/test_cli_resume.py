@@ -235,3 +235,45 @@ def test_resume_of_a_directory_without_a_checkpoint_is_refused(tmp_path, make):
 def test_train_without_data_or_out_is_refused(tmp_path):
     one_line_error(runner.invoke(app, ["train", "--out", str(tmp_path / "m")]), "needs --data")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a real full disk and a real read-only directory (tmpfs; needs the right to mount) ---------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(options)`` gives a fresh tmpfs directory; skipped where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        target = tmp_path / f"fs{len(mounted)}"
+        target.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)]
+        if shutil.which("mount") is None or subprocess.run(command, capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(tmpfs, reference):
+    disk = tmpfs("size=120k")  # room for one checkpoint and a half: a later write fails
+    out = disk / "run"
+    result = runner.invoke(app, ["train", *RUN, "--out", str(out)])
+    one_line_error(result, str(out), "No space left on device")
+    assert [p.name for p in out.iterdir()] == [CHECKPOINT]  # no torn file, no partial model
+    assert 0 <= epochs_done(out) <= EPOCHS
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # room made
+    result = runner.invoke(app, ["train", "--resume", str(out), "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert_same_run(out, reference)
+
+
+def test_a_read_only_output_directory_is_one_line_and_writes_nothing(tmpfs):
+    disk = tmpfs("ro,size=1m")
+    result = runner.invoke(app, ["train", *RUN, "--out", str(disk / "run")])
+    one_line_error(result, str(disk / "run"), "Read-only file system")
+    assert list(disk.iterdir()) == []

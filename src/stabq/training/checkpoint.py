@@ -23,6 +23,7 @@ ends with bitwise the weights and the history (less the wall-clock
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,7 +140,8 @@ def _halves(data: bytes, epoch: int) -> Iterator[bytes]:
 def remove_strays(directory: str | Path) -> None:
     """Delete temporary files left by a checkpoint write that was killed."""
     for stray in Path(directory).glob(f".{CHECKPOINT}.*"):
-        stray.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only directory keeps them, harmlessly
+            stray.unlink()
 
 
 def save_checkpoint(
@@ -184,7 +186,7 @@ def save_checkpoint(
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     data = tensors_to_bytes(tensors, metadata={"format": FORMAT, "state": json.dumps(document)})
-    what = f"the checkpoint of epoch {epoch} (the previous one is kept)"
+    what = f"the checkpoint of epoch {epoch}" + (" (the previous one is kept)" if epoch else "")
     write_chunks(path, _halves(data, epoch), CheckpointError, what)
     return path
 
