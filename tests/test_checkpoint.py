@@ -46,13 +46,24 @@ def model(quantizer: str) -> BottleneckClassifier:
     return BottleneckClassifier(16, 10, quantizer, hidden=32, bottleneck_dim=16, **kwargs)
 
 
-def poison(step: int, x: torch.Tensor, y: torch.Tensor):
-    """Guard events: 1e8 spikes (the second just after a resume at step 34), a NaN batch."""
-    if step in (14, 36):
-        x = x * 1e8
-    if step == 33:
-        x = torch.full_like(x, float("nan"))
-    return x, y
+def faults(model: BottleneckClassifier):
+    """Guard events, the last two just after a resume at step 34: a weight turned NaN as by
+    a bad update (14, undone), batches of NaN (33) and x 1e4 (35) left out, and the head's
+    weights x 1e3 (36: a loss spike, undone from the snapshot)."""
+
+    def inject(step: int, x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            if step == 14:
+                model.head[0].weight[0, 0] = float("nan")
+            if step == 36:
+                model.head[3].weight.mul_(1e3)
+        if step == 33:
+            x = torch.full_like(x, float("nan"))
+        if step == 35:
+            x = x * 1e4
+        return x, y
+
+    return inject
 
 
 def crash_at(stop: int, transform):
@@ -103,25 +114,31 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_resumed_run_ends_bitwise_as_an_uninterrupted_one(blobs, tmp_path, case):
     quantizer, options, stops = CASES[case]
-    transform = poison if options.pop("poison", False) else None
+    poisoned = options.pop("poison", False)
     config = TrainConfig(
         epochs=EPOCHS, batch_size=64, seed=3, guard_window=30, progress=False, **options
     )
-    reference = model(quantizer)
+
+    def fresh():
+        m = model(quantizer)
+        return m, (faults(m) if poisoned else None)
+
+    reference, transform = fresh()
     expected = train(reference, blobs, config=config, batch_transform=transform)
-    if transform is not None:
-        assert [e["step"] for e in expected.guard_events] == [14, 33, 36]
+    if poisoned:
+        assert [e["step"] for e in expected.guard_events] == [14, 33, 35, 36]
 
     resumed = False
     for stop in stops:  # stopped, resumed from a fresh model, stopped again, ...
+        attempt, transform = fresh()
         with pytest.raises(Stop):
             train(
-                model(quantizer), blobs, config=config, batch_transform=crash_at(stop, transform),
+                attempt, blobs, config=config, batch_transform=crash_at(stop, transform),
                 checkpoint_dir=tmp_path, resume=resumed,
             )  # fmt: skip
         resumed = True
         assert load_checkpoint(tmp_path).epoch == stop // STEPS  # the last whole epoch's
-    final = model(quantizer)
+    final, transform = fresh()
     result = train(
         final, blobs, config=config, batch_transform=transform,
         checkpoint_dir=tmp_path, resume=True,
@@ -134,10 +151,11 @@ def test_a_resumed_run_ends_bitwise_as_an_uninterrupted_one(blobs, tmp_path, cas
 
 def test_the_checkpoint_holds_every_state_the_run_depends_on(blobs, tmp_path):
     config = TrainConfig(epochs=2, batch_size=64, progress=False, guard_window=10)
+    vq = model("vq")
     with pytest.raises(Stop):
         train(
-            model("vq"), blobs, config=config, checkpoint_dir=tmp_path,
-            batch_transform=poison, on_epoch=stop_after(1),
+            vq, blobs, config=config, checkpoint_dir=tmp_path,
+            batch_transform=faults(vq), on_epoch=stop_after(1),
         )  # fmt: skip
     with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -157,7 +175,7 @@ def test_the_checkpoint_holds_every_state_the_run_depends_on(blobs, tmp_path):
     assert state["epoch"] == 1 and len(state["history"]) == 1
     guard = state["guard"]
     assert guard["lr_scale"] == 0.5 and guard["recoveries"] == 1 and len(guard["events"]) == 1
-    assert len(guard["losses"]) == 10  # the window of recent losses the spike test uses
+    assert len(guard["losses"]) == len(guard["norms"]) == len(guard["inputs"]) == 10
     assert state["optimizer"]["param_groups"][0]["lr"] > 0
     assert len(state["rng"]["python"][1]) == 625
 

@@ -1,13 +1,20 @@
 """The stability guard: undo a bad step instead of letting it wreck the run.
 
-A step is bad when its loss is not finite, or exceeds ``spike_factor`` x the
-median of the last ``window`` good losses (floored at 1.0), or its largest bottleneck feature
-norm exceeds ``feature_spike_factor`` x its recent median, or its gradient
-norm is not finite. A bad step restores the last snapshot (weights, buffers
-such as EMA codebooks and running statistics, and the optimiser state) and
-halves the learning rate (``lr_backoff``); every ``window`` clean steps the
-rate doubles back, up to its scheduled value. Snapshots are taken every
-``snapshot_every`` clean steps, after checking every weight is finite.
+A batch is left out, before it touches the model, when its inputs are not
+finite or its largest standardised input norm exceeds ``feature_spike_factor``
+x the median of recent batches' (a poisoned batch is not the optimiser's
+fault: nothing to undo, no lower rate). A step is bad when its loss is not
+finite, or exceeds ``spike_factor`` x the median of the last ``window`` good
+losses (floored at 1.0), or its largest bottleneck feature norm exceeds
+``feature_spike_factor`` x the smallest of the last ``window`` (features that
+grow a hundredfold within a window are exploding, even if no single step
+jumps), or its gradient norm is not finite. The references start from the
+untrained model's figures (``prime``), so the first steps are checked too.
+A bad step restores the last snapshot (weights, buffers such as EMA
+codebooks and running statistics, and the optimiser state) and halves the
+learning rate (``lr_backoff``); every ``window`` clean steps the rate doubles
+back, up to its scheduled value. Snapshots are taken every ``snapshot_every``
+clean steps, after checking every weight is finite.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class StabilityGuard:
         self.lr_backoff, self.snapshot_every = lr_backoff, snapshot_every
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
+        self.inputs: deque[float] = deque(maxlen=window)
         self.lr_scale = 1.0
         self.recoveries = 0  # since the last clean epoch
         self.clean_steps = 0
@@ -75,18 +83,41 @@ class StabilityGuard:
             return f"loss is {loss}"
         if not math.isfinite(feature_norm):
             return f"feature norm is {feature_norm}"
-        if len(self.losses) >= min(10, self.window):
+        if self.losses:  # primed with the untrained model's figures, so from the first step
             median = statistics.median(self.losses)
             # the floor of 1.0 keeps ordinary noise on a small, well-trained loss from counting
             if loss > self.spike_factor * max(median, 1.0):
                 return f"loss {loss:.4g} > {self.spike_factor:g} x recent median {median:.4g}"
-            norm_median = statistics.median(self.norms)
-            if feature_norm > self.feature_spike_factor * max(norm_median, 1e-6):
+            norm_min = min(self.norms)
+            if feature_norm > self.feature_spike_factor * max(norm_min, 1e-6):
                 return (
                     f"feature norm {feature_norm:.4g} > {self.feature_spike_factor:g} x "
-                    f"recent median {norm_median:.4g}"
+                    f"recent minimum {norm_min:.4g}"
                 )
         return None
+
+    def check_input(self, input_norm: float) -> str | None:
+        """Why to leave a batch out (its largest standardised row norm given), or None."""
+        if not self.enabled:
+            return None
+        if not math.isfinite(input_norm):
+            return "non-finite input batch skipped"
+        if self.inputs:
+            median = statistics.median(self.inputs)
+            if input_norm > self.feature_spike_factor * max(median, 1e-6):
+                return (
+                    f"input norm {input_norm:.4g} > {self.feature_spike_factor:g} x recent "
+                    f"median {median:.4g}: batch skipped"
+                )
+        self.inputs.append(input_norm)
+        return None
+
+    def prime(self, loss: float, feature_norm: float, input_norm: float) -> None:
+        """Give the spike tests a first reference: the untrained model's figures on clean rows."""
+        if all(map(math.isfinite, (loss, feature_norm, input_norm))):
+            self.losses.append(loss)
+            self.norms.append(feature_norm)
+            self.inputs.append(input_norm)
 
     def accept(self, loss: float, feature_norm: float) -> None:
         """Record a clean step; snapshot and restore the learning rate on schedule."""
@@ -133,6 +164,7 @@ class StabilityGuard:
         return {
             "losses": list(self.losses),
             "norms": list(self.norms),
+            "inputs": list(self.inputs),
             "lr_scale": self.lr_scale,
             "recoveries": self.recoveries,
             "clean_steps": self.clean_steps,
@@ -144,9 +176,19 @@ class StabilityGuard:
         """Take back what :meth:`state_dict` gave (snapshot tensors on the model's device)."""
         self.losses = deque(state["losses"], maxlen=self.window)
         self.norms = deque(state["norms"], maxlen=self.window)
+        self.inputs = deque(state["inputs"], maxlen=self.window)
         self.lr_scale, self.recoveries = state["lr_scale"], state["recoveries"]
         self.clean_steps, self.events = state["clean_steps"], list(state["events"])
         self._snapshot = state["snapshot"]
+
+    def require_progress(self, applied: int, epoch: int) -> None:
+        """Stop the run when no step of an epoch could be applied (every batch bad)."""
+        if self.enabled and applied == 0:
+            last = self.events[-1]["reason"] if self.events else "no batch"
+            raise TrainingError(
+                f"training stopped at epoch {epoch}: no batch of the epoch could be used "
+                f"(last: {last}); check the data, or try a lower --lr"
+            )
 
     def end_epoch(self, had_events: bool) -> None:
         """A clean epoch forgives earlier recoveries."""

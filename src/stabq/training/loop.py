@@ -140,6 +140,7 @@ def train(
         max_recoveries=config.max_recoveries,
         lr_backoff=config.lr_backoff,
     )
+    guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size]))
     plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
     result = TrainResult(model=model)
     saver = Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data))
@@ -174,6 +175,7 @@ def train(
             model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
             epoch_started, events_before = time.perf_counter(), len(guard.events)
             sums = _train_epoch(model, optimizer, guard, plan, epoch, x, y, gen, batch_transform)
+            guard.require_progress(sums["applied"], epoch)
             new_events = guard.events[events_before:]
             guard.end_epoch(bool(new_events))
             row = _epoch_row(model, plan, epoch, sums, evaluate_model(model, vx, vy))
@@ -259,8 +261,9 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = plan.lr(epoch, i, guard.lr_scale)
         model.quantizer.set_progress(plan.progress(epoch, i))
-        if config.guards and not bool(torch.isfinite(xb).all()):
-            guard.skip("non-finite input batch skipped", step, epoch)
+        skip = guard.check_input(_input_norm(model, xb)) if config.guards else None
+        if skip is not None:
+            guard.skip(skip, step, epoch)
             continue
         logits, out, z = model.forward_with_features(xb)
         ce = F.cross_entropy(logits.float(), yb)
@@ -349,3 +352,24 @@ def _rebuild_optimizer(
     guard.optimizer = optimizer
     guard.snapshot()
     return optimizer
+
+
+@torch.no_grad()
+def _reference_figures(model: BottleneckClassifier, x: torch.Tensor, y: torch.Tensor):
+    """Eval-mode loss, largest feature and input norms of the untrained model on clean rows.
+
+    Eval mode changes no buffer and draws no random number, so training is as without it.
+    """
+    was_training = model.training
+    model.eval()
+    logits, out, z = model.forward_with_features(x)
+    model.train(was_training)
+    loss = float(F.cross_entropy(logits.float(), y) + out.loss)
+    return loss, float(z.norm(dim=-1).max()) if z.numel() else 0.0, _input_norm(model, x)
+
+
+def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
+    """The largest row norm of the standardised batch (inf or nan when it is not finite)."""
+    if not x.numel():
+        return 0.0
+    return float(((x - model.feature_mean) / model.feature_std).norm(dim=-1).max())
