@@ -7,8 +7,8 @@ whole. It holds
 
     tensors (safetensors)  model state (weights and buffers: EMA codebooks,
                            dead-code counters, k-means flags, norm statistics),
-                           optimiser state, the guard's last good snapshot of
-                           both, and the RNG states (torch, data order, CUDA:
+                           optimiser state, the guard's last good snapshot and
+                           best epoch's state of both, and the RNG states (torch, data order, CUDA:
                            uint8; numpy's MT19937 key: int64)
     JSON (its metadata)    epochs done, the history so far, the guard's
                            counters, recent losses and events, optimiser
@@ -49,6 +49,7 @@ FORMAT, FORMAT_VERSION = "stabq-checkpoint", 1
 # checkpoint of that epoch, so that a test can kill the process mid-write.
 PAUSE_ENV = "STABQ_TEST_CHECKPOINT_PAUSE"
 FREE_OPTIONS = ("device", "progress")  # TrainConfig fields a resumed run may change
+SAVED_STATES = ("snapshot", "anchor")  # the guard's (model, optimiser) states to go back to
 
 
 def checkpoint_path(directory: str | Path) -> Path:
@@ -162,12 +163,14 @@ def save_checkpoint(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_meta = _optimizer_split("optim", optimizer.state_dict())
     guard_state = guard.state_dict()
-    snapshot = guard_state.pop("snapshot")
-    snapshot_meta = None
-    if snapshot is not None:
-        tensors.update({f"snapshot.{k}": v for k, v in snapshot[0].items()})
-        snap_tensors, snapshot_meta = _optimizer_split("snapshot_optim", snapshot[1])
-        tensors.update(snap_tensors)
+    saved_meta = {}
+    for name in SAVED_STATES:
+        saved = guard_state.pop(name)
+        saved_meta[name] = None
+        if saved is not None:
+            tensors.update({f"{name}.{k}": v for k, v in saved[0].items()})
+            saved_tensors, saved_meta[name] = _optimizer_split(f"{name}_optim", saved[1])
+            tensors.update(saved_tensors)
     rng_tensors, rng_plain = _rng_state(generator)
     tensors.update(optim_tensors)
     tensors.update(rng_tensors)
@@ -179,7 +182,7 @@ def save_checkpoint(
         "seconds": seconds,
         "history": history,
         "optimizer": optim_meta,
-        "guard": {**guard_state, "snapshot_optimizer": snapshot_meta},
+        "guard": {**guard_state, "optimizers": saved_meta},
         "rng": rng_plain,
         "fingerprint": fingerprint,
         "run": run_info or {},
@@ -250,16 +253,17 @@ class Checkpoint:
             model.load_state_dict(part("model."), strict=True)
             optimizer.load_state_dict(_optimizer_join("optim", doc["optimizer"], tensors))
             guard_doc = dict(doc["guard"])
-            snapshot_meta = guard_doc.pop("snapshot_optimizer")
-            snapshot = None
-            if snapshot_meta is not None:
-                snap_optim = _optimizer_join("snapshot_optim", snapshot_meta, tensors)
-                snap_optim["state"] = {
-                    pid: {k: v.to(device) for k, v in values.items()}
-                    for pid, values in snap_optim["state"].items()
-                }
-                snapshot = (part("snapshot."), snap_optim)
-            guard.load_state_dict({**guard_doc, "snapshot": snapshot})
+            saved_meta = guard_doc.pop("optimizers")
+            for name in SAVED_STATES:
+                guard_doc[name] = None
+                if saved_meta[name] is not None:
+                    optim = _optimizer_join(f"{name}_optim", saved_meta[name], tensors)
+                    optim["state"] = {
+                        pid: {k: v.to(device) for k, v in values.items()}
+                        for pid, values in optim["state"].items()
+                    }
+                    guard_doc[name] = (part(f"{name}."), optim)
+            guard.load_state_dict(guard_doc)
             _set_rng_state(tensors, doc["rng"], generator)
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             message = " ".join(str(err).split())[:300]

@@ -15,6 +15,14 @@ codebooks and running statistics, and the optimiser state) and halves the
 learning rate (``lr_backoff``); every ``window`` clean steps the rate doubles
 back, up to its scheduled value. Snapshots are taken every ``snapshot_every``
 clean steps, after checking every weight is finite.
+
+Undoing single steps cannot help when the rate is so high that the weights
+decay for many steps before anything jumps: the snapshots are then spoilt
+too. So the guard also keeps the state of the best epoch (lowest validation
+loss; the untrained model to start with): an epoch that ends no better than
+the best goes back to the best at a lower rate, if it needed undoing, or if
+the run ever needed undoing and the model is now no better than untrained
+(its units dead); the rate may never climb back to one that failed that way.
 """
 
 from __future__ import annotations
@@ -65,15 +73,33 @@ class StabilityGuard:
         self.recoveries = 0  # since the last clean epoch
         self.clean_steps = 0
         self.events: list[dict[str, Any]] = []
+        self.lr_ceiling = 1.0  # the rate never doubles back above this
+        self.epoch_recoveries = 0
+        self.best_val = self.untrained_val = math.inf
+        self.undone = 0  # steps undone in the whole run
         self._snapshot: tuple[dict, dict] | None = None
+        self._anchor: tuple[dict, dict] | None = None  # the best epoch's state
         self.snapshot()
+
+    def _copy(self) -> tuple[dict, dict]:
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return state, copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, saved: tuple[dict, dict]) -> None:
+        self.model.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(copy.deepcopy(saved[1]))
 
     def snapshot(self) -> None:
         """Remember the current weights, buffers and optimiser state as the last good ones."""
-        if not self.enabled:
-            return
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self._snapshot = (state, copy.deepcopy(self.optimizer.state_dict()))
+        if self.enabled:
+            self._snapshot = self._copy()
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch a new optimiser (stage 2): the current state is the snapshot and the best."""
+        self.optimizer = optimizer
+        self.snapshot()
+        self.best_val = self.untrained_val = math.inf
+        self._anchor = self._snapshot
 
     def check(self, loss: float, feature_norm: float) -> str | None:
         """The reason this step is bad, or None to apply it."""
@@ -112,20 +138,28 @@ class StabilityGuard:
         self.inputs.append(input_norm)
         return None
 
-    def prime(self, loss: float, feature_norm: float, input_norm: float) -> None:
-        """Give the spike tests a first reference: the untrained model's figures on clean rows."""
+    def prime(
+        self, loss: float, feature_norm: float, input_norm: float, val_loss: float, chance: float
+    ) -> None:
+        """First references: the untrained model's figures on clean rows, and its state.
+
+        ``chance`` is the validation loss of always predicting the class frequencies.
+        """
         if all(map(math.isfinite, (loss, feature_norm, input_norm))):
             self.losses.append(loss)
             self.norms.append(feature_norm)
             self.inputs.append(input_norm)
+        if self.enabled:
+            self.best_val, self._anchor = val_loss, self._copy()
+            self.untrained_val = 0.995 * min(val_loss, chance)  # barely better is no better
 
     def accept(self, loss: float, feature_norm: float) -> None:
         """Record a clean step; snapshot and restore the learning rate on schedule."""
         self.losses.append(loss)
         self.norms.append(feature_norm)
         self.clean_steps += 1
-        if self.clean_steps % self.window == 0 and self.lr_scale < 1.0:
-            self.lr_scale = min(1.0, self.lr_scale / self.lr_backoff)
+        if self.clean_steps % self.window == 0 and self.lr_scale < self.lr_ceiling:
+            self.lr_scale = min(self.lr_ceiling, self.lr_scale / self.lr_backoff)
         if self.enabled and self.clean_steps % self.snapshot_every == 0:
             if _finite_state(self.model):
                 self.snapshot()
@@ -138,9 +172,13 @@ class StabilityGuard:
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
 
-    def recover(self, reason: str, step: int, epoch: int) -> None:
-        """Undo back to the last snapshot at a lower learning rate, or stop the run."""
+    def recover(
+        self, reason: str, step: int, epoch: int, to: tuple[dict, dict] | None = None
+    ) -> None:
+        """Undo back to the last snapshot (or ``to``) at a lower rate, or stop the run."""
         self.recoveries += 1
+        self.epoch_recoveries += 1
+        self.undone += 1
         self.lr_scale *= self.lr_backoff
         self.events.append(
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
@@ -151,17 +189,22 @@ class StabilityGuard:
                 f"{self.recoveries - 1} recoveries did not help "
                 f"(try a lower --lr or another --quantizer)"
             )
-        state, optim_state = self._snapshot
-        self.model.load_state_dict(state)
-        self.optimizer.load_state_dict(copy.deepcopy(optim_state))
+        self._restore(to or self._snapshot)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the guard's next decisions depend on, for checkpoints.
 
         Counters, recent losses and norms, events and the learning-rate scale
-        are plain Python; ``snapshot`` is ``(model_state, optimizer_state)`` or None.
+        are plain Python; ``snapshot`` and ``anchor`` (the best epoch's state) are
+        ``(model_state, optimizer_state)`` or None.
         """
         return {
+            "lr_ceiling": self.lr_ceiling,
+            "epoch_recoveries": self.epoch_recoveries,
+            "best_val": self.best_val,
+            "untrained_val": self.untrained_val,
+            "undone": self.undone,
+            "anchor": self._anchor,
             "losses": list(self.losses),
             "norms": list(self.norms),
             "inputs": list(self.inputs),
@@ -179,7 +222,10 @@ class StabilityGuard:
         self.inputs = deque(state["inputs"], maxlen=self.window)
         self.lr_scale, self.recoveries = state["lr_scale"], state["recoveries"]
         self.clean_steps, self.events = state["clean_steps"], list(state["events"])
-        self._snapshot = state["snapshot"]
+        self._snapshot, self._anchor = state["snapshot"], state["anchor"]
+        self.lr_ceiling, self.best_val = state["lr_ceiling"], state["best_val"]
+        self.epoch_recoveries = state["epoch_recoveries"]
+        self.untrained_val, self.undone = state["untrained_val"], state["undone"]
 
     def require_progress(self, applied: int, epoch: int) -> None:
         """Stop the run when no step of an epoch could be applied (every batch bad)."""
@@ -190,7 +236,34 @@ class StabilityGuard:
                 f"(last: {last}); check the data, or try a lower --lr"
             )
 
-    def end_epoch(self, had_events: bool) -> None:
-        """A clean epoch forgives earlier recoveries."""
-        if not had_events:
+    def end_epoch(self, had_events: bool, val_loss: float | None = None, epoch: int = -1) -> bool:
+        """Keep the best epoch, or go back to it; a clean epoch forgives earlier recoveries.
+
+        Returns True when the model went back to the best epoch's state.
+        """
+        back = False
+        if self.enabled and val_loss is not None:
+            worse = self.epoch_recoveries and not val_loss < self.best_val
+            dead = self.undone and not val_loss < self.untrained_val
+            if (worse or dead) and self._anchor is not None:
+                # a lost epoch: the rate is far too high; at most the ceiling / 8, and
+                # never above a rate that this epoch's undone steps already lowered
+                target = min(self.lr_scale, self.lr_ceiling) * self.lr_backoff**3
+                self.recover(
+                    f"epoch ended with validation loss {val_loss:.4g} (best {self.best_val:.4g}, "
+                    f"no better than chance {self.untrained_val:.4g}) after {self.undone} "
+                    f"undone steps: back to the best epoch at a rate capped lower",
+                    step=-1,
+                    epoch=epoch,
+                    to=self._anchor,
+                )
+                self.lr_scale = self.lr_ceiling = target
+                self.events[-1]["lr_scale"] = target
+                self._snapshot = self._anchor
+                back = True
+            elif val_loss < self.best_val:
+                self.best_val, self._anchor = val_loss, self._copy()
+        self.epoch_recoveries = 0
+        if not had_events and not back:
             self.recoveries = 0
+        return back

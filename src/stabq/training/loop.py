@@ -140,7 +140,7 @@ def train(
         max_recoveries=config.max_recoveries,
         lr_backoff=config.lr_backoff,
     )
-    guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size]))
+    guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size], vx, vy))
     plan = _Plan(config, steps_per_epoch=max(1, -(-x.shape[0] // config.batch_size)))
     result = TrainResult(model=model)
     saver = Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data))
@@ -176,9 +176,11 @@ def train(
             epoch_started, events_before = time.perf_counter(), len(guard.events)
             sums = _train_epoch(model, optimizer, guard, plan, epoch, x, y, gen, batch_transform)
             guard.require_progress(sums["applied"], epoch)
+            figures = evaluate_model(model, vx, vy)
+            if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
+                figures = evaluate_model(model, vx, vy)  # back at the best epoch's state
             new_events = guard.events[events_before:]
-            guard.end_epoch(bool(new_events))
-            row = _epoch_row(model, plan, epoch, sums, evaluate_model(model, vx, vy))
+            row = _epoch_row(model, plan, epoch, sums, figures)
             row.update(
                 lr=optimizer.param_groups[0]["lr"],
                 guard_events=len(new_events),
@@ -349,23 +351,33 @@ def _rebuild_optimizer(
     """A fresh AdamW over the trainable parameters for stage 2; the guard follows it."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    guard.optimizer = optimizer
-    guard.snapshot()
+    guard.follow(optimizer)
     return optimizer
 
 
 @torch.no_grad()
-def _reference_figures(model: BottleneckClassifier, x: torch.Tensor, y: torch.Tensor):
-    """Eval-mode loss, largest feature and input norms of the untrained model on clean rows.
+def _reference_figures(
+    model: BottleneckClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+):
+    """Eval-mode loss, largest feature and input norms of the untrained model on clean rows,
+    its validation loss, and the validation loss of predicting the class frequencies.
 
     Eval mode changes no buffer and draws no random number, so training is as without it.
     """
     was_training = model.training
     model.eval()
     logits, out, z = model.forward_with_features(x)
+    val_loss = evaluate_model(model, vx, vy)["loss"]
     model.train(was_training)
     loss = float(F.cross_entropy(logits.float(), y) + out.loss)
-    return loss, float(z.norm(dim=-1).max()) if z.numel() else 0.0, _input_norm(model, x)
+    norm = float(z.norm(dim=-1).max()) if z.numel() else 0.0
+    freq = torch.bincount(vy).double() / max(1, vy.numel())
+    chance = float(-(freq[freq > 0] * freq[freq > 0].log()).sum())
+    return loss, norm, _input_norm(model, x), val_loss, chance
 
 
 def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
