@@ -179,7 +179,10 @@ class StabilityGuard:
         self.recoveries += 1
         self.epoch_recoveries += 1
         self.undone += 1
+        again = self.lr_scale < self.lr_ceiling  # failed although already backed off
         self.lr_scale *= self.lr_backoff
+        if again:  # never double back to a rate that failed twice
+            self.lr_ceiling = self.lr_scale
         self.events.append(
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
@@ -244,10 +247,10 @@ class StabilityGuard:
         back = False
         if self.enabled and val_loss is not None:
             worse = self.epoch_recoveries and not val_loss < self.best_val
-            dead = self.undone and not val_loss < self.untrained_val
+            # units killed earlier: a calm epoch that still ends no better than chance
+            dead = self.undone and not self.epoch_recoveries and not val_loss < self.untrained_val
             if (worse or dead) and self._anchor is not None:
-                # a lost epoch: the rate is far too high; at most the ceiling / 8, and
-                # never above a rate that this epoch's undone steps already lowered
+                # a lost epoch: the rate is far too high, cut it 8x and cap it there
                 target = min(self.lr_scale, self.lr_ceiling) * self.lr_backoff**3
                 self.recover(
                     f"epoch ended with validation loss {val_loss:.4g} (best {self.best_val:.4g}, "
