@@ -19,10 +19,11 @@ clean steps, after checking every weight is finite.
 Undoing single steps cannot help when the rate is so high that the weights
 decay for many steps before anything jumps: the snapshots are then spoilt
 too. So the guard also keeps the state of the best epoch (lowest validation
-loss; the untrained model to start with): an epoch that ends no better than
-the best goes back to the best at a lower rate, if it needed undoing, or if
-the run ever needed undoing and the model is now no better than untrained
-(its units dead); the rate may never climb back to one that failed that way.
+loss; the untrained model to start with). An epoch goes back to the best
+at an 8x lower rate, capped there, when it needed undoing and ends no better
+than the best, or when it was calm but the run needed undoing earlier and
+the model is still no better than chance (its units dead). After a step
+failed at an already lowered rate, the rate never doubles back above half of it.
 """
 
 from __future__ import annotations
