@@ -1,76 +1,114 @@
 """stabq's quantizers against vector-quantize-pytorch, side by side in one process.
 
-    python benchmarks/quantizers.py [--json out.json] [--repeats 7] [--device cpu|cuda]
+    python benchmarks/quantizers.py [--repeats 7] [--device cpu|cuda] [--sweep]
+                                    [--json benchmarks/results/quantizers-cpu.json]
 
 Checks correctness before timing anything (stabq's FSQ indices equal the
-peer's; the chunked nearest-code search equals brute force), then times
-forward plus backward (EMA update included) of each row, stabq and peer
-alternated, and prints the median, the ratio and the peak memory of each
-side. Peak memory is measured in a fresh child process per row and side
-(the increase of its peak resident set, or CUDA's max allocated). Floors:
-the one matrix product nearest-code search cannot avoid (VQ rows) and one
-elementwise pass (FSQ rows), timed in the same run.
+peer's; the tiled nearest-code search equals brute force), then times forward
+plus backward (EMA update included) of each row, stabq and peer alternated,
+and prints the median, the ratio and the peak memory of each side (see
+``_measure.py``). Each row's floor is timed in the same run: the matrix
+products nearest-code search cannot avoid (VQ rows), one elementwise pass
+(FSQ rows). ``--sweep`` adds VQ-EMA from 1,024 to 262,144 inputs and 256 to
+65,536 codes, FSQ from 1,024 to 262,144 inputs, and the memory of a 65,536-code
+search over 65,536 inputs (the peer is not run where its full distance matrix
+would pass 4 GiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import platform
-import resource
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-ROWS = {
-    # name: (inputs, dim, builder key)
-    "fsq 16k": (16384, 6, "fsq"),
-    "fsq 262k": (262144, 6, "fsq"),
-    "vq-ema 1024x128": (16384, 128, "vq-ema"),
-    "vq repaired 512 (cosine, 32-d)": (16384, 128, "vq"),
-    "rvq 4x256x128": (16384, 128, "rvq"),
-    "vq-ema 1024x128, peer defaults": (16384, 128, "vq-ema-peer-defaults"),
-    "pq 8x256 over 128": (16384, 128, "pq"),
-    "gumbel 1024x128": (16384, 128, "gumbel"),
-}
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import alternate, elapsed_ms, machine, markdown, peak_mib
+
+LEVELS = [8, 8, 8, 5, 5, 5]
+PEER_DISTANCE_LIMIT = 4 * 2**30  # bytes of float32 distances the peer builds at once
 
 
-def build(key: str, side: str, device: str) -> torch.nn.Module | None:
-    """The module of one side of a row (None where the peer has no equivalent)."""
+@dataclass
+class Row:
+    name: str
+    inputs: int
+    key: str  # builder key, below
+    codes: int = 1024  # codes per codebook
+    dim: int = 128
+
+    @property
+    def floor_products(self) -> list[tuple[int, int, int]]:
+        """The (count, d, K) matrix products ``(n, d) @ (d, K)`` the row cannot avoid."""
+        return {
+            "rvq": [(4, self.dim, self.codes)],
+            "vq": [(1, 32, self.codes)],
+            "pq": [(8, self.dim // 8, self.codes)],
+        }.get(self.key, [(1, self.dim, self.codes)])
+
+
+ROWS = [
+    Row("fsq 16k", 16384, "fsq", dim=6),
+    Row("fsq 262k", 262144, "fsq", dim=6),
+    Row("vq-ema 1024x128", 16384, "vq-ema"),
+    Row("vq repaired 512 (cosine, 32-d)", 16384, "vq", codes=512),
+    Row("rvq 4x256x128", 16384, "rvq", codes=256),
+    Row("vq-ema 1024x128, peer defaults", 16384, "vq-ema-peer-defaults"),
+    Row("pq 8x256 over 128", 16384, "pq", codes=256),
+    Row("gumbel 1024x128", 16384, "gumbel"),
+]
+
+
+def sweep_rows() -> list[Row]:
+    rows = [Row(f"fsq {n}", n, "fsq", dim=6) for n in (1024, 16384, 262144)]
+    for k in (256, 4096, 65536):
+        for n in (1024, 16384, 262144):
+            if n * k <= 2**32:  # 262,144 x 65,536 would take minutes a step on 2 cores
+                rows.append(Row(f"vq-ema {n} x {k}", n, "vq-ema", codes=k))
+    return rows
+
+
+def build(row: Row, side: str, device: str) -> torch.nn.Module | None:
+    """The module of one side of a row (None where the peer has no equivalent or would
+    build a distance matrix over PEER_DISTANCE_LIMIT)."""
     import stabq
 
+    k = row.codes
     if side == "stabq":
         module = {
-            "fsq": lambda: stabq.FSQ([8, 8, 8, 5, 5, 5]),
-            "vq-ema": lambda: stabq.VectorQuantizer(128, 1024),
-            "vq-ema-peer-defaults": lambda: stabq.VectorQuantizer(128, 1024),
-            "vq": lambda: stabq.build_quantizer("vq", 128),
-            "rvq": lambda: stabq.ResidualVQ(128, 4, 256),
-            "pq": lambda: stabq.ProductQuantizer(128, 8, 8),
-            "gumbel": lambda: stabq.GumbelQuantizer(128, 1024),
-        }[key]()
+            "fsq": lambda: stabq.FSQ(LEVELS),
+            "vq-ema": lambda: stabq.VectorQuantizer(row.dim, k),
+            "vq-ema-peer-defaults": lambda: stabq.VectorQuantizer(row.dim, k),
+            "vq": lambda: stabq.build_quantizer("vq", row.dim),
+            "rvq": lambda: stabq.ResidualVQ(row.dim, 4, k),
+            "pq": lambda: stabq.ProductQuantizer(row.dim, 8, k.bit_length() - 1),
+            "gumbel": lambda: stabq.GumbelQuantizer(row.dim, k),
+        }[row.key]()
         return module.to(device).train()
+    if row.key != "fsq" and row.inputs * k * 4 > PEER_DISTANCE_LIMIT:
+        return None
     import vector_quantize_pytorch as vqp
 
     like = {"decay": 0.99, "rotation_trick": False}
     factory = {
-        "fsq": lambda: vqp.FSQ([8, 8, 8, 5, 5, 5]),
-        "vq-ema": lambda: vqp.VectorQuantize(dim=128, codebook_size=1024, **like),
-        "vq-ema-peer-defaults": lambda: vqp.VectorQuantize(dim=128, codebook_size=1024),
+        "fsq": lambda: vqp.FSQ(LEVELS),
+        "vq-ema": lambda: vqp.VectorQuantize(dim=row.dim, codebook_size=k, **like),
+        "vq-ema-peer-defaults": lambda: vqp.VectorQuantize(dim=row.dim, codebook_size=k),
         "vq": lambda: vqp.VectorQuantize(
-            dim=128,
-            codebook_size=512,
+            dim=row.dim,
+            codebook_size=k,
             codebook_dim=32,
             use_cosine_sim=True,
             kmeans_init=True,
             threshold_ema_dead_code=0.02,
             **like,
         ),
-        "rvq": lambda: vqp.ResidualVQ(dim=128, num_quantizers=4, codebook_size=256, **like),
-    }.get(key)
+        "rvq": lambda: vqp.ResidualVQ(dim=row.dim, num_quantizers=4, codebook_size=k, **like),
+    }.get(row.key)
     return None if factory is None else factory().to(device).train()
 
 
@@ -88,14 +126,12 @@ def step(module: torch.nn.Module, x: torch.Tensor, side: str) -> Callable[[], No
     return run
 
 
-def median_ms(fn: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+def make_step(row: Row, side: str, device: str) -> Callable[[], None] | None:
+    """A step of one side of a row on fresh data (for the peak-memory child)."""
+    module = build(row, side, device)
+    return (
+        None if module is None else step(module, torch.randn(row.inputs, row.dim).to(device), side)
+    )
 
 
 def check_correctness(device: str) -> None:
@@ -106,117 +142,125 @@ def check_correctness(device: str) -> None:
     from stabq.quantizers.codebook import nearest_code
 
     gen = torch.Generator().manual_seed(0)
-    z = (torch.randn(4096, 6, generator=gen) * 2).to(device)
-    ours, peer = stabq.FSQ([8, 8, 8, 5, 5, 5]).to(device), vqp.FSQ([8, 8, 8, 5, 5, 5]).to(device)
-    assert torch.equal(ours(z).indices, peer(z[None])[1][0].long()), "FSQ indices differ"
+    for n in (4096, 4099):  # rows packed 16 at a time, and one at a time
+        z = (torch.randn(n, 6, generator=gen) * 2).to(device)
+        ours, peer = stabq.FSQ(LEVELS).to(device), vqp.FSQ(LEVELS).to(device)
+        assert torch.equal(ours(z).indices, peer(z[None])[1][0].long()), "FSQ indices differ"
+        assert torch.equal(ours(z).quantized, peer(z[None])[0][0]), "FSQ codes differ"
     x = torch.randn(3000, 32, generator=gen).to(device)
     codes = torch.randn(1, 700, 32, generator=gen).to(device)
-    found, _ = nearest_code(x[None], codes, chunk_elements=50_000)
-    brute = torch.cdist(x.double(), codes[0].double()).argmin(dim=1)
-    assert torch.equal(found[0], brute), "chunked nearest-code search differs from brute force"
+    for chunk in (50_000, 2**20):
+        found, _ = nearest_code(x[None], codes, chunk_elements=chunk)
+        brute = torch.cdist(x.double(), codes[0].double()).argmin(dim=1)
+        assert torch.equal(found[0], brute), "tiled nearest-code search differs from brute force"
 
 
-def time_row(name: str, repeats: int, device: str) -> dict:
-    n, dim, key = ROWS[name]
+def time_row(row: Row, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(n, dim, device=device)
-    sides = {s: build(key, s, device) for s in ("stabq", "peer")}
+    x = torch.randn(row.inputs, row.dim, device=device)
+    sides = {s: build(row, s, device) for s in ("stabq", "peer")}
     runs = {s: step(m, x, s) for s, m in sides.items() if m is not None}
-    for fn in runs.values():  # warm-up (k-means init happens here)
-        fn()
-        fn()
-    times: dict[str, list[float]] = {s: [] for s in runs}
-    for _ in range(repeats):  # alternate the sides
-        for side, fn in runs.items():
-            times[side].append(median_ms(fn, device))
-    row = {"row": name, "inputs": n, "dim": dim}
-    for side, values in times.items():
-        row[f"{side}_ms"] = statistics.median(values)
-    if "peer_ms" in row:
-        row["speedup"] = row["peer_ms"] / row["stabq_ms"]
-    if key == "fsq":
-        z = torch.randn(n, dim, device=device)
-        row["floor_ms"] = statistics.median(
-            median_ms(lambda: torch.tanh(z), device) for _ in range(9)
+    medians = alternate(runs, repeats, device)
+    result = {**asdict(row), **{f"{side}_ms": ms for side, ms in medians.items()}}
+    if "peer_ms" in result:
+        result["speedup"] = result["peer_ms"] / result["stabq_ms"]
+    if row.key == "fsq":
+        z = torch.randn(row.inputs, row.dim, device=device)
+        floor = alternate({"f": lambda: torch.tanh(z)}, 9, device)["f"]
+    else:
+        pairs = [
+            (count, torch.randn(row.inputs, d, device=device), torch.randn(d, k, device=device))
+            for count, d, k in row.floor_products
+        ]
+        floor = sum(
+            count * alternate({"f": lambda a=a, c=c: a @ c}, 5, device)["f"]
+            for count, a, c in pairs
         )
-    else:
-        a, c = torch.randn(n, dim, device=device), torch.randn(1024, dim, device=device)
-        row["floor_ms"] = statistics.median(median_ms(lambda: a @ c.T, device) for _ in range(9))
-    return row
+    result["floor_ms"] = floor
+    result["floor_ratio"] = result["stabq_ms"] / floor
+    return result
 
 
-def _peak_rss_kib() -> int:
-    """This process's peak resident set (KiB). VmHWM, unlike ru_maxrss, is not inherited
-    from a large parent across fork and exec."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def make_search(n: int, k: int, d: int, device: str) -> Callable[[], None]:
+    """Nearest-code search alone, ``n`` inputs against ``k`` codes (peak-memory child)."""
+    from stabq.quantizers.codebook import nearest_code
+
+    x, codes = torch.randn(1, n, d, device=device), torch.randn(1, k, d, device=device)
+    return lambda: nearest_code(x, codes)
 
 
-def _peak_child(name: str, side: str, device: str, queue: mp.Queue) -> None:
-    n, dim, key = ROWS[name]
-    module = build(key, side, device)
-    if module is None:
-        queue.put(None)
-        return
-    x = torch.randn(n, dim, device=device)
-    before = _peak_rss_kib()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step(module, x, side)()
-    if device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((_peak_rss_kib() - before) / 1024)
+def search_memory(device: str, n: int = 65536, k: int = 65536, d: int = 128) -> dict:
+    """Extra memory of one search next to its bound: two buffers of ``chunk_elements``
+    float32 (a distance tile, and the squares or argmin temporaries beside it) plus
+    O(n + k) results, running minima and norms."""
+    from stabq.quantizers.codebook import DEFAULT_CHUNK_ELEMENTS
+
+    bound = (2 * DEFAULT_CHUNK_ELEMENTS * 4 + n * (4 + 8 + 4 + 8 + 4) + k * 4) / 2**20
+    x, codes = torch.randn(1, n, d, device=device), torch.randn(1, k, d, device=device)
+    from stabq.quantizers.codebook import nearest_code
+
+    ms = elapsed_ms(lambda: nearest_code(x, codes), device)
+    return {
+        "inputs": n,
+        "codes": k,
+        "dim": d,
+        "search_ms": ms,
+        "extra_mib": peak_mib(make_search, n, k, d, device),
+        "bound_mib": bound,
+        "unchunked_mib": n * k * 4 / 2**20,
+    }
 
 
-def peak_mib(name: str, side: str, device: str) -> float | None:
-    """Peak memory (MiB) of one forward plus backward, in a fresh process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(name, side, device, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+COLUMNS = [
+    ("row", "name", "{}"),
+    ("stabq ms", "stabq_ms", "{:.1f}"),
+    ("peer ms", "peer_ms", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("floor ms", "floor_ms", "{:.1f}"),
+    ("stabq / floor", "floor_ratio", "{:.2f}x"),
+    ("stabq MiB", "stabq_peak_mib", "{:.1f}"),
+    ("peer MiB", "peer_peak_mib", "{:.1f}"),
+]
+
+
+def measure(rows: list[Row], repeats: int, device: str, memory: bool) -> list[dict]:
+    results = []
+    for row in rows:
+        result = time_row(row, repeats, device)
+        if memory:
+            for side in ("stabq", "peer"):
+                result[f"{side}_peak_mib"] = peak_mib(make_step, row, side, device)
+        results.append(result)
+        print(f"done {row.name}", file=sys.stderr, flush=True)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--sweep", action="store_true", help="add the size sweep")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     args = parser.parse_args()
     check_correctness(args.device)
-    rows = []
-    for name in ROWS:
-        row = time_row(name, args.repeats, args.device)
-        if not args.no_memory:
-            for side in ("stabq", "peer"):
-                row[f"{side}_peak_mib"] = peak_mib(name, side, args.device)
-        rows.append(row)
-        print(f"done {name}", flush=True)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
-    print(f"\n{args.device} ({where or platform.machine()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")  # fmt: skip
-    print("| row | stabq ms | peer ms | speedup | floor ms | stabq MiB | peer MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-
-        def f(key, fmt="{:.1f}", r=r):
-            return "-" if r.get(key) is None else fmt.format(r[key])
-
-        mib = "{:.0f}"
+    report: dict = {"machine": machine(args.device), "repeats": args.repeats}
+    report["rows"] = measure(ROWS, args.repeats, args.device, not args.no_memory)
+    print(f"\n{report['machine']}, median of {args.repeats}\n")
+    print(markdown(report["rows"], COLUMNS))
+    if args.sweep:
+        report["sweep"] = measure(sweep_rows(), 3, args.device, False)
+        print("\nsize sweep (median of 3)\n")
+        print(markdown(report["sweep"], COLUMNS[:6]))
+        report["search_memory"] = search = search_memory(args.device)
         print(
-            f"| {r['row']} | {f('stabq_ms')} | {f('peer_ms')} | {f('speedup', '{:.2f}x')} "
-            f"| {f('floor_ms')} | {f('stabq_peak_mib', mib)} | {f('peer_peak_mib', mib)} |"
+            f"\nsearch {search['inputs']} inputs x {search['codes']} codes x {search['dim']}: "
+            f"{search['search_ms']:.0f} ms, {search['extra_mib']:.1f} MiB extra "
+            f"(bound {search['bound_mib']:.1f} MiB; unchunked {search['unchunked_mib']:.0f} MiB)"
         )
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

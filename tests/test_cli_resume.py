@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import stabq
-from stabq.cli import app
+from stabq.cli import app, main
 from stabq.saving import load_history
 from stabq.training.checkpoint import CHECKPOINT, PAUSE_ENV
 
@@ -232,8 +232,14 @@ def test_resume_of_a_directory_without_a_checkpoint_is_refused(tmp_path, make):
         one_line_error(result, f"--resume {target}", "no such directory")
 
 
-def test_train_without_data_or_out_is_refused(tmp_path):
-    one_line_error(runner.invoke(app, ["train", "--out", str(tmp_path / "m")]), "needs --data")
+@pytest.mark.parametrize(("given", "missing"), [("--out", "--data"), ("--data", "--out")])
+def test_train_without_data_or_out_is_a_usage_error(tmp_path, monkeypatch, capsys, given, missing):
+    monkeypatch.setattr("sys.argv", ["stabq", "train", given, str(tmp_path / "x")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    lines = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"stabq: error: Missing option '{missing}'"), lines
     assert list(tmp_path.iterdir()) == []
 
 

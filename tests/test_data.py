@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -275,25 +274,6 @@ def test_corrupt_file_is_a_data_error_naming_the_file(tmp_path, ext):
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     expect_error(path, f"cannot read as a {ext} file: ")
     assert issubclass(DataError, StabqError) and issubclass(DataError, ValueError)
-
-
-MAGIC = {".npz": b"PK\x03\x04", ".pt": b"PK\x03\x04", ".csv": b"a,label\n", ".parquet": b"PAR1"}
-
-
-@pytest.mark.parametrize("ext", EXTENSIONS)
-@given(body=st.binary(max_size=512), magic=st.booleans())
-@settings(max_examples=30, deadline=None)
-def test_random_bytes_give_data_or_a_data_error(ext, body, magic):
-    prefix = MAGIC.get(ext, len(body).to_bytes(8, "little")) if magic else b""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"fuzz{ext}"
-        path.write_bytes(prefix + body)
-        try:
-            data = load_data(path)
-        except DataError as exc:
-            assert "\n" not in str(exc) and str(exc).startswith(f"{path}: ")
-        else:
-            assert data.x.ndim == 2 and np.isfinite(data.x).all() and len(data.y) == len(data.x)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from stabq import FSQ, ConfigError, ShapeError
 from stabq.quantizers.fsq import BOUND_EPS
 
-LEVEL_LISTS = [[8, 8, 8, 5, 5, 5], [7, 5, 5, 5, 5], [8, 6, 5], [2, 3], [4, 4], [3], [2, 2, 2, 9]]
+# [13, 12, 7, 7]: half widths of 6 and 3, where r * (1 / w) and r / w differ in the last bit
+LEVEL_LISTS = [
+    [8, 8, 8, 5, 5, 5],
+    [7, 5, 5, 5, 5],
+    [8, 6, 5],
+    [2, 3],
+    [4, 4],
+    [3],
+    [2, 2, 2, 9],
+    [13, 12, 7, 7],
+]
 
 
 @pytest.mark.parametrize("levels", LEVEL_LISTS)
@@ -55,11 +65,15 @@ def _reference_levels():
 
 @pytest.mark.parametrize("levels", _reference_levels())
 @settings(max_examples=15, deadline=None)
-@given(scale=st.floats(0.01, 100.0), seed=st.integers(0, 2**31 - 1))
-def test_codes_and_indices_equal_vector_quantize_pytorch(levels, scale, seed):
+@given(
+    scale=st.floats(0.01, 100.0),
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.sampled_from([257, 256, 1366]),  # rows packed 1, 16 and 2 at a time
+)
+def test_codes_and_indices_equal_vector_quantize_pytorch(levels, scale, seed, rows):
     vqp = pytest.importorskip("vector_quantize_pytorch")
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 257, len(levels), generator=gen) * scale
+    x = torch.randn(3, rows, len(levels), generator=gen) * scale
     ours = FSQ(levels)
     ref = vqp.FSQ(levels)
     q, idx, _ = ours(x)

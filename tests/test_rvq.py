@@ -144,6 +144,22 @@ def test_loss_is_sum_over_layers_of_weighted_commitment(weight, training):
     assert moved == training  # the EMA update happened after the loss was taken
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_loss_gradient_equals_autograd_through_the_per_layer_mse(training):
+    """The one-pass loss gradient equals autograd, in float64, of sum_i beta mean((r_i - c_i)^2)
+    with r_{i+1} = r_i - sg(c_i): 2 beta / numel * sum_i r_{i+1}."""
+    torch.manual_seed(11)
+    rvq = ResidualVQ(5, num_quantizers=3, codebook_size=8, commitment_weight=0.3).train(training)
+    x = torch.randn(40, 5, requires_grad=True)
+    before = codebooks(rvq)
+    rvq(x).loss.backward()
+    z = x.detach().double().requires_grad_()
+    _, _, pairs = greedy_rvq(z, [b.double() for b in before])
+    sum(0.3 * ((r - c.detach()) ** 2).mean() for r, c in pairs).backward()
+    torch.testing.assert_close(x.grad.double(), z.grad, rtol=1e-5, atol=1e-7)
+    assert x.grad.abs().sum() > 0
+
+
 def test_straight_through_gradient_is_identity_without_projection():
     """d quantized / d x is the identity: x.grad equals the upstream gradient exactly."""
     torch.manual_seed(5)

@@ -49,7 +49,9 @@ def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
     except StabqError as err:
         if debug:
             raise
-        print(f"stabq: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).split())  # one line, whatever the message holds
+        text = text if len(text) <= 1000 else text[:997] + "..."
+        print(f"stabq: error: {text}", file=sys.stderr)
         raise typer.Exit(code=2) from None
 
 
@@ -62,7 +64,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--option {pair!r}: expected KEY=VALUE, e.g. levels=[8,5,5,5]")
         try:
             options[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             options[key] = raw
     return options
 
@@ -133,6 +135,12 @@ def train(
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
     """
     given = {k: v for k, v in locals().items() if k in RUN_OPTIONS}
+    for name, value in (("--data", data), ("--out", out)):
+        if value is None and resume is None:  # the usage error a required option gives
+            usage_errors = sys.modules[typer.BadParameter.__module__]
+            raise usage_errors.MissingParameter(
+                ctx=ctx, param_hint=f"'{name}'", param_type="option"
+            )
     if resume is not None:
         given = run_user_command(lambda: _resumed_options(ctx, resume, given), debug)
         (data, out, quantizer, option, val_data, epochs, batch_size, lr, seed, hidden,
@@ -142,14 +150,12 @@ def train(
     def run() -> None:
         import torch
 
-        from stabq.data import load_data
+        from stabq.data import load_data, require_classes
         from stabq.model import BottleneckClassifier
         from stabq.saving import load, save_model
         from stabq.training import TrainConfig
         from stabq.training import train as train_model
 
-        if data is None or out is None:
-            raise ConfigError("stabq train needs --data and --out (or --resume DIR)")
         config = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -164,7 +170,7 @@ def train(
             progress=None if not quiet else False,
         )
         options = parse_options(option or [])
-        train_set = load_data(data, "train")
+        train_set = require_classes(load_data(data, "train"))
         val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
         torch.manual_seed(seed)
         model = BottleneckClassifier(
@@ -276,13 +282,9 @@ def encode(
 
 
 def _check_features(dataset, model, model_dir: Path) -> None:
-    from stabq.errors import DataError
+    from stabq.data import require_fit
 
-    if dataset.num_features != model.input_dim:
-        raise DataError(
-            f"{dataset.source}: {dataset.num_features} features, but the model in {model_dir} "
-            f"expects {model.input_dim}"
-        )
+    require_fit(dataset, model.input_dim, model=f"the model in {model_dir}")
 
 
 def _save_npy(path: Path, array) -> None:
@@ -370,5 +372,22 @@ def levels(
 
 
 def main() -> None:
-    """Entry point of ``python -m stabq``."""
-    app()
+    """Entry point of ``python -m stabq``.
+
+    A usage error (an unknown option, a value of the wrong type, a missing
+    option) is one line and exit status 2 too, like every other user error.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # click's usage errors, raised when not standalone
+        if type(err).__name__ != "NoArgsIsHelpError":  # plain `stabq` has printed the help
+            text = " ".join(
+                (err.format_message() if hasattr(err, "format_message") else str(err)).split()
+            )
+            command = getattr(getattr(err, "ctx", None), "command_path", "stabq")
+            print(f"stabq: error: {text} (see: {command} --help)", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

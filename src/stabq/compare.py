@@ -251,9 +251,9 @@ def compare(
 
 def _train_test(data: str) -> tuple[LabeledData, LabeledData]:
     """Built-ins come split; a file is split 80/20 here (stratified, fixed seed)."""
-    from stabq.data import train_val_split
+    from stabq.data import require_classes, train_val_split
 
-    full = load_data(data, "train")
+    full = require_classes(load_data(data, "train"))
     if full.source.endswith(":train"):
         return full, load_data(data, "test")
     train_set, test_set = train_val_split(full, 0.2, seed=0)

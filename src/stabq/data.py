@@ -8,10 +8,16 @@
     y        (n,)   int64 class ids in [0, len(classes))
     classes  class names, id i <-> classes[i]
 
-Every check lives in :func:`from_arrays`; every problem is a one-line
+Files are read by :mod:`stabq.readers`; every check of what they hold lives
+here (:func:`from_arrays` for data sets, :func:`validate_features` for what a
+model is fed, :func:`require_classes`, :func:`with_classes` and
+:func:`require_fit` for what training and a saved model need), for the CLI,
+the Python API and the estimator alike. Every problem is a one-line
 :class:`DataError` that starts with the source and says what and where.
 Rows are counted from 0; in CSV and Parquet files as "data row N", the
-header not counted.
+header not counted. Labels are class names: integer labels keep their values
+as names (``7`` is class ``"7"``), so a label is "out of range" only against
+given classes (a saved model's, the training data's).
 """
 
 from __future__ import annotations
@@ -28,16 +34,11 @@ import numpy as np
 
 from stabq.datasets import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
 from stabq.errors import DataError
+from stabq.readers import FILE_EXTENSIONS, Columns, as_numpy, read_file, where
+from stabq.readers import data_error as _error
 
 PARTS: tuple[str, ...] = ("train", "test", "all")
-FILE_EXTENSIONS: tuple[str, ...] = (".npz", ".pt", ".safetensors", ".csv", ".parquet")
 _SHOWN = 10  # class names shown in a message before "..."
-_Columns = Sequence[str] | None  # feature column names of a table; None for arrays
-
-
-def _error(source: str, message: str) -> DataError:
-    text = " ".join(f"{source}: {message}".splitlines())
-    return DataError(text if len(text) <= 500 else text[:497] + "...")
 
 
 @dataclass(eq=False)
@@ -67,46 +68,32 @@ class LabeledData:
         )
 
 
-def _where(row: int, columns: _Columns, col: int | None = None) -> str:
-    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
-    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
-    if col is not None:
-        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
-    return text
-
-
-def _as_numpy(a: Any, source: str, name: str) -> np.ndarray:
-    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
-        a = a.detach().cpu()
-        if a.is_floating_point() and a.element_size() < 4:  # float16 / bfloat16
-            a = a.float()
-        return a.numpy()
-    try:
-        return np.asarray(a)
-    except (ValueError, TypeError) as exc:
-        raise _error(source, f"{name} is not an array ({exc})") from exc
-
-
-def _check_features(x: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
-    """Numeric, finite ``x`` as C-contiguous float32 (its rank and rows are checked before)."""
+def _check_features(
+    x: np.ndarray, source: str, columns: Columns, dtype: type = np.float32
+) -> np.ndarray:
+    """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before)."""
     if x.dtype.kind not in "biuf":
         raise _error(source, f"features must be numbers, found dtype {x.dtype}")
     if x.shape[1] == 0:
         raise _error(source, f"no feature columns (x has shape {x.shape})")
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by row and column
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x32)
+        xd = np.ascontiguousarray(x, dtype=dtype)
+    bad = ~np.isfinite(xd)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         col = int(np.flatnonzero(bad[row])[0])
         v = float(x[row, col])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
-        what = f"value {v!r} overflows float32" if math.isfinite(v) else f"value is {what}"
-        raise _error(source, f"{_where(row, columns, col)}: feature {what}")
-    return x32
+        what = (
+            f"value {v!r} overflows {np.dtype(dtype).name}"
+            if math.isfinite(v)
+            else f"value is {what}: features must be finite, not NaN or infinite"
+        )
+        raise _error(source, f"{where(row, columns, col)}: feature {what}")
+    return xd
 
 
-def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
+def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
     """Labels as int64, or as str when any label is a string; whole floats count as integers."""
     kind = y.dtype.kind
     if kind in "biu":
@@ -123,7 +110,7 @@ def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
             isinstance(v, numbers.Real) and abs(v) < 2**62 and v == int(v)  # False for NaN
         ):
             raise _error(
-                source, f"{_where(row, columns)}: label {v!r} is not a whole number or a string"
+                source, f"{where(row, columns)}: label {v!r} is not a whole number or a string"
             )
     if any(isinstance(v, str) for v in values):
         strings = [v if isinstance(v, str) else str(int(v)) for v in values]
@@ -132,7 +119,7 @@ def _label_values(y: np.ndarray, source: str, columns: _Columns) -> np.ndarray:
 
 
 def _encode_labels(
-    y: np.ndarray, classes: Sequence[str] | None, source: str, columns: _Columns
+    y: np.ndarray, classes: Sequence[str] | None, source: str, columns: Columns
 ) -> tuple[np.ndarray, list[str]]:
     """Class ids ``(n,)`` int64 and the class names; labels match names by ``str(label)``."""
     values = _label_values(y, source, columns)
@@ -149,13 +136,11 @@ def _encode_labels(
     ids = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)[inverse.reshape(-1)]
     bad = np.flatnonzero(ids < 0)
     if bad.size:
-        known = ", ".join(repr(c) for c in classes[:_SHOWN])
-        known += ", ..." if len(classes) > _SHOWN else ""
         others = f" ({bad.size - 1} more rows too)" if bad.size > 1 else ""
         raise _error(
             source,
-            f"{_where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
-            f"the {len(classes)} known classes [{known}]{others}",
+            f"{where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
+            f"the {len(classes)} known classes {_known(classes)}{others}",
         )
     return ids, classes
 
@@ -169,7 +154,76 @@ def from_arrays(
     integers). With ``classes``, label ``v`` gets the id of ``str(v)`` there;
     without, the classes are the sorted distinct labels.
     """
-    return _build(_as_numpy(x, source, "x"), _as_numpy(y, source, "y"), classes, source)
+    return _build(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
+
+
+def validate_features(x: Any, source: str = "X", dtype: type = np.float32) -> np.ndarray:
+    """Features ``x`` ``(n >= 1, d >= 1)``, numbers, finite in ``dtype``, as a C-contiguous
+    ``dtype`` array: what a model is fed. A problem is a :class:`DataError` naming the first
+    bad row and column."""
+    x = as_numpy(x, source, "x")
+    if x.ndim != 2:
+        raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
+    if x.shape[0] == 0:
+        raise _error(source, "no rows")
+    return _check_features(x, source, None, dtype)
+
+
+def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
+    """``data`` if its labels hold at least ``minimum`` classes (training needs 2), else a
+    :class:`DataError` naming the source and the one class found."""
+    found = np.unique(data.y)
+    if found.size < minimum:
+        names = ", ".join(repr(data.classes[i]) for i in found.tolist())
+        raise _error(
+            data.source, f"{found.size} class ({names}) in {len(data)} rows: training a "
+            f"classifier needs labels of at least {minimum} classes",
+        )  # fmt: skip
+    return data
+
+
+def _known(classes: Sequence[str]) -> str:
+    """``[a, b, ...]``: the first class names, for messages."""
+    shown = ", ".join(repr(c) for c in classes[:_SHOWN])
+    return f"[{shown}{', ...' if len(classes) > _SHOWN else ''}]"
+
+
+def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
+    """``data`` with its class ids re-mapped to ``classes`` by name (the training data's, a
+    saved model's), so id ``i`` means ``classes[i]`` in both; a label outside ``classes``
+    is a :class:`DataError` naming its first row."""
+    classes = list(classes)
+    if data.classes == classes:
+        return data
+    index = {c: i for i, c in enumerate(classes)}
+    ids = np.asarray([index.get(c, -1) for c in data.classes], dtype=np.int64)[data.y]
+    bad = np.flatnonzero(ids < 0)
+    if bad.size:
+        label = data.classes[int(data.y[bad[0]])]
+        raise _error(
+            data.source, f"row {bad[0]}: label {label!r} is not one of the {len(classes)} "
+            f"known classes {_known(classes)}",
+        )  # fmt: skip
+    return LabeledData(data.x, ids, classes, data.source)
+
+
+def require_fit(
+    data: LabeledData,
+    num_features: int,
+    num_classes: int | None = None,
+    model: str = "the model",
+) -> LabeledData:
+    """``data`` if ``model`` (``num_features`` inputs, ``num_classes`` classes; None: any)
+    can take it, else a :class:`DataError` naming the source and the first label too many."""
+    if data.num_features != num_features:
+        raise _error(data.source, f"{data.num_features} features, {model} expects {num_features}")
+    if num_classes is not None and len(data) and int(data.y.max()) >= num_classes:
+        label = data.classes[int(data.y.max())]
+        raise _error(
+            data.source, f"label {label!r} is class {int(data.y.max())} of "
+            f"{_known(data.classes)}, but {model} has {num_classes} classes",
+        )  # fmt: skip
+    return data
 
 
 def _build(
@@ -177,7 +231,7 @@ def _build(
     y: np.ndarray,
     classes: Sequence[str] | None,
     source: str,
-    columns: _Columns = None,
+    columns: Columns = None,
 ) -> LabeledData:
     if x.ndim != 2:
         raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
@@ -192,100 +246,9 @@ def _build(
     return LabeledData(x32, ids, names, source)
 
 
-def _from_mapping(obj: Any, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    if not isinstance(obj, Mapping):
-        raise _error(source, f"expected a dict with 'x' and 'y', found {type(obj).__name__}")
-    for key in ("x", "y"):
-        if key not in obj:
-            raise _error(source, f"no entry {key!r} (found: {', '.join(map(str, obj)) or 'none'})")
-    return _as_numpy(obj["x"], source, "x"), _as_numpy(obj["y"], source, "y"), None
-
-
-def _read_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    with open(path, "rb") as fh:  # ours to close, whatever np.load raises
-        obj = np.load(fh, allow_pickle=False)  # an object array raises: nothing is unpickled
-        if not isinstance(obj, np.lib.npyio.NpzFile):
-            raise _error(source, "holds one array, expected an .npz archive with 'x' and 'y'")
-        with obj:
-            return _from_mapping(obj, source)
-
-
-def _read_tensors(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, None]:
-    if path.suffix.lower() == ".pt":
-        import torch
-
-        return _from_mapping(torch.load(path, map_location="cpu", weights_only=True), source)
-    from safetensors.torch import load_file  # torch, not numpy: bfloat16 is allowed
-
-    return _from_mapping(load_file(path), source)
-
-
-def _read_table(path: Path, source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Feature columns and the label column (``label``, else the last) of a CSV or Parquet file."""
-    import pandas as pd
-
-    if path.suffix.lower() == ".csv":
-        df = pd.read_csv(path, low_memory=False)
-    else:
-        df = pd.read_parquet(path, engine="pyarrow")
-    names = [str(c) for c in df.columns]
-    if len(names) < 2:
-        raise _error(source, f"needs feature columns and a label column, found columns {names}")
-    if len(df) == 0:
-        raise _error(source, "no rows (a header but no data)")
-    label_pos = names.index("label") if "label" in names else len(names) - 1
-    feature_pos = [i for i in range(len(names)) if i != label_pos]
-    columns = [names[i] for i in feature_pos]
-    for j, pos in enumerate(feature_pos):
-        col = df.iloc[:, pos]
-        if not pd.api.types.is_numeric_dtype(col):
-            bad = (pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy()
-            row = int(np.argmax(bad))
-            where = f": {_where(row, columns)} holds {col.iloc[row]!r}" if bad.any() else ""
-            raise _error(source, f"column {columns[j]!r} is not numeric{where}")
-    x = df.iloc[:, feature_pos].to_numpy(dtype=np.float64, na_value=np.nan)
-    label = df.iloc[:, label_pos]
-    missing = label.isna().to_numpy()
-    if missing.any():
-        raise _error(source, f"{_where(int(np.argmax(missing)), columns)}: label is missing")
-    if pd.api.types.is_bool_dtype(label) or pd.api.types.is_integer_dtype(label):
-        return x, label.to_numpy(dtype=np.int64), columns
-    if pd.api.types.is_float_dtype(label):
-        return x, label.to_numpy(dtype=np.float64), columns
-    return x, label.to_numpy(dtype=object), columns
-
-
-_READERS = {
-    ".npz": _read_npz, ".pt": _read_tensors, ".safetensors": _read_tensors,
-    ".csv": _read_table, ".parquet": _read_table,
-}  # fmt: skip
-
-
 def _load_file(path: Path, classes: Sequence[str] | None) -> LabeledData:
-    source = str(path)
-    ext = path.suffix.lower()
-    if ext not in _READERS:
-        raise _error(
-            source, f"unknown data format {ext or '(no extension)'!r}: expected a file ending in "
-            f"{', '.join(FILE_EXTENSIONS)} or a built-in dataset "
-            f"({', '.join(BUILTIN_DATASETS)}, synthetic:DIM)",
-        )  # fmt: skip
-    if not path.exists():
-        raise _error(source, "no such file")
-    if not path.is_file():
-        raise _error(source, "is not a file (a directory?)")
-    if path.stat().st_size == 0:
-        raise _error(source, "file is empty: no rows")
-    try:
-        x, y, columns = _READERS[ext](path, source)
-    except DataError:
-        raise
-    except Exception as exc:  # whatever the third-party reader raises; KeyboardInterrupt passes
-        detail = str(exc).split(". ")[0]  # its first sentence: not its advice to unpickle
-        detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        hint = " (only tensors load: save {'x': tensor, 'y': tensor})" if ext == ".pt" else ""
-        raise _error(source, f"cannot read as a {ext} file: {detail}{hint}") from exc
-    return _build(x, y, classes, source, columns)
+    x, y, columns = read_file(path)
+    return _build(x, y, classes, str(path), columns)
 
 
 def load_data(
@@ -297,6 +260,8 @@ def load_data(
     labels outside it are a :class:`DataError`.
     """
     spec = os.fspath(spec)
+    if not spec.strip():
+        raise _error("data", f"no name given: a file or a built-in ({', '.join(BUILTIN_DATASETS)})")
     if part not in PARTS:
         raise _error(spec, f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
     arrays = builtin_arrays(spec)
@@ -400,3 +365,10 @@ class Standardizer:
             if not (isinstance(v, list) and all(_is_real(e) for e in v)):
                 raise _error("Standardizer", f"{key} must be a list of numbers, found {v!r}")
         return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+
+
+__all__ = [
+    "BUILTIN_DATASETS", "FILE_EXTENSIONS", "PARTS", "DataError", "LabeledData", "Standardizer",
+    "from_arrays", "load_data", "require_classes", "require_fit", "train_val_split",
+    "validate_features", "with_classes",
+]  # fmt: skip

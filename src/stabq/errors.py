@@ -57,9 +57,11 @@ def check_int(owner: str, name: str, value: object, minimum: int) -> int:
 
 
 def check_number(owner: str, name: str, value: object, minimum: float) -> float:
-    """``float(value)`` if it is a real number >= ``minimum``, else a ConfigError."""
+    """``float(value)`` if it is a finite real number >= ``minimum``, else a ConfigError."""
     check(
-        isinstance(value, float | int) and not isinstance(value, bool) and value >= minimum,
-        f"{owner}: {name}={value!r}, allowed is a number >= {minimum:g}",
+        isinstance(value, float | int)
+        and not isinstance(value, bool)
+        and minimum <= value < float("inf"),
+        f"{owner}: {name}={value!r}, allowed is a finite number >= {minimum:g}",
     )
     return float(value)  # type: ignore[arg-type]

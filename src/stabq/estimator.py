@@ -6,9 +6,11 @@
     transform(X) (n, c) int64    the discrete codes, c = num_codebooks (1 for FSQ, VQ, Gumbel)
 
 It follows scikit-learn's developer conventions: the constructor only stores
-its arguments, everything learned ends in ``_``, input is validated by
-``validate_data`` in one place (:meth:`_check_X`), and ``random_state`` seeds
-torch, so the same ``random_state`` gives the same model.
+its arguments, everything learned ends in ``_``, input is validated in one
+place (:meth:`_validate`: scikit-learn's ``validate_data``, then stabq's own
+finiteness check, which names the first bad row), and ``random_state`` seeds
+torch, so the same ``random_state`` gives the same model. Bad input raises
+:class:`stabq.errors.DataError`, a ``ValueError`` as scikit-learn expects.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sklearn.utils import Tags, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from stabq.data import validate_features
 from stabq.errors import ConfigError, DataError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.base import Identity
@@ -99,12 +102,12 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         Labels may be any type scikit-learn allows (ints, strings, ...); there
         must be at least 2 classes. Returns ``self``.
         """
-        X, y = validate_data(self, X, y, dtype=np.float32)
-        check_classification_targets(y)
+        X, y = self._validate(X, y, fit=True, dtype=np.float32)
         self.classes_, y_ids = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise DataError(
-                f"y has 1 class ({self.classes_[0]!r}): a classifier needs at least 2 classes"
+                f"y: 1 class ({str(self.classes_[0])!r}) in {len(y_ids)} rows: training a "
+                "classifier needs labels of at least 2 classes"
             )
         options = {} if self.quantizer_options is None else self.quantizer_options
         if not isinstance(options, dict):
@@ -143,6 +146,23 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         self.history_ = list(result.history)
         return self
 
+    def _validate(self, X: Any, y: Any = None, *, fit: bool, dtype: type) -> Any:
+        """``X`` (and at ``fit`` ``y``) as scikit-learn validates them, ``X`` also finite in
+        ``dtype``; every problem is a :class:`DataError` (a ``ValueError``)."""
+        wide = [np.float64, np.float32]  # no cast to float32 yet: overflow is reported below
+        try:
+            if not fit:
+                X = validate_data(self, X, reset=False, dtype=wide, ensure_all_finite=False)
+            else:
+                X, y = validate_data(self, X, y, dtype=wide, ensure_all_finite=False)
+                check_classification_targets(y)
+        except DataError:
+            raise
+        except ValueError as err:  # scikit-learn's messages, which its own checks match
+            raise DataError(" ".join(str(err).split())) from err
+        X = validate_features(X, "X", dtype)
+        return (X, y) if fit else X
+
     @torch.no_grad()
     def _run(self, X: Any, codes: bool = False) -> torch.Tensor:
         """Logits ``(n, n_classes)`` float64, or with ``codes`` the indices, of validated ``X``.
@@ -152,7 +172,7 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         the last bits with the batch size, and scikit-learn checks that they do not).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = self._validate(X, fit=False, dtype=np.float64)
         model = copy.deepcopy(self.model_).double().eval()
         device = model.feature_mean.device
         outputs = []

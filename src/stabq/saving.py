@@ -18,7 +18,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from stabq.errors import ModelFileError, StabqError
+from stabq.errors import ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model import BottleneckClassifier
 from stabq.report import plot_history
@@ -85,7 +85,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / CONFIG
     if not directory.is_dir():
-        raise ModelFileError(f"{directory}: no such model directory")
+        what = "is not a directory" if directory.exists() else "no such model directory"
+        raise ModelFileError(f"{directory}: {what}")
     if not path.is_file():
         if (directory / "checkpoint.safetensors").is_file():
             raise ModelFileError(
@@ -95,12 +96,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{directory}: not a stabq model ({CONFIG} is missing)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path}: unreadable ({err})") from None
+    except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        detail = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise ModelFileError(f"{path}: unreadable ({detail})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a stabq model config")
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not is_int(version) or version < 1:
+        raise ModelFileError(f"{path}: format_version={version!r}, expected an integer >= 1")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: written by stabq {config.get('stabq_version', '?')} (model format "
             f"{version}); this stabq {_version()} reads format {FORMAT_VERSION}: upgrade stabq"
@@ -123,13 +127,26 @@ def load(directory: str | Path) -> BottleneckClassifier:
             meta = f.metadata() or {}
         if meta.get("config_sha256") != _model_digest(section):
             raise ModelFileError(f"{directory / CONFIG}: altered (does not match the weights)")
+        classes = section["classes"]
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ModelFileError(f"{directory / CONFIG}: classes must be a list of names")
+        if not isinstance(section["model"], dict):
+            raise ModelFileError(f"{directory / CONFIG}: model must be a mapping")
         model = BottleneckClassifier.from_config(section["model"])
+        if len(classes) != model.num_classes:
+            raise ModelFileError(
+                f"{directory / CONFIG}: {len(classes)} class names for {model.num_classes} classes"
+            )
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)
     except ModelFileError:
         raise
-    except (KeyError, ValueError, RuntimeError, SafetensorError, StabqError, OSError) as err:
-        raise ModelFileError(f"{directory}: cannot rebuild the model ({err})") from None
+    except (
+        KeyError, ValueError, TypeError, RuntimeError, SafetensorError, StabqError, OSError
+    ) as err:  # fmt: skip
+        detail = " ".join(str(err).split())  # torch's state-dict errors span many lines
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise ModelFileError(f"{directory}: cannot rebuild the model ({detail})") from None
     model.classes = list(section["classes"])
     model.eval()
     return model
@@ -140,7 +157,22 @@ def load_history(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: unreadable ({err})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+            row = None
+        if not isinstance(row, dict):
+            raise ModelFileError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 __all__ = ["load", "load_history", "read_config", "save_model"]

@@ -39,6 +39,11 @@ class Quantizer(nn.Module):
     ``codebook_size`` (codes per codebook), ``num_codebooks``.
     ``quantization_enabled`` (default True) switches to a continuous
     pass-through that returns ``x`` unchanged and indices of -1.
+
+    Any float dtype and leading shape is accepted, an empty batch (a 0 among
+    the leading dims) too: it gives empty ``quantized`` and ``indices`` and a
+    zero loss. Anything else (not a float tensor, a last dim other than
+    ``dim``) is a :class:`ShapeError`.
     """
 
     dim: int

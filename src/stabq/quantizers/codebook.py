@@ -35,7 +35,11 @@ from torch import Tensor, nn
 
 from stabq.errors import check, is_int
 
-DEFAULT_CHUNK_ELEMENTS = 2**23  # 32 MiB of float32 distances per tile
+# 4 MiB of float32 distances per tile: small enough to stay in cache between the matrix
+# product and the argmin. Measured on 2 CPU cores (torch 2.13), 2^20 took 36-46 ms at
+# 16,384 x 1,024 x 128 where 2^23 took 80 ms (benchmarks/quantizers.py).
+DEFAULT_CHUNK_ELEMENTS = 2**20
+MIN_TILE_ROWS = 256  # codes are split into chunks so that a tile keeps at least this many rows
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -48,6 +52,10 @@ def nearest_code(
     x: Tensor, codes: Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> tuple[Tensor, Tensor]:
     """Nearest code in squared Euclidean distance, ties to the lowest index.
+
+    Memory: besides the ``(G, N)`` results and ``(G, K)`` code norms, no
+    temporary holds more than about ``chunk_elements`` numbers and at most two
+    exist at once, whatever N and K (benchmarks/quantizers.py --sweep measures it).
 
     Args:
         x: ``(G, N, d)`` inputs (or ``(N, d)`` with ``codes`` ``(K, d)``).
@@ -62,16 +70,21 @@ def nearest_code(
         return idx[0], dist[0]
     work = torch.float64 if codes.dtype == torch.float64 else torch.float32
     x, codes = x.to(work), codes.to(work)
-    groups, n, _ = x.shape
+    groups, n, d = x.shape
     k = codes.shape[1]
-    code_sq = (codes * codes).sum(-1)
     codes_t = codes.transpose(1, 2)
-    code_chunk = max(1, min(k, chunk_elements // groups))
-    row_chunk = max(1, chunk_elements // (groups * code_chunk))
+    # tiles of rows x codes; no temporary (distances, squares) exceeds chunk_elements
+    code_chunk = max(1, min(k, chunk_elements // (groups * max(1, min(n, MIN_TILE_ROWS), d))))
+    row_chunk = max(1, chunk_elements // (groups * max(code_chunk, d)))
+    code_sq = torch.empty(groups, k, dtype=work, device=x.device)
+    for k0 in range(0, k, code_chunk):  # by chunks: no (G, K, d) temporary
+        part = codes[:, k0 : k0 + code_chunk]
+        code_sq[:, k0 : k0 + code_chunk] = (part * part).sum(-1)
     best = torch.empty(groups, n, dtype=work, device=x.device)
     best_idx = torch.empty(groups, n, dtype=torch.long, device=x.device)
     for r0 in range(0, n, row_chunk):
         xr = x[:, r0 : r0 + row_chunk]
+        x_sq = (xr * xr).sum(-1)
         vals = idxs = None
         for k0 in range(0, k, code_chunk):
             k1 = min(k, k0 + code_chunk)
@@ -83,10 +96,9 @@ def nearest_code(
                 better = v < vals  # strict: an earlier chunk wins ties
                 vals = torch.where(better, v, vals)
                 idxs = torch.where(better, i + k0, idxs)
-        best[:, r0 : r0 + row_chunk] = vals
+        best[:, r0 : r0 + row_chunk] = vals + x_sq
         best_idx[:, r0 : r0 + row_chunk] = idxs
-    sq_dist = (best + (x * x).sum(-1)).clamp_min_(0)
-    return best_idx, sq_dist
+    return best_idx, best.clamp_min_(0)
 
 
 def gather_codes(codes: Tensor, indices: Tensor) -> Tensor:
@@ -101,9 +113,10 @@ def assignment_statistics(x: Tensor, indices: Tensor, k: int) -> tuple[Tensor, T
     groups, _, d = x.shape
     flat = (indices + torch.arange(groups, device=x.device)[:, None] * k).reshape(-1)
     counts = torch.bincount(flat, minlength=groups * k).to(x.dtype)
-    # index_put_ with accumulate: measured far faster on CPU than index_add_ / scatter_add_
+    # index_add_ (torch 2.13, 2 CPU cores): 0.5 ms at 16,384 x 1,024 x 128 against 6 ms for
+    # index_put_(accumulate=True) and 15 ms for a one-hot matrix product; deterministic on CPU.
     sums = torch.zeros(groups * k, d, dtype=x.dtype, device=x.device)
-    sums.index_put_((flat,), x.reshape(-1, d), accumulate=True)
+    sums.index_add_(0, flat, x.reshape(-1, d))
     return counts.view(groups, k), sums.view(groups, k, d)
 
 
@@ -166,13 +179,46 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
     return out + (q - out).detach()  # exact value q, gradient of the rotation
 
 
+class _ResidualLoss(torch.autograd.Function):
+    """Forward: a ``value`` computed without autograd. Backward: ``grad * scale * r`` to ``z``."""
+
+    @staticmethod
+    def forward(ctx, z, residual_sum, value, scale):
+        ctx.save_for_backward(residual_sum)
+        ctx.scale, ctx.dtype = scale, z.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        (residual_sum,) = ctx.saved_tensors
+        return residual_sum.mul(grad * ctx.scale).to(ctx.dtype), None, None, None
+
+
+def residual_commitment_loss(
+    z: Tensor, residual_sum: Tensor, squared_sum: Tensor, weight: float
+) -> Tensor:
+    """``weight * sum_l mean(r_l^2)`` for residuals ``r_l = z - sg(t_l)``, 0-dim float32.
+
+    Takes ``sum_l r_l`` (shaped like ``z``) and ``sum_l |r_l|^2``, computed by
+    the caller without autograd; the gradient to ``z``,
+    ``2 weight / z.numel() * sum_l r_l``, costs one pass, where autograd through
+    one ``mse_loss`` per level costs several. EMA codebooks only: codes get no gradient.
+    """
+    if not z.numel():
+        return z.new_zeros((), dtype=torch.float32)
+    value = (squared_sum.float() * (weight / z.numel())).reshape(())
+    return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / z.numel())
+
+
 def commitment_loss(z: Tensor, codes: Tensor, weight: float, learned: bool) -> Tensor:
     """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; means, float32."""
-    z, codes = z.float(), codes.float()
-    loss = weight * F.mse_loss(z, codes.detach()) if z.numel() else z.new_zeros(())
     if learned and z.numel():
-        loss = loss + F.mse_loss(codes, z.detach())
-    return loss
+        z, codes = z.float(), codes.float()
+        return weight * F.mse_loss(z, codes.detach()) + F.mse_loss(codes, z.detach())
+    with torch.no_grad():
+        residual = z.float() - codes.float()
+        squared = residual.reshape(-1).dot(residual.reshape(-1))
+    return residual_commitment_loss(z, residual, squared, weight)
 
 
 class Codebook(nn.Module):

@@ -76,7 +76,7 @@ class ProductQuantizer(Quantizer):
 
     def _split(self, x: Tensor) -> Tensor:
         """``(n, dim)`` -> ``(M, n, dim / M)``."""
-        return x.reshape(x.shape[0], self.num_codebooks, -1).transpose(0, 1)
+        return x.reshape(x.shape[0], self.num_codebooks, self.codebook.dim).transpose(0, 1)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         codes, indices = self.codebook(self._split(x))

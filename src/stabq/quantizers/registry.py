@@ -91,6 +91,12 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
         f"quantizer {name!r} ({cls.__name__}) has no option {', '.join(map(repr, unknown))}; "
         f"allowed: {', '.join(allowed) or 'none'}",
     )
+    params = inspect.signature(cls).parameters
+    for key, value in overrides.items():  # a truthy string must not switch a repair on
+        check(
+            params[key].annotation != "bool" or isinstance(value, bool),
+            f"quantizer {name!r}: {key}={value!r}, allowed is true or false",
+        )
     return cls(dim=dim, **{**defaults(dim), **overrides})
 
 

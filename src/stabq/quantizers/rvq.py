@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
-from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, projections
+from stabq.quantizers.codebook import (
+    Codebook,
+    commitment_loss,
+    estimate,
+    projections,
+    residual_commitment_loss,
+)
 
 
 class ResidualVQ(Quantizer):
@@ -74,18 +80,49 @@ class ResidualVQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self.project_in(x)
+        if self.layers[0].learned:
+            total, indices, loss = self._descend_learned(z)
+        else:
+            total, indices, loss = self._descend_ema(z)
+        quantized = self.project_out(estimate(z, total, self.rotation_trick))
+        return quantized, torch.stack(indices, dim=-1), loss
+
+    def _descend_ema(self, z: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """EMA codebooks: the descent runs without autograd, one residual updated in place.
+
+        Since ``r_i - sg(c_i) = r_{i+1}``, the loss is ``beta sum_i mean(r_{i+1}^2)``
+        with gradient ``2 beta / numel * sum_i r_{i+1}`` to ``z``: one pass
+        backward rather than one ``mse_loss`` per layer.
+        """
+        indices = []
+        with torch.no_grad():
+            residual = z.detach().clone()
+            residual_sum = torch.zeros_like(residual, dtype=torch.float32)
+            squared = residual.new_zeros((), dtype=torch.float32)
+            for layer in self.layers:
+                codes, idx = layer(residual[None])
+                residual.sub_(codes[0].to(residual.dtype))
+                residual_sum.add_(residual)
+                flat = residual.reshape(-1)
+                squared += flat.dot(flat).float()
+                indices.append(idx[0])
+            total = z.detach() - residual
+        loss = residual_commitment_loss(z, residual_sum, squared, self.commitment_weight)
+        return total, indices, loss
+
+    def _descend_learned(self, z: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Learned codebooks: each layer's codebook loss needs autograd through its codes."""
         total = torch.zeros_like(z)
         loss = z.new_zeros((), dtype=torch.float32)
-        all_indices = []
+        indices = []
         for layer in self.layers:
             residual = z - total
-            codes, indices = layer(residual.detach()[None])
+            codes, idx = layer(residual.detach()[None])
             codes = codes[0].to(z.dtype)
-            loss = loss + commitment_loss(residual, codes, self.commitment_weight, layer.learned)
+            loss = loss + commitment_loss(residual, codes, self.commitment_weight, learned=True)
             total = total + codes.detach()
-            all_indices.append(indices[0])
-        quantized = self.project_out(estimate(z, total, self.rotation_trick))
-        return quantized, torch.stack(all_indices, dim=-1), loss
+            indices.append(idx[0])
+        return total, indices, loss
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Indices ``(..., num_quantizers)`` to ``(..., dim)``: summed codes, projected out."""

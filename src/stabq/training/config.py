@@ -37,6 +37,10 @@ class TrainConfig:
     ``ramp_epochs`` feeds the head ``mix * quantized + (1 - mix) * continuous``
     with ``mix`` rising linearly from 0 to 1 over that many epochs of the
     quantized stage.
+
+    ``compile=True`` runs the quantizer through ``torch.compile`` (it stays
+    compiled after training). ``benchmarks/train.py --compile`` measures whether
+    that pays on the machine at hand.
     """
 
     epochs: int = 100
@@ -47,6 +51,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
     val_fraction: float = 0.1
     guards: bool = True
     spike_factor: float = 10.0

@@ -19,12 +19,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stabq.data import LabeledData, Standardizer, from_arrays, train_val_split
-from stabq.errors import ShapeError, TrainingError, check
+from stabq.data import (
+    LabeledData,
+    Standardizer,
+    from_arrays,
+    require_classes,
+    require_fit,
+    train_val_split,
+    with_classes,
+)  # fmt: skip
+from stabq.errors import TrainingError
 from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.training.config import TrainConfig, TrainResult
+from stabq.training.devices import check_device
 from stabq.training.guard import StabilityGuard
 from stabq.training.resume import Checkpointer
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
@@ -33,10 +42,11 @@ BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
+    """``auto`` is CUDA when available, else the CPU; a device that is not here is a
+    :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name)
 
 
 def _as_data(data: LabeledData | tuple[Any, Any]) -> LabeledData:
@@ -99,22 +109,13 @@ def train(
     the run ends exactly as if it had never stopped.
     """
     config = config or TrainConfig()
-    data = _as_data(train_data)
+    data = require_classes(_as_data(train_data))
     if val is None:
         data, val_data = train_val_split(data, config.val_fraction, config.seed)
-    else:
-        val_data = _as_data(val)
-    check(
-        data.num_features == model.input_dim and val_data.num_features == model.input_dim,
-        f"{data.source}: {data.num_features} features, the model expects {model.input_dim}",
-        ShapeError,
-    )
-    check(
-        int(data.y.max()) < model.num_classes,
-        f"{data.source}: label id {int(data.y.max())} but the model has "
-        f"{model.num_classes} classes",
-        ShapeError,
-    )
+    else:  # class ids follow the training data's classes, by name
+        val_data = with_classes(_as_data(val), data.classes)
+    for part in (data, val_data):
+        require_fit(part, model.input_dim, model.num_classes)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -122,6 +123,8 @@ def train(
         stats = Standardizer.fit(data.x)
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
+    if config.compile:
+        model.quantizer.compile()
     x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
     y = torch.from_numpy(data.y).to(device)
     vx = torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device)

@@ -1,0 +1,103 @@
+"""Timing and peak-memory helpers the benchmarks share.
+
+Peak memory is measured in a fresh process per measurement: the callable is
+built, run once (lazy initialisation such as BLAS buffers or k-means is not a
+per-step cost), then the peak is reset and one more run is measured: on CPU the
+rise of the peak resident set (VmHWM, reset through Linux's ``clear_refs``),
+with glibc told to map every block over 128 KiB on its own so freed tensors
+leave the resident set at once; on CUDA ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def elapsed_ms(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of one call, synchronised on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def alternate(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
+    """Median ms of each callable, run in turn ``repeats`` times after two warm-ups each."""
+    for fn in runs.values():
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(elapsed_ms(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _child(make: Callable[..., Callable[[], Any] | None], args: tuple, queue: mp.Queue) -> None:
+    device = args[-1]
+    run = make(*args)
+    if run is None:
+        queue.put(None)
+        return
+    run()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        queue.put((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM restarts from the current resident set
+    before = _status_kib("VmRSS")
+    run()
+    queue.put((_status_kib("VmHWM") - before) / 1024)
+
+
+def peak_mib(make: Callable[..., Callable[[], Any] | None], *args: Any) -> float | None:
+    """Peak extra MiB of one call of ``make(*args)()`` after a warm-up call, in a fresh
+    process (``make`` must be a module-level function; its last argument is the device)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(make, args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def machine(device: str) -> str:
+    """One line naming where the numbers came from."""
+    if device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table: ``columns`` are (header, key, format); missing values print '-'."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["-" if row.get(k) is None else fmt.format(row[k]) for _, k, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Getting features and labels out of data files, one reader per format.
+
+``read_file(path)`` returns the raw ``(x, y, columns)`` of a ``.npz``,
+``.pt``, ``.safetensors``, ``.csv`` or ``.parquet`` file (``columns``: the
+feature column names of a table, ``None`` for arrays); :mod:`stabq.data`
+validates them. Whatever a third-party reader raises on a missing,
+truncated or corrupted file becomes one :class:`DataError` naming the file,
+and its warnings stay off the user's terminal. Nothing is unpickled: ``.npz``
+loads with ``allow_pickle=False`` and ``.pt`` with torch's ``weights_only``
+loader, which builds tensors and plain containers and refuses every other
+object, so a pickle's ``__reduce__`` never runs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stabq.datasets import BUILTIN_DATASETS
+from stabq.errors import DataError
+
+FILE_EXTENSIONS: tuple[str, ...] = (".npz", ".pt", ".safetensors", ".csv", ".parquet")
+Columns = Sequence[str] | None  # feature column names of a table; None for arrays
+Raw = tuple[np.ndarray, np.ndarray, Columns]
+
+
+def data_error(source: str, message: str) -> DataError:
+    """One line, at most 500 characters: ``"{source}: {message}"``."""
+    text = " ".join(f"{source}: {message}".splitlines())
+    return DataError(text if len(text) <= 500 else text[:497] + "...")
+
+
+def where(row: int, columns: Columns, col: int | None = None) -> str:
+    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
+    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
+    if col is not None:
+        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
+    return text
+
+
+def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
+    """``a`` (array-like or torch tensor) as a numpy array; half floats become float32."""
+    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
+        a = a.detach().cpu()
+        if a.is_floating_point() and a.element_size() < 4:  # float16 / bfloat16
+            a = a.float()
+        return a.numpy()
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise data_error(source, f"{name} is not an array ({exc})") from exc
+
+
+def _from_mapping(obj: Any, source: str) -> Raw:
+    if not isinstance(obj, Mapping):
+        raise data_error(source, f"expected a dict with 'x' and 'y', found {type(obj).__name__}")
+    for key in ("x", "y"):
+        if key not in obj:
+            found = ", ".join(map(str, obj)) or "none"
+            raise data_error(source, f"no entry {key!r} (found: {found})")
+    return as_numpy(obj["x"], source, "x"), as_numpy(obj["y"], source, "y"), None
+
+
+def _read_npz(path: Path, source: str) -> Raw:
+    with open(path, "rb") as fh:  # ours to close, whatever np.load raises
+        obj = np.load(fh, allow_pickle=False)  # an object array raises: nothing is unpickled
+        if not isinstance(obj, np.lib.npyio.NpzFile):
+            raise data_error(source, "holds one array, expected an .npz archive with 'x' and 'y'")
+        with obj:
+            return _from_mapping(obj, source)
+
+
+def _read_tensors(path: Path, source: str) -> Raw:
+    if path.suffix.lower() == ".pt":
+        import torch
+
+        return _from_mapping(torch.load(path, map_location="cpu", weights_only=True), source)
+    from safetensors.torch import load_file  # torch, not numpy: bfloat16 is allowed
+
+    return _from_mapping(load_file(path), source)
+
+
+def _read_table(path: Path, source: str) -> Raw:
+    """Feature columns and the label column (``label``, else the last) of a CSV or Parquet file."""
+    import pandas as pd
+
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path, low_memory=False)
+    else:
+        df = pd.read_parquet(path, engine="pyarrow")
+    names = [str(c) for c in df.columns]
+    if len(names) < 2:
+        raise data_error(source, f"needs feature columns and a label column, found columns {names}")
+    if len(df) == 0:
+        raise data_error(source, "no rows (a header but no data)")
+    label_pos = names.index("label") if "label" in names else len(names) - 1
+    feature_pos = [i for i in range(len(names)) if i != label_pos]
+    columns = [names[i] for i in feature_pos]
+    for j, pos in enumerate(feature_pos):
+        col = df.iloc[:, pos]
+        if not pd.api.types.is_numeric_dtype(col):
+            bad = (pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy()
+            row = int(np.argmax(bad))
+            found = f": {where(row, columns)} holds {col.iloc[row]!r}" if bad.any() else ""
+            raise data_error(source, f"column {columns[j]!r} is not numeric{found}")
+    x = df.iloc[:, feature_pos].to_numpy(dtype=np.float64, na_value=np.nan)
+    label = df.iloc[:, label_pos]
+    missing = label.isna().to_numpy()
+    if missing.any():
+        raise data_error(source, f"{where(int(np.argmax(missing)), columns)}: label is missing")
+    if pd.api.types.is_bool_dtype(label) or pd.api.types.is_integer_dtype(label):
+        return x, label.to_numpy(dtype=np.int64), columns
+    if pd.api.types.is_float_dtype(label):
+        return x, label.to_numpy(dtype=np.float64), columns
+    return x, label.to_numpy(dtype=object), columns
+
+
+READERS: dict[str, Callable[[Path, str], Raw]] = {
+    ".npz": _read_npz, ".pt": _read_tensors, ".safetensors": _read_tensors,
+    ".csv": _read_table, ".parquet": _read_table,
+}  # fmt: skip
+
+
+def _detail(exc: BaseException) -> str:
+    """What a reader's exception says, in one line: its first sentence, not its advice
+    (torch's advice is to unpickle); a CSV parser error keeps the line it names."""
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ != "ParserError":
+        text = text.split(". ")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ignore_reader_warnings() -> None:
+    """Readers' warnings (torch on pickle protocols, pandas on dtypes, numpy on casts) are
+    not the user's business: the result is validated, and a problem is an error. Call it
+    inside ``warnings.catch_warnings()``; ResourceWarning stays as configured."""
+    import pandas as pd
+
+    for category in (
+        UserWarning, FutureWarning, DeprecationWarning, RuntimeWarning,
+        pd.errors.DtypeWarning, pd.errors.ParserWarning,
+    ):  # fmt: skip
+        warnings.filterwarnings("ignore", category=category)
+
+
+def read_file(path: Path) -> Raw:
+    """The raw ``(x, y, columns)`` of a data file, or a :class:`DataError` naming it."""
+    source = str(path)
+    ext = path.suffix.lower()
+    if ext not in READERS:
+        raise data_error(
+            source, f"unknown data format {ext or '(no extension)'!r}: expected a file ending in "
+            f"{', '.join(FILE_EXTENSIONS)} or a built-in dataset "
+            f"({', '.join(BUILTIN_DATASETS)}, synthetic:DIM)",
+        )  # fmt: skip
+    if not path.exists():
+        raise data_error(source, "no such file")
+    if not path.is_file():
+        raise data_error(source, "is not a file (a directory?)")
+    if path.stat().st_size == 0:
+        raise data_error(source, "file is empty: no rows")
+    try:
+        with warnings.catch_warnings():
+            _ignore_reader_warnings()
+            return READERS[ext](path, source)
+    except DataError:
+        raise
+    except Exception as exc:  # whatever the third-party reader raises; KeyboardInterrupt passes
+        refused = isinstance(exc, pickle.UnpicklingError)  # weights_only met a non-tensor
+        hint = " (only tensors load: save {'x': tensor, 'y': tensor})" if refused else ""
+        raise data_error(source, f"cannot read as a {ext} file: {_detail(exc)}{hint}") from exc
+
+
+__all__ = ["FILE_EXTENSIONS", "READERS", "as_numpy", "data_error", "read_file", "where"]
