@@ -87,8 +87,11 @@ class StabilityGuard:
         return state, copy.deepcopy(self.optimizer.state_dict())
 
     def _restore(self, saved: tuple[dict, dict]) -> None:
+        rates = [group["lr"] for group in self.optimizer.param_groups]
         self.model.load_state_dict(saved[0])
         self.optimizer.load_state_dict(copy.deepcopy(saved[1]))
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate  # the schedule's, not the saved one (each step sets it anyway)
 
     def snapshot(self) -> None:
         """Remember the current weights, buffers and optimiser state as the last good ones."""
