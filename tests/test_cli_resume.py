@@ -109,14 +109,15 @@ def test_a_run_killed_mid_write_then_at_a_random_point_finishes_as_if_never_kill
 ):
     rng = random.Random()
     torn, last = rng.randint(1, 3), rng.randint(4, EPOCHS - 1)
-    delay = rng.uniform(0.0, 0.25)
+    epoch_seconds = min(row["seconds"] for row in load_history(reference))
+    delay = rng.uniform(0.0, 0.5 * epoch_seconds)  # lands within the next epoch
     points = f"killed writing checkpoint {torn}, then after checkpoint {last} + {delay:.3f} s"
     out = tmp_path / "run"
     proc = start(*RUN, "--out", out, pause=f"{torn}:120")  # holds that write open halfway
 
     def half_written() -> bool:  # the new temporary file, once the previous checkpoint is in
         strays = list(out.glob(f".{CHECKPOINT}.*")) if epochs_done(out) == torn - 1 else []
-        return any(p.stat().st_size > 0 for p in strays)
+        return any(p.is_file() and p.stat().st_size > 0 for p in strays)
 
     wait_for(half_written, proc, "a half-written checkpoint")
     kill(proc)
