@@ -23,7 +23,7 @@ ROWS, EPOCHS, BATCH, LR = 1200, 12, 64, 2e-2
 POISON = {2: "1e8", 40: "nan", 90: "inf", 150: "1e8"}  # global steps (17 an epoch)
 ATTACKS = ("poisoned batches", "lr 1.0", "features x 1e4")
 SHORT = {  # measured: clean -> attacked accuracy
-    ("fsq-plain", "lr 1.0"): "77.4% -> 68.4%",
+    ("fsq-plain", "lr 1.0"): "78.1% -> 68.4%",
     ("gumbel", "lr 1.0"): "82.3% -> 66.4%",
 }
 TOLERANCE = 0.05

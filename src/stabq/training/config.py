@@ -20,7 +20,7 @@ class TrainConfig:
     inputs above ``feature_spike_factor`` x the recent batches', is skipped; a
     step whose loss is non-finite or above ``spike_factor`` x the median of the
     last ``guard_window`` losses, whose bottleneck feature norm is above
-    ``feature_spike_factor`` x its recent minimum, or whose gradient norm is not
+    ``feature_spike_factor`` x its minimum over 10 steps, or whose gradient norm is not
     finite is undone: the last good weights, buffers and optimiser state come
     back and the learning rate is scaled by ``lr_backoff`` (it doubles back
     after every ``guard_window`` clean steps, never to a rate that failed
