@@ -119,7 +119,7 @@ def test_guard_stops_after_too_many_recoveries():
 
 
 def test_a_hopeless_run_stops_with_a_clear_error_and_no_nan_weights(blobs):
-    """Every batch poisoned with inf after the first epoch's start: the guard cannot win."""
+    """Every batch poisoned after the first few steps: the guard cannot win."""
     train_set, _ = blobs
     model = small_model("vq-ema")
 
@@ -127,7 +127,7 @@ def test_a_hopeless_run_stops_with_a_clear_error_and_no_nan_weights(blobs):
         return (x * 1e30 if step > 3 else x), y
 
     config = TrainConfig(epochs=3, seed=0, progress=False, max_recoveries=3, guard_window=10)
-    with pytest.raises(TrainingError, match="recoveries did not help"):
+    with pytest.raises(TrainingError, match="epoch 1: no batch of the epoch could be used"):
         train(model, train_set, config=config, batch_transform=poison)
     assert all(
         torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
@@ -274,3 +274,42 @@ def test_standardisation_statistics_come_from_the_training_data(blobs):
     train(model, train_set, config=TrainConfig(epochs=1, progress=False, val_fraction=0.5))
     assert not torch.allclose(model.feature_mean, torch.zeros(16))
     assert np.all(model.feature_std.numpy() > 0)
+
+
+def test_guard_skips_an_outlying_batch_and_primes_from_the_untrained_model():
+    _, _, guard = _guard_setup()
+    guard.prime(2.3, 1.0, 4.0, val_loss=2.3, chance=2.3026)
+    assert guard.check(23.1, 1.0).startswith("loss 23.1 > 10 x recent median 2.3")  # step 0
+    assert guard.check(2.0, 101.0).startswith("feature norm 101 > 100 x recent minimum 1")
+    assert guard.check_input(float("nan")) == "non-finite input batch skipped"
+    assert guard.check_input(401.0) == "input norm 401 > 100 x recent median 4: batch skipped"
+    assert guard.check_input(399.0) is None and list(guard.inputs) == [4.0, 399.0]
+
+
+def test_a_lost_epoch_goes_back_to_the_best_one_at_an_eighth_of_the_rate():
+    model, _, guard = _guard_setup()
+    guard.prime(2.3, 1.0, 4.0, val_loss=2.3, chance=2.3026)
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # an epoch of training
+        for p in model.parameters():
+            p.mul_(0.5)
+    assert not guard.end_epoch(False, 2.0, epoch=0)  # better: the new best
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    guard.recover("loss is nan", step=5, epoch=1)  # lr_scale 0.5
+    assert guard.end_epoch(True, 2.1, epoch=1)  # needed undoing, no better than the best
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, untrained[k]) for k, v in model.state_dict().items())
+    assert guard.lr_scale == guard.lr_ceiling == 0.5 / 8
+    assert guard.events[-1]["step"] == -1 and guard.events[-1]["lr_scale"] == 0.5 / 8
+    for _ in range(40):  # the rate doubles back only up to its new ceiling
+        guard.accept(2.0, 1.0)
+    assert guard.lr_scale == 0.5 / 8
+    assert guard.recoveries == 2
+    assert not guard.end_epoch(False, 1.95, epoch=2)  # a clean, better epoch forgives
+    assert guard.recoveries == 0 and guard.best_val == 1.95
+    # a calm epoch that ends no better than chance, after undone steps: dead units
+    assert guard.end_epoch(False, 2.295, epoch=3)
+    assert guard.lr_scale == 0.5 / 64 and guard.recoveries == 1

@@ -7,6 +7,7 @@ health metrics. See README.md and DESIGN.md.
 
 from stabq.compare import compare
 from stabq.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
     ModelFileError,
@@ -40,6 +41,7 @@ __all__ = [
     "FSQ",
     "Alert",
     "BottleneckClassifier",
+    "CheckpointError",
     "CodebookUsage",
     "CollapseMonitor",
     "CollapseWarning",

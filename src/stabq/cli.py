@@ -69,10 +69,21 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+# the options of `stabq train` a checkpoint records, so that --resume DIR can repeat them
+RUN_OPTIONS = (
+    "data", "out", "quantizer", "option", "val_data", "epochs", "batch_size", "lr", "seed",
+    "hidden", "bottleneck_dim", "two_stage", "stage1_epochs", "freeze_projector",
+    "ramp_epochs", "init_from", "guards",
+)  # fmt: skip
+
+
 @app.command()
 def train(
-    data: DataOption,
-    out: Annotated[Path, typer.Option(help="Model directory to write.", show_default=False)],
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option("--data", help=DATA_HELP, show_default=False)] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Model directory to write.", show_default=False)
+    ] = None,
     quantizer: Annotated[str, typer.Option(help="Preset: fsq, vq, rvq, gumbel, pq, ...")] = "fsq",
     option: Annotated[
         list[str] | None,
@@ -105,14 +116,37 @@ def train(
     ] = None,
     guards: Annotated[bool, typer.Option(help="Stability guards (undo exploding steps).")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish the interrupted run whose --out was DIR, exactly as it would have "
+            "ended; its other options come from its checkpoint.",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train a classifier with a discrete bottleneck and save it to OUT.
 
+    A checkpoint in OUT after every epoch lets --resume OUT finish a killed run.
+
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
     (on N processes: torchrun --nproc_per_node=N -m stabq train ...; rank 0 writes OUT)
     """
+    given = {k: v for k, v in locals().items() if k in RUN_OPTIONS}
+    for name, value in (("--data", data), ("--out", out)):
+        if value is None and resume is None:  # the usage error a required option gives
+            usage_errors = sys.modules[typer.BadParameter.__module__]
+            raise usage_errors.MissingParameter(
+                ctx=ctx, param_hint=f"'{name}'", param_type="option"
+            )
+    if resume is not None:
+        given = run_user_command(lambda: _resumed_options(ctx, resume, given), debug)
+        (data, out, quantizer, option, val_data, epochs, batch_size, lr, seed, hidden,
+         bottleneck_dim, two_stage, stage1_epochs, freeze_projector, ramp_epochs, init_from,
+         guards) = given.values()  # fmt: skip
 
     def run() -> None:
         import torch
@@ -149,9 +183,13 @@ def train(
             bottleneck_dim=bottleneck_dim,
             **options,
         )
-        if init_from is not None:
+        if init_from is not None and resume is None:
             model.take_continuous_weights(load(init_from))
-        result = train_model(model, train_set, val_set, config, fit_feature_stats=init_from is None)
+        result = train_model(
+            model, train_set, val_set, config, fit_feature_stats=init_from is None,
+            checkpoint_dir=out, resume=resume is not None,
+            run_info={"cli": json.loads(json.dumps(given, default=str))},
+        )  # fmt: skip
         if not distributed.is_main():
             return
         save_model(
@@ -167,6 +205,21 @@ def train(
             )
 
     run_user_command(lambda: _under_torchrun(run), debug)
+
+
+def _resumed_options(ctx: typer.Context, resume: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The options the run in ``resume`` was started with; any typed again must agree."""
+    from stabq.training.resume import resume_arguments
+
+    def typed_in(name: str) -> bool:  # not left at its default
+        return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+    typed = {k: v for k, v in given.items() if typed_in(k)}
+    recorded = resume_arguments(resume, typed)
+    values = {k: recorded[k] for k in RUN_OPTIONS}
+    values["out"] = resume
+    values["init_from"] = None if values["init_from"] is None else Path(values["init_from"])
+    return values
 
 
 @app.command()

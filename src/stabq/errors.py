@@ -39,6 +39,10 @@ class ModelFileError(StabqError):
     """A saved model directory is missing, incomplete, altered or from a newer stabq."""
 
 
+class CheckpointError(StabqError):
+    """A training checkpoint cannot be written, read, or resumed as asked."""
+
+
 class TrainingError(StabqError, RuntimeError):
     """Training diverged and the stability guards could not recover it."""
 

@@ -4,7 +4,8 @@
 ``target``; when the block ends normally, every file in it has been fsynced
 and the directory is renamed over ``target`` (the previous one is put back if
 that rename fails). When the block raises, the temporary directory is removed
-and ``target`` is untouched. ``write_text`` and ``write_npy`` fsync.
+and ``target`` is untouched. ``write_text`` fsyncs; ``write_npy`` and
+``write_chunks`` write a temporary file, fsync it and rename it over the target.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,44 @@ def write_npy(
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise error(f"{path}: cannot write {what} ({err.strerror})") from None
+        raise
+
+
+def write_chunks(
+    path: Path,
+    chunks: Iterable[bytes],
+    error: type[StabqError] = StabqError,
+    what: str = "the file",
+) -> None:
+    """Write ``chunks`` to ``path`` via a temporary file beside it, fsync and rename.
+
+    A crash at any moment leaves the previous ``path`` (or none) and at most a
+    stray ``.NAME.*`` temporary file; an ``OSError`` (disk full, read-only)
+    removes the temporary file and becomes one ``error`` naming ``path``.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise error(f"{path}: cannot write {what} there ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -88,6 +88,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         what = "is not a directory" if directory.exists() else "no such model directory"
         raise ModelFileError(f"{directory}: {what}")
     if not path.is_file():
+        if (directory / "checkpoint.safetensors").is_file():
+            raise ModelFileError(
+                f"{directory}: a training run that has not finished (no model yet); "
+                f"finish it with stabq train --resume {directory}"
+            )
         raise ModelFileError(f"{directory}: not a stabq model ({CONFIG} is missing)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -16,14 +16,17 @@ class TrainConfig:
     linear warm-up over ``warmup_epochs`` (restarted for stage 2 of two-stage
     training), ``grad_clip`` on the global gradient norm.
 
-    Guards (``guards=True``): a batch with non-finite inputs is skipped; a
+    Guards (``guards=True``): a batch with non-finite inputs, or standardised
+    inputs above ``feature_spike_factor`` x the recent batches', is skipped; a
     step whose loss is non-finite or above ``spike_factor`` x the median of the
     last ``guard_window`` losses, whose bottleneck feature norm is above
-    ``feature_spike_factor`` x its recent median, or whose gradient norm is not
+    ``feature_spike_factor`` x its minimum over 10 steps, or whose gradient norm is not
     finite is undone: the last good weights, buffers and optimiser state come
     back and the learning rate is scaled by ``lr_backoff`` (it doubles back
-    after every ``guard_window`` clean steps). More than ``max_recoveries``
-    recoveries without a clean epoch between them stop the run with
+    after every ``guard_window`` clean steps, never to a rate that failed
+    twice); a lost epoch goes back to the best one (see
+    :mod:`stabq.training.guard`). More than ``max_recoveries`` recoveries
+    without a clean epoch between them stop the run with
     :class:`stabq.errors.TrainingError`.
 
     Two-stage: ``two_stage=True`` trains ``stage1_epochs`` (default a third of

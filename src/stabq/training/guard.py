@@ -1,18 +1,36 @@
 """The stability guard: undo a bad step instead of letting it wreck the run.
 
-A step is bad when its loss is not finite, or exceeds ``spike_factor`` x the
-median of the last ``window`` good losses (floored at 1.0), or its largest bottleneck feature
-norm exceeds ``feature_spike_factor`` x its recent median, or its gradient
-norm is not finite. A bad step restores the last snapshot (weights, buffers
-such as EMA codebooks and running statistics, and the optimiser state) and
-halves the learning rate (``lr_backoff``); every ``window`` clean steps the
-rate doubles back, up to its scheduled value. Snapshots are taken every
-``snapshot_every`` clean steps, after checking every weight is finite.
+A batch is left out, before it touches the model, when its inputs are not
+finite or its largest standardised input norm exceeds ``feature_spike_factor``
+x the median of recent batches' (a poisoned batch is not the optimiser's
+fault: nothing to undo, no lower rate). A step is bad when its loss is not
+finite, or exceeds ``spike_factor`` x the median of the last ``window`` good
+losses (floored at 1.0), or its largest bottleneck feature norm exceeds
+``feature_spike_factor`` x the smallest of the last ``GROWTH_STEPS`` (10:
+features that grow a hundredfold within ten steps are exploding, even if no
+single step jumps; healthy early growth, Gumbel's on mnist1d say, is ~150x
+in 30 steps), or its gradient norm is not finite. The references start from the
+untrained model's figures (``prime``), so the first steps are checked too.
+A bad step restores the last snapshot (weights, buffers such as EMA
+codebooks and running statistics, and the optimiser state) and halves the
+learning rate (``lr_backoff``); every ``window`` clean steps the rate doubles
+back, up to its scheduled value. Snapshots are taken every ``snapshot_every``
+clean steps, after checking every weight is finite.
+
+Undoing single steps cannot help when the rate is so high that the weights
+decay for many steps before anything jumps: the snapshots are then spoilt
+too. So the guard also keeps the state of the best epoch (lowest validation
+loss; the untrained model to start with). An epoch goes back to the best
+at an 8x lower rate, capped there, when it needed undoing and ends no better
+than the best, or when it was calm but the run needed undoing earlier and
+the model is still no better than chance (its units dead). After a step
+failed at an already lowered rate, the rate never doubles back above half of it.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import statistics
 from collections import deque
@@ -22,6 +40,8 @@ import torch
 from torch import nn
 
 from stabq.errors import TrainingError
+
+GROWTH_STEPS = 10  # features 100x their smallest norm of the last 10 steps are exploding
 
 
 def _finite_state(model: nn.Module) -> bool:
@@ -53,19 +73,41 @@ class StabilityGuard:
         self.lr_backoff, self.snapshot_every = lr_backoff, snapshot_every
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
+        self.inputs: deque[float] = deque(maxlen=window)
         self.lr_scale = 1.0
         self.recoveries = 0  # since the last clean epoch
         self.clean_steps = 0
         self.events: list[dict[str, Any]] = []
+        self.lr_ceiling = 1.0  # the rate never doubles back above this
+        self.epoch_recoveries = 0
+        self.best_val = self.untrained_val = math.inf
+        self.undone = 0  # steps undone in the whole run
         self._snapshot: tuple[dict, dict] | None = None
+        self._anchor: tuple[dict, dict] | None = None  # the best epoch's state
         self.snapshot()
+
+    def _copy(self) -> tuple[dict, dict]:
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return state, copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, saved: tuple[dict, dict]) -> None:
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.model.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(copy.deepcopy(saved[1]))
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate  # the schedule's, not the saved one (each step sets it anyway)
 
     def snapshot(self) -> None:
         """Remember the current weights, buffers and optimiser state as the last good ones."""
-        if not self.enabled:
-            return
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self._snapshot = (state, copy.deepcopy(self.optimizer.state_dict()))
+        if self.enabled:
+            self._snapshot = self._copy()
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch a new optimiser (stage 2): the current state is the snapshot and the best."""
+        self.optimizer = optimizer
+        self.snapshot()
+        self.best_val = self.untrained_val = math.inf
+        self._anchor = self._snapshot
 
     def check(self, loss: float, feature_norm: float) -> str | None:
         """The reason this step is bad, or None to apply it."""
@@ -75,26 +117,57 @@ class StabilityGuard:
             return f"loss is {loss}"
         if not math.isfinite(feature_norm):
             return f"feature norm is {feature_norm}"
-        if len(self.losses) >= min(10, self.window):
+        if self.losses:  # primed with the untrained model's figures, so from the first step
             median = statistics.median(self.losses)
             # the floor of 1.0 keeps ordinary noise on a small, well-trained loss from counting
             if loss > self.spike_factor * max(median, 1.0):
                 return f"loss {loss:.4g} > {self.spike_factor:g} x recent median {median:.4g}"
-            norm_median = statistics.median(self.norms)
-            if feature_norm > self.feature_spike_factor * max(norm_median, 1e-6):
+            norm_min = min(itertools.islice(reversed(self.norms), GROWTH_STEPS))
+            if feature_norm > self.feature_spike_factor * max(norm_min, 1e-6):
                 return (
                     f"feature norm {feature_norm:.4g} > {self.feature_spike_factor:g} x "
-                    f"recent median {norm_median:.4g}"
+                    f"recent minimum {norm_min:.4g}"
                 )
         return None
+
+    def check_input(self, input_norm: float) -> str | None:
+        """Why to leave a batch out (its largest standardised row norm given), or None."""
+        if not self.enabled:
+            return None
+        if not math.isfinite(input_norm):
+            return "non-finite input batch skipped"
+        if self.inputs:
+            median = statistics.median(self.inputs)
+            if input_norm > self.feature_spike_factor * max(median, 1e-6):
+                return (
+                    f"input norm {input_norm:.4g} > {self.feature_spike_factor:g} x recent "
+                    f"median {median:.4g}: batch skipped"
+                )
+        self.inputs.append(input_norm)
+        return None
+
+    def prime(
+        self, loss: float, feature_norm: float, input_norm: float, val_loss: float, chance: float
+    ) -> None:
+        """First references: the untrained model's figures on clean rows, and its state.
+
+        ``chance`` is the validation loss of always predicting the class frequencies.
+        """
+        if all(map(math.isfinite, (loss, feature_norm, input_norm))):
+            self.losses.append(loss)
+            self.norms.append(feature_norm)
+            self.inputs.append(input_norm)
+        if self.enabled:
+            self.best_val, self._anchor = val_loss, self._copy()
+            self.untrained_val = 0.995 * min(val_loss, chance)  # barely better is no better
 
     def accept(self, loss: float, feature_norm: float) -> None:
         """Record a clean step; snapshot and restore the learning rate on schedule."""
         self.losses.append(loss)
         self.norms.append(feature_norm)
         self.clean_steps += 1
-        if self.clean_steps % self.window == 0 and self.lr_scale < 1.0:
-            self.lr_scale = min(1.0, self.lr_scale / self.lr_backoff)
+        if self.clean_steps % self.window == 0 and self.lr_scale < self.lr_ceiling:
+            self.lr_scale = min(self.lr_ceiling, self.lr_scale / self.lr_backoff)
         if self.enabled and self.clean_steps % self.snapshot_every == 0:
             if _finite_state(self.model):
                 self.snapshot()
@@ -107,10 +180,17 @@ class StabilityGuard:
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
 
-    def recover(self, reason: str, step: int, epoch: int) -> None:
-        """Undo back to the last snapshot at a lower learning rate, or stop the run."""
+    def recover(
+        self, reason: str, step: int, epoch: int, to: tuple[dict, dict] | None = None
+    ) -> None:
+        """Undo back to the last snapshot (or ``to``) at a lower rate, or stop the run."""
         self.recoveries += 1
+        self.epoch_recoveries += 1
+        self.undone += 1
+        again = self.lr_scale < self.lr_ceiling  # failed although already backed off
         self.lr_scale *= self.lr_backoff
+        if again:  # never double back to a rate that failed twice
+            self.lr_ceiling = self.lr_scale
         self.events.append(
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
@@ -120,11 +200,81 @@ class StabilityGuard:
                 f"{self.recoveries - 1} recoveries did not help "
                 f"(try a lower --lr or another --quantizer)"
             )
-        state, optim_state = self._snapshot
-        self.model.load_state_dict(state)
-        self.optimizer.load_state_dict(copy.deepcopy(optim_state))
+        self._restore(to or self._snapshot)
 
-    def end_epoch(self, had_events: bool) -> None:
-        """A clean epoch forgives earlier recoveries."""
-        if not had_events:
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the guard's next decisions depend on, for checkpoints.
+
+        Counters, recent losses and norms, events and the learning-rate scale
+        are plain Python; ``snapshot`` and ``anchor`` (the best epoch's state) are
+        ``(model_state, optimizer_state)`` or None.
+        """
+        return {
+            "lr_ceiling": self.lr_ceiling,
+            "epoch_recoveries": self.epoch_recoveries,
+            "best_val": self.best_val,
+            "untrained_val": self.untrained_val,
+            "undone": self.undone,
+            "anchor": self._anchor,
+            "losses": list(self.losses),
+            "norms": list(self.norms),
+            "inputs": list(self.inputs),
+            "lr_scale": self.lr_scale,
+            "recoveries": self.recoveries,
+            "clean_steps": self.clean_steps,
+            "events": [dict(e) for e in self.events],
+            "snapshot": self._snapshot,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave (snapshot tensors on the model's device)."""
+        self.losses = deque(state["losses"], maxlen=self.window)
+        self.norms = deque(state["norms"], maxlen=self.window)
+        self.inputs = deque(state["inputs"], maxlen=self.window)
+        self.lr_scale, self.recoveries = state["lr_scale"], state["recoveries"]
+        self.clean_steps, self.events = state["clean_steps"], list(state["events"])
+        self._snapshot, self._anchor = state["snapshot"], state["anchor"]
+        self.lr_ceiling, self.best_val = state["lr_ceiling"], state["best_val"]
+        self.epoch_recoveries = state["epoch_recoveries"]
+        self.untrained_val, self.undone = state["untrained_val"], state["undone"]
+
+    def require_progress(self, applied: int, epoch: int) -> None:
+        """Stop the run when no step of an epoch could be applied (every batch bad)."""
+        if self.enabled and applied == 0:
+            last = self.events[-1]["reason"] if self.events else "no batch"
+            raise TrainingError(
+                f"training stopped at epoch {epoch}: no batch of the epoch could be used "
+                f"(last: {last}); check the data, or try a lower --lr"
+            )
+
+    def end_epoch(self, had_events: bool, val_loss: float | None = None, epoch: int = -1) -> bool:
+        """Keep the best epoch, or go back to it; a clean epoch forgives earlier recoveries.
+
+        Returns True when the model went back to the best epoch's state.
+        """
+        back = False
+        if self.enabled and val_loss is not None:
+            worse = self.epoch_recoveries and not val_loss < self.best_val
+            # units killed earlier: a calm epoch that still ends no better than chance
+            dead = self.undone and not self.epoch_recoveries and not val_loss < self.untrained_val
+            if (worse or dead) and self._anchor is not None:
+                # a lost epoch: the rate is far too high, cut it 8x and cap it there
+                target = min(self.lr_scale, self.lr_ceiling) * self.lr_backoff**3
+                self.recover(
+                    f"epoch ended with validation loss {val_loss:.4g} (best {self.best_val:.4g}, "
+                    f"no better than chance {self.untrained_val:.4g}) after {self.undone} "
+                    f"undone steps: back to the best epoch at a rate capped lower",
+                    step=-1,
+                    epoch=epoch,
+                    to=self._anchor,
+                )
+                self.lr_scale = self.lr_ceiling = target
+                self.events[-1]["lr_scale"] = target
+                self._snapshot = self._anchor
+                back = True
+            elif val_loss < self.best_val:
+                self.best_val, self._anchor = val_loss, self._copy()
+        self.epoch_recoveries = 0
+        if not had_events and not back:
             self.recoveries = 0
+        return back

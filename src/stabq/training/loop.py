@@ -29,11 +29,14 @@ from stabq.data import (
     train_val_split,
     with_classes,
 )  # fmt: skip
+from stabq.errors import TrainingError
+from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device
 from stabq.training.guard import StabilityGuard
+from stabq.training.resume import Checkpointer
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
 
 BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -102,6 +105,9 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     batch_transform: BatchTransform | None = None,
     fit_feature_stats: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and return the model with its history.
 
@@ -116,6 +122,12 @@ def train(
     (:func:`stabq.distributed.shard_batches`), validation rows too, the guard
     decides on figures averaged over ranks, and only rank 0 writes
     ``metrics_path`` or shows progress; every rank returns the same history.
+
+    ``checkpoint_dir``: write a checkpoint there before the first epoch and
+    after every epoch (see :mod:`stabq.training.checkpoint`; ``run_info`` is
+    stored in it). ``resume=True`` continues from that checkpoint instead: the
+    caller passes the same model architecture, data and config (checked), and
+    the run ends exactly as if it had never stopped.
     """
     config = config or TrainConfig()
     data = require_classes(_as_data(train_data))
@@ -152,25 +164,40 @@ def train(
         max_recoveries=config.max_recoveries,
         lr_backoff=config.lr_backoff,
     )
+    guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size], vx, vy))
     plan = _Plan(config, steps_per_epoch=distributed.steps_per_epoch(x.shape[0], config.batch_size))
     result = TrainResult(model=model)
-    main = distributed.is_main()
+    main = distributed.is_main()  # rank 0 alone writes the log and the checkpoints
+    saver = Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data), writer=main)
+    state, start = saver.resumed if saver else None, 0
+    if state is not None:  # every rank restores the same state (rank 0's, on any world size)
+        start = state.epoch
+        if config.two_stage and start > plan.stage1:  # stage 2 had begun: its optimiser
+            _freeze_projector(model, config)
+            optimizer = _rebuild_optimizer(model, config, guard)
+        result.history = state.restore(model, optimizer, guard, gen)
+        if metrics_path and main:
+            write_text(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in result.history))
+    started = time.perf_counter() - (state.seconds if state else 0.0)
+    if saver and main and state is None:
+        saver.save(0, model, optimizer, guard, gen, [], run_info)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path and main else None  # noqa: SIM115
     bar = tqdm(
-        range(config.epochs),
+        range(start, config.epochs),
+        initial=start,
+        total=config.epochs,
         desc=f"train {model.arch['quantizer']}",
         unit="epoch",
         disable=(None if config.progress is None else not config.progress) if main else True,
         leave=False,
     )
-    started = time.perf_counter()
     try:
         for epoch in bar:
             if config.two_stage and epoch == plan.stage1:
                 _enter_stage2(model, x, config)
                 optimizer = _rebuild_optimizer(model, config, guard)
             model.quantizer.quantization_enabled = epoch >= plan.stage1
-            if epoch in (0, plan.stage1):  # DDP over the parameters this stage trains
+            if epoch in (start, plan.stage1):  # DDP over the parameters this stage trains
                 idle = epoch < plan.stage1 and any(
                     p.requires_grad for p in model.quantizer.parameters()
                 )
@@ -180,9 +207,11 @@ def train(
             sums = _train_epoch(
                 model, forward, optimizer, guard, plan, epoch, x, y, gen, batch_transform
             )
-            new_events = guard.events[events_before:]
-            guard.end_epoch(bool(new_events))
+            guard.require_progress(sums["applied"], epoch)
             figures = evaluate_model(model, vx, vy, sync=True)  # each rank holds a share
+            if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
+                figures = evaluate_model(model, vx, vy, sync=True)  # back at the best epoch
+            new_events = guard.events[events_before:]
             row = _epoch_row(model, plan, epoch, sums, figures)
             row.update(
                 lr=optimizer.param_groups[0]["lr"],
@@ -193,6 +222,8 @@ def train(
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            if saver and main:
+                saver.save(epoch + 1, model, optimizer, guard, gen, result.history, run_info)
             if on_epoch is not None:
                 on_epoch(row)
             bar.set_postfix(
@@ -200,6 +231,10 @@ def train(
                 acc=f"{row['val_accuracy']:.3f}",
                 ppl=f"{row['perplexity']:.1f}",
             )
+    except TrainingError:
+        if saver and main:  # a diverged run would diverge again when resumed: nothing to keep
+            saver.discard()
+        raise
     finally:
         bar.close()
         if log is not None:
@@ -262,8 +297,11 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = plan.lr(epoch, i, guard.lr_scale)
         model.quantizer.set_progress(plan.progress(epoch, i))
-        if config.guards and not distributed.all_true(bool(torch.isfinite(xb).all())):
-            guard.skip("non-finite input batch skipped", step, epoch)
+        # the largest norm over all ranks, so that every rank skips the same batches
+        input_norm = distributed.mean_and_max([], [_input_norm(model, xb)])[1][0]
+        skip = guard.check_input(input_norm) if config.guards else None
+        if skip is not None:
+            guard.skip(skip, step, epoch)
             continue
         logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
@@ -330,9 +368,18 @@ def _enter_stage2(model: BottleneckClassifier, x: torch.Tensor, config: TrainCon
         sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
         features = model.features(distributed.shard_rows(sample))
     model.quantizer.init_from_features(features)
+    _freeze_projector(model, config)
+
+
+def _freeze_projector(model: BottleneckClassifier, config: TrainConfig) -> None:
+    """Stage 2 with ``freeze_projector``: the projector's weights take no more steps.
+
+    Their last stage-1 gradients go too, or gradient clipping would count them.
+    """
     if config.freeze_projector:
         for p in model.projector.parameters():
             p.requires_grad_(False)
+            p.grad = None
 
 
 def _rebuild_optimizer(
@@ -343,6 +390,37 @@ def _rebuild_optimizer(
     """A fresh AdamW over the trainable parameters for stage 2; the guard follows it."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    guard.optimizer = optimizer
-    guard.snapshot()
+    guard.follow(optimizer)
     return optimizer
+
+
+@torch.no_grad()
+def _reference_figures(
+    model: BottleneckClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+):
+    """Eval-mode loss, largest feature and input norms of the untrained model on clean rows,
+    its validation loss, and the validation loss of predicting the class frequencies.
+
+    Eval mode changes no buffer and draws no random number, so training is as without it.
+    """
+    was_training = model.training
+    model.eval()
+    logits, out, z = model.forward_with_features(x)
+    val_loss = evaluate_model(model, vx, vy)["loss"]
+    model.train(was_training)
+    loss = float(F.cross_entropy(logits.float(), y) + out.loss)
+    norm = float(z.norm(dim=-1).max()) if z.numel() else 0.0
+    freq = torch.bincount(vy).double() / max(1, vy.numel())
+    chance = float(-(freq[freq > 0] * freq[freq > 0].log()).sum())
+    return loss, norm, _input_norm(model, x), val_loss, chance
+
+
+def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
+    """The largest row norm of the standardised batch (inf or nan when it is not finite)."""
+    if not x.numel():
+        return 0.0
+    return float(((x - model.feature_mean) / model.feature_std).norm(dim=-1).max())
