@@ -190,13 +190,13 @@ def train(
             checkpoint_dir=out, resume=resume is not None,
             run_info={"cli": json.loads(json.dumps(given, default=str))},
         )  # fmt: skip
-        if not distributed.is_main():
-            return
-        save_model(
-            model, out, classes=train_set.classes, history=result.history,
-            train_config=config.to_dict(),
-        )  # fmt: skip
-        if not quiet:
+        if distributed.is_main():
+            save_model(
+                model, out, classes=train_set.classes, history=result.history,
+                train_config=config.to_dict(),
+            )  # fmt: skip
+        distributed.barrier()  # every rank leaves together, after rank 0 has saved
+        if not quiet and distributed.is_main():
             last = result.final
             typer.echo(
                 f"{quantizer}: val accuracy {last['val_accuracy']:.4f}, usage {last['usage']:.3f}, "

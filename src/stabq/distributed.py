@@ -80,6 +80,12 @@ def process_group_from_env() -> Iterator[bool]:
             dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce_sum_(*tensors: Tensor) -> None:
     """Sum each tensor over all ranks, in place (one collective for all of them)."""
     if not is_distributed() or not tensors:
