@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from stabq.cli import app
@@ -67,3 +71,17 @@ def listing(directory: Path) -> dict[str, bytes]:
         str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
         for p in sorted(directory.rglob("*"))
     }
+
+
+def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """Save ``x``, ``y`` with the library a user would use for that format."""
+    if path.suffix == ".npz":
+        np.savez(path, x=x, y=y)
+    elif path.suffix == ".pt":
+        torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, path)
+    elif path.suffix == ".safetensors":
+        save_file({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(y)}, str(path))
+    else:
+        df = pd.DataFrame(x, columns=[f"f{j}" for j in range(x.shape[1])]).assign(label=y)
+        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
+    return path

@@ -21,10 +21,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from safetensors.numpy import save_file
 
 import stabq
-from bad_input import Payload, assert_user_error, cli, listing, run_stabq
+from bad_input import Payload, assert_user_error, cli, listing, run_stabq, write
 from stabq.data import load_data, require_classes
 from stabq.errors import DataError, ShapeError, StabqError
 from stabq.estimator import DiscreteBottleneckClassifier
@@ -37,20 +36,6 @@ X = RNG.standard_normal((12, FEATURES)).astype(np.float32)
 Y = np.arange(12) % 3
 H = "(0-based, header excluded)"
 COMMANDS = ("train", "evaluate", "encode", "compare")
-
-
-def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    """Save ``x``, ``y`` in the format of ``path``'s extension, as a user would."""
-    if path.suffix == ".npz":
-        np.savez(path, x=x, y=y)
-    elif path.suffix == ".pt":
-        torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, path)
-    elif path.suffix == ".safetensors":
-        save_file({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(y)}, str(path))
-    else:
-        df = pd.DataFrame(x, columns=[f"f{j}" for j in range(x.shape[1])]).assign(label=y)
-        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
-    return path
 
 
 def truncated(ext: str) -> Callable[[Path], Path]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import save_file
 
 import stabq.datasets as datasets_module
+from bad_input import write
 from stabq.data import (
     BUILTIN_DATASETS,
     LabeledData,
@@ -34,20 +34,6 @@ pytestmark = [  # a file left open by a failed read is a failure too
     pytest.mark.filterwarnings("error::ResourceWarning"),
     pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-
-def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    """Save ``x``, ``y`` with the library a user would use for that format."""
-    if path.suffix == ".npz":
-        np.savez(path, x=x, y=y)
-    elif path.suffix == ".pt":
-        torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, path)
-    elif path.suffix == ".safetensors":
-        save_file({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(y)}, str(path))
-    else:
-        df = pd.DataFrame(x, columns=[f"f{j}" for j in range(x.shape[1])]).assign(label=y)
-        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
-    return path
 
 
 def expect_error(path: Path | str, fragment: str, **kwargs) -> str:
