@@ -11,6 +11,7 @@ and ``target`` is untouched. ``write_text`` fsyncs; ``write_npy`` and
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -96,25 +97,15 @@ def atomic_directory(
 def write_npy(
     path: Path, array: np.ndarray, error: type[StabqError] = StabqError, what: str = "the array"
 ) -> None:
-    """Write ``array`` to ``path`` (.npy, no pickle) via a temporary file, fsync and rename."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as err:
-        raise error(f"{path}: cannot write {what} there ({err.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise error(f"{path}: cannot write {what} ({err.strerror})") from None
-        raise
+    """Write ``array`` to ``path`` (.npy, no pickle) atomically, through :func:`write_chunks`
+    (the array is serialised inside it, so a failure there also leaves nothing behind)."""
+
+    def chunks() -> Iterator[bytes]:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        yield buffer.getvalue()
+
+    write_chunks(path, chunks(), error, what)
 
 
 def write_chunks(
