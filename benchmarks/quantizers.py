@@ -202,12 +202,10 @@ def search_memory(device: str, n: int = 65536, k: int = 65536, d: int = 128) -> 
     """Extra memory of one search next to its bound: two buffers of ``chunk_elements``
     float32 (a distance tile, and the squares or argmin temporaries beside it) plus
     O(n + k) results, running minima and norms."""
-    from stabq.quantizers.codebook import DEFAULT_CHUNK_ELEMENTS
+    from stabq.quantizers.codebook import DEFAULT_CHUNK_ELEMENTS, nearest_code
 
     bound = (2 * DEFAULT_CHUNK_ELEMENTS * 4 + n * (4 + 8 + 4 + 8 + 4) + k * 4) / 2**20
     x, codes = torch.randn(1, n, d, device=device), torch.randn(1, k, d, device=device)
-    from stabq.quantizers.codebook import nearest_code
-
     ms = elapsed_ms(lambda: nearest_code(x, codes), device)
     return {
         "inputs": n,

@@ -47,6 +47,11 @@ def fsq_constants(levels: Tensor) -> Tensor:
     return torch.stack([shift, half_l, -offset, half_width, half_l / half_width])
 
 
+def _mixed_radix_basis(levels: Tensor) -> Tensor:
+    """``b_i = prod_{j<i} L_j`` (int64): index ``= sum_i level_i b_i``."""
+    return torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+
+
 def _row_group(n: int) -> int:
     """How many rows to pack side by side: the largest of 16, 8, 4, 2, 1 dividing ``n``."""
     return next(g for g in (16, 8, 4, 2, 1) if n % g == 0)
@@ -115,7 +120,7 @@ class _RoundIndex:
     def __init__(self, levels: Tensor, dtype: torch.dtype, device: torch.device) -> None:
         levels = levels.to(device)
         self.levels, self.d = levels, len(levels)
-        basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+        basis = _mixed_radix_basis(levels)
         self.exact = int(basis[-1]) * int(levels[-1]) <= _EXACT_INTEGERS.get(dtype, 0)
         self.basis = basis.to(dtype) if self.exact else basis
         self.const = float((levels // 2).long() @ basis)
@@ -136,16 +141,11 @@ def fsq_level_indices_to_index(level_idx: Tensor, levels: Tensor) -> Tensor:
     Float input is reduced by one matrix-vector product where the float type
     holds every index exactly (up to 2^24 codes in float32), else in int64.
     """
-    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    basis = _mixed_radix_basis(levels)
     size = int(basis[-1]) * int(levels[-1])
     if level_idx.is_floating_point() and size <= _EXACT_INTEGERS.get(level_idx.dtype, 0):
         return (level_idx @ basis.to(level_idx.dtype)).round_().long()
     return (level_idx.long() * basis).sum(dim=-1)
-
-
-def fsq_round_to_index(r: Tensor, levels: Tensor) -> Tensor:
-    """Index of the rounded integers ``r`` ``(n, d)`` in ``[-L // 2, L // 2]``: ``(n,)`` int64."""
-    return _RoundIndex(levels, r.dtype, r.device)(r)
 
 
 def fsq_codes_to_indices(codes: Tensor, levels: Tensor) -> Tensor:
@@ -157,7 +157,7 @@ def fsq_codes_to_indices(codes: Tensor, levels: Tensor) -> Tensor:
 
 def fsq_indices_to_levels(indices: Tensor, levels: Tensor) -> Tensor:
     """Per-dimension level indices ``(..., d)`` in ``[0, L_i)`` of indices ``(...,)``."""
-    basis = torch.cumprod(F.pad(levels[:-1].long(), (1, 0), value=1), dim=0)
+    basis = _mixed_radix_basis(levels)
     return (indices.long().unsqueeze(-1) // basis) % levels
 
 
