@@ -31,6 +31,7 @@ from stabq.errors import ShapeError, check, is_int
 from stabq.quantizers.base import Quantizer
 
 BOUND_EPS = 1e-3
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
@@ -84,6 +85,25 @@ class _BoundRound(torch.autograd.Function):
         y = torch.add(z, shift).tanh_()
         grad_z = torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=y)  # in place
         return grad_z.mul_(slope), None, None, None, None, None, None
+
+
+def fsq_bound_round_plain(z: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """:func:`fsq_bound_round` in plain differentiable operations: what ``torch.compile`` traces.
+
+    ``b = tanh(z + shift) * half_l - offset``, ``r = b + sg(round(b) - b)`` (the sum is
+    exact: ``round(b) - b`` is exact by Sterbenz's lemma or is ``-b``), ``codes = r /
+    half_width``; indices in int64 from the Python levels. No cache, no in-place
+    write, no custom autograd Function and no tensor-to-int read, so the compiled
+    graph has no break and nothing that lives between calls; the inductor fuses it anyway.
+    """
+    constants = fsq_constants(torch.tensor(list(levels), dtype=torch.int32))
+    shift, half_l, neg_offset, half_width, _ = constants.to(z.device, z.dtype).unbind(0)
+    bounded = torch.tanh(z + shift) * half_l + neg_offset
+    r = bounded + (torch.round(bounded) - bounded).detach()
+    basis = [math.prod(levels[:i]) for i in range(len(levels))]
+    level_idx = r.detach().long() + torch.tensor([v // 2 for v in levels], device=z.device)
+    indices = (level_idx * torch.tensor(basis, device=z.device)).sum(-1)
+    return r / half_width, indices
 
 
 def fsq_bound_round(z: Tensor, levels: Tensor, cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -238,7 +258,10 @@ class FSQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self._normalise(self.project_in(x))
-        codes, indices = fsq_bound_round(z, self._levels, self._cache)
+        if _compiling():  # the fast eager Function's in-place tricks stay out of graphs
+            codes, indices = fsq_bound_round_plain(z, self.levels)
+        else:
+            codes, indices = fsq_bound_round(z, self._levels, self._cache)
         return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
