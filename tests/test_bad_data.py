@@ -160,6 +160,16 @@ CASES = [
     Case("sparse-tensor", sparse_pt, ("cannot read as a .pt file: TypeError", "Sparse")),
     Case("date-feature", dates_parquet, ("column 'day' is not numeric",)),
     Case("string-features", arrays("s.npz", X.astype(str), Y), ("features must be numbers",)),
+    Case(  # what df["label"].to_numpy() gives for text labels: np.load would need pickle
+        "object-labels",
+        arrays("o.npz", X, np.array(["a", "b", "c"] * 4, dtype=object)),
+        ("'y' is an object array", "would need pickle", "save it as y.astype(str)"),
+    ),
+    Case(
+        "object-features",
+        arrays("of.npz", X.astype(object), Y),
+        ("'x' is an object array", "save it as x.astype(np.float32)"),
+    ),
     Case(
         "fractional-label",
         arrays("f.npz", X[:3], [0, 1.5, 2]),

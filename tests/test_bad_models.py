@@ -298,3 +298,40 @@ def test_process_unknown_option_exits_2_in_one_line():
     assert proc.stderr.splitlines() == [
         "stabq: error: No such option: -q (see: python -m stabq train --help)"
     ]
+
+
+# --- an output path that is a file --------------------------------------------------------
+
+COMPARE_ONE = ("--data", DATA, "--methods", "fsq", "--seeds", "1", "--epochs", "1", "--quiet")
+OUT_COMMANDS = {
+    "train": lambda out: cli("train", "--data", DATA, "--out", out, "--epochs", "1", "--quiet"),
+    "compare": lambda out: cli("compare", *COMPARE_ONE, "--out", out),
+}
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-file", "a-path-inside-it"])
+@pytest.mark.parametrize("command", list(OUT_COMMANDS))
+def test_an_out_that_is_a_file_is_one_line_and_the_file_stays(command, inside, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("the user's own file\n")
+    out = existing / "run" if inside else existing
+    before = listing(tmp_path)
+    result = OUT_COMMANDS[command](out)
+    where = f"is inside {existing}, which exists" if inside else "exists"
+    assert_user_error(result, f"{out}: {where} and is not a directory", "give a new path")
+    assert listing(tmp_path) == before
+
+
+def test_python_refuses_a_file_as_the_model_or_checkpoint_directory(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("the user's own file\n")
+    torch.manual_seed(0)
+    model = BottleneckClassifier(4, 3, "fsq", hidden=8, bottleneck_dim=4, levels=[3, 3])
+    data = (np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3)
+    config = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(stabq.errors.CheckpointError, match=r"notes\.txt: exists and is not a"):
+        stabq.train(model, data, config=config, checkpoint_dir=existing)
+    with pytest.raises(ModelFileError, match=r"notes\.txt: exists and is not a directory"):
+        save_model(model, existing, classes=CLASSES)
+    assert existing.read_text() == "the user's own file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

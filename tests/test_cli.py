@@ -48,3 +48,16 @@ def test_demo_runs_every_preset():
     by_name = {r["preset"]: r for r in rows}
     assert by_name["none"]["rel_error"] == 0.0
     assert 0 < by_name["rvq"]["rel_error"] < by_name["vq-ema"]["rel_error"]
+
+
+def test_version_is_the_installed_distribution_version():
+    from importlib.metadata import version
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabq", "--version"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == f"stabq {version('stabq')}\n"
+    import stabq
+
+    assert stabq.__version__ == version("stabq")

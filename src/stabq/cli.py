@@ -37,8 +37,23 @@ PartOption = Annotated[
 ]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from stabq import __version__
+
+        typer.echo(f"stabq {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Stable discrete bottlenecks for classifiers: train, compare and inspect quantizers."""
 
 
@@ -342,8 +357,11 @@ def compare_command(
         from tqdm.auto import tqdm
 
         from stabq.compare import PRESETS, compare
+        from stabq.files import require_directory_path
         from stabq.report import write_comparison
 
+        if out is not None:  # before the runs, not after them
+            require_directory_path(out, ConfigError, "the comparison")
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         spec = PRESETS.get(preset, PRESETS["default"])
         total = len(names or spec["methods"]) * (seeds or spec["seeds"])

@@ -45,10 +45,22 @@ def fsync_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask())
 
 
+def require_directory_path(
+    target: Path, error: type[StabqError] = StabqError, what: str = "the files"
+) -> None:
+    """``target`` is a directory or does not exist yet, and no part of its parent is a file."""
+    found = next((p for p in (target, *target.parents) if p.exists()), None)
+    if found is not None and not found.is_dir():
+        where = "exists" if found == target else f"is inside {found}, which exists"
+        raise error(
+            f"{target}: {where} and is not a directory; {what} must be written to a directory: "
+            f"give a new path or an existing directory"
+        )
+
+
 def swap_into_place(tmp: Path, target: Path, error: type[StabqError] = StabqError) -> None:
     """Rename directory ``tmp`` over ``target``; on failure the previous ``target`` stays."""
-    if target.exists() and not target.is_dir():
-        raise error(f"{target}: exists and is not a directory")
+    require_directory_path(target, error)
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         old.rmdir()
@@ -77,6 +89,7 @@ def atomic_directory(
     An ``OSError`` (disk full, read-only, no permission) becomes one
     ``error`` naming ``target``; nothing is left behind either way.
     """
+    require_directory_path(target, error, what)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -72,7 +72,34 @@ def _read_npz(path: Path, source: str) -> Raw:
         if not isinstance(obj, np.lib.npyio.NpzFile):
             raise data_error(source, "holds one array, expected an .npz archive with 'x' and 'y'")
         with obj:
+            for key in ("x", "y"):
+                if key in obj.files:
+                    _refuse_objects(obj, key, source)
             return _from_mapping(obj, source)
+
+
+def _refuse_objects(npz: np.lib.npyio.NpzFile, key: str, source: str) -> None:
+    """An object array (strings from pandas, say) would need pickle: say how to save it.
+
+    Only the member's ``.npy`` header is read, never its data.
+    """
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    try:
+        with npz.zip.open(f"{key}.npy") as member:
+            read = readers.get(fmt.read_magic(member))
+            if read is None:
+                return  # another header version: np.load's own check still refuses objects
+            _, _, dtype = read(member)
+    except Exception:
+        return  # a damaged member: reading it says so, in _from_mapping
+    if dtype.hasobject:
+        fix = "y.astype(str)" if key == "y" else "x.astype(np.float32)"
+        raise data_error(
+            source,
+            f"{key!r} is an object array (what pandas' .to_numpy() gives for text columns); "
+            f"loading it would need pickle, which stabq never runs: save it as {fix}",
+        )
 
 
 def _read_tensors(path: Path, source: str) -> Raw:

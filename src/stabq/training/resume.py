@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from stabq.errors import CheckpointError
+from stabq.files import require_directory_path
 from stabq.training.checkpoint import (
     CHECKPOINT,
     Checkpoint,
@@ -82,6 +83,7 @@ class Checkpointer:
         if not writer and not resume:
             return None
         directory = Path(directory)
+        require_directory_path(directory, CheckpointError, "a model and its checkpoints")
         digest = data_digest(data[0].x, data[0].y, data[1].x, data[1].y)
         expected = fingerprint(model, config.to_dict(), digest)
         if writer:

@@ -1,0 +1,137 @@
+"""How close each preset ends to its clean run under attack, over seeds and CPU kernel paths.
+
+    python benchmarks/attacks.py [--seeds 5] [--paths default,avx2,avx512] [--json out.json]
+
+The attacks and the runs are tests/test_attacks.py's own (poisoned batches,
+lr 1.0, features x 1e4; 1,200 rows of synthetic:16, 12 epochs). A chaotic run
+lands elsewhere after a last-bit difference, so one run's accuracy says little;
+this prints, for every preset and attack, the median test accuracy over seeds
+and kernel paths, its range, the median gap to the clean run, how many runs
+stopped with a TrainingError and the guard events per run. Each kernel path
+runs in its own process (``ATEN_CPU_CAPABILITY``), torch on one thread; the
+paths run two at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def worker(seeds: int) -> None:
+    """Every preset, clean and under each attack, for seeds 0..seeds-1: a JSON line each."""
+    import torch
+
+    sys.path.insert(0, str(TESTS))
+    from stabq import TrainingError, preset_names
+    from test_attacks import ATTACKS, blobs_data, run
+
+    torch.set_num_threads(1)
+    data = blobs_data()
+    path = torch.backends.cpu.get_cpu_capability()
+    for preset in preset_names():
+        for attack in ("clean", *ATTACKS):
+            for seed in range(seeds):
+                started = time.perf_counter()
+                record = {"path": path, "preset": preset, "attack": attack, "seed": seed}
+                try:
+                    outcome = run(preset, attack, data, seed=seed)
+                    record.update(accuracy=outcome.accuracy, events=len(outcome.events))
+                except TrainingError as err:
+                    record.update(accuracy=None, events=None, error=str(err))
+                record["seconds"] = time.perf_counter() - started
+                print(json.dumps(record), flush=True)
+
+
+def measure(seeds: int, paths: list[str]) -> list[dict]:
+    """Run the worker once per kernel path, two processes at a time; all their records."""
+    records: list[dict] = []
+    for start in range(0, len(paths), 2):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--seeds", str(seeds)],
+                env={**os.environ, "ATEN_CPU_CAPABILITY": path, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for path in paths[start : start + 2]
+        ]
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"a worker failed with status {proc.returncode}")
+            records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """One markdown row per preset and attack."""
+
+    def finished(preset: str, attack: str) -> list[dict]:
+        return [r for r in records if (r["preset"], r["attack"]) == (preset, attack)]
+
+    lines = [
+        "| preset | attack | median accuracy | range | median gap to clean | stopped | "
+        "guard events per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    presets = list(dict.fromkeys(r["preset"] for r in records))
+    attacks = list(dict.fromkeys(r["attack"] for r in records))
+    for preset in presets:
+        clean = {(r["path"], r["seed"]): r["accuracy"] for r in finished(preset, "clean")}
+        for attack in attacks:
+            runs = finished(preset, attack)
+            done = [r for r in runs if r["accuracy"] is not None]
+            accs = [r["accuracy"] for r in done]
+            gaps = [
+                r["accuracy"] - clean[r["path"], r["seed"]]
+                for r in done
+                if clean.get((r["path"], r["seed"])) is not None
+            ]
+            events = [r["events"] for r in done]
+            stopped = f"{len(runs) - len(done)} of {len(runs)}"
+            if not done:
+                lines.append(f"| `{preset}` | {attack} | - | - | - | {stopped} | - |")
+                continue
+            gap = "-" if attack == "clean" else f"{100 * statistics.median(gaps):+.1f}"
+            lines.append(
+                f"| `{preset}` | {attack} | {100 * statistics.median(accs):.1f} | "
+                f"{100 * min(accs):.1f}-{100 * max(accs):.1f} | {gap} | {stopped} | "
+                f"{min(events)}-{max(events)} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--paths", default="default,avx2,avx512")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.seeds)
+        return
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    started = time.perf_counter()
+    records = measure(args.seeds, paths)
+    print(
+        f"{args.seeds} seeds x kernel paths {', '.join(paths)}; torch on one thread; "
+        f"{platform.machine()}, {time.perf_counter() - started:.0f} s\n"
+    )
+    print(table(records))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
