@@ -11,10 +11,13 @@ leave the resident set at once; on CUDA ``max_memory_allocated``.
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,3 +104,26 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         cells = ["-" if row.get(k) is None else fmt.format(row[k]) for _, k, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def on_kernel_paths(script: str, args: list[str], paths: list[str]) -> list[dict]:
+    """Run ``python script --worker ARGS`` once per CPU kernel path (``ATEN_CPU_CAPABILITY``,
+    which sets both ATen's kernels and the inductor's), two processes at a time, torch
+    and OpenMP on one thread each; the JSON lines they print, in order of ``paths``."""
+    records: list[dict] = []
+    for start in range(0, len(paths), 2):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, script, "--worker", *args],
+                env={**os.environ, "ATEN_CPU_CAPABILITY": path, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for path in paths[start : start + 2]
+        ]
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"{script}: a worker failed with status {proc.returncode}")
+            records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return records

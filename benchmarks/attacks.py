@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _measure import on_kernel_paths
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -50,27 +50,6 @@ def worker(seeds: int) -> None:
                     record.update(accuracy=None, events=None, error=str(err))
                 record["seconds"] = time.perf_counter() - started
                 print(json.dumps(record), flush=True)
-
-
-def measure(seeds: int, paths: list[str]) -> list[dict]:
-    """Run the worker once per kernel path, two processes at a time; all their records."""
-    records: list[dict] = []
-    for start in range(0, len(paths), 2):
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", "--seeds", str(seeds)],
-                env={**os.environ, "ATEN_CPU_CAPABILITY": path, "OMP_NUM_THREADS": "1"},
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for path in paths[start : start + 2]
-        ]
-        for proc in procs:
-            out, _ = proc.communicate()
-            if proc.returncode != 0:
-                raise SystemExit(f"a worker failed with status {proc.returncode}")
-            records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return records
 
 
 def table(records: list[dict]) -> str:
@@ -123,7 +102,7 @@ def main() -> None:
         return
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     started = time.perf_counter()
-    records = measure(args.seeds, paths)
+    records = on_kernel_paths(__file__, ["--seeds", str(args.seeds)], paths)
     print(
         f"{args.seeds} seeds x kernel paths {', '.join(paths)}; torch on one thread; "
         f"{platform.machine()}, {time.perf_counter() - started:.0f} s\n"

@@ -1,9 +1,13 @@
 """Every preset on a built-in dataset with default training: accuracy, codebook health, time.
 
     python benchmarks/presets.py [--data mnist1d] [--seeds 3] [--epochs 100] [--json out.json]
+                                 [--paths default,avx2,avx512]
 
 Prints a markdown table (mean and standard deviation over seeds) for README.
 Torch runs on one thread so the timings do not depend on what else runs.
+``--paths`` repeats every run on each CPU kernel path (``ATEN_CPU_CAPABILITY``),
+each in its own process, two at a time (so the seconds are then under load), and
+adds each preset's lowest accuracy and its gap to ``none`` on every path and seed.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+from _measure import on_kernel_paths
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data
 from stabq.training.loop import evaluate_model
 
 
-def run(data: str, seeds: int, epochs: int) -> list[dict]:
+def run(data: str, seeds: int, epochs: int, log=None) -> list[dict]:
     train_set, test_set = load_data(data, "train"), load_data(data, "test")
     tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
+    path = torch.backends.cpu.get_cpu_capability()
     rows = []
     for name in preset_names():
         runs = []
@@ -33,11 +40,34 @@ def run(data: str, seeds: int, epochs: int) -> list[dict]:
             started = time.perf_counter()
             result = train(model, train_set, config=TrainConfig(epochs=epochs, seed=seed))
             seconds = time.perf_counter() - started
-            runs.append({**evaluate_model(model, tx, ty), "seconds": seconds,
-                         "guard_events": len(result.guard_events)})  # fmt: skip
+            runs.append({**evaluate_model(model, tx, ty), "seconds": seconds, "path": path,
+                         "seed": seed, "guard_events": len(result.guard_events)})  # fmt: skip
+            if log is not None:
+                log({"preset": name, **runs[-1]})
         rows.append({"preset": name, "runs": runs})
-        print(f"done {name}", flush=True)
+        print(f"done {name}", flush=True, file=sys.stderr)
     return rows
+
+
+def joined(records: list[dict]) -> list[dict]:
+    """The workers' records as :func:`run`'s rows: one per preset, every path's runs."""
+    names = list(dict.fromkeys(r["preset"] for r in records))
+    return [{"preset": n, "runs": [r for r in records if r["preset"] == n]} for n in names]
+
+
+def spread(rows: list[dict]) -> str:
+    """Each preset's lowest accuracy and its gap to `none` on the same path and seed."""
+    none = {(r["path"], r["seed"]): r["accuracy"] for row in rows if row["preset"] == "none"
+            for r in row["runs"]}  # fmt: skip
+    lines = ["| preset | lowest accuracy | gap to `none`, same path and seed |", "|---|---|---|"]
+    for row in rows:
+        gaps = [r["accuracy"] - none[r["path"], r["seed"]] for r in row["runs"]]
+        low = min(r["accuracy"] for r in row["runs"])
+        text = (
+            "-" if row["preset"] == "none" else f"{100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}"
+        )
+        lines.append(f"| `{row['preset']}` | {100 * low:.1f} | {text} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], epochs: int) -> str:
@@ -70,11 +100,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--paths", default=None, help="kernel paths, e.g. default,avx2,avx512")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = run(args.data, args.seeds, args.epochs)
-    print(f"\n{args.data}, {args.seeds} seeds, torch {torch.__version__}, {platform.processor()}")
+    if args.worker:
+        run(args.data, args.seeds, args.epochs, log=lambda r: print(json.dumps(r), flush=True))
+        return
+    if args.paths:
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        argv = ["--data", args.data, "--seeds", str(args.seeds), "--epochs", str(args.epochs)]
+        rows = joined(on_kernel_paths(__file__, argv, paths))
+    else:
+        rows, paths = run(args.data, args.seeds, args.epochs), ["this processor's own"]
+    print(f"\n{args.data}, {args.seeds} seeds, kernel paths: {', '.join(paths)}, "
+          f"torch {torch.__version__}, {platform.processor()}")  # fmt: skip
     print(table(rows, args.epochs))
+    if args.paths:
+        print()
+        print(spread(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -20,6 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from stabq import build_quantizer
+from stabq.training.compiling import compile_module
 
 MARGIN = 1e-3
 BATCHES = (128, 100, 16, 7, 2, 1)  # rows packed 16, 4, 16, 1 and 2 at a time; 1: running stats
@@ -63,8 +64,7 @@ def step(fsq, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor
 def compare(name: str, fsq, x: torch.Tensor) -> dict:
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     eager = copy.deepcopy(fsq).train()
-    compiled = copy.deepcopy(fsq).train()
-    compiled.compile()
+    compiled = compile_module(copy.deepcopy(fsq).train())  # the trainer's way
     torch._dynamo.reset()
     counters.clear()
     want, got = step(eager, x, upstream), step(compiled, x, upstream)

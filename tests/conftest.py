@@ -1,19 +1,29 @@
-"""Shared test settings."""
+"""Shared test settings.
+
+``STABQ_TEST_THREADS`` (default 1) sets torch's and faiss's threads, so that the
+training-outcome tests (marked ``outcome``) can be run on another thread count
+too: ``make test-portable`` runs them on two threads and on other CPU kernel paths.
+"""
 
 from __future__ import annotations
+
+import os
 
 import faiss
 import pytest
 import torch
 
+THREADS = int(os.environ.get("STABQ_TEST_THREADS", "1"))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread_each():
-    """One torch and one faiss thread: the models here are tiny, and on a shared 2-core
-    machine idle OpenMP threads spinning against other processes cost 10-30x in time."""
+    """One torch and one faiss thread unless told otherwise: the models here are tiny, and
+    on a shared 2-core machine idle OpenMP threads spinning against other processes cost
+    10-30x in time."""
     torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(THREADS)
+    faiss.omp_set_num_threads(THREADS)
     yield
     torch.set_num_threads(torch_threads)
     faiss.omp_set_num_threads(faiss_threads)

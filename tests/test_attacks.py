@@ -34,15 +34,19 @@ from stabq import BottleneckClassifier, TrainConfig, TrainingError, preset_names
 from stabq.data import LabeledData, Standardizer, from_arrays, load_data, train_val_split
 from stabq.training.loop import evaluate_model
 
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
+
 ROWS, EPOCHS, BATCH, LR = 1200, 12, 64, 2e-2
 POISON = {2: "1e8", 40: "nan", 90: "inf", 150: "1e8"}  # global steps (17 an epoch)
 OTHER_POISON = dict.fromkeys(POISON, "-inf")  # the same steps, other values
 ATTACKS = ("poisoned batches", "lr 1.0", "features x 1e4")
 CHANCE = 0.1  # 10 balanced classes
-# Lowest test accuracy that benchmarks/attacks.py measured for any preset, over seeds
-# 0-4 and the default, avx2 and avx512 kernel paths: 0.646 at lr 1.0 (fsq-plain), 0.80
-# with features x 1e4 (vq-ema). A floor at 3x chance is far below both, and far above
-# what a wrecked model scores (a model stuck on one class scores 0.1).
+# benchmarks/attacks.py over seeds 0-4 and the default, avx2 and avx512 kernel paths (135
+# runs an attack): the lowest accuracy of a run that finished was 0.388 at lr 1.0 (gumbel,
+# seed 1), 0.510 with poisoned batches and 0.550 with features x 1e4 (vq, seed 3); seed 0,
+# which the tests run, never below 0.576. A floor at 3x chance stays clear of all of them
+# and far above a wrecked model (one stuck on a class scores 0.1). Every lr 1.0 run that
+# finished had 2 to 10 guard events; no features x 1e4 run had one.
 FLOOR = 3 * CHANCE
 
 
@@ -156,7 +160,8 @@ def test_features_x_1e4_train_as_the_standardised_clean_features(preset, blobs, 
     clean = (x - torch.from_numpy(stats.mean)) / torch.from_numpy(stats.std)
     scaled = (x * 1e4 - attacked.model.feature_mean) / attacked.model.feature_std
     torch.testing.assert_close(scaled, clean, rtol=1e-5, atol=1e-5)
-    assert attacked.accuracy > FLOOR, (attacked.accuracy, attacked.events)
+    assert attacked.events == []  # standardised, they are the clean features: nothing to undo
+    assert attacked.accuracy > FLOOR, attacked.accuracy
     assert_saved_finite(attacked.model, tmp_path)
 
 

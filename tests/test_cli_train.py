@@ -19,6 +19,8 @@ from stabq.cli import app
 from stabq.data import load_data
 from stabq.saving import load_history, read_config
 
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
+
 runner = CliRunner()
 DATA = "synthetic:16"
 SMALL = ["--epochs", "2", "--hidden", "16", "--bottleneck-dim", "8", "--batch-size", "256"]
@@ -60,7 +62,7 @@ def run_stabq(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def fsq_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsq") / "model"
-    result = train(out, *FSQ)
+    result = train(out, *FSQ, "--lr", "5e-2")  # 2 epochs at 3e-3 left it near chance
     assert result.exit_code == 0, (result.output, result.exception)
     return out
 
@@ -107,6 +109,7 @@ def test_train_writes_a_model_directory(fsq_dir):
     assert model["quantizer"] == "fsq"
     assert model["quantizer_kwargs"] == {"levels": [5, 5]}
     assert config["train_config"]["epochs"] == 2
+    assert config["train_config"]["lr"] == 5e-2
     assert config["train_config"]["batch_size"] == 256
     assert [row["epoch"] for row in load_history(fsq_dir)] == [1, 2]
     assert [p.name for p in fsq_dir.parent.iterdir()] == ["model"]
@@ -135,7 +138,9 @@ def test_evaluate_prints_the_accuracy_of_the_saved_model(fsq_dir, test_x):
     assert {"accuracy", "loss", "usage", "perplexity", "rows"} <= figures.keys()
     assert figures["rows"] == 1000
     assert figures["accuracy"] == pytest.approx(accuracy, abs=1e-12)
-    assert accuracy > 0.15  # 10 classes: trained, not chance
+    # trained, not chance (0.1): measured 0.38-0.57 over seeds 0-5 on two kernel paths (at
+    # the default lr 3e-3 the same 2 epochs gave 0.11-0.23, too near chance to tell)
+    assert accuracy > 0.2
     assert 0 < figures["usage"] <= 1
     assert 1 <= figures["perplexity"] <= 25  # levels [5, 5]: 25 codes
     assert figures["loss"] > 0

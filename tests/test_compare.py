@@ -19,6 +19,8 @@ from stabq.compare import PRESETS, compare, summarise, verdict
 from stabq.errors import ConfigError
 from stabq.report import format_table, write_comparison
 
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
+
 
 @pytest.fixture(scope="module")
 def small():

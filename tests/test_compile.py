@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ import torch
 import compile_worker
 from stabq import BottleneckClassifier, TrainConfig, train
 from stabq.data import load_data
+from stabq.training import compiling
+from stabq.training.compiling import inductor_cache_per_kernel_path
+
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 
 WORKER = Path(__file__).with_name("compile_worker.py")
 # Measured on 3 kernel paths: quantized values and indices equal, every gradient within
@@ -29,12 +34,13 @@ TOLERANCE = 1e-5
 
 
 def kernel_paths() -> list[str]:
-    """``default`` and every vector path up to the processor's own (x86: avx2, avx512)."""
-    native = torch.backends.cpu.get_cpu_capability().lower()
-    ladder = ["default", "avx2", "avx512"]
-    if native not in ladder:  # another architecture: its own path and the plain one
-        return ["default", native] if native != "default" else ["default"]
-    return ladder[: ladder.index(native) + 1]
+    """``default`` and every vector path the processor has (x86: avx2, avx512), whatever
+    ``ATEN_CPU_CAPABILITY`` this process runs under."""
+    cpu = torch.cpu
+    if hasattr(cpu, "_is_avx2_supported") and cpu._is_avx2_supported():
+        return ["default", "avx2"] + (["avx512"] if cpu._is_avx512_supported() else [])
+    native = torch.backends.cpu.get_cpu_capability().lower()  # another architecture
+    return ["default"] if native == "default" else ["default", native]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +104,26 @@ def test_compile_option_trains_with_a_compiled_quantizer_that_matches_eager():
     eager = model.quantizer.forward(z)  # forward() bypasses the compiled __call__
     assert torch.equal(compiled.indices, eager.indices)
     torch.testing.assert_close(compiled.quantized, eager.quantized)
+
+
+def test_a_forced_kernel_path_gets_an_inductor_cache_of_its_own(monkeypatch, tmp_path):
+    """torch 2.13's inductor cache key leaves ATEN_CPU_CAPABILITY out: code cached on the
+    native path was served under avx2 (a NaN loss at step 17) and default (a C++ error)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the inductor's default lives under it
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert inductor_cache_per_kernel_path() is None  # the native path: left as it is
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    default = os.path.abspath(compiling._default_cache_dir())
+    assert default.startswith(str(tmp_path))
+    for path in ("default", "AVX2"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", path)
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # as the inductor sets it
+        want = os.path.join(default, f"aten-cpu-{path.lower()}")
+        assert inductor_cache_per_kernel_path() == want == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # a child of the avx2 process
+    assert inductor_cache_per_kernel_path() == os.path.join(default, "aten-cpu-default")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own
+    assert inductor_cache_per_kernel_path() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

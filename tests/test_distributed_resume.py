@@ -27,6 +27,8 @@ from stabq.training.checkpoint import CHECKPOINT, PAUSE_ENV
 from test_cli_resume import epochs_done, wait_for
 from test_distributed import SRC, TESTS, TIMEOUT_S, children, torchrun
 
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
+
 EPOCHS = 4
 RUN = [
     "--data", "synthetic:16", "--quantizer", "vq", "--option", "codebook_size=64",

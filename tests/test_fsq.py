@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stabq import FSQ, ConfigError, ShapeError
-from stabq.quantizers.fsq import BOUND_EPS
+from stabq.quantizers.fsq import BOUND_EPS, fsq_constants
 
 # [13, 12, 7, 7]: half widths of 6 and 3, where r * (1 / w) and r / w differ in the last bit
 LEVEL_LISTS = [
@@ -58,6 +58,14 @@ def test_forward_codes_and_indices_agree_with_the_mixed_radix_formula(levels):
     assert torch.equal(fsq.indices_to_codes(idx), q)
 
 
+def clear_of_ties(x: torch.Tensor, levels: list[int], margin: float = 1e-5) -> torch.Tensor:
+    """Rows of ``x`` ``(..., d)`` whose bounded values, computed in float64, all lie more than
+    ``margin`` from a rounding tie (``k + 0.5``)."""
+    shift, half_l, neg_offset, _, _ = fsq_constants(torch.tensor(levels)).double()
+    b = torch.tanh(x.double() + shift) * half_l + neg_offset
+    return ((b - b.floor() - 0.5).abs() > margin).all(-1)
+
+
 def _reference_levels():
     # vector-quantize-pytorch refuses a level of 2 without its preserve_symmetry mode
     return [lv for lv in LEVEL_LISTS if 2 not in lv]
@@ -78,8 +86,15 @@ def test_codes_and_indices_equal_vector_quantize_pytorch(levels, scale, seed, ro
     ref = vqp.FSQ(levels)
     q, idx, _ = ours(x)
     ref_q, ref_idx = ref(x)
-    assert torch.equal(q, ref_q)
-    assert torch.equal(idx, ref_idx.long())
+    # Equal wherever the bounded value is not on a rounding tie: there a last-bit difference
+    # between two correct kernels (a fused multiply-add, another tanh) may rightly flip a
+    # level, on some processors and not others. Such rows are rare and differ by one level.
+    clear = clear_of_ties(x, levels)
+    assert clear.float().mean() > 0.99
+    assert torch.equal(q[clear], ref_q[clear])
+    assert torch.equal(idx[clear], ref_idx.long()[clear])
+    half = torch.tensor([lv // 2 for lv in levels])
+    assert ((q - ref_q).abs() * half <= 1).all()
     every = torch.arange(ours.codebook_size)
     assert torch.equal(ours.indices_to_codes(every), ref.indices_to_codes(every))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -14,6 +15,8 @@ from torch import nn
 
 from stabq import FSQ, BottleneckClassifier, CodebookUsage, ConfigError, ResidualVQ, ShapeError
 from stabq.monitor import Alert, CollapseMonitor, CollapseWarning, codes_carrying
+
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -96,7 +99,8 @@ def test_names_saturation_when_a_textbook_fsq_is_trained_into_it():
     train_classifier(fsq, steps, lr=1e-1)
     kinds = {a.kind: a for a in mon.alerts}
     assert "saturation" in kinds and kinds["saturation"].step < steps
-    assert kinds["saturation"].message.startswith("FSQ saturated: 99")
+    # 99-99.7% when it fired (seeds 0-3, default and avx512 kernel paths); 100 is fine too
+    assert re.match(r"FSQ saturated: (99|100)", kinds["saturation"].message)
     assert "% of values at the bound over the last 200 steps" in kinds["saturation"].message
     assert mon.report()["saturation"] >= 0.99
 

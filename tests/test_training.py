@@ -15,6 +15,8 @@ from stabq.training.guard import StabilityGuard
 from stabq.training.loop import evaluate_model
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
 
+pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
+
 SMALL = {"hidden": 32, "bottleneck_dim": 16}
 
 
@@ -134,33 +136,69 @@ def test_a_hopeless_run_stops_with_a_clear_error_and_no_nan_weights(blobs):
     )
 
 
-@pytest.mark.parametrize("poison_value", [1e8, float("nan")])
-def test_a_poisoned_batch_is_caught_and_the_run_ends_as_well_as_a_clean_one(blobs, poison_value):
+def test_a_poisoned_batch_is_caught_and_the_run_ends_as_well_as_a_clean_one(blobs):
     train_set, test_set = blobs
     config = TrainConfig(epochs=10, seed=0, progress=False)
     tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
 
-    def model():
+    def run(poison_value: float | None):
         torch.manual_seed(0)
-        return BottleneckClassifier(
+        model = BottleneckClassifier(
             16, 10, "fsq", hidden=64, bottleneck_dim=16, levels=[8, 5, 5, 5]
         )
 
-    clean = model()
-    train(clean, train_set, config=config)
-    clean_acc = evaluate_model(clean, tx, ty)["accuracy"]
+        def poison(step, x, y):
+            if step == 60 and poison_value is not None:  # mid-run, epoch 2 of 10
+                nan = math.isnan(poison_value)
+                x = torch.full_like(x, poison_value) if nan else x * poison_value
+            return x, y
 
-    def poison(step, x, y):
-        if step == 60:  # mid-run, epoch 2 of 6
-            x = torch.full_like(x, poison_value) if math.isnan(poison_value) else x * poison_value
-        return x, y
+        result = train(model, train_set, config=config, batch_transform=poison)
+        return model, result.guard_events, evaluate_model(model, tx, ty)["accuracy"]
 
-    poisoned = model()
-    result = train(poisoned, train_set, config=config, batch_transform=poison)
-    assert [e["step"] for e in result.guard_events] == [60]
-    acc = evaluate_model(poisoned, tx, ty)["accuracy"]
+    _, clean_events, clean_acc = run(None)
+    (big, big_events, acc), (nan, nan_events, _) = run(1e8), run(float("nan"))
+    assert clean_events == []
+    assert [e["step"] for e in big_events] == [e["step"] for e in nan_events] == [60]
+    # Same process, same kernels: the batch left no trace, whatever it held.
+    assert all(torch.equal(v, nan.state_dict()[k]) for k, v in big.state_dict().items())
+    # Not a chaotic run (lr 3e-3): measured over seeds 0-3 on the default and avx512 kernel
+    # paths, clean 0.833-0.867 and poisoned within 0.004 of clean (the paths agreed to 1e-3).
     assert clean_acc > 0.8
     assert abs(acc - clean_acc) <= 0.01, (acc, clean_acc)
+
+
+def test_an_epoch_no_better_than_chance_is_never_the_one_to_go_back_to():
+    # Seen at lr 1.0 (rvq, seed 3, avx512 kernels): a dead model's epoch scored a hair
+    # better than the untrained one, became the best, and every later epoch went back to it
+    # at ever lower rates; the run ended at 8.7% accuracy without a word.
+    model, _, guard = _guard_setup()
+    guard.prime(2.3, 1.0, 4.0, val_loss=2.35, chance=2.3026)  # chance level 0.995 x 2.3026
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.0)  # dead units
+    assert not guard.end_epoch(False, 2.30, epoch=0)  # better than the untrained 2.35 ...
+    assert guard.best_val == 2.35  # ... but no better than chance: not the best
+    guard.recover("loss is nan", step=20, epoch=1)
+    assert not guard.end_epoch(True, 2.30, epoch=1)  # no worse than the best (untrained)
+    assert guard.end_epoch(False, 2.30, epoch=2)  # calm, still at chance: back to the best
+    assert guard.best_val == 2.35
+    assert all(torch.equal(v, untrained[k]) for k, v in model.state_dict().items())
+
+
+def test_a_run_that_needed_undoing_may_not_end_at_chance():
+    _, _, guard = _guard_setup()
+    guard.prime(2.3, 1.0, 4.0, val_loss=2.35, chance=2.3026)
+    guard.require_learned(2.30)  # nothing undone: a slow run is the user's to judge
+    guard.recover("loss is nan", step=3, epoch=0)
+    guard.require_learned(1.2)  # learned after all
+    with pytest.raises(TrainingError) as info:
+        guard.require_learned(2.30)
+    assert str(info.value) == (
+        "training ended no better than chance: validation loss 2.3 (chance 2.291) after 1 "
+        "undone steps; try a lower --lr or another --quantizer"
+    )
 
 
 def test_two_stage_trains_continuous_first_then_seeds_the_codebook(blobs, monkeypatch):

@@ -25,6 +25,8 @@ at an 8x lower rate, capped there, when it needed undoing and ends no better
 than the best, or when it was calm but the run needed undoing earlier and
 the model is still no better than chance (its units dead). After a step
 failed at an already lowered rate, the rate never doubles back above half of it.
+An epoch no better than chance is never the best one to go back to, and a run
+that needed undoing and ends no better than chance stops with an error.
 """
 
 from __future__ import annotations
@@ -247,6 +249,16 @@ class StabilityGuard:
                 f"(last: {last}); check the data, or try a lower --lr"
             )
 
+    def require_learned(self, val_loss: float) -> None:
+        """Stop a run that needed undoing and ends no better than chance: a wrecked model is
+        never handed back as if trained."""
+        if self.enabled and self.undone and not val_loss < self.untrained_val:
+            raise TrainingError(
+                f"training ended no better than chance: validation loss {val_loss:.4g} "
+                f"(chance {self.untrained_val:.4g}) after {self.undone} undone steps; try a "
+                f"lower --lr or another --quantizer"
+            )
+
     def end_epoch(self, had_events: bool, val_loss: float | None = None, epoch: int = -1) -> bool:
         """Keep the best epoch, or go back to it; a clean epoch forgives earlier recoveries.
 
@@ -272,7 +284,9 @@ class StabilityGuard:
                 self.events[-1]["lr_scale"] = target
                 self._snapshot = self._anchor
                 back = True
-            elif val_loss < self.best_val:
+            elif val_loss < self.best_val and val_loss < self.untrained_val:
+                # no better than chance is no anchor: going back to a model with dead units
+                # at ever lower rates would only keep it dead (the untrained one can learn)
                 self.best_val, self._anchor = val_loss, self._copy()
         self.epoch_recoveries = 0
         if not had_events and not back:

@@ -33,6 +33,7 @@ from stabq.errors import TrainingError
 from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device
 from stabq.training.guard import StabilityGuard
@@ -145,7 +146,7 @@ def train(
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
     if config.compile:
-        model.quantizer.compile()
+        compile_module(model.quantizer)
     x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
     y = torch.from_numpy(data.y).to(device)
     vx = distributed.shard_rows(torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device))
@@ -231,6 +232,8 @@ def train(
                 acc=f"{row['val_accuracy']:.3f}",
                 ppl=f"{row['perplexity']:.1f}",
             )
+        if result.history:
+            guard.require_learned(result.history[-1]["val_loss"])
     except TrainingError:
         if saver and main:  # a diverged run would diverge again when resumed: nothing to keep
             saver.discard()
