@@ -192,7 +192,7 @@ def test_malformed_containers(tmp_path):
     np.savez(tmp_path / "k.npz", x=X, z=Y)
     expect_error(tmp_path / "k.npz", "no entry 'y' (found: x, z)")
     np.savez(tmp_path / "o.npz", x=X, y=Y.astype(object))
-    expect_error(tmp_path / "o.npz", "Object arrays cannot be loaded when allow_pickle=False")
+    expect_error(tmp_path / "o.npz", "'y' is an object array")  # read from its header alone
     torch.save([torch.zeros(2)], tmp_path / "s.pt")
     expect_error(tmp_path / "s.pt", "expected a dict with 'x' and 'y', found list")
     torch.save({"x": X, "y": Y}, tmp_path / "np.pt")  # numpy arrays, not tensors

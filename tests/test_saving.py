@@ -399,7 +399,7 @@ def test_save_onto_a_regular_file_is_refused(tmp_path):
 def test_save_below_a_regular_file_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ModelFileError, match="cannot write the model") as info:
+    with pytest.raises(ModelFileError, match="which exists and is not a directory") as info:
         save_model(make_model("fsq"), blocker / "m", classes=CLASSES)
     assert str(blocker / "m") in str(info.value)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
