@@ -27,9 +27,10 @@ from stabq.training.compiling import inductor_cache_per_kernel_path
 pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 
 WORKER = Path(__file__).with_name("compile_worker.py")
-# Measured on 3 kernel paths: quantized values and indices equal, every gradient within
-# 3e-7 of eager relative to the step's largest gradient, buffers within 1e-7. A wrong
-# gradient (a lost factor, a NaN) is off by order 1.
+# Measured on the default, avx2 and avx512 paths: quantized values and indices equal, every
+# gradient within 1.5e-6 of eager relative to the step's largest gradient (the largest in
+# a batch of identical rows, whose batch norm has no variance), buffers within 1.5e-7. A
+# wrong gradient (a lost factor, a NaN) is off by order 1.
 TOLERANCE = 1e-5
 
 
