@@ -133,7 +133,6 @@ CASES = [
     *CORRUPTED,
     *PICKLED,
     Case("rank-1", arrays("r1.npz", X[:, 0], Y), ("features must be 2-D", "found shape (12,)")),
-    Case("rank-3", arrays("r3.pt", X[:, :, None], Y), ("found shape (12, 4, 1)",)),
     Case("labels-2d", arrays("l2.npz", X, Y[:, None]), ("labels must be 1-D",)),
     Case("zero-rows", arrays("z.safetensors", X[:0], Y[:0]), ("no rows",)),
     Case("header-only", text("h.csv", "a,b,label\n"), ("no rows",)),
@@ -430,3 +429,25 @@ def test_debug_shows_the_traceback_of_a_data_error(tmp_path):
     assert str(result.exception).startswith(f"{data}: row 4, column 2: feature value is NaN")
     assert result.exc_info[2] is not None and "stabq: error" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_rows_of_another_shape_than_the_encoder_takes_are_one_line(model_dir, tmp_path):
+    """Sequences (N, 4, 1) load (any rank does), but the MLP encoder and the saved 4-feature
+    model take (N, 4): each command names the expected and the found shape."""
+    (tmp_path / "in").mkdir()
+    data = write(tmp_path / "in" / "r3.pt", X[:, :, None], Y)
+    assert load_data(data).input_shape == (4, 1)
+    expected = {
+        "train": ("inputs of shape (N, 4, 1): encoder 'mlp' takes (N, D)", "--encoder cnn1d"),
+        "compare": ("inputs of shape (N, 4, 1): encoder 'mlp' takes (N, D)",),
+        "evaluate": (f"inputs of shape (N, 4, 1), the model in {model_dir} expects (N, 4)",),
+        "encode": (f"inputs of shape (N, 4, 1), the model in {model_dir} expects (N, 4)",),
+    }
+    for command, fragments in expected.items():
+        work = tmp_path / command
+        work.mkdir()
+        result, left_as_it_was = run_command(command, data, model_dir, work)
+        assert_user_error(result, f"stabq: error: {data}", *fragments)
+        assert left_as_it_was(), sorted(p.name for p in work.iterdir())
+    with pytest.raises(ShapeError, match=r"takes \(N, D\): choose --encoder cnn1d or cnn2d"):
+        BottleneckClassifier((4, 1), 3, "fsq", levels=[3, 3])

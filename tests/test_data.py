@@ -169,6 +169,8 @@ def test_class_names_index_back_to_the_labels(labels):
 NAN_X, INF_X = X.copy(), X.copy()
 NAN_X[2, 1] = NAN_X[5, 0] = np.nan
 INF_X[3, 4] = np.inf
+NAN_SEQ = np.repeat(X[:, None, :], 2, axis=1)  # (30, 2, 5): 2 channels of length 5
+NAN_SEQ[4, 1, 3] = np.nan
 
 
 @pytest.mark.parametrize(
@@ -176,8 +178,9 @@ INF_X[3, 4] = np.inf
     [
         ("n.npz", NAN_X, Y, "row 2, column 1: feature value is NaN"),
         ("i.pt", INF_X, Y, "row 3, column 4: feature value is +Inf"),
-        ("r1.npz", X[:, 0].copy(), Y, "features must be 2-D (rows, features), found shape (30,)"),
-        ("r3.pt", X[:, :, None].copy(), Y, "found shape (30, 5, 1)"),
+        ("r1.npz", X[:, 0].copy(), Y, "features must be 2-D (rows, features) or more"),
+        ("r1.pt", X[:, 0].copy(), Y, "found shape (30,)"),
+        ("r3.pt", NAN_SEQ, Y, "row 4, position (1, 3): feature value is NaN"),
         ("m.safetensors", X, Y[:29], "30 feature rows but 29 labels"),
         ("z.npz", X[:0], Y[:0], "no rows"),
         ("f.npz", X[:3], np.array([1, 1.5, 2]), "row 1: label 1.5 is not a whole number"),

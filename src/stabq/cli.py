@@ -27,9 +27,15 @@ app = typer.Typer(
 
 T = TypeVar("T")
 DATA_HELP = (
-    "A built-in dataset (mnist1d, digits, synthetic, synthetic:DIM) or a file: .npz (arrays x, y), "
-    ".pt / .safetensors (tensors x, y), .csv / .parquet (label column 'label', else the last)."
+    "A built-in dataset (mnist1d, digits, digits:images, synthetic, synthetic:DIM) or a file: "
+    ".npz (arrays x, y; x of any rank (N, ...), uint8 images scaled to [0, 1]), .pt / "
+    ".safetensors (tensors x, y), .csv / .parquet (label column 'label', else the last)."
 )
+ENCODER_HELP = (
+    "mlp (feature rows), cnn1d (sequences (N, L) or (N, C, L)), cnn2d (images (N, C, H, W)), "
+    "or package.module:factory, a callable (input_shape, out_dim) -> torch.nn.Module."
+)
+EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
 DataOption = Annotated[str, typer.Option("--data", help=DATA_HELP, show_default=False)]
 PartOption = Annotated[
@@ -88,7 +94,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 RUN_OPTIONS = (
     "data", "out", "quantizer", "option", "val_data", "epochs", "batch_size", "lr", "seed",
     "hidden", "bottleneck_dim", "two_stage", "stage1_epochs", "freeze_projector",
-    "ramp_epochs", "init_from", "guards",
+    "ramp_epochs", "init_from", "guards", "encoder",
 )  # fmt: skip
 
 
@@ -100,6 +106,7 @@ def train(
         Path | None, typer.Option(help="Model directory to write.", show_default=False)
     ] = None,
     quantizer: Annotated[str, typer.Option(help="Preset: fsq, vq, rvq, gumbel, pq, ...")] = "fsq",
+    encoder: EncoderOption = "mlp",
     option: Annotated[
         list[str] | None,
         typer.Option(help="Quantizer option KEY=VALUE (repeatable), e.g. levels=[8,5,5,5]."),
@@ -161,13 +168,14 @@ def train(
         given = run_user_command(lambda: _resumed_options(ctx, resume, given), debug)
         (data, out, quantizer, option, val_data, epochs, batch_size, lr, seed, hidden,
          bottleneck_dim, two_stage, stage1_epochs, freeze_projector, ramp_epochs, init_from,
-         guards) = given.values()  # fmt: skip
+         guards, encoder) = given.values()  # fmt: skip
 
     def run() -> None:
         import torch
 
         from stabq import distributed
         from stabq.data import load_data, require_classes
+        from stabq.encoders import check_encoder, check_input_shape
         from stabq.model import BottleneckClassifier
         from stabq.saving import load, save_model
         from stabq.training import TrainConfig
@@ -189,13 +197,16 @@ def train(
         options = parse_options(option or [])
         train_set = require_classes(load_data(data, "train"))
         val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
+        check_encoder(encoder)
+        check_input_shape(encoder, train_set.input_shape, train_set.source)
         torch.manual_seed(seed)
         model = BottleneckClassifier(
-            train_set.num_features,
+            train_set.input_shape,
             train_set.num_classes,
             quantizer=quantizer,
             hidden=hidden,
             bottleneck_dim=bottleneck_dim,
+            encoder=encoder,
             **options,
         )
         if init_from is not None and resume is None:
@@ -231,7 +242,8 @@ def _resumed_options(ctx: typer.Context, resume: Path, given: dict[str, Any]) ->
 
     typed = {k: v for k, v in given.items() if typed_in(k)}
     recorded = resume_arguments(resume, typed)
-    values = {k: recorded[k] for k in RUN_OPTIONS}
+    # a run recorded before --encoder existed used the MLP
+    values = {k: recorded.get(k, "mlp") if k == "encoder" else recorded[k] for k in RUN_OPTIONS}
     values["out"] = resume
     values["init_from"] = None if values["init_from"] is None else Path(values["init_from"])
     return values
@@ -311,7 +323,7 @@ def _under_torchrun(call: Callable[[], T]) -> T:
 def _check_features(dataset, model, model_dir: Path) -> None:
     from stabq.data import require_fit
 
-    require_fit(dataset, model.input_dim, model=f"the model in {model_dir}")
+    require_fit(dataset, model.input_shape, model=f"the model in {model_dir}")
 
 
 def _save_npy(path: Path, array) -> None:
@@ -327,6 +339,13 @@ def _save_npy(path: Path, array) -> None:
 @app.command("compare")
 def compare_command(
     data: Annotated[str, typer.Option("--data", help=DATA_HELP)] = "mnist1d",
+    test_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Test data (default: a built-in's test part, else a stratified 20% of --data)."
+        ),
+    ] = None,
+    encoder: EncoderOption = "mlp",
     methods: Annotated[
         str | None,
         typer.Option(
@@ -375,7 +394,7 @@ def compare_command(
         try:
             result = compare(
                 data, names, seeds, epochs, preset, on_run=on_run,
-                progress=False if quiet_here else None,
+                progress=False if quiet_here else None, encoder=encoder, test_data=test_data,
             )  # fmt: skip
         finally:
             bar.close()

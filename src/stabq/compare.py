@@ -19,12 +19,15 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from stabq.data import LabeledData, load_data
+from stabq.data import LabeledData, load_data, require_classes, require_fit, train_val_split
+from stabq.encoders import check_encoder, check_input_shape, encoder_name
 from stabq.errors import ConfigError, TrainingError
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
@@ -85,18 +88,33 @@ def resolve_methods(names: Sequence[str]) -> list[Method]:
     return [METHODS[n] for n in names]
 
 
+def fresh_encoder(encoder: str | nn.Module) -> str | nn.Module:
+    """A name as it is; a module instance deep-copied with its parameters drawn anew (under
+    the seed just set), so that every run starts from its own initialisation."""
+    if not isinstance(encoder, nn.Module):
+        return encoder
+    copy = deepcopy(encoder)
+    for module in copy.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return copy
+
+
 def run_one(
     method: Method,
     seed: int,
     train_set: LabeledData,
     test_set: LabeledData,
     config: TrainConfig,
+    encoder: str | nn.Module = "mlp",
 ) -> dict[str, Any]:
     """Train one method with one seed; its figures, history and code frequencies."""
     torch.manual_seed(seed)
     model = BottleneckClassifier(
-        train_set.num_features, train_set.num_classes, method.quantizer, **method.options
-    )
+        train_set.input_shape, train_set.num_classes, method.quantizer,
+        encoder=fresh_encoder(encoder), **method.options,
+    )  # fmt: skip
     run_config = TrainConfig(**{**config.to_dict(), "seed": seed, "two_stage": method.two_stage})
     started = time.perf_counter()
     record: dict[str, Any] = {"method": method.name, "seed": seed, "diverged": False}
@@ -210,12 +228,17 @@ def compare(
     preset: str = "default",
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
+    *,
+    encoder: str | nn.Module = "mlp",
+    test_data: str | None = None,
 ) -> Comparison:
     """Train every method on ``data`` for ``seeds`` seeds and compare them.
 
-    ``data`` is a built-in name or a file (a file is split 80/20, stratified,
-    into train and test). ``preset`` (``default`` or ``stress``) sets the
-    methods, seeds, epochs and training options unless given.
+    ``data`` is a built-in name or a file; the test set is ``test_data`` when
+    given, else a built-in's test part or a stratified 20% of the file (fixed
+    seed). ``encoder`` (:mod:`stabq.encoders`; a module instance is copied and
+    re-initialised for every run) is every method's. ``preset`` (``default`` or
+    ``stress``) sets the methods, seeds, epochs and training options unless given.
     """
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
@@ -226,12 +249,15 @@ def compare(
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds {seeds!r}: allowed is an integer >= 1")
     config = TrainConfig(epochs=epochs, progress=progress, **spec["config"])
-    train_set, test_set = _train_test(data)
+    check_encoder(encoder)
+    train_set, test_set = _train_test(data, test_data)
+    check_input_shape(encoder, train_set.input_shape, train_set.source)
+    require_fit(test_set, train_set.input_shape, model="the training data")
     started = time.perf_counter()
     records = []
     for seed in range(seeds):  # seeds outermost: every method sees seed s before seed s + 1
         for method in chosen:
-            record = run_one(method, seed, train_set, test_set, config)
+            record = run_one(method, seed, train_set, test_set, config, encoder)
             records.append(record)
             if on_run is not None:
                 on_run(record)
@@ -245,17 +271,18 @@ def compare(
         rows=rows,
         verdict=verdict(rows, data),
         seconds=time.perf_counter() - started,
-        settings={"seeds": seeds, **config.to_dict()},
+        settings={"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()},
     )
 
 
-def _train_test(data: str) -> tuple[LabeledData, LabeledData]:
-    """Built-ins come split; a file is split 80/20 here (stratified, fixed seed)."""
-    from stabq.data import require_classes, train_val_split
-
+def _train_test(data: str, test_data: str | None) -> tuple[LabeledData, LabeledData]:
+    """The given test data; else built-ins come split and a file is split 80/20 here
+    (stratified, fixed seed)."""
     full = require_classes(load_data(data, "train"))
+    if test_data is not None:
+        return full, load_data(test_data, "test", classes=full.classes)
     if full.source.endswith(":train"):
-        return full, load_data(data, "test")
+        return full, load_data(data, "test", classes=full.classes)
     train_set, test_set = train_val_split(full, 0.2, seed=0)
     return train_set, test_set
 

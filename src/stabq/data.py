@@ -1,12 +1,15 @@
 """Labeled feature data: built-in datasets, feature files, and their validation.
 
 ``load_data(spec)`` takes a built-in name (``mnist1d``, ``digits``,
-``synthetic[:DIM]``, generated locally) or a file (``.npz``, ``.pt``,
-``.safetensors``, ``.csv``, ``.parquet``) and returns :class:`LabeledData`:
+``digits:images``, ``synthetic[:DIM]``, generated locally) or a file (``.npz``,
+``.pt``, ``.safetensors``, ``.csv``, ``.parquet``) and returns :class:`LabeledData`:
 
-    x        (n, d) float32, finite, C-contiguous
+    x        (n, ...) float32, finite, C-contiguous: feature rows (n, d), sequences
+             (n, L) or (n, C, L), images (n, C, H, W); uint8 values are scaled to [0, 1]
     y        (n,)   int64 class ids in [0, len(classes))
     classes  class names, id i <-> classes[i]
+
+Tables (``.csv``, ``.parquet``) are always feature rows.
 
 Files are read by :mod:`stabq.readers`; every check of what they hold lives
 here (:func:`from_arrays` for data sets, :func:`validate_features` for what a
@@ -43,7 +46,7 @@ _SHOWN = 10  # class names shown in a message before "..."
 
 @dataclass(eq=False)
 class LabeledData:
-    """Features ``x`` ``(n, d)`` float32 and class ids ``y`` ``(n,)`` int64 named by ``classes``."""
+    """Inputs ``x`` ``(n, ...)`` float32 and class ids ``y`` ``(n,)`` int64 named by ``classes``."""
 
     x: np.ndarray
     y: np.ndarray
@@ -51,8 +54,14 @@ class LabeledData:
     source: str
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row's shape: ``(d,)`` for feature rows, ``(C, H, W)`` for images, ..."""
+        return tuple(int(v) for v in self.x.shape[1:])
+
+    @property
     def num_features(self) -> int:
-        return int(self.x.shape[1])
+        """Values in one row (the features of feature rows)."""
+        return math.prod(self.input_shape)
 
     @property
     def num_classes(self) -> int:
@@ -62,34 +71,48 @@ class LabeledData:
         return int(self.x.shape[0])
 
     def __repr__(self) -> str:
+        shape = (
+            f"num_features={self.num_features}"
+            if self.x.ndim == 2
+            else (f"input_shape={self.input_shape}")
+        )
         return (
-            f"LabeledData(source={self.source!r}, rows={len(self)}, "
-            f"num_features={self.num_features}, num_classes={self.num_classes})"
+            f"LabeledData(source={self.source!r}, rows={len(self)}, {shape}, "
+            f"num_classes={self.num_classes})"
         )
 
 
 def _check_features(
     x: np.ndarray, source: str, columns: Columns, dtype: type = np.float32
 ) -> np.ndarray:
-    """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before)."""
+    """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before);
+    ``uint8`` values (images) become ``x / 255``."""
     if x.dtype.kind not in "biuf":
         raise _error(source, f"features must be numbers, found dtype {x.dtype}")
-    if x.shape[1] == 0:
+    if 0 in x.shape[1:]:
         raise _error(source, f"no feature columns (x has shape {x.shape})")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x, dtype=dtype) / dtype(255)
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by row and column
         xd = np.ascontiguousarray(x, dtype=dtype)
     bad = ~np.isfinite(xd)
     if bad.any():
-        row = int(np.flatnonzero(bad.any(axis=1))[0])
-        col = int(np.flatnonzero(bad[row])[0])
-        v = float(x[row, col])
+        rows = bad.reshape(len(bad), -1)
+        row = int(np.flatnonzero(rows.any(axis=1))[0])
+        flat = int(np.flatnonzero(rows[row])[0])
+        if x.ndim == 2:
+            col, at = flat, where(row, columns, flat)
+        else:
+            col = np.unravel_index(flat, x.shape[1:])
+            at = f"row {row}, position {tuple(int(i) for i in col)}"
+        v = float(x[(row, *np.atleast_1d(col))])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
         what = (
             f"value {v!r} overflows {np.dtype(dtype).name}"
             if math.isfinite(v)
             else f"value is {what}: features must be finite, not NaN or infinite"
         )
-        raise _error(source, f"{where(row, columns, col)}: feature {what}")
+        raise _error(source, f"{at}: feature {what}")
     return xd
 
 
@@ -157,12 +180,14 @@ def from_arrays(
     return _build(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
 
 
-def validate_features(x: Any, source: str = "X", dtype: type = np.float32) -> np.ndarray:
-    """Features ``x`` ``(n >= 1, d >= 1)``, numbers, finite in ``dtype``, as a C-contiguous
-    ``dtype`` array: what a model is fed. A problem is a :class:`DataError` naming the first
-    bad row and column."""
+def validate_features(
+    x: Any, source: str = "X", dtype: type = np.float32, allow_nd: bool = False
+) -> np.ndarray:
+    """Features ``x`` ``(n >= 1, d >= 1)`` (with ``allow_nd``, ``(n >= 1, ...)``), numbers,
+    finite in ``dtype``, as a C-contiguous ``dtype`` array: what a model is fed. A problem
+    is a :class:`DataError` naming the first bad row and column."""
     x = as_numpy(x, source, "x")
-    if x.ndim != 2:
+    if x.ndim != 2 and not (allow_nd and x.ndim > 2):
         raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
     if x.shape[0] == 0:
         raise _error(source, "no rows")
@@ -209,14 +234,19 @@ def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
 
 def require_fit(
     data: LabeledData,
-    num_features: int,
+    input_shape: int | Sequence[int],
     num_classes: int | None = None,
     model: str = "the model",
 ) -> LabeledData:
-    """``data`` if ``model`` (``num_features`` inputs, ``num_classes`` classes; None: any)
-    can take it, else a :class:`DataError` naming the source and the first label too many."""
-    if data.num_features != num_features:
-        raise _error(data.source, f"{data.num_features} features, {model} expects {num_features}")
+    """``data`` if ``model`` (rows of ``input_shape``, an int for feature rows;
+    ``num_classes`` classes, None: any) can take it, else a :class:`DataError` naming the
+    source and the expected and found shape, or the first label too many."""
+    shape = (input_shape,) if isinstance(input_shape, numbers.Integral) else tuple(input_shape)
+    if data.input_shape != shape:
+        if len(shape) == 1 and data.x.ndim == 2:
+            raise _error(data.source, f"{data.num_features} features, {model} expects {shape[0]}")
+        found, wanted = (", ".join(map(str, s)) for s in (data.input_shape, shape))
+        raise _error(data.source, f"inputs of shape (N, {found}), {model} expects (N, {wanted})")
     if num_classes is not None and len(data) and int(data.y.max()) >= num_classes:
         label = data.classes[int(data.y.max())]
         raise _error(
@@ -233,8 +263,11 @@ def _build(
     source: str,
     columns: Columns = None,
 ) -> LabeledData:
-    if x.ndim != 2:
-        raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
+    if x.ndim < 2 or (columns is not None and x.ndim != 2):
+        raise _error(
+            source, f"features must be 2-D (rows, features) or more (rows, channels, ...), "
+            f"found shape {x.shape}",
+        )  # fmt: skip
     if y.ndim != 1:
         raise _error(source, f"labels must be 1-D (one per row), found shape {y.shape}")
     if x.shape[0] != y.shape[0]:
@@ -311,7 +344,8 @@ def train_val_split(
 
 @dataclass(eq=False)
 class Standardizer:
-    """Per-feature ``(x - mean) / std`` with ``mean``, ``std`` ``(d,)`` float32.
+    """``(x - mean) / std`` with ``mean``, ``std`` float32 of one shape: ``(d,)`` per feature
+    (the default), or per channel, e.g. ``(C, 1, 1)`` for images ``(n, C, H, W)``.
 
     ``std`` is the population standard deviation (ddof=0); a feature without
     variance gets ``std = 1`` so it maps to 0 instead of NaN.
@@ -321,39 +355,53 @@ class Standardizer:
     std: np.ndarray
 
     def __post_init__(self) -> None:
-        self.mean = np.ascontiguousarray(self.mean, dtype=np.float32).reshape(-1)
-        self.std = np.ascontiguousarray(self.std, dtype=np.float32).reshape(-1)
+        self.mean = np.ascontiguousarray(self.mean, dtype=np.float32)
+        self.std = np.ascontiguousarray(self.std, dtype=np.float32)
+        if self.mean.ndim == 0:
+            self.mean, self.std = self.mean.reshape(-1), self.std.reshape(-1)
         m, s = self.mean, self.std
-        if not (m.shape == s.shape and m.size and np.isfinite([*m, *s]).all() and (s > 0).all()):
+        if not (m.shape == s.shape and m.size and np.isfinite([*m.flat, *s.flat]).all()
+                and (s > 0).all()):  # fmt: skip
             raise _error(
                 "Standardizer", f"mean has {m.size} values, std {s.size}: allowed is the same "
                 "number (>= 1) of finite values, std > 0",
             )  # fmt: skip
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Standardizer:
-        """Mean and std of ``x`` ``(n, d)`` over its rows (computed in float64)."""
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[0] == 0 or not np.isfinite(x).all():
+    def fit(cls, x: np.ndarray, shape: Sequence[int] | None = None) -> Standardizer:
+        """Mean and std of ``x`` ``(n, ...)`` (computed in float64) over its rows, and over
+        every axis where ``shape`` (default ``x.shape[1:]``: per value) has a 1."""
+        x = np.asarray(x)
+        if x.ndim < 2 or x.shape[0] == 0 or not np.isfinite(x).all():
             raise _error(
                 "Standardizer", f"fit needs finite x of shape (n >= 1, d), found {x.shape}"
             )
-        std = x.std(axis=0).astype(np.float32)
+        shape = tuple(x.shape[1:]) if shape is None else tuple(shape)
+        if len(shape) != x.ndim - 1 or any(
+            s not in (1, d) for s, d in zip(shape, x.shape[1:], strict=True)
+        ):
+            raise _error("Standardizer", f"statistics of shape {shape} for x of shape {x.shape}")
+        axes = (0, *[i + 1 for i, s in enumerate(shape) if s == 1])
+        x64 = x.astype(np.float64, copy=False)
+        std = x64.std(axis=axes).astype(np.float32).reshape(shape)
         std[~(std >= np.finfo(np.float32).tiny)] = 1.0
-        return cls(x.mean(axis=0), std)
+        return cls(x64.mean(axis=axes).reshape(shape), std)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` for ``x`` ``(..., d)``, as float32."""
+        """``(x - mean) / std`` for ``x`` ``(..., *shape)``, as float32."""
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 0 or x.shape[-1] != self.mean.size:
-            raise _error(
-                "Standardizer", f"x of shape {x.shape} must end in {self.mean.size} features"
-            )
+        shape = self.mean.shape
+        fits = x.ndim >= len(shape) and all(
+            s in (1, d) for s, d in zip(shape, x.shape[x.ndim - len(shape) :], strict=True)
+        )
+        if not fits:
+            what = f"{shape[0]} features" if len(shape) == 1 else f"shape {shape}"
+            raise _error("Standardizer", f"x of shape {x.shape} must end in {what}")
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict:
-        """``{"mean": [...], "std": [...]}`` of Python floats (exact float32 values)."""
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        """``{"mean": [...], "std": [...]}`` of Python floats (exact float32 values), flattened."""
+        return {"mean": self.mean.reshape(-1).tolist(), "std": self.std.reshape(-1).tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Standardizer:

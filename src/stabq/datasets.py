@@ -1,7 +1,9 @@
 """Built-in datasets, generated locally (nothing is downloaded).
 
-``mnist1d`` (4,000 train / 1,000 test, 40-D, by the ``mnist1d`` package),
-``digits`` (scikit-learn's 8x8 digits, 64-D, a stratified 80/20 split) and
+``mnist1d`` (4,000 train / 1,000 test, 40-D, by the ``mnist1d`` package: rows
+for the MLP, sequences of length 40 for ``cnn1d``), ``digits`` (scikit-learn's
+8x8 digits, 64-D, a stratified 80/20 split; ``digits:images`` the same rows as
+``(1, 8, 8)`` images) and
 ``synthetic[:DIM]`` (a 10-class Gaussian mixture, 128-D by default). Each is
 generated once per process and returned as ``(x, y, x_test, y_test)``.
 """
@@ -74,6 +76,9 @@ def builtin_arrays(spec: str) -> tuple[np.ndarray, ...] | None:
         return _mnist1d()
     if name == "digits" and not option:
         return _digits()
+    if name == "digits" and option == "images":  # the same rows as 1 x 8 x 8 images
+        x_tr, y_tr, x_te, y_te = _digits()
+        return (x_tr.reshape(-1, 1, 8, 8), y_tr, x_te.reshape(-1, 1, 8, 8), y_te)
     if name == "synthetic":
         if not option:
             return _synthetic(SYNTHETIC_DIM)
@@ -81,5 +86,6 @@ def builtin_arrays(spec: str) -> tuple[np.ndarray, ...] | None:
             return _synthetic(int(option))
         raise DataError(f"{spec}: synthetic:DIM needs an integer DIM >= 2, found {option!r}")
     raise DataError(
-        f"{spec}: {name} takes no option (only synthetic:DIM); choose a part with part="
+        f"{spec}: {name} takes no option (only digits:images and synthetic:DIM); choose a "
+        f"part with part="
     )

@@ -1,6 +1,6 @@
 """DiscreteBottleneckClassifier: stabq's scikit-learn face over numpy arrays.
 
-    fit(X (n, d), y (n,))        trains a BottleneckClassifier with stabq.train
+    fit(X (n, d) or (n, ...), y (n,))   trains a BottleneckClassifier with stabq.train
     predict_proba(X) (n, k)      softmax of the logits, float64
     predict(X) (n,)              classes_[argmax]
     transform(X) (n, c) int64    the discrete codes, c = num_codebooks (1 for FSQ, VQ, Gumbel)
@@ -41,6 +41,9 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
     Args:
         quantizer: a preset name (``fsq``, ``rvq``, ``vq``, ``vq-ema``, ``gumbel``,
             ``pq``, ``fsq-plain``, ``none``; see ``stabq.preset_names()``).
+        encoder: ``mlp`` (``X`` of shape ``(n, d)``), ``cnn1d`` (``(n, L)`` or
+            ``(n, C, L)``), ``cnn2d`` (``(n, C, H, W)``) or ``"package.module:factory"``
+            (see :mod:`stabq.encoders`).
         hidden: width of the projector's and the head's hidden layers.
         dropout: dropout after each hidden layer.
         bottleneck_dim: size of the features handed to the quantizer.
@@ -62,6 +65,7 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
     def __init__(
         self,
         quantizer: str = "fsq",
+        encoder: str = "mlp",
         hidden: int = 256,
         dropout: float = 0.1,
         bottleneck_dim: int = 128,
@@ -77,6 +81,7 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         verbose: bool = False,
     ) -> None:
         self.quantizer = quantizer
+        self.encoder = encoder
         self.hidden = hidden
         self.dropout = dropout
         self.bottleneck_dim = bottleneck_dim
@@ -132,9 +137,10 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         with torch.random.fork_rng(devices=devices):  # the caller's torch RNG stays as it was
             torch.manual_seed(seed)
             model = BottleneckClassifier(
-                X.shape[1],
+                X.shape[1:],
                 len(self.classes_),
                 self.quantizer,
+                encoder=self.encoder,
                 hidden=self.hidden,
                 dropout=self.dropout,
                 bottleneck_dim=self.bottleneck_dim,
@@ -150,17 +156,18 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         """``X`` (and at ``fit`` ``y``) as scikit-learn validates them, ``X`` also finite in
         ``dtype``; every problem is a :class:`DataError` (a ``ValueError``)."""
         wide = [np.float64, np.float32]  # no cast to float32 yet: overflow is reported below
+        nd = {"allow_nd": self.encoder != "mlp"}  # sequences and images for the CNNs
         try:
             if not fit:
-                X = validate_data(self, X, reset=False, dtype=wide, ensure_all_finite=False)
+                X = validate_data(self, X, reset=False, dtype=wide, ensure_all_finite=False, **nd)
             else:
-                X, y = validate_data(self, X, y, dtype=wide, ensure_all_finite=False)
+                X, y = validate_data(self, X, y, dtype=wide, ensure_all_finite=False, **nd)
                 check_classification_targets(y)
         except DataError:
             raise
         except ValueError as err:  # scikit-learn's messages, which its own checks match
             raise DataError(" ".join(str(err).split())) from err
-        X = validate_features(X, "X", dtype)
+        X = validate_features(X, "X", dtype, allow_nd=nd["allow_nd"])
         return (X, y) if fit else X
 
     @torch.no_grad()

@@ -1,67 +1,86 @@
-"""BottleneckClassifier: standardise -> projector MLP -> quantizer -> head MLP.
+"""BottleneckClassifier: standardise -> encoder -> quantizer -> head MLP.
 
-    x (n, input_dim) -> (x - mean) / std -> projector -> z (n, bottleneck_dim)
+    x (n, *input_shape) -> (x - mean) / std -> encoder -> z (n, bottleneck_dim)
     q, indices, aux = quantizer(z)
     h = mix * q + (1 - mix) * z        (mix = 1 except while quantization is ramped in)
     logits = head(h) (n, num_classes)
 
-The head is an MLP with one hidden layer, not a linear layer: FSQ reduces the
-bottleneck to 6 code dimensions, and a linear head on those could only cut
-the code cube with one hyperplane per class; one hidden layer lets the head
-read any cell of the code grid, and costs little for the other quantizers.
+The encoder is the projector MLP for feature rows, a small CNN for sequences or
+images, or the user's own module (:mod:`stabq.encoders`); ``mean`` and ``std``
+are per feature for the MLP, per channel for the CNNs. The head is an MLP with
+one hidden layer, not a linear layer: FSQ reduces the bottleneck to 6 code
+dimensions, and a linear head on those could only cut the code cube with one
+hyperplane per class; one hidden layer lets the head read any cell of the code
+grid, and costs little for the other quantizers.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from stabq.encoders import build_encoder, check_encoder, encoder_name, mlp, stats_shape
 from stabq.errors import ConfigError, ShapeError, check, is_int
 from stabq.quantizers.base import Quantizer, QuantizerOutput
 from stabq.quantizers.registry import build_quantizer
 
 
-def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
-    """Linear layers through ``sizes`` with GELU and dropout between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers += [nn.GELU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers)
+def _shape(input_shape: object) -> tuple[int, ...]:
+    """One input row's shape from an int (features) or a sequence of ints."""
+    shape = (input_shape,) if is_int(input_shape) else input_shape
+    ok = isinstance(shape, Sequence) and not isinstance(shape, str) and len(shape) >= 1
+    check(
+        ok and all(is_int(v) and v >= 1 for v in shape),
+        f"input_shape={input_shape!r}, allowed is an integer >= 1 (features) or a sequence "
+        f"of them (one row's shape, e.g. (1, 8, 8))",
+    )
+    return tuple(int(v) for v in shape)
 
 
 class BottleneckClassifier(nn.Module):
     """A classifier with a discrete bottleneck in front of its head.
 
     Args:
-        input_dim: number of input features.
+        input_shape: one input row's shape: an int for feature rows (``input_dim``
+            is the same argument by its old name), ``(L,)`` or ``(C, L)`` for
+            sequences, ``(C, H, W)`` for images.
         num_classes: number of classes (>= 2).
         quantizer: a preset name (see ``stabq.preset_names()``).
-        hidden: width of the projector's and the head's hidden layers.
+        hidden: width of the MLPs' hidden layers (the CNNs use ``hidden // 8`` channels).
         dropout: dropout after each hidden layer.
         bottleneck_dim: size of the features handed to the quantizer.
+        encoder: ``mlp``, ``cnn1d``, ``cnn2d``, ``"package.module:factory"`` (a callable
+            ``(input_shape, out_dim) -> nn.Module``) or an ``nn.Module``.
         **quantizer_kwargs: options passed to the preset (``levels=...``, ...).
 
-    ``forward(x)`` returns ``(logits, QuantizerOutput)``.
+    ``forward(x)`` takes ``(n, *input_shape)`` and returns ``(logits, QuantizerOutput)``.
     """
 
     def __init__(
         self,
-        input_dim: int,
-        num_classes: int,
+        input_shape: int | Sequence[int] | None = None,
+        num_classes: int | None = None,
         quantizer: str = "fsq",
         hidden: int = 256,
         dropout: float = 0.1,
         bottleneck_dim: int = 128,
+        *,
+        encoder: str | nn.Module = "mlp",
+        input_dim: int | None = None,
         **quantizer_kwargs: Any,
     ) -> None:
         super().__init__()
+        check(
+            (input_shape is None) != (input_dim is None),
+            f"give one of input_shape and input_dim, found input_shape={input_shape!r}, "
+            f"input_dim={input_dim!r}",
+        )
+        shape = _shape(input_shape if input_dim is None else input_dim)
         for name, value, low in (
-            ("input_dim", input_dim, 1),
             ("num_classes", num_classes, 2),
             ("hidden", hidden, 1),
             ("bottleneck_dim", bottleneck_dim, 1),
@@ -73,26 +92,48 @@ class BottleneckClassifier(nn.Module):
             isinstance(dropout, float | int) and 0 <= dropout < 1,
             f"dropout={dropout!r}, allowed is a number in [0, 1)",
         )
+        check_encoder(encoder)
         self.arch = {
-            "input_dim": input_dim,
+            "input_shape": list(shape),
             "num_classes": num_classes,
             "quantizer": quantizer,
             "hidden": hidden,
             "dropout": float(dropout),
             "bottleneck_dim": bottleneck_dim,
+            "encoder": encoder_name(encoder),
             "quantizer_kwargs": dict(quantizer_kwargs),
         }
-        self.register_buffer("feature_mean", torch.zeros(input_dim))
-        self.register_buffer("feature_std", torch.ones(input_dim))
-        self.projector = mlp([input_dim, hidden, hidden, bottleneck_dim], dropout)
+        if len(shape) == 1:
+            self.arch["input_dim"] = shape[0]  # the name configs had before input_shape
+        self.stats_shape = stats_shape(encoder, shape)
+        self.register_buffer("feature_mean", torch.zeros(self.stats_shape))
+        self.register_buffer("feature_std", torch.ones(self.stats_shape))
+        # "projector": the name its weights have had in saved models since the first format
+        self.projector = build_encoder(encoder, shape, bottleneck_dim, hidden, dropout)
         self.quantizer: Quantizer = build_quantizer(quantizer, bottleneck_dim, **quantizer_kwargs)
         self.head = mlp([bottleneck_dim, hidden, num_classes], dropout)
         self.quantize_mix = 1.0
         self.classes: list[str] | None = None  # class names, set by training or loading
 
     @property
+    def encoder(self) -> nn.Module:
+        """The module that maps inputs to bottleneck features (``projector``, by its old name)."""
+        return self.projector
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input row's shape."""
+        return tuple(self.arch["input_shape"])
+
+    @property
+    def saveable(self) -> bool:
+        """False for an encoder given as a module instance: only a factory can be rebuilt."""
+        return not self.arch["encoder"].startswith("instance:")
+
+    @property
     def input_dim(self) -> int:
-        return self.arch["input_dim"]
+        """Values in one input row (the number of features for feature rows)."""
+        return math.prod(self.input_shape)
 
     @property
     def num_classes(self) -> int:
@@ -104,25 +145,36 @@ class BottleneckClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BottleneckClassifier:
-        """Build an untrained model from :meth:`config`'s output."""
+        """Build an untrained model from :meth:`config`'s output (a factory encoder is
+        imported again; configs from before ``input_shape`` give ``input_dim``)."""
+        shape = config.get("input_shape", config.get("input_dim"))
         try:
-            kwargs = {k: config[k] for k in ("input_dim", "num_classes", "quantizer")}
+            kwargs = {"num_classes": config["num_classes"], "quantizer": config["quantizer"]}
         except KeyError as err:
             raise ConfigError(f"model config lacks the key {err.args[0]!r}") from None
-        for key in ("hidden", "dropout", "bottleneck_dim"):
+        if shape is None:
+            raise ConfigError("model config lacks the key 'input_shape'")
+        for key in ("hidden", "dropout", "bottleneck_dim", "encoder"):
             if key in config:
                 kwargs[key] = config[key]
+        check(
+            not str(kwargs.get("encoder", "")).startswith("instance:"),
+            f"encoder={kwargs.get('encoder')!r} was a module instance: it cannot be rebuilt",
+        )
         extra = config.get("quantizer_kwargs", {})
         check(isinstance(extra, dict), f"quantizer_kwargs={extra!r}, allowed is a mapping")
-        return cls(**kwargs, **extra)
+        return cls(shape, **kwargs, **extra)
 
     def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
-        """Standardise inputs as ``(x - mean) / std`` from now on (both ``(input_dim,)``)."""
+        """Standardise inputs as ``(x - mean) / std`` from now on (both of ``stats_shape``:
+        ``(input_dim,)`` for feature rows, one value a channel for the CNNs)."""
         mean, std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
+        if mean.numel() == std.numel() == math.prod(self.stats_shape):
+            mean, std = mean.reshape(self.stats_shape), std.reshape(self.stats_shape)
         check(
-            mean.shape == std.shape == (self.input_dim,),
+            mean.shape == std.shape == self.stats_shape,
             f"feature statistics of shapes {tuple(mean.shape)} and {tuple(std.shape)}, "
-            f"expected ({self.input_dim},)",
+            f"expected {self.stats_shape}",
             ShapeError,
         )
         check(bool((std > 0).all()), "feature std must be > 0 everywhere", ShapeError)
@@ -142,8 +194,8 @@ class BottleneckClassifier(nn.Module):
             check(
                 shapes == found,
                 f"the {part} of the model to start from has shapes {found}, this model's "
-                f"are {shapes}: build it with the same input_dim, hidden, bottleneck_dim "
-                f"and classes",
+                f"are {shapes}: build it with the same input shape, encoder, hidden, "
+                f"bottleneck_dim and classes",
                 ShapeError,
             )
             getattr(self, part).load_state_dict(theirs)
@@ -151,11 +203,13 @@ class BottleneckClassifier(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Continuous bottleneck features ``(n, bottleneck_dim)``: what the quantizer sees."""
-        check(
-            x.dim() >= 1 and x.shape[-1] == self.input_dim,
-            f"input of shape {tuple(x.shape)}: the model expects {self.input_dim} features",
-            ShapeError,
-        )
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() < 2:
+            wanted = (
+                f"{self.input_shape[0]} features"
+                if len(self.input_shape) == 1
+                else f"rows of shape {self.input_shape}"
+            )
+            raise ShapeError(f"input of shape {tuple(x.shape)}: the model expects {wanted}")
         x = x.to(self.feature_mean.dtype)
         return self.projector((x - self.feature_mean) / self.feature_std)
 

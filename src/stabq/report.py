@@ -201,9 +201,12 @@ def write_comparison(comparison: Any, directory: str | Path) -> Path:
         }
         write_text(tmp / "results.json", json.dumps(payload, indent=1, default=str))
         plots = plot_comparison(comparison, tmp)
-        title = f"stabq compare: {comparison.data} ({comparison.preset})"
+        encoder = comparison.settings.get("encoder", "mlp")
+        title = f"stabq compare: {comparison.data}, encoder {encoder} ({comparison.preset})"
         settings = ", ".join(
-            f"{k}={comparison.settings[k]}" for k in ("seeds", "epochs", "lr", "guards")
+            f"{k}={comparison.settings[k]}"
+            for k in ("encoder", "seeds", "epochs", "lr", "guards")
+            if k in comparison.settings
         )
         md = [f"# {title}", "", comparison.verdict, "", format_table(comparison.rows, True), ""]
         md += [f"Settings: {settings}; {comparison.seconds:.0f} s in all.", ""]

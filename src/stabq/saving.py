@@ -6,6 +6,11 @@ every file fsynced, then renamed into place, so a crash leaves either the old
 model or the new one, never half of one. ``config.json`` records the SHA-256
 of the weights file and the weights record the SHA-256 of the model section
 of ``config.json``, so an altered file is refused at load.
+
+A user's encoder is saved by its factory reference (``package.module:factory``):
+its weights go to the safetensors file with the rest, and :func:`load` imports
+the factory again and rebuilds it. Format 1 is a model with the MLP encoder (as
+every model was before encoders), format 2 one with another encoder.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from stabq.errors import ModelFileError, StabqError, is_int
+from stabq.encoders import is_reference
+from stabq.errors import ConfigError, ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model import BottleneckClassifier
 from stabq.report import plot_history
 
 FORMAT = "stabq-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this stabq reads; an MLP model is still written as 1
 WEIGHTS, CONFIG, METRICS, PLOT = "model.safetensors", "config.json", "metrics.jsonl", "training.png"
 
 
@@ -54,6 +60,13 @@ def save_model(
     target = Path(directory)
     if len(classes) != model.num_classes:
         raise StabqError(f"{len(classes)} class names for a model of {model.num_classes} classes")
+    if not model.saveable:
+        raise ConfigError(
+            f"the model's encoder is a module instance ({model.arch['encoder'][9:]}): saving "
+            f"it would need pickle, which stabq never uses; build the model with "
+            f"encoder='package.module:factory' (a callable (input_shape, out_dim) -> "
+            f"nn.Module) to save it"
+        )
     with atomic_directory(target, ModelFileError, "the model") as tmp:
         section = {
             "model": model.config(),
@@ -67,7 +80,7 @@ def save_model(
         fsync_file(tmp / WEIGHTS)
         config = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if model.arch["encoder"] == "mlp" else FORMAT_VERSION,
             "stabq_version": _version(),
             **section,
             "weights_sha256": _sha256(tmp / WEIGHTS),
@@ -138,7 +151,17 @@ def load(directory: str | Path) -> BottleneckClassifier:
                 f"{directory / CONFIG}: {len(classes)} class names for {model.num_classes} classes"
             )
         state = load_file(str(weights))
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            encoder = section["model"].get("encoder")
+            if not is_reference(encoder):
+                raise
+            detail = " ".join(str(err).split())
+            raise ModelFileError(
+                f"{directory}: the encoder that {encoder} builds no longer fits the saved "
+                f"weights ({detail[:300]})"
+            ) from None
     except ModelFileError:
         raise
     except (

@@ -137,12 +137,12 @@ def train(
     else:  # class ids follow the training data's classes, by name
         val_data = with_classes(_as_data(val), data.classes)
     for part in (data, val_data):
-        require_fit(part, model.input_dim, model.num_classes)
+        require_fit(part, model.input_shape, model.num_classes)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     if fit_feature_stats:
-        stats = Standardizer.fit(data.x)
+        stats = Standardizer.fit(data.x, model.stats_shape)
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
     if config.compile:
@@ -426,4 +426,4 @@ def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
     """The largest row norm of the standardised batch (inf or nan when it is not finite)."""
     if not x.numel():
         return 0.0
-    return float(((x - model.feature_mean) / model.feature_std).norm(dim=-1).max())
+    return float(((x - model.feature_mean) / model.feature_std).flatten(1).norm(dim=1).max())
