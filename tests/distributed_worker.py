@@ -39,7 +39,12 @@ DDP_CASES = {
 # Uneven on purpose: k-means on a 5/19 split, rank 1 empty, rank 0 nearly empty,
 # rank 0 empty, a step empty on both ranks.
 SPLITS = [(5, GLOBAL), (12, GLOBAL), (GLOBAL, GLOBAL), (3, GLOBAL), (0, GLOBAL), (0, 0), (12, 20)]
-TRAIN_ROWS = {"trainer-even": 128, "trainer-odd": 129, "trainer-two-stage": 128}
+TRAIN_ROWS = {
+    "trainer-even": 128,
+    "trainer-odd": 129,
+    "trainer-two-stage": 128,
+    "trainer-cnn1d": 128,
+}
 
 
 def batches() -> torch.Tensor:
@@ -183,14 +188,20 @@ def trainer_data(rows: int) -> tuple:
     return (x, y), (vx, vy)
 
 
-def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
-    """stabq.train with the repaired VQ, dropout 0 (so 1 and 2 processes can agree)."""
-    train_set, val_set = trainer_data(TRAIN_ROWS[name])
+def trainer_model(name: str) -> BottleneckClassifier:
+    """The untrained model of a trainer case (seed 0)."""
     torch.manual_seed(0)
-    model = BottleneckClassifier(
+    return BottleneckClassifier(
         6, 3, quantizer="vq", hidden=16, bottleneck_dim=8, dropout=0.0, codebook_size=16,
-        codebook_dim=4,
+        codebook_dim=4, encoder="cnn1d" if name == "trainer-cnn1d" else "mlp",
     )  # fmt: skip
+
+
+def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
+    """stabq.train with the repaired VQ, dropout 0 (so 1 and 2 processes can agree); the rows
+    are sequences of length 6 for the CNN encoder."""
+    train_set, val_set = trainer_data(TRAIN_ROWS[name])
+    model = trainer_model(name)
     two_stage = name == "trainer-two-stage"  # stage 1 leaves the VQ projections idle
     config = TrainConfig(
         epochs=3, batch_size=32, lr=3e-2, warmup_epochs=0, progress=False, device="cpu",

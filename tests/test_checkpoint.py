@@ -37,6 +37,8 @@ def blobs():
 
 
 def model(quantizer: str) -> BottleneckClassifier:
+    """``quantizer``, or ``quantizer/encoder`` (the rows are then sequences of length 16)."""
+    quantizer, _, encoder = quantizer.partition("/")
     torch.manual_seed(0)
     kwargs = {
         "fsq": {"levels": [5, 5, 5]},
@@ -45,7 +47,9 @@ def model(quantizer: str) -> BottleneckClassifier:
         "vq": {"codebook_size": 64},
         "vq-ema": {"codebook_size": 64},
     }.get(quantizer, {})
-    return BottleneckClassifier(16, 10, quantizer, hidden=32, bottleneck_dim=16, **kwargs)
+    return BottleneckClassifier(
+        16, 10, quantizer, hidden=32, bottleneck_dim=16, encoder=encoder or "mlp", **kwargs
+    )
 
 
 def faults(model: BottleneckClassifier):
@@ -116,6 +120,7 @@ CASES = {
     "fsq-frozen-projector": ("fsq", {"two_stage": True, "freeze_projector": True}, [5, 40]),
     "gumbel": ("gumbel", {}, [STEPS + 9]),
     "pq-ramp": ("pq", {"two_stage": True, "ramp_epochs": 2}, [3 * STEPS + 1]),
+    "cnn1d-rvq-two-stage": ("rvq/cnn1d", {"two_stage": True, "stage1_epochs": 1}, [STEPS + 3]),
 }
 
 

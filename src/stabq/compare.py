@@ -129,7 +129,7 @@ def run_one(
     figures = evaluate_model(model, tx, ty)
     if not all(math.isfinite(figures[k]) for k in ("loss", "accuracy")):
         record["diverged"] = True
-    record.update({f"test_{k}": v for k, v in figures.items()})
+    record.update({f"test_{k}": v for k, v in figures.items()}, test_rows=len(test_set))
     record["max_loss"] = max((row["max_loss"] for row in history), default=float("inf"))
     if not math.isfinite(record["max_loss"]) or not all(
         bool(torch.isfinite(p).all()) for p in model.parameters()
