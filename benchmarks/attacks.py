@@ -27,7 +27,7 @@ from _measure import on_kernel_paths
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
-def worker(seeds: int) -> None:
+def worker(seeds: int, presets: list[str] | None = None) -> None:
     """Every preset, clean and under each attack, for seeds 0..seeds-1: a JSON line each."""
     import torch
 
@@ -38,7 +38,7 @@ def worker(seeds: int) -> None:
     torch.set_num_threads(1)
     data = blobs_data()
     path = torch.backends.cpu.get_cpu_capability()
-    for preset in preset_names():
+    for preset in presets or preset_names():
         for attack in ("clean", *ATTACKS):
             for seed in range(seeds):
                 started = time.perf_counter()
@@ -95,14 +95,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--paths", default="default,avx2,avx512")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--presets", default=None, help="comma-separated (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    presets = args.presets.split(",") if args.presets else None
     if args.worker:
-        worker(args.seeds)
+        worker(args.seeds, presets)
         return
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     started = time.perf_counter()
-    records = on_kernel_paths(__file__, ["--seeds", str(args.seeds)], paths)
+    argv = ["--seeds", str(args.seeds)] + (["--presets", args.presets] if args.presets else [])
+    records = on_kernel_paths(__file__, argv, paths)
     print(
         f"{args.seeds} seeds x kernel paths {', '.join(paths)}; torch on one thread; "
         f"{platform.machine()}, {time.perf_counter() - started:.0f} s\n"

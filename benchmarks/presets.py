@@ -27,12 +27,14 @@ from stabq.data import load_data
 from stabq.training.loop import evaluate_model
 
 
-def run(data: str, seeds: int, epochs: int, log=None) -> list[dict]:
+def run(
+    data: str, seeds: int, epochs: int, log=None, presets: list[str] | None = None
+) -> list[dict]:
     train_set, test_set = load_data(data, "train"), load_data(data, "test")
     tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
     path = torch.backends.cpu.get_cpu_capability()
     rows = []
-    for name in preset_names():
+    for name in presets or preset_names():
         runs = []
         for seed in range(seeds):
             torch.manual_seed(seed)
@@ -101,18 +103,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--json", default=None)
     parser.add_argument("--paths", default=None, help="kernel paths, e.g. default,avx2,avx512")
+    parser.add_argument("--presets", default=None, help="comma-separated (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    presets = args.presets.split(",") if args.presets else None
     if args.worker:
-        run(args.data, args.seeds, args.epochs, log=lambda r: print(json.dumps(r), flush=True))
+        log = lambda r: print(json.dumps(r), flush=True)  # noqa: E731
+        run(args.data, args.seeds, args.epochs, log=log, presets=presets)
         return
     if args.paths:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
         argv = ["--data", args.data, "--seeds", str(args.seeds), "--epochs", str(args.epochs)]
+        argv += ["--presets", args.presets] if args.presets else []
         rows = joined(on_kernel_paths(__file__, argv, paths))
     else:
-        rows, paths = run(args.data, args.seeds, args.epochs), ["this processor's own"]
+        rows = run(args.data, args.seeds, args.epochs, presets=presets)
+        paths = ["this processor's own"]
     print(f"\n{args.data}, {args.seeds} seeds, kernel paths: {', '.join(paths)}, "
           f"torch {torch.__version__}, {platform.processor()}")  # fmt: skip
     print(table(rows, args.epochs))

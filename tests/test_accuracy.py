@@ -20,8 +20,8 @@ pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 
 STABLE = ["fsq", "rvq", "vq", "gumbel", "pq"]
 # benchmarks/presets.py, seeds 0-2 on the default, avx2 and avx512 kernel paths (9 runs a
-# preset, standard deviation about 1 point): the lowest test accuracy of these presets was
-# 0.698 (`vq`), of `none` 0.725, and the gaps to `none` ranged from -4.9 to +2.2 points;
+# preset, standard deviation 0.5-1.4 points): the lowest test accuracy of these presets was
+# 0.682 (`vq`), of `none` 0.725, and the gaps to `none` ranged from -4.6 to +2.2 points;
 # chance is 0.10. A broken bottleneck (a collapsed codebook, a saturated FSQ) falls far below.
 FLOOR = 0.65
 

@@ -6,7 +6,8 @@
 | ``fsq-plain`` | textbook FSQ [8,8,8,5,5,5], no normalisation (can saturate tanh)      |
 | ``rvq``       | residual VQ 4 x 256, k-means init, dead codes under 2 replaced        |
 | ``vq-ema``    | vanilla VQ-EMA, 512 codes: the baseline that collapses                |
-| ``vq``        | VQ 512 codes, k-means init, dead codes at 2, 32-dim cosine codebook   |
+| ``vq``        | VQ 512 codes, k-means init, dead codes at 2, 32-dim cosine codebook,  |
+|             | EMA decay 0.95                                                        |
 | ``gumbel``    | Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1                          |
 | ``pq``        | product quantization, 8 subspaces x 256 codes                         |
 | ``none``      | continuous pass-through (the reference)                               |
@@ -45,12 +46,17 @@ def recommended_levels(codebook_size: int) -> list[int]:
 
 
 def _vq_repaired(dim: int) -> dict:
+    # EMA decay 0.95 (a horizon of 20 steps, not 100): the codebook must follow an encoder
+    # that trains with it. Measured on mnist1d, 3 seeds: with the CNN encoder 93.8% against
+    # 91.3% at 0.99 (one seed stuck at 86%); at lr 3e-2 without guards 49.8% against 38.0%;
+    # with the MLP 70.3% against 71.2% (within its spread).
     return {
         "codebook_size": 512,
         "kmeans_init": True,
         "dead_code_threshold": 2.0,
         "codebook_dim": 32 if dim > 32 else None,
         "cosine": True,
+        "decay": 0.95,
     }
 
 
