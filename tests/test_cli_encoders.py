@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import stabq
 from bad_input import assert_user_error, cli, listing
@@ -175,3 +176,24 @@ def load_test_file(tmp_path: Path) -> Path:
     path = tmp_path / "test.npz"
     np.savez(path, x=test.x[:200], y=test.y[:200])
     return path
+
+
+def test_init_from_a_continuous_cnn_starts_stage_two_from_its_weights(tmp_path):
+    seq = ["--data", "mnist1d", "--encoder", "cnn1d", *SMALL, "--quiet"]
+    result = cli("train", *seq, "--quantizer", "none", "--out", tmp_path / "cont")
+    assert result.exit_code == 0, (result.output, result.exception)
+    result = cli(
+        "train", *seq, "--init-from", tmp_path / "cont", "--freeze-projector",
+        "--out", tmp_path / "fsq",
+    )  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
+    history = stabq.saving.load_history(tmp_path / "fsq")
+    assert [row["stage"] for row in history] == [2, 2]
+    start, frozen = stabq.load(tmp_path / "cont").encoder, stabq.load(tmp_path / "fsq").encoder
+    assert start.conv[0].weight.shape == (8, 1, 5)  # hidden 32: 32 // 8 channels, at least 8
+    assert all(torch.equal(a, b) for a, b in zip(start.parameters(), frozen.parameters(),
+                                                 strict=True))  # fmt: skip
+    result = cli("train", "--data", "mnist1d", *SMALL, "--init-from", tmp_path / "cont",
+                 "--out", tmp_path / "mlp")  # fmt: skip
+    assert_user_error(result, "the projector of the model to start from has shapes")
+    assert not (tmp_path / "mlp").exists()
