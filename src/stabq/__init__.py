@@ -33,7 +33,7 @@ from stabq.quantizers import (
     recommended_levels,
 )
 from stabq.saving import load, save_model
-from stabq.training import TrainConfig, TrainResult, train
+from stabq.training import StabilityGuard, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "QuantizerOutput",
     "ResidualVQ",
     "ShapeError",
+    "StabilityGuard",
     "StabqError",
     "TrainConfig",
     "TrainResult",

@@ -27,6 +27,17 @@ the model is still no better than chance (its units dead). After a step
 failed at an already lowered rate, the rate never doubles back above half of it.
 An epoch no better than chance is never the best one to go back to, and a run
 that needed undoing and ends no better than chance stops with an error.
+
+In a user's own loop the protocol is two calls (the trainer makes the same ones)::
+
+    if not guard.admit(x):          # a poisoned batch never reaches the model
+        continue
+    loss = ...; loss.backward()
+    guard.step(loss, features=z)    # in place of optimizer.step(): steps, or undoes
+
+The guard's rate scale multiplies each parameter group's rate only while it
+steps, so a learning-rate scheduler keeps owning the rate. Under torch.distributed
+every decision is taken on figures agreed over the ranks (mean loss, largest norms).
 """
 
 from __future__ import annotations
@@ -41,9 +52,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabq import distributed
 from stabq.errors import TrainingError
 
 GROWTH_STEPS = 10  # features 100x their smallest norm of the last 10 steps are exploding
+
+
+def _largest_row_norm(x: torch.Tensor) -> float:
+    """The largest row norm of ``x`` (rows along dim 0, or the last dim for features)."""
+    if not x.numel():
+        return 0.0
+    return (
+        float(x.detach().float().flatten(1).norm(dim=1).max())
+        if x.dim() > 1
+        else float(x.detach().float().abs().max())
+    )
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """The 2-norm of all of ``model``'s gradients together (0 when there are none)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 def _finite_state(model: nn.Module) -> bool:
@@ -53,7 +82,12 @@ def _finite_state(model: nn.Module) -> bool:
 
 
 class StabilityGuard:
-    """Watches each step; ``check`` says whether to apply it, ``recover`` undoes it."""
+    """Watches each step of ``optimizer`` on ``model``: applies it, or undoes it.
+
+    ``admit(x)`` says whether a batch may be used; ``step(loss, features=z)`` takes
+    the place of ``optimizer.step()``. ``grad_clip`` (None: no clipping) clips the
+    gradient norm before each step. The rest are the thresholds described above.
+    """
 
     def __init__(
         self,
@@ -67,8 +101,11 @@ class StabilityGuard:
         max_recoveries: int = 10,
         lr_backoff: float = 0.5,
         snapshot_every: int = 10,
+        grad_clip: float | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.grad_clip = grad_clip
+        self.steps, self.epoch = 0, 0  # positions for the events of a user's own loop
         self.enabled = enabled
         self.spike_factor, self.feature_spike_factor = spike_factor, feature_spike_factor
         self.window, self.max_recoveries = window, max_recoveries
@@ -110,6 +147,85 @@ class StabilityGuard:
         self.snapshot()
         self.best_val = self.untrained_val = math.inf
         self._anchor = self._snapshot
+
+    def admit(self, x: torch.Tensor, *, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether the batch ``x`` (rows along dim 0) may be used.
+
+        False, with the reason in ``events``, when it is not finite or its largest
+        row norm is ``feature_spike_factor`` x the median of recent batches'. A batch
+        left out is not the optimiser's fault: nothing is undone, the rate stays.
+        """
+        if not self.enabled:
+            return True
+        norm = distributed.mean_and_max([], [_largest_row_norm(x)])[1][0]
+        reason = self.check_input(norm)
+        if reason is None:
+            return True
+        self.skip(reason, *self._position(step, epoch))
+        return False
+
+    def _position(self, step: int | None, epoch: int | None) -> tuple[int, int]:
+        """(step, epoch) for an event: the caller's, or the guard's own count of calls."""
+        at = (self.steps if step is None else step, self.epoch if epoch is None else epoch)
+        self.steps += step is None
+        return at
+
+    def step(
+        self,
+        loss: torch.Tensor | float,
+        features: torch.Tensor | None = None,
+        *,
+        feature_norm: float | None = None,
+        scaler: Any = None,
+        agreed: bool = False,
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> bool:
+        """Apply the optimiser step of this ``loss`` (backward already done), or undo it.
+
+        ``features`` (..., d): the bottleneck's input, whose largest row norm is
+        checked (or give ``feature_norm``). ``scaler``: a ``torch.amp.GradScaler``
+        (its overflow skips stay its own; ``loss`` is the unscaled loss). ``agreed``:
+        the figures are already agreed over the ranks. Returns True when applied.
+        """
+        at = self._position(step, epoch)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if feature_norm is None:
+            feature_norm = 0.0 if features is None else _largest_row_norm(features)
+        if not agreed:
+            (value,), (feature_norm,) = distributed.mean_and_max([value], [feature_norm])
+        reason = self.check(value, feature_norm)
+        overflow = False
+        if reason is None:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            if self.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            elif self.enabled:
+                grad_norm = _grad_norm(self.model)
+            if self.enabled and not bool(torch.isfinite(grad_norm)):
+                overflow = scaler is not None  # fp16 overflow: the scaler skips and backs off
+                if not overflow:
+                    reason = f"gradient norm is {float(grad_norm)}"
+        if reason is not None:  # before any unscale_: the scaler has nothing to forget
+            self.recover(reason, *at)
+            return False
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * self.lr_scale
+        try:
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
+        finally:
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+        if overflow:
+            return False
+        self.accept(value, feature_norm)
+        return True
 
     def check(self, loss: float, feature_norm: float) -> str | None:
         """The reason this step is bad, or None to apply it."""
@@ -226,6 +342,8 @@ class StabilityGuard:
             "clean_steps": self.clean_steps,
             "events": [dict(e) for e in self.events],
             "snapshot": self._snapshot,
+            "steps": self.steps,
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,6 +357,7 @@ class StabilityGuard:
         self.lr_ceiling, self.best_val = state["lr_ceiling"], state["best_val"]
         self.epoch_recoveries = state["epoch_recoveries"]
         self.untrained_val, self.undone = state["untrained_val"], state["undone"]
+        self.steps, self.epoch = state.get("steps", 0), state.get("epoch", 0)
 
     def require_progress(self, applied: int, epoch: int) -> None:
         """Stop the run when no step of an epoch could be applied (every batch bad)."""
@@ -289,6 +408,7 @@ class StabilityGuard:
                 # at ever lower rates would only keep it dead (the untrained one can learn)
                 self.best_val, self._anchor = val_loss, self._copy()
         self.epoch_recoveries = 0
+        self.epoch += 1
         if not had_events and not back:
             self.recoveries = 0
         return back

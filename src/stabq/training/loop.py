@@ -164,6 +164,7 @@ def train(
         window=config.guard_window,
         max_recoveries=config.max_recoveries,
         lr_backoff=config.lr_backoff,
+        grad_clip=config.grad_clip,
     )
     guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size], vx, vy))
     plan = _Plan(config, steps_per_epoch=distributed.steps_per_epoch(x.shape[0], config.batch_size))
@@ -215,7 +216,7 @@ def train(
             new_events = guard.events[events_before:]
             row = _epoch_row(model, plan, epoch, sums, figures)
             row.update(
-                lr=optimizer.param_groups[0]["lr"],
+                lr=sums["lr"],  # the rate of the epoch's last step, the guard's scale included
                 guard_events=len(new_events),
                 seconds=time.perf_counter() - epoch_started,
             )
@@ -288,6 +289,7 @@ def _train_epoch(
     """One pass over the data; each step checked by the guard. Returns the epoch's sums."""
     config = plan.config
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
+    sums["lr"] = optimizer.param_groups[0]["lr"]
     model.train()
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
     order, batch_size = distributed.shard_batches(order, config.batch_size)
@@ -297,14 +299,12 @@ def _train_epoch(
         xb, yb = x[idx], y[idx]
         if batch_transform is not None:
             xb, yb = batch_transform(step, xb, yb)
-        for group in optimizer.param_groups:
-            group["lr"] = plan.lr(epoch, i, guard.lr_scale)
+        for group in optimizer.param_groups:  # the guard scales it while it steps
+            group["lr"] = plan.lr(epoch, i, 1.0)
+        sums["lr"] = plan.lr(epoch, i, guard.lr_scale)
         model.quantizer.set_progress(plan.progress(epoch, i))
-        # the largest norm over all ranks, so that every rank skips the same batches
-        input_norm = distributed.mean_and_max([], [_input_norm(model, xb)])[1][0]
-        skip = guard.check_input(input_norm) if config.guards else None
-        if skip is not None:
-            guard.skip(skip, step, epoch)
+        # the guard takes the largest norm over all ranks: every rank skips the same batches
+        if not guard.admit(_standardized(model, xb), step=step, epoch=epoch):
             continue
         logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
@@ -316,18 +316,10 @@ def _train_epoch(
         )
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
-        reason = guard.check(loss_value, norm)
-        if reason is None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if config.guards and not bool(torch.isfinite(grad_norm)):
-                reason = f"gradient norm is {float(grad_norm)}"
-        if reason is not None:
-            guard.recover(reason, step, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not guard.step(loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch):
             continue
-        optimizer.step()
-        guard.accept(loss_value, norm)
         sums["applied"] += 1
         sums["loss"] += loss_value
         sums["ce"] += ce_value
@@ -422,8 +414,13 @@ def _reference_figures(
     return loss, norm, _input_norm(model, x), val_loss, chance
 
 
+def _standardized(model: BottleneckClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The batch as the model sees it (the guard compares these rows' norms)."""
+    return (x - model.feature_mean) / model.feature_std
+
+
 def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
     """The largest row norm of the standardised batch (inf or nan when it is not finite)."""
     if not x.numel():
         return 0.0
-    return float(((x - model.feature_mean) / model.feature_std).flatten(1).norm(dim=1).max())
+    return float(_standardized(model, x).flatten(1).norm(dim=1).max())
