@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer, distributed
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.monitor import CollapseMonitor
-from stabq.training import TrainConfig, evaluate_model, train
+from stabq.training import StabilityGuard, TrainConfig, evaluate_model, train
 
 DIM, GLOBAL = 8, 24
 REPAIRS = {"kmeans_init": True, "dead_code_threshold": 3.0, "decay": 0.8}
@@ -130,6 +131,42 @@ def run_uneven_loop(rank: int, world: int) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
 
+GUARDED_STEPS, POISONED_STEP, SPIKED_STEP = 12, 3, 7
+
+
+def run_guarded_loop(rank: int, world: int) -> tuple[dict, list[dict]]:
+    """A user's DDP loop with the public StabilityGuard. At step 3 only rank 1's rows are
+    poisoned (NaN), at step 7 only rank 0's loss spikes: each rank must still take the
+    same decision, so both leave out step 3 and undo step 7, as one process does."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(GUARDED_STEPS, GLOBAL, DIM, generator=g)
+    y = (x[..., :4].sum(-1) > 0).long() + 2 * (x[..., 4:].sum(-1) > 0).long()
+    x[POISONED_STEP, GLOBAL // 2 + 1] = float("nan")  # a row of rank 1's half
+    torch.manual_seed(0)
+    module = BottleneckClassifier(
+        input_dim=DIM, num_classes=4, quantizer="vq-ema", hidden=16, bottleneck_dim=8, dropout=0.0
+    )
+    module.train()
+    model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, optimizer, grad_clip=1.0)
+    half = GLOBAL // world
+    for step in range(GUARDED_STEPS):
+        rows = slice(rank * half, (rank + 1) * half)
+        xb, yb = x[step, rows], y[step, rows]
+        if not guard.admit(xb):
+            continue
+        logits, out = model(xb)
+        loss = F.cross_entropy(logits, yb) + out.loss
+        if step == SPIKED_STEP and rank == 0:
+            loss = loss * 1e4 * world  # one process's loss spikes 1e4x: the mean spikes too
+        optimizer.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    return state, [{"step": e["step"], "lr_scale": e["lr_scale"]} for e in guard.events]
+
+
 def usage_indices(rank: int) -> torch.Tensor:
     """Rank 0 uses codes 0-3 of codebook 0 and 4 of codebook 1; rank 1 codes 2-7 and 5."""
     if rank == 0:
@@ -221,6 +258,9 @@ def main(out: Path) -> None:
             save_file(state, out / f"{name}.rank{rank}.safetensors")
         save_file(run_drifted_case(rank), out / f"drifted.rank{rank}.safetensors")
         save_file(run_uneven_loop(rank, world), out / f"uneven-loop.rank{rank}.safetensors")
+        state, events = run_guarded_loop(rank, world)
+        save_file(state, out / f"guarded-loop.rank{rank}.safetensors")
+        (out / f"guarded-loop.rank{rank}.json").write_text(json.dumps(events))
         (out / f"usage.rank{rank}.json").write_text(json.dumps(run_usage_case(rank)))
         if rank == 0:
             (out / "alone.rank0.json").write_text(json.dumps(run_on_rank_0_alone()))

@@ -201,6 +201,20 @@ def test_own_loop_with_fewer_batches_on_one_rank_finishes_in_step(ranks):
         torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_the_guard_in_a_users_ddp_loop_decides_the_same_on_every_rank(ranks):
+    """Rank 1 alone sees the poisoned rows, rank 0 alone the loss spike: both ranks leave
+    out the one step and undo the other, and end as one process on the whole batches."""
+    a, b = rank_states(ranks, "guarded-loop")
+    assert_identical(a, b)
+    events = [json.loads((ranks / f"guarded-loop.rank{r}.json").read_text()) for r in (0, 1)]
+    assert events[0] == events[1]
+    assert [e["step"] for e in events[0]] == [worker.POISONED_STEP, worker.SPIKED_STEP]
+    reference, ref_events = worker.run_guarded_loop(0, 1)
+    assert ref_events == events[0]
+    for key, value in reference.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("name", list(worker.DDP_CASES))
 def test_codebook_free_quantizers_keep_identical_parameters_under_ddp(ranks, name):
     a, b = rank_states(ranks, name)
