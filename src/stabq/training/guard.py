@@ -227,6 +227,37 @@ class StabilityGuard:
         self.accept(value, feature_norm)
         return True
 
+    def review(
+        self,
+        loss: torch.Tensor | float,
+        feature_norm: float = 0.0,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> bool:
+        """For loops that step on their own (Lightning): after the step, keep it or undo it.
+
+        Undoing puts back the last snapshot at a lower rate, as :meth:`step` does.
+        Returns True when the step is kept.
+        """
+        at = self._position(step, epoch)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        (value,), (feature_norm,) = distributed.mean_and_max([value], [feature_norm])
+        reason = self.check(value, feature_norm)
+        if reason is not None:
+            self.recover(reason, *at)
+            return False
+        self.accept(value, feature_norm)
+        return True
+
+    def hold(self) -> tuple[dict, dict]:
+        """A copy of the weights, buffers and optimiser state, for :meth:`put_back`."""
+        return self._copy()
+
+    def put_back(self, state: tuple[dict, dict]) -> None:
+        """Return to a state that :meth:`hold` gave (the rates stay the current ones)."""
+        self._restore(state)
+
     def check(self, loss: float, feature_norm: float) -> str | None:
         """The reason this step is bad, or None to apply it."""
         if not self.enabled:
