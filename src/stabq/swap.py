@@ -7,13 +7,13 @@ class named in ``classes``, and replaces each in place by
 returns what the module it replaces returned, in the same layout, so the
 user's forward and training code run unchanged:
 
-| original                    | replacement returns                                          |
-|-----------------------------|--------------------------------------------------------------|
-| vqp ``FSQ``                 | ``(out, indices)``, indices int32                             |
-| vqp ``VectorQuantize``      | ``(quantized, indices, loss)``, indices int64, loss 0-dim     |
-| vqp ``ResidualVQ``          | ``(quantized, indices, losses)``, indices ``(..., C)``, losses ``(1,)`` |
-| stabq ``Quantizer``         | the new preset itself: a ``QuantizerOutput``                  |
-| a class in ``classes``      | a ``QuantizerOutput``                                         |
+| original               | the replacement returns                                  |
+|------------------------|----------------------------------------------------------|
+| vqp ``FSQ``            | ``(out, indices)``, indices int32                        |
+| vqp ``VectorQuantize`` | ``(quantized, indices, loss)``, int64, loss 0-dim        |
+| vqp ``ResidualVQ``     | ``(quantized, indices, losses)``, ``(..., C)``, ``(1,)`` |
+| stabq ``Quantizer``    | the new preset itself: a ``QuantizerOutput``             |
+| a class in ``classes`` | a ``QuantizerOutput``                                    |
 
 ``quantized`` has the input's shape. Indices have the original's layout (the
 input's shape without its feature axis) and carry the preset's codebooks: a
@@ -65,9 +65,7 @@ class SwappedQuantizer(nn.Module):
     def quantize(self, x: Tensor) -> QuantizerOutput:
         move = x.dim() > 2 and (self.channels_first or (self.images_first and x.dim() >= 4))
         q, indices, loss = self.quantizer(x.movedim(1, -1) if move else x)
-        return QuantizerOutput(
-            q.movedim(-1, 1) if move else q, indices.to(self.index_dtype), loss
-        )
+        return QuantizerOutput(q.movedim(-1, 1) if move else q, indices.to(self.index_dtype), loss)
 
     def forward(self, x: Tensor) -> QuantizerOutput:
         return self.quantize(x)
