@@ -149,9 +149,14 @@ def _class_name(cls: type) -> str:
 
 def _matches(module: nn.Module, classes: tuple[type | str, ...]) -> bool:
     cls = type(module)
+    names = (
+        cls.__name__,
+        cls.__qualname__,
+        _class_name(cls),
+        f"{cls.__module__}.{cls.__qualname__}",
+    )
     return any(
-        (isinstance(c, str) and c in (cls.__name__, _class_name(cls)))
-        or (isinstance(c, type) and isinstance(module, c))
+        (isinstance(c, str) and c in names) or (isinstance(c, type) and isinstance(module, c))
         for c in classes
     )
 
