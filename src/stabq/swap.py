@@ -149,12 +149,8 @@ def _class_name(cls: type) -> str:
 
 def _matches(module: nn.Module, classes: tuple[type | str, ...]) -> bool:
     cls = type(module)
-    names = (
-        cls.__name__,
-        cls.__qualname__,
-        _class_name(cls),
-        f"{cls.__module__}.{cls.__qualname__}",
-    )
+    names = {cls.__name__, cls.__qualname__, _class_name(cls)}
+    names.add(f"{cls.__module__}.{cls.__qualname__}")
     return any(
         (isinstance(c, str) and c in names) or (isinstance(c, type) and isinstance(module, c))
         for c in classes
@@ -187,15 +183,11 @@ def _replacement(path: str, old: nn.Module, preset: str, overrides: dict) -> tup
         return quantizer, dim
     kinds = [kind for cls, kind in _vqp_kinds().items() if isinstance(old, cls)]
     adapter = kinds[0] if kinds else SwappedQuantizer
-    channels_first = (
-        bool(getattr(old, "channel_first", False))
-        or not getattr(old, "channel_last", True)
-        or bool(getattr(old, "accept_image_fmap", False))
-        or bool(getattr(old, "accept_3d_fmap", False))
-    )
+    flags = ("channel_first", "accept_image_fmap", "accept_3d_fmap")  # vqp's layout options
+    first = any(getattr(old, f, False) for f in flags) or not getattr(old, "channel_last", True)
     swapped = adapter(
         quantizer,
-        channels_first=channels_first,
+        channels_first=first,
         images_first=adapter is SwappedFSQ,  # vqp's FSQ reads any 4-D+ input channels-first
         index_dtype=torch.int32 if adapter is SwappedFSQ else torch.long,
     )
@@ -247,7 +239,7 @@ def swap_quantizers(
             missing_ok,
             f"swap_quantizers: no quantizer in {type(model).__name__} (looked for "
             "vector_quantize_pytorch's VectorQuantize, ResidualVQ and FSQ, stabq quantizers"
-            f"{', ' + ', '.join(map(_name_of, classes)) if classes else ''}); name its class "
+            f"{''.join(', ' + getattr(c, '__name__', c) for c in classes)}); name its class "
             "in classes=, or pass missing_ok=True",
         )
         return SwapReport(())
@@ -268,10 +260,6 @@ def swap_quantizers(
         q = module if isinstance(module, Quantizer) else module.quantizer
         swaps.append(Swap(path, _class_name(type(old)), preset, dim, q))
     return SwapReport(tuple(swaps))
-
-
-def _name_of(c: type | str) -> str:
-    return c if isinstance(c, str) else c.__name__
 
 
 __all__ = [
