@@ -33,6 +33,7 @@ from stabq.quantizers import (
     recommended_levels,
 )
 from stabq.saving import load, save_model
+from stabq.swap import SwapReport, swap_quantizers
 from stabq.training import StabilityGuard, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "ShapeError",
     "StabilityGuard",
     "StabqError",
+    "SwapReport",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
@@ -69,5 +71,6 @@ __all__ = [
     "preset_names",
     "recommended_levels",
     "save_model",
+    "swap_quantizers",
     "train",
 ]
