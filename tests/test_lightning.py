@@ -85,6 +85,9 @@ def test_the_logged_training_figures_are_the_codes_counted_here(fsq):
         for indices in codes[: step + 1]:  # the monitor's window (200) holds them all
             counted.update(indices)
         assert value == pytest.approx(counted.compute()["usage"], rel=1e-6)
+    norms = [v for _, v in logged(fsq["rows"], "codebook/quantizer/feature_norm")]
+    assert len(norms) == len(usage) and len(set(norms)) == len(norms)  # the poisoned batch's
+    # NaN norm is left out of the mean, not left to blank the figure for 50 steps
     for key in ("perplexity", "dead_codes", "entropy_bits", "top_codes", "aux_loss", "saturation"):
         assert logged(fsq["rows"], f"codebook/quantizer/{key}"), key
     (sat,) = {round(v, 3) > 0 for _, v in logged(fsq["rows"], "codebook/quantizer/saturation")}

@@ -305,6 +305,7 @@ class CollapseMonitor:
         losses = losses[losses.isfinite()] if losses is not None else None
         loss = float(losses.median()) if losses is not None and losses.numel() else None
         norms = _gather([s.norm for s in recent])
+        norms = norms[norms.isfinite()] if norms is not None else None  # a poisoned batch's
         at_bound, values = _gather([s.at_bound for s in steps]), _gather([s.values for s in steps])
         base = self._loss_min
         return {
@@ -318,7 +319,7 @@ class CollapseMonitor:
             "loss": loss,
             "loss_baseline": base,
             "loss_growth": None if None in (loss, base) else loss / max(base, LOSS_FLOOR),
-            "input_norm": float(norms.mean()) if norms is not None else None,
+            "input_norm": float(norms.mean()) if norms is not None and norms.numel() else None,
         }
 
     def _check(self) -> None:
