@@ -1,0 +1,1 @@
+"""Optional integrations (Lightning, TensorBoard): each imported lazily, behind its extra."""
