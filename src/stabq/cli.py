@@ -38,6 +38,10 @@ ENCODER_HELP = (
 EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
 DataOption = Annotated[str, typer.Option("--data", help=DATA_HELP, show_default=False)]
+TensorBoardOption = Annotated[
+    Path | None,
+    typer.Option(help="Write TensorBoard events to DIR, epoch by epoch.", metavar="DIR"),
+]
 PartOption = Annotated[
     str, typer.Option(help="Which part of a built-in dataset: train, test or all.")
 ]
@@ -137,6 +141,7 @@ def train(
         typer.Option(help="Start stage 2 from this trained continuous stabq model directory."),
     ] = None,
     guards: Annotated[bool, typer.Option(help="Stability guards (undo exploding steps).")] = True,
+    tensorboard: TensorBoardOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     resume: Annotated[
         Path | None,
@@ -152,7 +157,8 @@ def train(
 ) -> None:
     """Train a classifier with a discrete bottleneck and save it to OUT.
 
-    A checkpoint in OUT after every epoch lets --resume OUT finish a killed run.
+    A checkpoint in OUT after every epoch lets --resume OUT finish a killed run
+    (and continue its --tensorboard events, with no epoch twice).
 
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
     (on N processes: torchrun --nproc_per_node=N -m stabq train ...; rank 0 writes OUT)
@@ -176,6 +182,7 @@ def train(
         from stabq import distributed
         from stabq.data import load_data, require_classes
         from stabq.encoders import check_encoder, check_input_shape
+        from stabq.integrations import tensorboard as board
         from stabq.model import BottleneckClassifier
         from stabq.saving import load, save_model
         from stabq.training import TrainConfig
@@ -195,6 +202,7 @@ def train(
             progress=None if not quiet else False,
         )
         options = parse_options(option or [])
+        log_dir, history = board.for_train_run(tensorboard, out, resume)
         train_set = require_classes(load_data(data, "train"))
         val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
         check_encoder(encoder)
@@ -211,11 +219,13 @@ def train(
         )
         if init_from is not None and resume is None:
             model.take_continuous_weights(load(init_from))
-        result = train_model(
-            model, train_set, val_set, config, fit_feature_stats=init_from is None,
-            checkpoint_dir=out, resume=resume is not None,
-            run_info={"cli": json.loads(json.dumps(given, default=str))},
-        )  # fmt: skip
+        recorded = {**given, "tensorboard": log_dir.resolve() if log_dir else None}
+        with board.epoch_writer(log_dir, history) as on_epoch:
+            result = train_model(
+                model, train_set, val_set, config, fit_feature_stats=init_from is None,
+                checkpoint_dir=out, resume=resume is not None, on_epoch=on_epoch,
+                run_info={"cli": json.loads(json.dumps(recorded, default=str))},
+            )  # fmt: skip
         if distributed.is_main():
             save_model(
                 model, out, classes=train_set.classes, history=result.history,
@@ -362,6 +372,7 @@ def compare_command(
     out: Annotated[
         Path | None, typer.Option(help="Report directory (results.csv/json, report.md/html).")
     ] = None,
+    tensorboard: TensorBoardOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -369,6 +380,7 @@ def compare_command(
 
     Example: stabq compare --data mnist1d --seeds 3 --out runs/compare
     (under torchrun each run is trained on all processes; rank 0 prints and writes)
+    --tensorboard DIR writes one TensorBoard run per method and seed: DIR/METHOD/seed-K.
     """
     from stabq.distributed import is_main
 
@@ -377,10 +389,13 @@ def compare_command(
 
         from stabq.compare import PRESETS, compare
         from stabq.files import require_directory_path
+        from stabq.integrations.tensorboard import check_log_dir
         from stabq.report import write_comparison
 
         if out is not None:  # before the runs, not after them
             require_directory_path(out, ConfigError, "the comparison")
+        if tensorboard is not None:  # and not where --out will replace the events
+            check_log_dir(tensorboard, outside=out)
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         spec = PRESETS.get(preset, PRESETS["default"])
         total = len(names or spec["methods"]) * (seeds or spec["seeds"])
@@ -395,6 +410,7 @@ def compare_command(
             result = compare(
                 data, names, seeds, epochs, preset, on_run=on_run,
                 progress=False if quiet_here else None, encoder=encoder, test_data=test_data,
+                tensorboard=tensorboard,
             )  # fmt: skip
         finally:
             bar.close()

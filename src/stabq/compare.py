@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from stabq.data import LabeledData, load_data, require_classes, require_fit, train_val_split
 from stabq.encoders import check_encoder, check_input_shape, encoder_name
 from stabq.errors import ConfigError, TrainingError
+from stabq.integrations.tensorboard import check_log_dir, epoch_writer, run_dir
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.training import TrainConfig, evaluate_model, train
@@ -108,8 +110,12 @@ def run_one(
     test_set: LabeledData,
     config: TrainConfig,
     encoder: str | nn.Module = "mlp",
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one method with one seed; its figures, history and code frequencies."""
+    """Train one method with one seed; its figures, history and code frequencies.
+
+    ``tensorboard``: this run's own events directory (rank 0 writes it).
+    """
     torch.manual_seed(seed)
     model = BottleneckClassifier(
         train_set.input_shape, train_set.num_classes, method.quantizer,
@@ -119,7 +125,8 @@ def run_one(
     started = time.perf_counter()
     record: dict[str, Any] = {"method": method.name, "seed": seed, "diverged": False}
     try:
-        result = train(model, train_set, config=run_config)
+        with epoch_writer(tensorboard) as on_epoch:
+            result = train(model, train_set, config=run_config, on_epoch=on_epoch)
         history, events = result.history, len(result.guard_events)
     except TrainingError as err:
         history, events = [], 0
@@ -231,6 +238,7 @@ def compare(
     *,
     encoder: str | nn.Module = "mlp",
     test_data: str | None = None,
+    tensorboard: str | Path | None = None,
 ) -> Comparison:
     """Train every method on ``data`` for ``seeds`` seeds and compare them.
 
@@ -239,6 +247,8 @@ def compare(
     seed). ``encoder`` (:mod:`stabq.encoders`; a module instance is copied and
     re-initialised for every run) is every method's. ``preset`` (``default`` or
     ``stress``) sets the methods, seeds, epochs and training options unless given.
+    ``tensorboard``: a directory for TensorBoard events (needs ``stabq[tensorboard]``),
+    one run per method and seed, ``tensorboard/<method>/seed-<k>``, written epoch by epoch.
     """
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
@@ -250,6 +260,8 @@ def compare(
         raise ConfigError(f"--seeds {seeds!r}: allowed is an integer >= 1")
     config = TrainConfig(epochs=epochs, progress=progress, **spec["config"])
     check_encoder(encoder)
+    if tensorboard is not None:
+        check_log_dir(tensorboard)
     train_set, test_set = _train_test(data, test_data)
     check_input_shape(encoder, train_set.input_shape, train_set.source)
     require_fit(test_set, train_set.input_shape, model="the training data")
@@ -257,7 +269,8 @@ def compare(
     records = []
     for seed in range(seeds):  # seeds outermost: every method sees seed s before seed s + 1
         for method in chosen:
-            record = run_one(method, seed, train_set, test_set, config, encoder)
+            events = None if tensorboard is None else run_dir(tensorboard, method.name, seed)
+            record = run_one(method, seed, train_set, test_set, config, encoder, events)
             records.append(record)
             if on_run is not None:
                 on_run(record)
