@@ -36,8 +36,8 @@ from stabq.data import LabeledData, Standardizer, _check_features, _encode_label
 from stabq.readers import as_numpy
 from stabq.readers import data_error as _error
 
-CHUNK_BYTES = 32 << 20  # float64 bytes of rows one step of a streaming pass holds
-RESIDENT_BYTES = 32 << 20  # mapped bytes a read may leave resident before they are dropped
+CHUNK_BYTES = 16 << 20  # float64 bytes of rows one step of a streaming pass holds
+RESIDENT_BYTES = 16 << 20  # mapped bytes a read may leave resident before they are dropped
 _PAGE_SLACK = 64 << 10  # what one row read may map beyond its bytes (the kernel's fault-around)
 
 
@@ -112,13 +112,24 @@ class Rows:
         if not isinstance(self.base, np.ndarray):
             return _dataset_rows(self.base, rows, self.row_shape, self.source)
         k = len(rows)
-        contiguous = k > 0 and int(rows[-1]) - int(rows[0]) == k - 1 and np.all(np.diff(rows) == 1)
-        x = np.array(self.base[int(rows[0]) : int(rows[0]) + k] if contiguous else self.base[rows])
+        if k and int(rows[-1]) - int(rows[0]) == k - 1 and np.all(np.diff(rows) == 1):
+            x = np.array(self.base[int(rows[0]) : int(rows[0]) + k])  # one slice: in order
+            self._touched(x.nbytes)
+            return x
+        x = np.empty((k, *self.row_shape), self.base.dtype)
+        row_bytes = x.itemsize * math.prod(self.row_shape) + _PAGE_SLACK
+        step = max(1, RESIDENT_BYTES // row_bytes) if self._map is not None else max(1, k)
+        for start in range(0, k, step):  # scattered rows: each may map a whole fault-around
+            x[start : start + step] = self.base[rows[start : start + step]]
+            self._touched(min(step, k - start) * row_bytes)
+        return x
+
+    def _touched(self, nbytes: int) -> None:
+        """Count mapped bytes a read touched; past ``RESIDENT_BYTES``, drop them."""
         if self._map is not None:
-            self._resident += x.nbytes + (0 if contiguous else k * _PAGE_SLACK)
+            self._resident += nbytes
             if self._resident >= RESIDENT_BYTES:
                 self.release()
-        return x
 
     def release(self) -> None:
         """Unmap the pages of the file reads have touched (they stay in the page cache)."""
