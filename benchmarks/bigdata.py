@@ -14,7 +14,7 @@ the child, which starts from this small process), the cgroup's
 kernel reclaims at the limit), its ``failcnt`` and the wall time. Files are
 deleted afterwards. Needs root on a cgroup v1 machine.
 
-    python benchmarks/bigdata.py --sizes-gib 1,2,4 --limit-mib 768 --dir /tmp/stabq-bigdata
+    python benchmarks/bigdata.py --sizes-gib 1,2,4 --limit-mib 640 --dir /tmp/stabq-bigdata
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_limited(command: list[str], limit: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-gib", default="1,2,4")
-    parser.add_argument("--limit-mib", type=int, default=768)
+    parser.add_argument("--limit-mib", type=int, default=640)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/stabq-bigdata"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bigdata-cpu.json"))

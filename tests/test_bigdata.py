@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -164,7 +165,7 @@ def test_the_command_line_trains_evaluates_encodes_and_compares_npy_pairs(npy_di
         for source, codes in ((data, "a.npy"), (tmp_path / "same.npz", "b.npy")):
             assert cli("encode", out, "--data", source, "--out", tmp_path / codes).exit_code == 0
         assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-        os.system(f"rm -rf {out}")
+        shutil.rmtree(out)
     result = cli("compare", "--data", npy_dir, "--methods", "fsq", "--seeds", "1",
                  "--epochs", "1", "--out", tmp_path / "cmp")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -208,7 +209,7 @@ def test_a_file_larger_than_the_memory_limit_trains_with_a_small_resident_peak(t
     finally:
         if group.exists():
             group.rmdir()
-        os.system(f"rm -f {tmp_path}/x.npy")
+        (tmp_path / "x.npy").unlink()
     assert proc.returncode == 0, proc.stderr[-2000:]
     # VmHWM, as the child saw it: rusage's maxrss would count this process's own peak (a
     # child starts as a copy of it), and mapped pages of the file would count in full

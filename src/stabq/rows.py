@@ -113,9 +113,11 @@ class Rows:
             return _dataset_rows(self.base, rows, self.row_shape, self.source)
         k = len(rows)
         if k and int(rows[-1]) - int(rows[0]) == k - 1 and np.all(np.diff(rows) == 1):
-            x = np.array(self.base[int(rows[0]) : int(rows[0]) + k])  # one slice: in order
+            self._advise(mmap.MADV_NORMAL)  # one slice, in order: read ahead
+            x = np.array(self.base[int(rows[0]) : int(rows[0]) + k])
             self._touched(x.nbytes)
             return x
+        self._advise(mmap.MADV_RANDOM)  # a page a row from disk, not a read-ahead window
         x = np.empty((k, *self.row_shape), self.base.dtype)
         row_bytes = x.itemsize * math.prod(self.row_shape) + _PAGE_SLACK
         step = max(1, RESIDENT_BYTES // row_bytes) if self._map is not None else max(1, k)
@@ -123,6 +125,10 @@ class Rows:
             x[start : start + step] = self.base[rows[start : start + step]]
             self._touched(min(step, k - start) * row_bytes)
         return x
+
+    def _advise(self, advice: int) -> None:
+        if self._map is not None and hasattr(self._map, "madvise"):
+            self._map.madvise(advice)
 
     def _touched(self, nbytes: int) -> None:
         """Count mapped bytes a read touched; past ``RESIDENT_BYTES``, drop them."""
