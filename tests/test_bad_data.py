@@ -186,6 +186,47 @@ CASES = [
 ]
 
 
+def npy_pair(name: str, x, y, y_name: str = "y.npy") -> Callable[[Path], Path]:
+    """A directory ``name`` holding ``x.npy`` and (``y`` not None) ``y_name``."""
+
+    def build(tmp: Path) -> Path:
+        (tmp / name).mkdir()
+        np.save(tmp / name / "x.npy", np.asarray(x), allow_pickle=True)
+        if y is not None:
+            np.save(tmp / name / y_name, np.asarray(y), allow_pickle=True)
+        return tmp / name
+
+    return build
+
+
+def npy_file(tmp: Path) -> Path:
+    np.save(tmp / "feats.npy", X)
+    return tmp / "feats.npy"
+
+
+NPY_CASES = [
+    Case("npy-no-labels", npy_pair("nolabels", X, None), ("no labels file", "y.npy")),
+    Case("npy-no-x", npy_pair("nox", X, Y, "x_and.npy"), ("no labels file",)),
+    Case("npy-unnamed", npy_file, ("cannot tell where the labels are",)),
+    Case("npy-lengths", npy_pair("len", X, Y[:-1]), ("12 feature rows but 11 labels",)),
+    Case(
+        "npy-object-x",
+        npy_pair("ox", X.astype(object), Y),
+        ("x.npy is an object array", "never runs", "x.astype(np.float32)"),
+    ),
+    Case(
+        "npy-object-y",
+        npy_pair("oy", X, np.array(["a", "b", "c"] * 4, dtype=object)),
+        ("y.npy is an object array", "y.astype(str)"),
+    ),
+    Case("npy-strings", npy_pair("s", X.astype(str), Y), ("features must be numbers",)),
+    Case("npy-complex", npy_pair("c", X.astype(complex), Y), ("features must be numbers",)),
+    Case("npy-rank-1", npy_pair("r1", X[:, 0], Y), ("features must be 2-D",)),
+    Case("npy-nan", npy_pair("nan", nan_at(4, 2, np.nan), Y), (f"row 4, column 2: {NAN}",)),
+]
+CASES += NPY_CASES
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """An untrained 4-feature, 3-class model: enough to refuse data with."""
@@ -451,3 +492,10 @@ def test_rows_of_another_shape_than_the_encoder_takes_are_one_line(model_dir, tm
         assert left_as_it_was(), sorted(p.name for p in work.iterdir())
     with pytest.raises(ShapeError, match=r"takes \(N, D\): choose --encoder cnn1d or cnn2d"):
         BottleneckClassifier((4, 1), 3, "fsq", levels=[3, 3])
+
+
+def test_npy_rows_of_a_rank_the_encoder_cannot_take_are_refused(tmp_path):
+    data = npy_pair("r5", np.zeros((12, 1, 1, 2, 2), np.float32), Y)(tmp_path)
+    result = cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1")
+    assert_user_error(result, f"{data}: inputs of shape (N, 1, 1, 2, 2): encoder 'mlp' takes")
+    assert not (tmp_path / "run").exists()

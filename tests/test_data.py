@@ -246,7 +246,8 @@ def test_missing_unknown_empty_and_directory_paths(tmp_path):
     expect_error(
         tmp_path / "data.txt",
         "unknown data format '.txt': expected a file ending in .npz, .pt, .safetensors, .csv, "
-        ".parquet or a built-in dataset (mnist1d, digits, synthetic, synthetic:DIM)",
+        ".parquet, an x.npy with y.npy beside it or a built-in dataset (mnist1d, digits, "
+        "synthetic, synthetic:DIM)",
     )
     expect_error("mnist", "unknown data format '(no extension)'")
     assert BUILTIN_DATASETS == ("mnist1d", "digits", "synthetic")

@@ -273,13 +273,14 @@ def evaluate(
         import torch
 
         from stabq.data import load_data
+        from stabq.rows import on_device
         from stabq.saving import load
         from stabq.training import evaluate_model
 
         model = load(model_dir)
         dataset = load_data(data, part, classes=model.classes)
         _check_features(dataset, model, model_dir)
-        figures = evaluate_model(model, torch.from_numpy(dataset.x), torch.from_numpy(dataset.y))
+        figures = evaluate_model(model, on_device(dataset.x, "cpu"), torch.from_numpy(dataset.y))
         return {"model": str(model_dir), "data": dataset.source, "rows": len(dataset.y), **figures}
 
     figures = run_user_command(run, debug)
@@ -305,6 +306,7 @@ def encode(
         import torch
 
         from stabq.data import load_data
+        from stabq.rows import Rows
         from stabq.saving import load
 
         model = load(model_dir)
@@ -312,9 +314,10 @@ def encode(
             raise ConfigError(f"{model_dir}: a continuous model (quantizer 'none') has no codes")
         dataset = load_data(data, part)
         _check_features(dataset, model, model_dir)
-        with torch.no_grad():
-            _, output = model(torch.from_numpy(dataset.x))
-        codes = output.indices.reshape(len(dataset.y), -1).numpy().astype(np.int64)
+        with torch.no_grad():  # a memory-mapped file: its rows in chunks
+            chunks = dataset.x.chunks() if isinstance(dataset.x, Rows) else [dataset.x]
+            indices = [model(torch.from_numpy(x))[1].indices for x in chunks]
+        codes = torch.cat(indices).reshape(len(dataset.y), -1).numpy().astype(np.int64)
         _save_npy(out, codes)
         return codes.shape
 

@@ -33,6 +33,7 @@ from stabq.errors import ConfigError, TrainingError
 from stabq.integrations.tensorboard import check_log_dir, epoch_writer, run_dir
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.rows import RowReader, on_device
 from stabq.training import TrainConfig, evaluate_model, train
 
 
@@ -132,7 +133,7 @@ def run_one(
         history, events = [], 0
         record.update(diverged=True, error=str(err))
     record["seconds"] = time.perf_counter() - started
-    tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
+    tx, ty = on_device(test_set.x, "cpu"), torch.from_numpy(test_set.y)
     figures = evaluate_model(model, tx, ty)
     if not all(math.isfinite(figures[k]) for k in ("loss", "accuracy")):
         record["diverged"] = True
@@ -149,13 +150,16 @@ def run_one(
 
 
 @torch.no_grad()
-def _code_counts(model: BottleneckClassifier, x: torch.Tensor) -> list[list[int]]:
-    """Per codebook, how often each code was used on ``x`` (empty for the continuous model)."""
+def _code_counts(model: BottleneckClassifier, x: torch.Tensor | RowReader) -> list[list[int]]:
+    """Per codebook, how often each code was used on ``x`` (empty for the continuous model);
+    rows read from a file (a :class:`RowReader`) are taken in chunks."""
     if model.quantizer.codebook_size == 0:
         return []
     model.eval()
     usage = CodebookUsage.for_quantizer(model.quantizer)
-    usage.update(model(x)[1].indices)
+    step = x.shape[0] if isinstance(x, torch.Tensor) else 4096
+    for start in range(0, x.shape[0], step):
+        usage.update(model(x[start : start + step])[1].indices)
     return usage.counts.tolist()
 
 

@@ -83,10 +83,15 @@ class LabeledData:
 
 
 def _check_features(
-    x: np.ndarray, source: str, columns: Columns, dtype: type = np.float32
+    x: np.ndarray,
+    source: str,
+    columns: Columns,
+    dtype: type = np.float32,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before);
-    ``uint8`` values (images) become ``x / 255``."""
+    ``uint8`` values (images) become ``x / 255``. ``rows`` ``(len(x),)``: the row numbers a
+    message names (a chunk's rows in its file); default ``0, 1, ...``."""
     if x.dtype.kind not in "biuf":
         raise _error(source, f"features must be numbers, found dtype {x.dtype}")
     if 0 in x.shape[1:]:
@@ -97,14 +102,15 @@ def _check_features(
         xd = np.ascontiguousarray(x, dtype=dtype)
     bad = ~np.isfinite(xd)
     if bad.any():
-        rows = bad.reshape(len(bad), -1)
-        row = int(np.flatnonzero(rows.any(axis=1))[0])
-        flat = int(np.flatnonzero(rows[row])[0])
+        bad_rows = bad.reshape(len(bad), -1)
+        row = int(np.flatnonzero(bad_rows.any(axis=1))[0])
+        flat = int(np.flatnonzero(bad_rows[row])[0])
+        named = row if rows is None else int(rows[row])
         if x.ndim == 2:
-            col, at = flat, where(row, columns, flat)
+            col, at = flat, where(named, columns, flat)
         else:
             col = np.unravel_index(flat, x.shape[1:])
-            at = f"row {row}, position {tuple(int(i) for i in col)}"
+            at = f"row {named}, position {tuple(int(i) for i in col)}"
         v = float(x[(row, *np.atleast_1d(col))])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
         what = (
@@ -280,6 +286,10 @@ def _build(
 
 
 def _load_file(path: Path, classes: Sequence[str] | None) -> LabeledData:
+    if path.suffix.lower() == ".npy" or (path.is_dir() and path.suffix not in FILE_EXTENSIONS):
+        from stabq.rows import open_npy  # memory-mapped; stabq.rows builds on this module
+
+        return open_npy(path, classes)
     x, y, columns = read_file(path)
     return _build(x, y, classes, str(path), columns)
 

@@ -182,7 +182,7 @@ def read_file(path: Path) -> Raw:
     if ext not in READERS:
         raise data_error(
             source, f"unknown data format {ext or '(no extension)'!r}: expected a file ending in "
-            f"{', '.join(FILE_EXTENSIONS)} or a built-in dataset "
+            f"{', '.join(FILE_EXTENSIONS)}, an x.npy with y.npy beside it or a built-in dataset "
             f"({', '.join(BUILTIN_DATASETS)}, synthetic:DIM)",
         )  # fmt: skip
     if not path.exists():

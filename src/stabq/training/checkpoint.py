@@ -42,6 +42,7 @@ from torch import nn
 
 from stabq.errors import CheckpointError
 from stabq.files import write_chunks
+from stabq.rows import Rows
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT, FORMAT_VERSION = "stabq-checkpoint", 1
@@ -57,10 +58,14 @@ def checkpoint_path(directory: str | Path) -> Path:
     return Path(directory) / CHECKPOINT
 
 
-def data_digest(*arrays: np.ndarray) -> str:
-    """SHA-256 over the dtypes, shapes and bytes of ``arrays``."""
+def data_digest(*arrays: np.ndarray | Rows) -> str:
+    """SHA-256 over the dtypes, shapes and bytes of ``arrays``; :class:`~stabq.rows.Rows`
+    are read in chunks and digest as the same rows held in memory would."""
     h = hashlib.sha256()
     for a in arrays:
+        if isinstance(a, Rows):
+            a.digest_into(h)
+            continue
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())

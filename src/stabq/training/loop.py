@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from stabq import distributed
 from stabq.data import (
     LabeledData,
-    Standardizer,
     from_arrays,
     require_classes,
     require_fit,
@@ -33,6 +33,7 @@ from stabq.errors import TrainingError
 from stabq.files import write_text
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.rows import RowReader, from_dataset, from_memmap, on_device, scan
 from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device
@@ -40,6 +41,7 @@ from stabq.training.guard import StabilityGuard
 from stabq.training.resume import Checkpointer
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
 
+Features = torch.Tensor | RowReader  # rows in memory, or read per batch from a file
 BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,14 +53,22 @@ def resolve_device(name: str) -> torch.device:
     return check_device(name)
 
 
-def _as_data(data: LabeledData | tuple[Any, Any]) -> LabeledData:
-    return data if isinstance(data, LabeledData) else from_arrays(*data)
+def _as_data(data: LabeledData | Dataset | tuple[Any, Any]) -> LabeledData:
+    """Arrays are checked and copied; a Dataset or a memory-mapped ``x`` stays where it is
+    (:mod:`stabq.rows`)."""
+    if isinstance(data, LabeledData):
+        return data
+    if isinstance(data, Dataset):
+        return from_dataset(data)
+    if isinstance(data[0], np.memmap):
+        return from_memmap(*data)
+    return from_arrays(*data)
 
 
 @torch.no_grad()
 def evaluate_model(
     model: BottleneckClassifier,
-    x: torch.Tensor,
+    x: Features,
     y: torch.Tensor,
     batch_size: int = 4096,
     *,
@@ -98,8 +108,8 @@ def evaluate_model(
 
 def train(
     model: BottleneckClassifier,
-    train_data: LabeledData | tuple[Any, Any],
-    val: LabeledData | tuple[Any, Any] | None = None,
+    train_data: LabeledData | Dataset | tuple[Any, Any],
+    val: LabeledData | Dataset | tuple[Any, Any] | None = None,
     config: TrainConfig | None = None,
     *,
     metrics_path: str | Path | None = None,
@@ -111,6 +121,12 @@ def train(
     run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and return the model with its history.
+
+    ``train_data`` and ``val``: arrays ``(x, y)``, :class:`LabeledData`, or a map-style
+    torch ``Dataset`` (item ``i`` -> ``(x_i, y_i)``). The rows of a Dataset or of a
+    memory-mapped ``x`` (``np.load(..., mmap_mode="r")``) are never all loaded: each
+    batch is read when its step comes (:mod:`stabq.rows`), so memory is bounded by the
+    batch, and the run equals the run on the same arrays held in memory, bit for bit.
 
     ``val`` defaults to a stratified ``config.val_fraction`` of the training
     data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
@@ -141,15 +157,15 @@ def train(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    if fit_feature_stats:
-        stats = Standardizer.fit(data.x, model.stats_shape)
+    if fit_feature_stats:  # in one pass of chunks when the rows stay in their file
+        stats = scan(data, model.stats_shape)
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
     if config.compile:
         compile_module(model.quantizer)
-    x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
+    x = on_device(data.x, device)  # a tensor, or a reader of each batch's rows (stabq.rows)
     y = torch.from_numpy(data.y).to(device)
-    vx = distributed.shard_rows(torch.from_numpy(np.ascontiguousarray(val_data.x)).to(device))
+    vx = on_device(val_data.x, device, shard=True)
     vy = distributed.shard_rows(torch.from_numpy(val_data.y).to(device))
 
     optimizer = torch.optim.AdamW(
@@ -281,7 +297,7 @@ def _train_epoch(
     guard: StabilityGuard,
     plan: _Plan,
     epoch: int,
-    x: torch.Tensor,
+    x: Features,
     y: torch.Tensor,
     gen: torch.Generator,
     batch_transform: BatchTransform | None,
@@ -356,7 +372,7 @@ def _epoch_row(
     }
 
 
-def _enter_stage2(model: BottleneckClassifier, x: torch.Tensor, config: TrainConfig) -> None:
+def _enter_stage2(model: BottleneckClassifier, x: Features, config: TrainConfig) -> None:
     """Seed the codebooks on the stage-1 features; optionally freeze the projector."""
     model.eval()
     with torch.no_grad():
@@ -392,9 +408,9 @@ def _rebuild_optimizer(
 @torch.no_grad()
 def _reference_figures(
     model: BottleneckClassifier,
-    x: torch.Tensor,
+    x: Features,
     y: torch.Tensor,
-    vx: torch.Tensor,
+    vx: Features,
     vy: torch.Tensor,
 ):
     """Eval-mode loss, largest feature and input norms of the untrained model on clean rows,
