@@ -1,0 +1,115 @@
+"""``stabq evaluate``, ``encode`` and ``levels``: what a saved model or a codebook size gives."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from stabq.cli.app import (
+    DataOption,
+    DebugOption,
+    PartOption,
+    app,
+    run_user_command,
+)
+from stabq.errors import ConfigError
+from stabq.quantizers.registry import FSQ_LEVELS, recommended_levels
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
+    data: DataOption,
+    part: PartOption = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Accuracy, loss and codebook health of a saved model on DATA."""
+
+    def run() -> dict[str, Any]:
+        import torch
+
+        from stabq.data import load_data
+        from stabq.rows import on_device
+        from stabq.saving import load
+        from stabq.training import evaluate_model
+
+        model = load(model_dir)
+        dataset = load_data(data, part, classes=model.classes)
+        _check_features(dataset, model, model_dir)
+        figures = evaluate_model(model, on_device(dataset.x, "cpu"), torch.from_numpy(dataset.y))
+        return {"model": str(model_dir), "data": dataset.source, "rows": len(dataset.y), **figures}
+
+    figures = run_user_command(run, debug)
+    if as_json:
+        typer.echo(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        typer.echo(f"{key:<14}{value:.4f}" if isinstance(value, float) else f"{key:<14}{value}")
+
+
+@app.command()
+def encode(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Where to write the codes (.npy).", show_default=False)],
+    part: PartOption = "test",
+    debug: DebugOption = False,
+) -> None:
+    """Write the discrete codes of DATA: int64 .npy, one row per input, one column per codebook."""
+
+    def run() -> tuple[int, int]:
+        import numpy as np
+        import torch
+
+        from stabq.data import load_data
+        from stabq.rows import Rows
+        from stabq.saving import load
+
+        model = load(model_dir)
+        if not model.quantizer.quantization_enabled or model.quantizer.codebook_size == 0:
+            raise ConfigError(f"{model_dir}: a continuous model (quantizer 'none') has no codes")
+        dataset = load_data(data, part)
+        _check_features(dataset, model, model_dir)
+        with torch.no_grad():  # a memory-mapped file: its rows in chunks
+            chunks = dataset.x.chunks() if isinstance(dataset.x, Rows) else [dataset.x]
+            indices = [model(torch.from_numpy(x))[1].indices for x in chunks]
+        codes = torch.cat(indices).reshape(len(dataset.y), -1).numpy().astype(np.int64)
+        _save_npy(out, codes)
+        return codes.shape
+
+    rows, cols = run_user_command(run, debug)
+    typer.echo(f"{rows} x {cols} codes -> {out}")
+
+
+def _check_features(dataset, model, model_dir: Path) -> None:
+    from stabq.data import require_fit
+
+    require_fit(dataset, model.input_shape, model=f"the model in {model_dir}")
+
+
+def _save_npy(path: Path, array) -> None:
+    """Write the codes to ``path`` atomically; only ``.npy`` is accepted."""
+    from stabq.errors import DataError
+    from stabq.files import write_npy
+
+    if path.suffix != ".npy":
+        raise ConfigError(f"--out {path}: codes are written as .npy, give a path ending in .npy")
+    write_npy(path, array, DataError, "the codes")
+
+
+@app.command()
+def levels(
+    codebook_size: Annotated[
+        int, typer.Argument(help=f"Codebook size, one of {sorted(FSQ_LEVELS)}.", show_default=False)
+    ],
+    debug: DebugOption = False,
+) -> None:
+    """Print the FSQ levels the FSQ paper recommends for CODEBOOK_SIZE codes."""
+    found = run_user_command(lambda: recommended_levels(codebook_size), debug)
+    levels_text = ",".join(map(str, found))
+    typer.echo(f"{levels_text}\t({math.prod(found)} codes; use: --option levels=[{levels_text}])")
