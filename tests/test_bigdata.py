@@ -178,40 +178,52 @@ def _cgroup_writable() -> bool:
     return os.access(CGROUP, os.W_OK) and (CGROUP / "memory.limit_in_bytes").exists()
 
 
-def test_a_file_larger_than_the_memory_limit_trains_with_a_small_resident_peak(tmp_path):
-    """1 GiB of rows, 1 epoch; under a cgroup v1 limit of 640 MiB where one can be made."""
-    n, d = 262_144, 1024
-    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(n, d))
+def _peak_training_on(directory: Path, rows: int, limit: int | None) -> int:
+    """VmHWM of a fresh process that trains 1 epoch on ``rows`` x 1024 float32 rows in
+    ``directory`` (under a cgroup v1 memory limit of ``limit`` bytes where one can be made)."""
+    d = 1024
+    x = np.lib.format.open_memmap(directory / "x.npy", mode="w+", dtype=np.float32, shape=(rows, d))
     rng = np.random.default_rng(0)
-    for start in range(0, n, 16384):
-        x[start : start + 16384] = rng.standard_normal((16384, d), dtype=np.float32)
+    for start in range(0, rows, 16384):
+        x[start : start + 16384] = rng.standard_normal((min(16384, rows - start), d), np.float32)
     x.flush()
     del x
-    np.save(tmp_path / "y.npy", (np.arange(n) % 3).astype(np.int64))
-    size = (tmp_path / "x.npy").stat().st_size
+    np.save(directory / "y.npy", (np.arange(rows) % 3).astype(np.int64))
     script = (
-        f"import stabq; from stabq.data import load_data; d = load_data({str(tmp_path)!r}); "
+        f"import stabq; from stabq.data import load_data; d = load_data({str(directory)!r}); "
         f"m = stabq.BottleneckClassifier({d}, 3, 'fsq', hidden=8, bottleneck_dim=8, levels=[5]); "
         "stabq.train(m, d, config=stabq.TrainConfig(epochs=1, batch_size=4096, progress=False)); "
         "print(open('/proc/self/status').read())"
     )
     command = [sys.executable, "-c", script]
     group = CGROUP / f"stabq-test-{uuid.uuid4().hex[:8]}"
-    if _cgroup_writable():
+    if limit is not None and _cgroup_writable():
         group.mkdir()
         for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
             if (group / name).exists():
-                (group / name).write_text(str(640 << 20))
+                (group / name).write_text(str(limit))
         command = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', *command]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     finally:
         if group.exists():
             group.rmdir()
-        (tmp_path / "x.npy").unlink()
+        (directory / "x.npy").unlink()
     assert proc.returncode == 0, proc.stderr[-2000:]
     # VmHWM, as the child saw it: rusage's maxrss would count this process's own peak (a
     # child starts as a copy of it), and mapped pages of the file would count in full
-    peak = int(re.search(r"VmHWM:\s+(\d+) kB", proc.stdout).group(1)) << 10
-    assert peak < 0.6 * size, (peak >> 20, size >> 20)
+    return int(re.search(r"VmHWM:\s+(\d+) kB", proc.stdout).group(1)) << 10
+
+
+def test_a_file_larger_than_the_memory_limit_trains_with_a_small_resident_peak(tmp_path):
+    """1 GiB of rows, 1 epoch, under a cgroup v1 limit of 640 MiB where one can be made: it
+    finishes, and its resident peak exceeds that of the same run on a 16 MiB file by less
+    than 8 batches of rows (128 MiB), not by anything like the file (1 GiB). Measured: 566
+    and 629 MiB (63 MiB more: a batch, its standardised copy, the forward pass's, and the
+    16 MiB of mapped pages read at a time). The peak is mostly the interpreter and torch."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "big").mkdir()
+    small = _peak_training_on(tmp_path / "small", 4096, None)
+    big = _peak_training_on(tmp_path / "big", 262_144, 640 << 20)
+    assert big - small < 128 << 20, (big >> 20, small >> 20)
