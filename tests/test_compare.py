@@ -71,7 +71,9 @@ def test_collapse_flag_and_verdict():
     assert flags == {"none": False, "vq-ema": True, "fsq": False, "rvq": False, "pq": True}
     line = verdict(rows, "mydata")
     assert line.startswith("mydata favours rvq: ")
-    assert "72.0% (+2.0 vs continuous)" in line and "collapsed or diverged: vq-ema, pq" in line
+    assert "(72.0%, +2.0 vs continuous; effective codes 150)" in line
+    assert "not considered: vq-ema collapsed (perplexity 3.0 < 10 classes" in line
+    assert "; pq diverged (" in line
 
 
 def test_unknown_method_and_preset_are_refused():

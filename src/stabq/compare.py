@@ -4,9 +4,9 @@
 (seeds in the same order for every method), evaluates on the held-out part,
 and summarises per method: test accuracy (mean, spread), gap to the continuous
 reference, codebook usage, perplexity, dead codes, the largest loss seen,
-diverged and guard-rescued runs, time. A method is flagged ``collapsed`` when
-its perplexity falls under the number of classes (fewer effective codes than
-classes cannot separate them) or any of its runs diverged.
+diverged and guard-rescued runs, time, and a health verdict with its reason
+(ok / under-used / collapsed / diverged / rescued: the rules are in
+:mod:`stabq.health`).
 
 The ``stress`` preset reproduces the conditions under which vanilla VQ-EMA
 fails (Adam-style lr 3e-2, 512 codes, decay 0.99) with the guards off for
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabq import health
 from stabq.data import LabeledData, load_data, require_classes, require_fit, train_val_split
 from stabq.encoders import check_encoder, check_input_shape, encoder_name
 from stabq.errors import ConfigError, TrainingError
@@ -146,6 +147,7 @@ def run_one(
     record["guard_events"] = events
     record["history"] = history
     record["code_counts"] = _code_counts(model, tx)
+    health.annotate(record, model, tx)
     return record
 
 
@@ -188,33 +190,20 @@ def summarise(
             "perplexity": statistics.mean(r["test_perplexity"] for r in runs)
             if quantized
             else None,
-            "dead_codes": statistics.mean(r["test_dead_codes"] for r in runs)
-            if quantized
-            else None,
+            "dead_codes": None,  # set by health: EMA-horizon dead codes, None for grids
             "max_loss": max(r["max_loss"] for r in runs),
             "diverged": sum(r["diverged"] for r in runs),
             "rescued": sum(r["guard_events"] > 0 for r in runs),
             "seconds": statistics.mean(r["seconds"] for r in runs),
         }
-        row["collapsed"] = bool(row["diverged"] or (quantized and row["perplexity"] < num_classes))
+        row.update(health.method_health(runs, num_classes, quantized))
         rows.append(row)
     return rows
 
 
 def verdict(rows: list[dict[str, Any]], data_name: str) -> str:
-    """One line: the method the data favours, and why."""
-    healthy = [r for r in rows if r["method"] != "none" and not r["collapsed"]]
-    if not healthy:
-        return f"{data_name}: every quantized method collapsed or diverged."
-    best = max(healthy, key=lambda r: r["accuracy"])
-    gap = "" if best["gap"] is None else f" ({100 * best['gap']:+.1f} vs continuous)"
-    failed = [r["method"] for r in rows if r["collapsed"]]
-    tail = f"; collapsed or diverged: {', '.join(failed)}" if failed else ""
-    return (
-        f"{data_name} favours {best['method']}: highest test accuracy among healthy "
-        f"bottlenecks, {100 * best['accuracy']:.1f}%{gap}, perplexity "
-        f"{best['perplexity']:.0f}{tail}."
-    )
+    """One line: the method the data favours among the healthy, and why the others were not."""
+    return health.favoured_line(rows, data_name)
 
 
 @dataclass

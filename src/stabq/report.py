@@ -19,6 +19,7 @@ import matplotlib
 
 from stabq.errors import StabqError
 from stabq.files import atomic_directory, write_text
+from stabq.health import HEALTHY, used_cell
 
 matplotlib.use("Agg")  # files only, never a window
 
@@ -62,44 +63,51 @@ COLUMNS = (
     ("accuracy", "test acc %", "pct"),
     ("accuracy_sd", "± sd", "pct"),
     ("gap", "gap", "gap"),
-    ("usage", "usage", "{:.3f}"),
+    ("codes_used", "used / fillable", "used"),
+    ("fill", "fill %", "pct"),
     ("perplexity", "perplexity", "{:.1f}"),
     ("dead_codes", "dead codes", "{:.0f}"),
     ("max_loss", "max loss", "{:.3g}"),
     ("diverged", "diverged", "{}"),
     ("rescued", "rescued", "{}"),
     ("seconds", "s / run", "{:.1f}"),
-    ("collapsed", "flag", "flag"),
+    ("verdict", "verdict", "{}"),
 )
+WHY = ("reason", "why", "{}")  # markdown and HTML carry it as a column; text lists it below
 
 
-def _cell(value: Any, fmt: str) -> str:
+def _cell(value: Any, fmt: str, row: dict[str, Any] | None = None) -> str:
     if value is None:
         return "-"
     if fmt == "pct":
         return f"{100 * value:.1f}"
     if fmt == "gap":
         return f"{100 * value:+.1f}"
-    if fmt == "flag":
-        return "COLLAPSED" if value else "ok"
+    if fmt == "used":
+        return used_cell(row or {})
     return fmt.format(value)
 
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """The comparison table as aligned text (or a markdown table)."""
-    header = [label for _, label, _ in COLUMNS]
-    body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    """The comparison table as aligned text, each verdict's reason listed below it
+    (or a markdown table with the reason as its last column)."""
+    columns = (*COLUMNS, WHY) if markdown else COLUMNS
+    header = [label for _, label, _ in columns]
+    body = [[_cell(row.get(key), fmt, row) for key, _, fmt in columns] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
     widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-    return "\n".join(
+    table = [
         "  ".join(
             c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
         for r in [header, *body]
-    )
+    ]
+    name = max(len(row["method"]) for row in rows)
+    why = [f"  {row['method']:<{name}}  {row['verdict']}: {row['reason']}" for row in rows]
+    return "\n".join([*table, "", *why])
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -152,9 +160,9 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     names = [row["method"] for row in comparison.rows]
     means = [100 * row["accuracy"] for row in comparison.rows]
     sds = [100 * row["accuracy_sd"] for row in comparison.rows]
-    colours = ["tab:red" if row["collapsed"] else "tab:blue" for row in comparison.rows]
+    colours = ["tab:blue" if row["verdict"] in HEALTHY else "tab:red" for row in comparison.rows]
     ax.bar(names, means, yerr=sds, color=colours, capsize=4)
-    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: collapsed)")
+    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: not ok or rescued)")
     ax.tick_params(axis="x", rotation=45)
     paths.append(_save(fig, directory / "accuracy.png"))
 
@@ -232,19 +240,20 @@ def write_comparison(comparison: Any, directory: str | Path) -> Path:
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
     "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
-    "text-align:right}td:first-child,th:first-child{text-align:left}"
+    "text-align:right}td:first-child,th:first-child,td:last-child{text-align:left}"
     ".bad{color:#b00;font-weight:bold}.verdict{font-size:1.1em}img{max-width:100%}"
 )
 
 
 def _html_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS)
+    columns = (*COLUMNS, WHY)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in columns)
     body = ""
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
-            text = html.escape(_cell(row.get(key), fmt))
-            cls = " class='bad'" if key == "collapsed" and row.get(key) else ""
+        for key, _, fmt in columns:
+            text = html.escape(_cell(row.get(key), fmt, row))
+            cls = " class='bad'" if key == "verdict" and row[key] not in HEALTHY else ""
             cells.append(f"<td{cls}>{text}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -37,6 +37,9 @@ class Quantizer(nn.Module):
 
     Attributes every subclass sets: ``dim`` (input and output feature size),
     ``codebook_size`` (codes per codebook), ``num_codebooks``.
+    ``grid`` (class attribute, default False) is True where the codes are the
+    cells of a fixed grid (FSQ, and LFQ/BSQ-like quantizers): nothing is learned
+    per code, so an unvisited cell is not a dead code (:mod:`stabq.health`).
     ``quantization_enabled`` (default True) switches to a continuous
     pass-through that returns ``x`` unchanged and indices of -1.
 
@@ -50,6 +53,7 @@ class Quantizer(nn.Module):
     codebook_size: int
     num_codebooks: int = 1
     multi_codebook: bool = False  # indices keep a trailing codebook axis (RVQ, PQ), even of 1
+    grid: bool = False  # codes are cells of a fixed grid (FSQ): none is learned, none dies
 
     def __init__(self) -> None:
         super().__init__()

@@ -199,6 +199,8 @@ class FSQ(Quantizer):
             bound (BatchNorm without affine), so tanh cannot saturate.
     """
 
+    grid = True  # prod(levels) fixed cells: health reports occupied cells, not dead codes
+
     def __init__(
         self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
     ) -> None:

@@ -1,0 +1,272 @@
+"""Health verdicts: ok / under-used / collapsed / diverged / rescued, each with its reason.
+
+A comparison judges each method from its runs (one per seed). Per run, with
+``K`` codes per codebook, ``C`` codebooks and ``N`` test inputs:
+
+    fillable     = min(K, N)                   codes one codebook can show on N inputs
+    used_c       = |{k : n_ck > 0}|            codes of codebook c the test inputs reached
+    fill         = mean_c used_c / fillable    usage against what the test set can fill
+    effective    = perplexity of the joint code (the tuple of C indices the head
+                   receives; for C = 1 the plain perplexity)
+    dead codes   = codes expected to receive fewer than DEAD_BELOW training rows over
+                   the EMA horizon (``cluster_size * horizon < DEAD_BELOW``), mean per
+                   codebook: a code the codebook no longer trains (a code never
+                   chosen counts once its EMA has forgotten its initial count of one,
+                   after H ln H steps, H the horizon). For a codebook
+                   without EMA statistics (Gumbel): fillable - used on the test set.
+                   Grids (FSQ and other quantizers with ``grid = True``) have none:
+                   an unvisited cell of a fixed grid costs nothing and is not dead;
+                   their table shows occupied cells and perplexity instead.
+
+The verdict of a run, in order of precedence (the first that holds):
+
+    diverged    the run ended in a TrainingError, or its loss, accuracy or weights are
+                not finite
+    collapsed   effective < number of classes: fewer effective codes than classes
+                cannot separate them (the joint code, so that PQ's eight small
+                subspaces are not called collapsed when their product separates)
+    under-used  fill < UNDER_USED_BELOW: the test set could show ten times more codes
+                than the method uses
+    rescued     guard events > 0, and it ended as none of the above
+    ok          none of the above
+
+A method's verdict is the worst (highest precedence) over its runs, the reason
+giving its figures (means over the runs with that verdict) and, when not all
+runs share it, how many did. under-used outranks rescued: a rescued run that
+ends with 5% of its codes is judged by where it ended; its rescues stay in the
+``rescued`` column.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stabq.quantizers.codebook import Codebook
+
+UNDER_USED_BELOW = 0.10  # fill under this (strictly) is under-used; exactly 10% is not
+DEAD_BELOW = 1.0  # a code expected to get fewer training rows than this over the horizon
+VERDICTS = ("diverged", "collapsed", "under-used", "rescued", "ok")  # highest precedence first
+HEALTHY = ("ok", "rescued")  # verdicts a method may be favoured with
+
+
+def is_grid(quantizer: nn.Module) -> bool:
+    """True for quantizers whose codes are cells of a fixed grid (FSQ): no dead codes."""
+    return bool(getattr(quantizer, "grid", False))
+
+
+def horizon_dead_codes(quantizer: nn.Module) -> list[int] | None:
+    """Per codebook, codes with ``cluster_size * horizon < DEAD_BELOW``; None when the
+    quantizer holds no EMA-tracked :class:`Codebook` (Gumbel, FSQ, the continuous model)."""
+    dead: list[int] = []
+    for module in quantizer.modules():
+        if isinstance(module, Codebook):
+            expected = module.cluster_size.detach().cpu() * module.horizon
+            dead += [int(n) for n in (expected < DEAD_BELOW).sum(-1)]
+    return dead or None
+
+
+def joint_perplexity(indices: Tensor) -> float:
+    """Perplexity of the rows of ``indices`` ``(N,)`` or ``(N, C)`` taken as whole codes
+    (entries of -1 count as a code like any other); 0 for no rows."""
+    flat = indices.reshape(indices.shape[0], -1) if indices.dim() else indices.reshape(1, 1)
+    if flat.shape[0] == 0:
+        return 0.0
+    _, counts = torch.unique(flat, dim=0, return_counts=True)
+    p = counts.double() / flat.shape[0]
+    return math.pow(2.0, float(-(p * p.log2()).sum()))
+
+
+def fill_usage(code_counts: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Usage against what the test set can fill, from per-codebook code counts ``(C, K)``:
+    ``inputs`` (N, the rows the first codebook counted), ``fillable`` (min(K, N)),
+    ``used`` (mean over codebooks of the codes seen) and ``fill`` (mean of used / fillable;
+    0 when nothing was counted)."""
+    inputs = sum(code_counts[0])
+    fillable = min(len(code_counts[0]), inputs)
+    used = [sum(1 for n in book if n > 0) for book in code_counts]
+    fill = statistics.mean(u / fillable for u in used) if fillable else 0.0
+    return {
+        "inputs": inputs,
+        "fillable": fillable,
+        "used": statistics.mean(used),
+        "fill": fill,
+    }
+
+
+@torch.no_grad()
+def annotate(record: dict[str, Any], model: nn.Module, x: Any) -> None:
+    """Add to a compare run's ``record`` what its verdict needs: ``grid``, ``codebook_size``,
+    ``num_codebooks``, ``test_joint_perplexity`` and ``dead_codes_horizon``; for grids the
+    meaningless dead-code figures (record and history) become None. ``x``: the test rows
+    (a tensor, or a RowReader read in chunks)."""
+    quantizer = model.quantizer
+    grid = is_grid(quantizer)
+    record.update(grid=grid, codebook_size=quantizer.codebook_size)
+    record["num_codebooks"] = quantizer.num_codebooks
+    if quantizer.codebook_size == 0:
+        return
+    model.eval()
+    step = x.shape[0] if isinstance(x, Tensor) else 4096
+    indices = [model(x[i : i + step])[1].indices for i in range(0, x.shape[0], step)]
+    record["test_joint_perplexity"] = joint_perplexity(torch.cat(indices).cpu())
+    dead = None if grid else horizon_dead_codes(quantizer)
+    record["dead_codes_horizon"] = None if dead is None else statistics.mean(dead)
+    if grid:
+        record["test_dead_codes"] = None
+        for row in record.get("history", []):
+            row["dead_codes"] = None
+
+
+def run_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """The figures a run's verdict reads, with fallbacks for records without counts."""
+    counts = run.get("code_counts")
+    if counts:
+        figures = fill_usage(counts)
+        size = len(counts[0])
+    else:  # a record made elsewhere: usage over all codes is all there is
+        size = run.get("codebook_size") or 0
+        usage = run.get("test_usage") or 0.0
+        figures = {"inputs": None, "fillable": size, "used": usage * size, "fill": usage}
+    grid = bool(run.get("grid", False))
+    dead = run.get("dead_codes_horizon")
+    if grid:
+        dead = None
+    elif dead is None:
+        dead = figures["fillable"] - figures["used"] if counts else run.get("test_dead_codes")
+    effective = run.get("test_joint_perplexity", run.get("test_perplexity"))
+    return {
+        **figures,
+        "codebook_size": size,
+        "num_codebooks": len(counts) if counts else run.get("num_codebooks", 1),
+        "grid": grid,
+        "dead_codes": dead,
+        "effective": effective,
+    }
+
+
+def run_verdict(run: dict[str, Any], num_classes: int, quantized: bool = True) -> str:
+    """The verdict of one run (see the module docstring for the rules)."""
+    if run["diverged"]:
+        return "diverged"
+    if quantized:
+        figures = run_figures(run)
+        if figures["effective"] < num_classes:
+            return "collapsed"
+        if figures["fill"] < UNDER_USED_BELOW:
+            return "under-used"
+    return "rescued" if run.get("guard_events", 0) > 0 else "ok"
+
+
+def method_health(
+    runs: Sequence[dict[str, Any]], num_classes: int, quantized: bool = True
+) -> dict[str, Any]:
+    """A method's row fields: ``verdict``, ``reason``, ``fill``, ``codes_used``,
+    ``fillable``, ``codebook_size``, ``num_codebooks``, ``grid``, ``dead_codes``,
+    ``effective_codes`` (None where they do not apply) and ``collapsed``
+    (collapsed or diverged, the flag of earlier versions)."""
+    verdicts = [run_verdict(r, num_classes, quantized) for r in runs]
+    worst = min(verdicts, key=VERDICTS.index)
+    chosen = [r for r, v in zip(runs, verdicts, strict=True) if v == worst]
+    row: dict[str, Any] = dict.fromkeys(
+        ("fill", "codes_used", "fillable", "codebook_size", "num_codebooks", "grid"), None
+    )
+    row.update(dead_codes=None, effective_codes=None)
+    if quantized:
+        figures = [run_figures(r) for r in runs]
+        first = figures[0]
+        deads = [f["dead_codes"] for f in figures if f["dead_codes"] is not None]
+        row.update(
+            fill=statistics.mean(f["fill"] for f in figures),
+            codes_used=statistics.mean(f["used"] for f in figures),
+            fillable=first["fillable"],
+            codebook_size=first["codebook_size"],
+            num_codebooks=first["num_codebooks"],
+            grid=first["grid"],
+            dead_codes=statistics.mean(deads) if deads and not first["grid"] else None,
+            effective_codes=statistics.mean(f["effective"] for f in figures),
+        )
+    reason = _reason(worst, chosen, num_classes, quantized)
+    if len(chosen) < len(runs):
+        reason += f"; in {len(chosen)} of {len(runs)} runs"
+    return {**row, "verdict": worst, "reason": reason, "collapsed": worst in VERDICTS[:2]}
+
+
+def _reason(verdict: str, runs: Sequence[dict[str, Any]], classes: int, quantized: bool) -> str:
+    """A few words: the figures behind ``verdict``, means over ``runs``."""
+    if verdict == "diverged":
+        errors = [r["error"] for r in runs if r.get("error")]
+        return (errors[0].splitlines()[0] if errors else "loss, accuracy or weights non-finite")[
+            :120
+        ]
+    events = statistics.mean(r.get("guard_events", 0) for r in runs)
+    if not quantized:
+        return f"{events:g} guard events, ended finite" if verdict == "rescued" else "ended finite"
+    f = [run_figures(r) for r in runs]
+    first = f[0]
+    effective = statistics.mean(x["effective"] for x in f)
+    fill = statistics.mean(x["fill"] for x in f)
+    used = statistics.mean(x["used"] for x in f)
+    kind = "cells" if first["grid"] else "codes"
+    books = first["num_codebooks"]
+    per = f" in each of {books} codebooks" if books > 1 else ""
+    inputs = first["inputs"]
+    what = f"what {inputs:,} test inputs can fill" if inputs is not None else "all codes"
+    usage = f"{used:,.0f} of {first['codebook_size']:,} {kind}{per} ({100 * fill:.0f}% of {what})"
+    joint = "joint perplexity" if books > 1 else "perplexity"
+    if verdict == "collapsed":
+        return f"{joint} {effective:.1f} < {classes} classes: fewer effective codes than classes"
+    if verdict == "under-used":
+        return f"{usage}, under {100 * UNDER_USED_BELOW:.0f}%"
+    tail = f", {events:g} guard events" if verdict == "rescued" else ""
+    return f"{usage}, {joint} {effective:.0f}{tail}"
+
+
+def used_cell(row: dict[str, Any]) -> str:
+    """A row's codes used against what the test set can fill: ``26/512``, ``768/1000 cells``
+    for a grid, ``205/256 x4`` for 4 codebooks; ``-`` for the continuous model."""
+    if row.get("codes_used") is None:
+        return "-"
+    cell = f"{row['codes_used']:.0f}/{row['fillable']}"
+    if row.get("num_codebooks", 1) > 1:
+        cell += f" x{row['num_codebooks']}"
+    return cell + (" cells" if row.get("grid") else "")
+
+
+def favoured_line(rows: Sequence[dict[str, Any]], data_name: str, reference: str = "none") -> str:
+    """The comparison's one line: the best healthy method, and why the others were not."""
+    quantized = [r for r in rows if r["method"] != reference]
+    healthy = [r for r in quantized if r["verdict"] in HEALTHY]
+    passed = [f"{r['method']} {r['verdict']} ({r['reason']})" for r in quantized]
+    passed = [p for p, r in zip(passed, quantized, strict=True) if r not in healthy]
+    tail = f"; not considered: {'; '.join(passed)}" if passed else ""
+    if not healthy:
+        return f"{data_name}: no quantized method was judged ok or rescued{tail}."
+    best = max(healthy, key=lambda r: r["accuracy"])
+    gap = "" if best["gap"] is None else f", {100 * best['gap']:+.1f} vs continuous"
+    ppl = best.get("effective_codes") or best.get("perplexity") or 0.0
+    return (
+        f"{data_name} favours {best['method']}: the highest test accuracy of the "
+        f"{len(healthy)} methods judged ok or rescued ({100 * best['accuracy']:.1f}%{gap}; "
+        f"effective codes {ppl:.0f}){tail}."
+    )
+
+
+__all__ = [
+    "DEAD_BELOW",
+    "UNDER_USED_BELOW",
+    "VERDICTS",
+    "annotate",
+    "fill_usage",
+    "horizon_dead_codes",
+    "is_grid",
+    "joint_perplexity",
+    "method_health",
+    "run_verdict",
+    "used_cell",
+]
