@@ -342,3 +342,32 @@ def test_import_stabq_does_not_import_tensorboard():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """README's TensorBoard lines, each run as written (``stabq`` as this interpreter's
+    ``-m stabq``), from an empty directory: each run's events hold every epoch once."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("#### One run") :]
+    block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash\n") + 8)]
+    commands = [line.split() for line in block.splitlines() if line.startswith("stabq train")]
+    assert len(commands) == 2
+    for words in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", "stabq", *words[1:], "--quiet"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        log_dir = tmp_path / words[words.index("--tensorboard") + 1]
+        epochs = int(words[words.index("--epochs") + 1])
+        history = [
+            json.loads(line)
+            for line in (tmp_path / words[words.index("--out") + 1] / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        events = read_events(log_dir)
+        assert [step for step, _ in events["val/accuracy"]] == list(range(1, epochs + 1))
+        assert [v for _, v in events["val/accuracy"]] == [
+            float(np.float32(r["val_accuracy"])) for r in history
+        ]
