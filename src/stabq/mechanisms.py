@@ -218,9 +218,9 @@ class Mechanisms:
     @staticmethod
     def _fp16(largest_norm: float, x_ok: float, q_ok: float) -> Verdict:
         square = largest_norm**2 if math.isfinite(largest_norm) else math.inf
-        if x_ok and not q_ok:
-            return ("fp16_overflow", True, "fp16 overflow in the distances: finite inputs "
-                    "gave non-finite codes or loss", math.inf)  # fmt: skip
+        if square < FP16_MAX and x_ok and not q_ok:
+            message = "fp16 overflow in the distances: finite inputs gave non-finite codes or loss"
+            return ("fp16_overflow", True, message, math.inf)
         return (
             "fp16_overflow",
             square >= FP16_MAX,
