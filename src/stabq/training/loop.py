@@ -89,7 +89,11 @@ def train(
 
     ``val`` defaults to a stratified ``config.val_fraction`` of the training
     data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
-    flushed) and to ``on_epoch``. ``batch_transform(step, x, y)`` may alter
+    flushed) and to ``on_epoch``; a row's ``alerts`` are the messages of the
+    :class:`~stabq.CollapseMonitor` alerts (mechanisms included, see
+    :mod:`stabq.mechanisms`) raised in that epoch's training steps, and a guard
+    event's reason ends with ``(while: ...)`` naming those that held when it
+    happened. ``batch_transform(step, x, y)`` may alter
     each batch before it is used (tests poison batches with it).
 
     Under torch.distributed (e.g. ``torchrun``) every rank passes the same data
