@@ -188,7 +188,7 @@ def test_vector_quantize_pytorch_codes_lag_an_encoder_that_runs_away():
     monitor = CollapseMonitor(vq, warn=False)
     data, losses = torch.randn(256, 32), []
     for t in range(20):
-        losses.append(float(vq(data * 10.0 ** max(0, t - 10))[2]))
+        losses.append(float(vq(data * 10.0 ** max(0, t - 10))[2].detach()))
     lag = first(monitor, "lag")
     passed = next(i + 1 for i, v in enumerate(losses) if not v < 1e6)
     assert lag is not None and lag.step < passed, (lag, passed)
@@ -272,3 +272,24 @@ def test_mechanisms_state_round_trips():
     other.load_state_dict(m.state_dict())
     assert list(other.norms) == list(m.norms) and other.task_loss == 0.5
     assert [sci(v) for v in (3.2e5, 4096, 0.5)] == ["3e5", "4e3", "5e-1"]
+
+
+def test_a_monitor_restored_from_its_state_goes_on_as_the_original():
+    import json
+
+    def feed(vq, monitor, start, stop):
+        for t in range(start, stop):
+            torch.manual_seed(t)
+            vq(torch.randn(64, 16) * (1.0 if t < 8 else 1e3))
+
+    torch.manual_seed(0)
+    a, b = (TutorialVQEMA(16, 32, reduction="sum", beta=4.0) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    ma, mb = CollapseMonitor(a, warn=False, window=5), CollapseMonitor(b, warn=False, window=5)
+    feed(a, ma, 0, 6)
+    feed(b, mb, 0, 6)
+    mb.load_state_dict(json.loads(json.dumps(ma.state_dict())))
+    feed(a, ma, 6, 12)
+    feed(b, mb, 6, 12)
+    assert ma.alerts == mb.alerts and {a.kind for a in ma.alerts} >= {"loss_reduction", "lag"}
+    assert ma.report() == mb.report()
