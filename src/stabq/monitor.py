@@ -21,8 +21,6 @@ process's forward calls.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,12 +31,19 @@ import torch
 from torch import Tensor, nn
 
 from stabq.errors import ShapeError, check, check_int, check_number, is_int
+from stabq.mechanisms import Mechanisms
 from stabq.metrics import CodebookUsage
 from stabq.monitor_probe import (
     attr,
+    caller_level,
+    codes_carrying,
+    first_input,
+    fraction,
+    gather,
     infer_levels,
     infer_num_codebooks,
     input_norm,
+    percent,
     read_output,
     target,
 )
@@ -53,10 +58,11 @@ class CollapseWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Alert:
-    """One warning: ``kind`` is "collapse", "loss_growth", "loss_nonfinite" or
-    "saturation"; ``step`` the forward call it fired at; ``value`` the figure
-    that crossed its threshold (codes carrying the mass, loss ratio, loss, or
-    saturated fraction)."""
+    """One warning: ``kind`` is "collapse", "loss_growth", "loss_nonfinite",
+    "saturation", or a mechanism of :mod:`stabq.mechanisms` ("lag",
+    "codes_blown_up", "blown_code_chosen", "loss_reduction", "fp16_overflow");
+    ``step`` the forward call it fired at; ``value`` the figure that crossed its
+    threshold."""
 
     kind: str
     step: int
@@ -74,20 +80,6 @@ class _Step(NamedTuple):
     norm: Tensor | None  # 0-dim float: mean L2 norm of the input rows
     at_bound: Tensor | None  # 0-dim: FSQ values at a bound level
     values: Tensor | None  # 0-dim: FSQ values counted
-
-
-def codes_carrying(counts: Tensor, fraction: float) -> int:
-    """Fewest codes whose counts sum to at least ``fraction`` of ``counts.sum()`` (0 if empty)."""
-    total = int(counts.sum())
-    if total == 0:
-        return 0
-    need = math.ceil(fraction * total - 1e-9)
-    return int((counts.sort(descending=True).values.cumsum(0) < need).sum()) + 1
-
-
-def _percent(fraction: float) -> str:
-    """``0.95 -> '95%'``, ``0.9996 -> '99.9%'``: rounded down, never overstated."""
-    return f"{math.floor(fraction * 1000 + 1e-6) / 10:g}%"
 
 
 class CollapseMonitor:
@@ -166,13 +158,13 @@ class CollapseMonitor:
         self.window = check_int(name, "window", window, 1)
         self.check_every = check_int(name, "check_every", check_every, 1)
         self.min_samples = check_int(name, "min_samples", min_samples, 1)
-        self.top_fraction = _fraction(name, "top_fraction", top_fraction)
+        self.top_fraction = fraction(name, "top_fraction", top_fraction)
         default_codes = max(2, min(self.codebook_size // 100, 10))
         self.collapse_codes = check_int(
             name, "collapse_codes", default_codes if collapse_codes is None else collapse_codes, 1
         )
         self.loss_growth = check_number(name, "loss_growth", loss_growth, 1)
-        self.saturation = _fraction(name, "saturation", saturation)
+        self.saturation = fraction(name, "saturation", saturation)
         check(
             callback is None or callable(callback),
             f"{name}: callback={callback!r}, allowed is a callable taking an Alert, or None",
@@ -181,6 +173,9 @@ class CollapseMonitor:
         self.module = module
         self.alerts: list[Alert] = []
         self._handle = None
+        self.mechanisms = Mechanisms(
+            self.window, bounded=self.levels is not None, single=self.num_codebooks == 1
+        )
         self.reset()
         self.attach()
 
@@ -215,6 +210,36 @@ class CollapseMonitor:
         self._loss_min: float | None = None
         self._loss_min_step = 0
         self._active: set[str] = set()
+        self.mechanisms.reset()
+
+    def observe(self, *, task_loss: Tensor | float) -> None:
+        """The task (classification) loss of the latest step, quoted by ``loss_reduction``."""
+        self.mechanisms.task_loss = float(torch.as_tensor(task_loss).detach())
+
+    def holding(self) -> list[str]:
+        """The messages of the alerts whose condition holds now (the latest of each kind)."""
+        latest = {a.kind: a.message for a in self.alerts if a.kind in self._active}
+        return list(latest.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next alerts depend on, as plain numbers (JSON), for checkpoints."""
+        steps = [[s.bins.tolist(), s.is_counts, *(None if t is None else float(t) for t in s[2:])]
+                 for s in self._steps]  # fmt: skip
+        return {"step": self.step, "steps": steps, "loss_min": self._loss_min,
+                "loss_min_step": self._loss_min_step, "active": sorted(self._active),
+                "alerts": [list(vars(a).values()) for a in self.alerts],
+                "mechanisms": self.mechanisms.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave."""
+        self.reset()
+        for bins, is_counts, *scalars in state["steps"]:
+            tensors = [None if v is None else torch.tensor(v) for v in scalars]
+            self._steps.append(_Step(torch.tensor(bins, dtype=torch.long), is_counts, *tensors))
+        self.step, self._loss_min = state["step"], state["loss_min"]
+        self._loss_min_step, self._active = state["loss_min_step"], set(state["active"])
+        self.alerts = [Alert(*a) for a in state["alerts"]]
+        self.mechanisms.load_state_dict(state["mechanisms"])
 
     # -- recording ----------------------------------------------------------------
 
@@ -255,6 +280,9 @@ class CollapseMonitor:
             value = float(loss)  # one sync a step, so a NaN is reported where it happens
             message = f"commitment loss is {value} at step {self.step}"
             self._set("loss_nonfinite", not math.isfinite(value), message, value)
+        x = first_input(args, kwargs)
+        for verdict in self.mechanisms.record(target(module), x, output, indices, loss):
+            self._set(*verdict)
         if self.step % self.check_every == 0:
             self._check()
 
@@ -301,12 +329,12 @@ class CollapseMonitor:
         for entry, top in zip(figures["per_codebook"], tops, strict=True):
             entry["top_codes"] = top
         recent = steps[-self.check_every :]
-        losses = _gather([s.loss for s in recent])
+        losses = gather([s.loss for s in recent])
         losses = losses[losses.isfinite()] if losses is not None else None
         loss = float(losses.median()) if losses is not None and losses.numel() else None
-        norms = _gather([s.norm for s in recent])
+        norms = gather([s.norm for s in recent])
         norms = norms[norms.isfinite()] if norms is not None else None  # a poisoned batch's
-        at_bound, values = _gather([s.at_bound for s in steps]), _gather([s.values for s in steps])
+        at_bound, values = gather([s.at_bound for s in steps]), gather([s.values for s in steps])
         base = self._loss_min
         return {
             **figures,
@@ -333,12 +361,12 @@ class CollapseMonitor:
                 "collapse",
                 top <= self.collapse_codes,
                 f"collapse: {top} of {self.codebook_size} codes carry "
-                f"{_percent(self.top_fraction)} of assignments ({where}perplexity {ppl:.1f}) "
+                f"{percent(self.top_fraction)} of assignments ({where}perplexity {ppl:.1f}) "
                 f"over the last {n} steps",
                 top,
             )
             if sat is not None:
-                message = f"FSQ saturated: {_percent(sat)} of values at the bound"
+                message = f"FSQ saturated: {percent(sat)} of values at the bound"
                 self._set(
                     "saturation", sat >= self.saturation, f"{message} over the last {n} steps", sat
                 )
@@ -364,36 +392,9 @@ class CollapseMonitor:
         alert = Alert(kind, self.step, message, float(value))
         self.alerts.append(alert)
         if self.warn:
-            warnings.warn(alert.message, CollapseWarning, stacklevel=_caller_level())
+            warnings.warn(alert.message, CollapseWarning, stacklevel=caller_level())
         if self.callback is not None:
             self.callback(alert)
-
-
-def _fraction(owner: str, name: str, value: object) -> float:
-    check(
-        isinstance(value, float | int) and not isinstance(value, bool) and 0 < value <= 1,
-        f"{owner}: {name}={value!r}, allowed is a number in (0, 1]",
-    )
-    return float(value)  # type: ignore[arg-type]
-
-
-def _caller_level() -> int:
-    """``stacklevel`` that points a warning at the code that called the module."""
-    frame, level = sys._getframe(2), 2  # 1: CollapseMonitor._set
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    while frame is not None and (
-        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(torch_dir)
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _gather(scalars: list[Tensor | None]) -> Tensor | None:
-    """The recorded 0-dim tensors as one float64 CPU tensor (one copy), None if none."""
-    found = [t for t in scalars if t is not None]
-    if not found:
-        return None
-    return torch.stack([t.to(found[0].device) for t in found]).double().cpu()
 
 
 __all__ = ["Alert", "CollapseMonitor", "CollapseWarning", "codes_carrying", "read_output"]

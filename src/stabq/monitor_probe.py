@@ -8,13 +8,15 @@ codebook size, number of codebooks and FSQ levels from a module's attributes.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from stabq.errors import ShapeError, is_int
+from stabq.errors import ShapeError, check, is_int
 from stabq.quantizers.base import QuantizerOutput
 
 
@@ -86,9 +88,61 @@ def infer_levels(q: nn.Module, codebook_size: int) -> list[int] | None:
     return None
 
 
+def first_input(args: tuple, kwargs: dict) -> Tensor | None:
+    """The forward's first tensor argument (the rows being quantized), or None."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+
+
 def input_norm(args: tuple, kwargs: dict) -> Tensor | None:
     """Mean L2 norm over the last dim of the first tensor argument (None if not float)."""
-    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+    x = first_input(args, kwargs)
     if x is None or not x.is_floating_point() or x.dim() == 0 or x.numel() == 0:
         return None
     return x.detach().float().norm(dim=-1).mean()
+
+
+def fraction(owner: str, name: str, value: object) -> float:
+    check(
+        isinstance(value, float | int) and not isinstance(value, bool) and 0 < value <= 1,
+        f"{owner}: {name}={value!r}, allowed is a number in (0, 1]",
+    )
+    return float(value)  # type: ignore[arg-type]
+
+
+_OWN_FILES = {
+    os.path.join(os.path.dirname(__file__), f"{name}.py")
+    for name in ("monitor", "monitor_probe", "mechanisms")
+}
+
+
+def caller_level() -> int:
+    """``stacklevel`` that points a warning at the code that called the module."""
+    frame, level = sys._getframe(2), 2  # 1: CollapseMonitor._set
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    while frame is not None and (
+        frame.f_code.co_filename in _OWN_FILES or frame.f_code.co_filename.startswith(torch_dir)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def gather(scalars: list[Tensor | None]) -> Tensor | None:
+    """The recorded 0-dim tensors as one float64 CPU tensor (one copy), None if none."""
+    found = [t for t in scalars if t is not None]
+    if not found:
+        return None
+    return torch.stack([t.to(found[0].device) for t in found]).double().cpu()
+
+
+def codes_carrying(counts: Tensor, fraction: float) -> int:
+    """Fewest codes whose counts sum to at least ``fraction`` of ``counts.sum()`` (0 if empty)."""
+    total = int(counts.sum())
+    if total == 0:
+        return 0
+    need = math.ceil(fraction * total - 1e-9)
+    return int((counts.sort(descending=True).values.cumsum(0) < need).sum()) + 1
+
+
+def percent(fraction: float) -> str:
+    """``0.95 -> '95%'``, ``0.9996 -> '99.9%'``: rounded down, never overstated."""
+    return f"{math.floor(fraction * 1000 + 1e-6) / 10:g}%"

@@ -117,6 +117,9 @@ class StabilityGuard(BestEpoch):
         self.undone = 0  # steps undone in the whole run
         self._snapshot: tuple[dict, dict] | None = None
         self._anchor: tuple[dict, dict] | None = None  # the best epoch's state
+        # a CollapseMonitor (stabq.train sets it): its holding alerts explain each event's
+        # reason, and its state goes into checkpoints with the guard's
+        self.monitor: Any = None
         self.snapshot()
 
     def _copy(self) -> tuple[dict, dict]:
@@ -295,8 +298,14 @@ class StabilityGuard(BestEpoch):
             else:
                 self.recover(reason="non-finite weights after a step", step=-1, epoch=-1)
 
+    def _explained(self, reason: str) -> str:
+        """``reason`` with the mechanisms the monitor names now, if any."""
+        holding = self.monitor.holding() if self.monitor is not None else []
+        return f"{reason} (while: {'; '.join(holding)})" if holding else reason
+
     def skip(self, reason: str, step: int, epoch: int) -> None:
         """Record a batch left out before it touched the model (nothing to undo)."""
+        reason = self._explained(reason)
         self.events.append(
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
@@ -308,6 +317,7 @@ class StabilityGuard(BestEpoch):
         self.recoveries += 1
         self.epoch_recoveries += 1
         self.undone += 1
+        reason = self._explained(reason)
         again = self.lr_scale < self.lr_ceiling  # failed although already backed off
         self.lr_scale *= self.lr_backoff
         if again:  # never double back to a rate that failed twice
@@ -347,6 +357,7 @@ class StabilityGuard(BestEpoch):
             "snapshot": self._snapshot,
             "steps": self.steps,
             "epoch": self.epoch,
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,3 +372,5 @@ class StabilityGuard(BestEpoch):
         self.epoch_recoveries = state["epoch_recoveries"]
         self.untrained_val, self.undone = state["untrained_val"], state["undone"]
         self.steps, self.epoch = state.get("steps", 0), state.get("epoch", 0)
+        if self.monitor is not None and state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])

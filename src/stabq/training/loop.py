@@ -29,9 +29,10 @@ from stabq.data import (
     train_val_split,
     with_classes,
 )  # fmt: skip
-from stabq.errors import TrainingError
+from stabq.errors import StabqError, TrainingError
 from stabq.files import write_text
 from stabq.model import BottleneckClassifier
+from stabq.monitor import CollapseMonitor
 from stabq.rows import from_dataset, from_memmap, on_device, scan
 from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
@@ -88,7 +89,11 @@ def train(
 
     ``val`` defaults to a stratified ``config.val_fraction`` of the training
     data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
-    flushed) and to ``on_epoch``. ``batch_transform(step, x, y)`` may alter
+    flushed) and to ``on_epoch``; a row's ``alerts`` are the messages of the
+    :class:`~stabq.CollapseMonitor` alerts (mechanisms included, see
+    :mod:`stabq.mechanisms`) raised in that epoch's training steps, and a guard
+    event's reason ends with ``(while: ...)`` naming those that held when it
+    happened. ``batch_transform(step, x, y)`` may alter
     each batch before it is used (tests poison batches with it).
 
     Under torch.distributed (e.g. ``torchrun``) every rank passes the same data
@@ -141,6 +146,7 @@ def train(
         grad_clip=config.grad_clip,
     )
     guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size], vx, vy))
+    guard.monitor = monitor = _attach_monitor(model)  # its state is the guard's, in checkpoints
     plan = _Plan(config, steps_per_epoch=distributed.steps_per_epoch(x.shape[0], config.batch_size))
     result = TrainResult(model=model)
     main = distributed.is_main()  # rank 0 alone writes the log and the checkpoints
@@ -180,6 +186,7 @@ def train(
                 forward = distributed.training_forward(model, device, all_used=not idle)
             model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
             epoch_started, events_before = time.perf_counter(), len(guard.events)
+            alerts_before = len(monitor.alerts) if monitor is not None else 0
             sums = _train_epoch(
                 model, forward, optimizer, guard, plan, epoch, x, y, gen, batch_transform
             )
@@ -192,6 +199,7 @@ def train(
             row.update(
                 lr=sums["lr"],  # the rate of the epoch's last step, the guard's scale included
                 guard_events=len(new_events),
+                alerts=[a.message for a in monitor.alerts[alerts_before:]] if monitor else [],
                 seconds=time.perf_counter() - epoch_started,
             )
             result.history.append(row)
@@ -214,6 +222,8 @@ def train(
             saver.discard()
         raise
     finally:
+        if monitor is not None:
+            monitor.detach()
         bar.close()
         if log is not None:
             log.close()
@@ -221,6 +231,21 @@ def train(
     result.guard_events = list(guard.events)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _attach_monitor(model: BottleneckClassifier) -> CollapseMonitor | None:
+    """A silent :class:`CollapseMonitor` on the quantizer's training forwards, or None.
+
+    None for a quantizer without codes to watch, and under torch.distributed: each rank
+    sees its own share of the rows, and every rank must return the same history.
+    The hook draws no random number and changes no tensor: the run is as without it.
+    """
+    if distributed.is_distributed():
+        return None
+    try:
+        return CollapseMonitor(model.quantizer, warn=False, training_only=True)
+    except StabqError:
+        return None
 
 
 class _Plan:

@@ -1,0 +1,237 @@
+"""Why a quantizer fails, named while it happens: the detectors behind :class:`CollapseMonitor`.
+
+:class:`CollapseMonitor`'s collapse / loss / saturation alerts name symptoms.
+These name mechanisms. After every forward call ("step") :class:`Mechanisms`
+reads, in one device sync, from the input ``x`` (rows along the last dim), the
+output ``q`` (the quantized rows, ``x``'s shape; straight-through, so its value
+is the chosen codes), the auxiliary loss ``a`` and, where the module has one,
+its code table ``E`` (:func:`code_table`):
+
+    lag                  g = |x|_t / min_{s in window} |x|_s >= LAG_GROWTH (100) and
+                         g >= LAG_RATIO (10) x c, where c = the codes' mean norm |q|
+                         moved by between that step s and t (up or down).
+                         "encoder output norm grew 900x in 200 steps while the
+                         codes moved 2x: the codebook lags the encoder"
+    codes_blown_up       max_k |E_k| >= BLOWUP (1000) x |x|_t: codes far outside the
+                         inputs' reach, before any is chosen (zero-initialised
+                         cluster sizes with Laplace smoothing: Sonnet #272)
+    blown_code_chosen    max |q| >= BLOWUP x |x|_t: such a code was chosen
+    loss_reduction       a / mean((x - q)^2) >= REDUCTION (1000): a mean-reduced
+                         commitment is beta x that mean (beta ~ 0.25-2); one summed
+                         over a batch of B rows of d values is beta*B*d x it.
+                         Judged on single-codebook modules only (a residual
+                         quantizer sums its layers' losses against larger
+                         residuals than the last). The task loss, when given
+                         (:meth:`CollapseMonitor.observe`), is quoted as well.
+    fp16_overflow        x, q or E in float16, or fp16 autocast on: the largest
+                         squared row norm of x, q or E >= 65504 (float16's largest
+                         finite value: ``|x|^2 - 2 x.e + |e|^2`` overflows), or
+                         finite x gave non-finite q or a
+
+``|x|_t`` is the mean L2 row norm at step t. FSQ-like modules (levels known)
+have bounded codes: lag and blow-up are not judged there (their failure is
+saturation). Steps whose indices are all negative (quantization off) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stabq.monitor_probe import attr
+from stabq.quantizers.base import QuantizerOutput
+
+LAG_GROWTH = 100.0
+LAG_RATIO = 10.0
+BLOWUP = 1000.0
+REDUCTION = 1000.0
+FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
+
+Verdict = tuple[str, bool, str, float]  # (kind, holds, message, value) for CollapseMonitor._set
+
+
+def sci(value: float) -> str:
+    """``3.2e5 -> '3e5'``, ``4096 -> '4e3'``, ``0.5 -> '5e-1'``: one significant digit."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.0e}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _times(value: float) -> str:
+    """A ratio in words: ``900.4 -> '900'``, ``2.04 -> '2'``, ``1.5 -> '1.5'``, ``3e5 -> '3e5'``."""
+    if value >= 1e4:
+        return sci(value)
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def quantized_of(output: Any) -> Tensor | None:
+    """The quantized tensor of a forward's output (QuantizerOutput, dict, or tuple's first)."""
+    if isinstance(output, tuple) and not isinstance(output, QuantizerOutput):
+        output = next((o for o in output if isinstance(o, QuantizerOutput)), output)
+    if isinstance(output, QuantizerOutput):
+        return output.quantized
+    if isinstance(output, Mapping):
+        found = output.get("quantized")
+    elif isinstance(output, tuple | list) and output:
+        found = output[0]
+    else:
+        return None
+    return found if isinstance(found, Tensor) and found.is_floating_point() else None
+
+
+def code_table(module: nn.Module) -> Tensor | None:
+    """The module's codes as rows ``(n, d)``, or None.
+
+    Looked up: vector-quantize-pytorch's ``_codebook.embed``, stabq's
+    ``codebook.embed``, else an ``embed`` / ``codebook`` / ``embedding`` tensor
+    or ``nn.Embedding`` (tutorial modules).
+    """
+    for owner, name in (("_codebook", "embed"), ("codebook", "embed")):
+        inner = attr(module, owner)
+        if isinstance(inner, nn.Module) and isinstance(attr(inner, name), Tensor):
+            table = attr(inner, name)
+            return table.detach().reshape(-1, table.shape[-1])
+    for name in ("embed", "codebook", "embedding", "embeddings"):
+        found = attr(module, name)
+        if isinstance(found, nn.Embedding):
+            found = found.weight
+        if isinstance(found, Tensor) and found.dim() >= 2 and found.is_floating_point():
+            return found.detach().reshape(-1, found.shape[-1])
+    return None
+
+
+def _fp16_autocast(device: torch.device) -> bool:
+    kind = device.type
+    try:
+        return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+    except (RuntimeError, TypeError):  # a device type without autocast
+        return False
+
+
+class Mechanisms:
+    """The readings of the last ``window`` steps and the five mechanism checks above.
+
+    ``bounded``: the codes are an FSQ-like grid (no lag or blow-up checks);
+    ``single``: one codebook (the reduction check applies).
+    """
+
+    def __init__(self, window: int, *, bounded: bool, single: bool) -> None:
+        self.window, self.bounded, self.single = window, bounded, single
+        self.task_loss: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.norms: deque[tuple[float, float]] = deque(maxlen=self.window)  # (|x|, |q|) a step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers (JSON): the window's norms and the last task loss."""
+        return {"norms": [list(n) for n in self.norms], "task_loss": self.task_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norms = deque((tuple(n) for n in state["norms"]), maxlen=self.window)
+        self.task_loss = state["task_loss"]
+
+    @torch.no_grad()
+    def record(
+        self, module: nn.Module, x: Tensor | None, output: Any, indices: Tensor, loss: Tensor | None
+    ) -> list[Verdict]:
+        """Read one step and judge it; the verdicts for :meth:`CollapseMonitor._set`."""
+        q = quantized_of(output)
+        if (
+            x is None
+            or q is None
+            or q.shape != x.shape
+            or x.numel() == 0
+            or bool((indices < 0).all())
+        ):
+            return []
+        table = None if self.bounded else code_table(module)
+        half = any(t is not None and t.dtype == torch.float16 for t in (x, q, table))
+        half = half or _fp16_autocast(x.device)
+        xf, qf = x.detach().float(), q.detach().float()
+        xr, qr = xf.norm(dim=-1), qf.norm(dim=-1)
+        nan = xf.new_tensor(math.nan)
+        book = table.float().norm(dim=-1).max() if table is not None and table.numel() else nan
+        has_loss = loss is not None
+        aux = loss.detach().float().sum().to(xf.device) if has_loss else nan
+        q_ok = qf.isfinite().all() & (aux.isfinite() | (not has_loss))
+        fields = [xr.mean(), qr.mean(), xr.max(), qr.max(), book, (xf - qf).pow(2).mean(), aux]
+        fields += [xf.isfinite().all().float(), q_ok.float()]
+        x_norm, q_norm, x_max, q_max, book_max, mse, a, x_ok, q_ok = torch.stack(fields).tolist()
+        verdicts: list[Verdict] = []
+        if half:
+            verdicts.append(self._fp16(max(x_max, q_max, _nan0(book_max)), x_ok, q_ok))
+        if not (math.isfinite(x_norm) and math.isfinite(q_norm)) or x_norm <= 0:
+            return verdicts
+        if not self.bounded:
+            self.norms.append((x_norm, q_norm))
+            verdicts.append(self._lag(x_norm, q_norm))
+            if math.isfinite(book_max):
+                ratio = book_max / x_norm
+                verdicts.append((
+                    "codes_blown_up", ratio >= BLOWUP,
+                    f"codes of norm {sci(book_max)} wait in the codebook, {sci(ratio)} x the "
+                    "input norm: never-used codes have blown up",
+                    book_max,
+                ))  # fmt: skip
+            verdicts.append((
+                "blown_code_chosen", q_max >= BLOWUP * x_norm,
+                f"a code of norm {sci(q_max)} was chosen: never-used codes have blown up",
+                q_max,
+            ))  # fmt: skip
+        if self.single and math.isfinite(a) and a > 0 and mse > 0:
+            verdicts.append(self._reduction(a, a / mse))
+        return verdicts
+
+    def _lag(self, x_norm: float, q_norm: float) -> Verdict:
+        low = min(range(len(self.norms)), key=lambda i: self.norms[i][0])
+        grew = x_norm / self.norms[low][0]
+        moved = q_norm / max(self.norms[low][1], 1e-30)
+        moved = max(moved, 1 / moved) if moved > 0 else math.inf
+        steps = len(self.norms) - 1 - low
+        span = f"{steps} step" + "s" * (steps != 1)
+        return (
+            "lag",
+            grew >= LAG_GROWTH and grew >= LAG_RATIO * moved,
+            f"encoder output norm grew {_times(grew)}x in {span} while the codes "
+            f"moved {_times(moved)}x: the codebook lags the encoder",
+            grew,
+        )
+
+    def _reduction(self, aux: float, ratio: float) -> Verdict:
+        task = ""
+        if self.task_loss is not None and self.task_loss > 0:
+            task = f" and {sci(aux / self.task_loss)} x the classification loss"
+        return (
+            "loss_reduction",
+            ratio >= REDUCTION,
+            f"the commitment loss is {sci(ratio)} x the mean squared distance to the codes"
+            f"{task}: check its reduction (a sum over the batch where a mean is meant)",
+            ratio,
+        )
+
+    @staticmethod
+    def _fp16(largest_norm: float, x_ok: float, q_ok: float) -> Verdict:
+        square = largest_norm**2 if math.isfinite(largest_norm) else math.inf
+        if square < FP16_MAX and x_ok and not q_ok:
+            message = "fp16 overflow in the distances: finite inputs gave non-finite codes or loss"
+            return ("fp16_overflow", True, message, math.inf)
+        return (
+            "fp16_overflow",
+            square >= FP16_MAX,
+            f"fp16 overflow in the distances: squared norms reach {sci(square)}, above "
+            f"float16's largest value {FP16_MAX:g}",
+            square,
+        )
+
+
+def _nan0(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+__all__ = ["BLOWUP", "FP16_MAX", "LAG_GROWTH", "REDUCTION", "Mechanisms", "code_table", "sci"]
