@@ -33,21 +33,21 @@ from pathlib import Path
 import numpy as np
 
 CGROUP = Path("/sys/fs/cgroup/memory")
-FEATURES, CLASSES = 128, 10
+CLASSES = 10
 
 
-def write_npy(directory: Path, rows: int, seed: int = 0) -> int:
-    """``x.npy`` ``(rows, FEATURES)`` float32 (class-dependent means) and ``y.npy``."""
+def write_npy(directory: Path, rows: int, features: int, seed: int = 0) -> int:
+    """``x.npy`` ``(rows, features)`` float32 (class-dependent means) and ``y.npy``."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((CLASSES, FEATURES)).astype(np.float32)
+    centres = rng.standard_normal((CLASSES, features)).astype(np.float32)
     y = (np.arange(rows) % CLASSES).astype(np.int64)
-    header = {"descr": "<f4", "fortran_order": False, "shape": (rows, FEATURES)}
+    header = {"descr": "<f4", "fortran_order": False, "shape": (rows, features)}
     with open(directory / "x.npy", "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         for start in range(0, rows, 65536):
             labels = y[start : start + 65536]
-            noise = rng.standard_normal((len(labels), FEATURES), dtype=np.float32)
+            noise = rng.standard_normal((len(labels), features), dtype=np.float32)
             fh.write((centres[labels] + 2.0 * noise).tobytes())
         fh.flush()
         os.fsync(fh.fileno())  # then out of the page cache: the run's reads are its own
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--sizes-gib", default="1,2,4")
     parser.add_argument("--limit-mib", type=int, default=640)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--features", type=int, default=128, help="float32 features a row")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/stabq-bigdata"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bigdata-cpu.json"))
     args = parser.parse_args()
@@ -95,15 +96,15 @@ def main() -> None:
         sys.exit(f"{CGROUP} is not writable: this benchmark needs root on cgroup v1")
     results = []
     for gib in (float(s) for s in args.sizes_gib.split(",")):
-        rows = int(gib * 2**30) // (4 * FEATURES)
+        rows = int(gib * 2**30) // (4 * args.features)
         data, run = args.dir / "data", args.dir / "run"
         shutil.rmtree(args.dir, ignore_errors=True)
-        size = write_npy(data, rows)
+        size = write_npy(data, rows, args.features)
         command = [
             sys.executable, "-m", "stabq", "train", "--data", str(data), "--quantizer", "fsq",
             "--epochs", "1", "--batch-size", str(args.batch_size), "--out", str(run), "--quiet",
         ]  # fmt: skip
-        record = {"file_mib": size >> 20, "rows": rows, "features": FEATURES}
+        record = {"file_mib": size >> 20, "rows": rows, "features": args.features}
         record.update(limit_mib=args.limit_mib, **run_limited(command, args.limit_mib << 20))
         if record["exit_code"] == 0:
             history = (run / "metrics.jsonl").read_text().splitlines()
