@@ -18,7 +18,10 @@ CASES = [(4, 1, None), (5, 2, 16), (3, 1, 8)]  # (bits, num_codebooks, dim)
 def pair(bits, num_codebooks, dim, spherical, **kw):
     torch.manual_seed(0)
     peer = PeerLFQ(
-        dim=dim, codebook_size=2**bits, num_codebooks=num_codebooks, spherical=spherical,
+        dim=dim,
+        codebook_size=2**bits,
+        num_codebooks=num_codebooks,
+        spherical=spherical,
         entropy_loss_weight=kw.get("entropy_weight", 0.1),
         commitment_loss_weight=kw.get("commitment_weight", 0.0),
     )
@@ -108,7 +111,9 @@ def test_bits_that_move_together_are_what_the_codebook_term_cannot_see():
     z = torch.cat([torch.ones(8, 1, 5), -torch.ones(8, 1, 5)]).double()
     _, marginal = bit_entropies(z * 4 * q.inv_temperature)
     torch.testing.assert_close(marginal, torch.tensor([5 * math.log(2)], dtype=torch.float64))
-    torch.testing.assert_close(brute_force(z, q)[1], torch.tensor([math.log(2)], dtype=torch.float64))
+    torch.testing.assert_close(
+        brute_force(z, q)[1], torch.tensor([math.log(2)], dtype=torch.float64)
+    )
 
 
 def test_entropy_gradients_stay_finite_where_sigmoid_is_flat():

@@ -25,7 +25,7 @@ def test_codes_indices_and_gradients_equal_the_peer(levels, num_quantizers, dim)
         quantized, indices = module(xi)[:2]
         quantized.square().sum().backward()
         outputs.append((quantized.detach(), indices.long(), xi.grad))
-    for name, a, b in zip(["quantized", "indices", "x.grad"], *outputs):
+    for name, a, b in zip(["quantized", "indices", "x.grad"], *outputs, strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(ours(x).loss, torch.zeros(()))
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_each_layer_cuts_the_error_l_fold():
     x = torch.randn(2000, 4) * 3
     z = torch.tanh(x / 1.25) * 1.25
     errors = [float((ResidualFSQ([5] * 4, n)(x).quantized - z).abs().max()) for n in (1, 2, 3)]
-    for error, bound in zip(errors, [0.25, 0.05, 0.01]):
+    for error, bound in zip(errors, [0.25, 0.05, 0.01], strict=True):
         assert bound * 0.9 < error <= bound + 1e-6
 
 

@@ -35,7 +35,9 @@ def test_straight_through_simvq_equals_the_peer_bit_for_bit():
     ours, peer = pair(rotation_trick=False)
     x = torch.randn(1, 300, DIM)
     got, want = run(ours, x), run(peer, x)
-    for name, a, b in zip(["quantized", "indices", "loss", "x.grad", "W.grad"], got, want):
+    for name, a, b in zip(
+        ["quantized", "indices", "loss", "x.grad", "W.grad"], got, want, strict=True
+    ):
         assert torch.equal(a, b), name
     assert got[1].unique().numel() > 20  # a real assignment, not one code for all
 
