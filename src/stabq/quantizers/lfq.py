@@ -26,7 +26,8 @@ the time; it does not see bits that move together. The loss is
     entropy_weight (H_sample + gamma (d ln 2 - H_codebook)) + commitment_weight |z - sg(code)|^2
 
 averaged over codebooks: the peer's ``H_sample - gamma H_codebook`` plus the
-constant ``gamma d ln 2``, so that it is >= 0 like every stabq loss (same gradients).
+constant ``gamma d ln 2``, so that it is >= 0 like every stabq loss (same gradients;
+the gap is clamped at 0 against rounding).
 Logits are clamped to +-80, where ``sigmoid`` is flat in float32. Under
 torch.distributed ``pbar`` is averaged over ranks (differentiably, as the peer does).
 """
@@ -142,10 +143,10 @@ class LFQ(Quantizer):
         if n:
             scale = self.codebook_scale / math.sqrt(d) if self.spherical else self.codebook_scale
             sample, marginal = bit_entropies(z * (4 * self.inv_temperature * scale))
-            gap = d * math.log(2) - marginal  # >= 0: a bit's entropy is at most ln 2
-            penalty = (sample + self.diversity_gamma * gap).mean()
-            commitment = F.mse_loss(z, codes.detach())
-            loss = (self.entropy_weight * penalty + self.commitment_weight * commitment).float()
+            gap = (d * math.log(2) - marginal).clamp_min(0)  # a bit's entropy is <= ln 2
+            loss = self.entropy_weight * (sample + self.diversity_gamma * gap).mean().float()
+            if self.commitment_weight > 0:  # 0 * inf would be NaN on huge inputs
+                loss = loss + self.commitment_weight * F.mse_loss(z, codes.detach()).float()
         return out, indices if self.multi_codebook else indices[:, 0], loss
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
