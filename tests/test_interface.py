@@ -27,6 +27,10 @@ def test_presets_are_the_ones_the_design_names():
         "vq",
         "gumbel",
         "pq",
+        "simvq",
+        "rfsq",
+        "lfq",
+        "bsq",
         "none",
     }
 

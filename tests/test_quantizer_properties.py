@@ -7,7 +7,7 @@ in train or eval mode, with values from ordinary to extreme (``+-1e30``, or
 ``+-1e4`` in float16 whose largest value is 65504; subnormals; all entries
 equal), every quantizer (FSQ with and without ``pre_norm`` and projections;
 VQ vanilla, learned and repaired; residual VQ; product quantization; Gumbel;
-and every preset of :func:`stabq.build_quantizer`) returns
+SimVQ; residual FSQ; LFQ and BSQ; and every preset of :func:`stabq.build_quantizer`) returns
 
 - ``quantized`` of ``x``'s shape and dtype, finite;
 - ``indices`` int64 of shape ``(*lead, *indices_shape)``, in ``[0, codebook_size)``;
@@ -36,10 +36,13 @@ import stabq
 from stabq.errors import ShapeError
 from stabq.quantizers import (
     FSQ,
+    LFQ,
     GumbelQuantizer,
     ProductQuantizer,
     Quantizer,
+    ResidualFSQ,
     ResidualVQ,
+    SimVQ,
     VectorQuantizer,
 )
 
@@ -69,6 +72,13 @@ FACTORIES: dict[str, Callable[[], Quantizer]] = {
     ),
     "gumbel": lambda: GumbelQuantizer(DIM, 8),
     "gumbel-hard": lambda: GumbelQuantizer(DIM, 8, hard=True, kl_weight=0.1),
+    "simvq": lambda: SimVQ(DIM, 16),
+    "simvq-kmeans": lambda: SimVQ(DIM, 16, init="kmeans", kmeans_iters=2),
+    "simvq-rotation": lambda: SimVQ(DIM, 16, rotation_trick=True),
+    "rfsq": lambda: ResidualFSQ([3, 4, 5], 3),
+    "rfsq-proj-pre-norm": lambda: ResidualFSQ([2, 5], 2, dim=DIM, pre_norm=True),
+    "lfq": lambda: LFQ(DIM, 4, num_codebooks=4, commitment_weight=0.25),
+    "bsq-proj": lambda: LFQ(DIM, 5, spherical=True),
     **{
         f"preset-{name}": (lambda name=name: stabq.build_quantizer(name, DIM))
         for name in stabq.preset_names()

@@ -1,8 +1,9 @@
 """stabq: stable discrete bottlenecks for classifiers.
 
-FSQ, a repaired VQ, residual VQ, Gumbel-Softmax and product quantization
-behind one interface (``q, indices, loss = quantizer(x)``), with codebook
-health metrics. See README.md and DESIGN.md.
+FSQ, a repaired VQ, residual VQ, Gumbel-Softmax, product quantization,
+SimVQ, residual FSQ and lookup-free (LFQ, BSQ) quantization behind one
+interface (``q, indices, loss = quantizer(x)``), with codebook health metrics.
+See README.md and DESIGN.md.
 """
 
 from stabq.compare import compare
@@ -21,12 +22,15 @@ from stabq.model import BottleneckClassifier
 from stabq.monitor import Alert, CollapseMonitor, CollapseWarning
 from stabq.quantizers import (
     FSQ,
+    LFQ,
     GumbelQuantizer,
     Identity,
     ProductQuantizer,
     Quantizer,
     QuantizerOutput,
+    ResidualFSQ,
     ResidualVQ,
+    SimVQ,
     VectorQuantizer,
     build_quantizer,
     preset_names,
@@ -40,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FSQ",
+    "LFQ",
     "Alert",
     "BottleneckClassifier",
     "CheckpointError",
@@ -55,8 +60,10 @@ __all__ = [
     "ProductQuantizer",
     "Quantizer",
     "QuantizerOutput",
+    "ResidualFSQ",
     "ResidualVQ",
     "ShapeError",
+    "SimVQ",
     "StabilityGuard",
     "StabqError",
     "SwapReport",

@@ -188,6 +188,21 @@ def fsq_indices_to_codes(indices: Tensor, levels: Tensor, dtype: torch.dtype) ->
     return ((level_idx - half_width) / half_width).to(dtype)
 
 
+def pre_normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
+    """``z`` ``(n, d)`` standardised per dimension by ``norm`` (batch statistics in training,
+    running ones at eval or for a single row); ``z`` itself when ``norm`` is None."""
+    if norm is None:
+        return z
+    # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
+    # would send every later input to one code; tanh saturates long before this bound.
+    limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
+    z = z.clamp(-limit, limit)
+    if norm.training and z.shape[0] < 2:
+        # one value per dimension has no variance: use the running statistics
+        return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+    return norm(z)
+
+
 class FSQ(Quantizer):
     """Finite scalar quantization over ``levels``, with optional projections.
 
@@ -244,19 +259,7 @@ class FSQ(Quantizer):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def _normalise(self, z: Tensor) -> Tensor:
-        if self.pre_norm is None:
-            return z
-        # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
-        # would send every later input to one code; tanh saturates long before this bound.
-        limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
-        z = z.clamp(-limit, limit)
-        if self.training and z.shape[0] < 2:
-            # one value per dimension has no variance: use the running statistics
-            norm = self.pre_norm
-            return F.batch_norm(
-                z, norm.running_mean, norm.running_var, training=False, eps=norm.eps
-            )
-        return self.pre_norm(z)
+        return pre_normalise(self.pre_norm, z)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self._normalise(self.project_in(x))

@@ -10,6 +10,10 @@
 |             | EMA decay 0.95                                                        |
 | ``gumbel``    | Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1                          |
 | ``pq``        | product quantization, 8 subspaces x 256 codes                         |
+| ``simvq``     | SimVQ 1024 codes: frozen random basis times one learned linear layer  |
+| ``rfsq``      | residual FSQ [8,5,5,5] (1,000 codes) x 4 layers, ``pre_norm=True``    |
+| ``lfq``       | lookup-free quantization, 16 bits (65,536 codes), entropy penalty 0.1 |
+| ``bsq``       | ``lfq`` on the unit sphere (binary spherical quantization)            |
 | ``none``      | continuous pass-through (the reference)                               |
 """
 
@@ -22,8 +26,11 @@ from stabq.errors import ConfigError, check, is_int
 from stabq.quantizers.base import Identity, Quantizer
 from stabq.quantizers.fsq import FSQ
 from stabq.quantizers.gumbel import GumbelQuantizer
+from stabq.quantizers.lfq import LFQ
 from stabq.quantizers.pq import ProductQuantizer
+from stabq.quantizers.rfsq import ResidualFSQ
 from stabq.quantizers.rvq import ResidualVQ
+from stabq.quantizers.simvq import SimVQ
 from stabq.quantizers.vq import VectorQuantizer
 
 FSQ_LEVELS = {
@@ -76,6 +83,13 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "vq": (VectorQuantizer, _vq_repaired),
     "gumbel": (GumbelQuantizer, lambda dim: {}),
     "pq": (ProductQuantizer, lambda dim: {"num_subspaces": 8, "bits": 8}),
+    "simvq": (SimVQ, lambda dim: {"codebook_size": 1024}),
+    "rfsq": (
+        ResidualFSQ,
+        lambda dim: {"levels": FSQ_LEVELS[2**10], "num_quantizers": 4, "pre_norm": True},
+    ),
+    "lfq": (LFQ, lambda dim: {"bits": 16}),
+    "bsq": (LFQ, lambda dim: {"bits": 16, "spherical": True}),
     "none": (Identity, lambda dim: {}),
 }
 

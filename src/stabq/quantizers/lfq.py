@@ -1,0 +1,168 @@
+"""Lookup-free quantization (Yu et al. 2023, MAGVIT-v2) and, with ``spherical=True``,
+binary spherical quantization (Zhao et al. 2024, BSQ).
+
+``C`` codebooks of ``d`` bits each (``2^d`` codes per codebook, none stored)::
+
+    z  = W_in x, split into (C, d);   spherical: z = s z / |z| per codebook
+    b  = [z > 0],   code = s (2b - 1)            spherical: s (2b - 1) / sqrt(d)
+    index = sum_i b_i 2^(d-1-i)                  (first dimension most significant)
+    out = W_out (code + z - sg(z))              (straight through, exactly the code in value)
+
+Entropy penalty (per codebook, in nats). The peer scores every code ``c`` by
+``p(c | z) = softmax_c(2 tau z.c)``; with ``c_i = +-a`` (``a = s``, or ``s / sqrt(d)``)
+``z.c = sum_i z_i c_i`` splits, so ``p(c | z) = prod_i p_i(b_i)`` with
+``p_i(1) = sigmoid(l_i)``, ``l_i = 4 tau a z_i``: independent bits. Hence, without
+the ``2^d`` codes:
+
+    H_sample   = mean_n H(p(. | z_n)) = mean_n sum_i h(sigmoid(l_ni))       exact
+    H_codebook = sum_i h(pbar_i),  pbar_i = mean_n sigmoid(l_ni)            (h: binary entropy)
+
+``H_codebook`` is the entropy of the product of the batch's per-bit marginals,
+not of the batch's mean code distribution ``mean_n p(. | z_n)``: by
+subadditivity it is an upper bound on that, equal when the bits are
+independent over the batch (one input, say). It rewards every bit used half
+the time; it does not see bits that move together. The loss is
+
+    entropy_weight (H_sample + gamma (d ln 2 - H_codebook)) + commitment_weight |z - sg(code)|^2
+
+averaged over codebooks: the peer's ``H_sample - gamma H_codebook`` plus the
+constant ``gamma d ln 2``, so that it is >= 0 like every stabq loss (same gradients;
+the gap is clamped at 0 against rounding).
+Logits are clamped to +-80, where ``sigmoid`` is flat in float32. Under
+torch.distributed ``pbar`` is averaged over ranks (differentiably, as the peer does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stabq import distributed
+from stabq.errors import check, check_int, check_number
+from stabq.quantizers.base import Quantizer
+from stabq.quantizers.codebook import l2norm
+
+LOGIT_BOUND = 80.0
+
+
+def bit_entropies(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample and batch-marginal bit entropies of ``sigmoid(logits)`` ``(n, C, d)``.
+
+    Returns ``(H_sample, H_codebook)``, each ``(C,)`` in nats: ``mean_n sum_i h(p_ni)``
+    and ``sum_i h(mean_n p_ni)``, ``pbar`` averaged over ranks under torch.distributed.
+    """
+    logits = logits.clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    p, q = torch.sigmoid(logits), torch.sigmoid(-logits)  # q = 1 - p, without cancellation
+    sample = (p * F.softplus(-logits) + q * F.softplus(logits)).sum(-1).mean(0)
+    pbar, qbar = p.mean(0), q.mean(0)
+    if distributed.is_distributed():
+        from torch.distributed.nn.functional import all_reduce
+
+        world = distributed.world_size()
+        pbar, qbar = all_reduce(pbar) / world, all_reduce(qbar) / world
+    tiny = torch.finfo(pbar.dtype).tiny  # no log(0): 0 log 0 = 0, with a zero gradient
+    marginal = -(pbar * pbar.clamp_min(tiny).log() + qbar * qbar.clamp_min(tiny).log())
+    return sample, marginal.sum(-1)
+
+
+class LFQ(Quantizer):
+    """Each of ``num_codebooks x bits`` dimensions quantized to a sign; ``2^bits`` codes a codebook.
+
+    Args:
+        dim: input size; Linear projections ``dim -> num_codebooks * bits`` and
+            back when they differ.
+        bits: bits per codebook ``d`` (default ``dim // num_codebooks``), at most 62.
+        num_codebooks: ``C``; indices are ``(..., C)`` when ``C > 1``.
+        entropy_weight: weight of the entropy penalty.
+        diversity_gamma: ``gamma``, weight of the codebook entropy in the penalty.
+        commitment_weight: weight of ``|z - sg(code)|^2``.
+        inv_temperature: ``tau`` of the code distribution ``softmax(2 tau z.c)``.
+        codebook_scale: ``s``, the code values' magnitude.
+        spherical: BSQ: inputs and codes on the sphere of radius ``s``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bits: int | None = None,
+        num_codebooks: int = 1,
+        entropy_weight: float = 0.1,
+        diversity_gamma: float = 1.0,
+        commitment_weight: float = 0.0,
+        inv_temperature: float = 100.0,
+        codebook_scale: float = 1.0,
+        spherical: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.dim = check_int(name, "dim", dim, 1)
+        self.num_codebooks = check_int(name, "num_codebooks", num_codebooks, 1)
+        if bits is None:
+            check(
+                dim % num_codebooks == 0,
+                f"{name}: bits=None with dim={dim} and num_codebooks={num_codebooks}, allowed "
+                "is a dim divisible by num_codebooks (or bits given)",
+            )
+            bits = dim // num_codebooks
+        self.bits = check_int(name, "bits", bits, 1)
+        check(bits <= 62, f"{name}: bits={bits!r}, allowed is at most 62 (int64 indices)")
+        self.codebook_size = 2**bits
+        self.multi_codebook = num_codebooks > 1
+        self.entropy_weight = check_number(name, "entropy_weight", entropy_weight, 0)
+        self.diversity_gamma = check_number(name, "diversity_gamma", diversity_gamma, 0)
+        self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
+        self.inv_temperature = check_number(name, "inv_temperature", inv_temperature, 0)
+        self.codebook_scale = check_number(name, "codebook_scale", codebook_scale, 0)
+        check(codebook_scale > 0, f"{name}: codebook_scale={codebook_scale!r}, allowed is > 0")
+        self.spherical = spherical
+        codes_dim = num_codebooks * bits
+        has_projection = dim != codes_dim
+        self.project_in = nn.Linear(dim, codes_dim) if has_projection else nn.Identity()
+        self.project_out = nn.Linear(codes_dim, dim) if has_projection else nn.Identity()
+        self.register_buffer("mask", 2 ** torch.arange(bits - 1, -1, -1), persistent=False)
+
+    def _sphere(self, t: Tensor) -> Tensor:
+        return l2norm(t) * self.codebook_scale if self.spherical else t
+
+    def _signs_to_codes(self, positive: Tensor, dtype: torch.dtype) -> Tensor:
+        s = torch.full(positive.shape, self.codebook_scale, dtype=dtype, device=positive.device)
+        return self._sphere(torch.where(positive, s, -s))
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, c, d = x.shape[0], self.num_codebooks, self.bits
+        raw = self.project_in(x).view(n, c, d)
+        positive = raw > 0  # signs before the sphere: an overflowing norm cannot zero them
+        z = self._sphere(raw)
+        codes = self._signs_to_codes(positive, z.dtype)
+        indices = (positive.long() * self.mask).sum(-1)
+        out = self.project_out((codes + (z - z.detach())).view(n, c * d))  # value: the code
+        loss = x.new_zeros((), dtype=torch.float32)
+        if n:
+            scale = self.codebook_scale / math.sqrt(d) if self.spherical else self.codebook_scale
+            sample, marginal = bit_entropies(z * (4 * self.inv_temperature * scale))
+            gap = (d * math.log(2) - marginal).clamp_min(0)  # a bit's entropy is <= ln 2
+            loss = self.entropy_weight * (sample + self.diversity_gamma * gap).mean().float()
+            if self.commitment_weight > 0:  # 0 * inf would be NaN on huge inputs
+                loss = loss + self.commitment_weight * F.mse_loss(z, codes.detach()).float()
+        return out, indices if self.multi_codebook else indices[:, 0], loss
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(...,)`` (``(..., C)`` for C > 1) to ``(..., dim)``, via ``project_out``."""
+        flat = self._check_indices(indices).to(self.mask.device).view(-1, self.num_codebooks)
+        positive = (flat[..., None] & self.mask) != 0
+        dtype = self.compute_dtype(flat.float())
+        codes = self._signs_to_codes(positive, dtype).view(flat.shape[0], -1)
+        lead = indices.shape[:-1] if self.multi_codebook else indices.shape
+        return self.project_out(codes).reshape(*lead, self.dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, bits={self.bits}, num_codebooks={self.num_codebooks}, "
+            f"spherical={self.spherical}"
+        )
+
+
+__all__ = ["LFQ"]

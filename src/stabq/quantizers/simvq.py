@@ -1,0 +1,116 @@
+"""SimVQ: a frozen codebook basis times one learned linear layer (Zhu et al. 2024,
+"Addressing representation collapse in vector quantized models with one linear layer").
+
+    C = B W^T             B (K, dim) frozen basis, W (dim, dim) learned: the codebook
+    k = argmin_k |z - C_k|^2,   q = C_k
+    out  = z + sg(q - z)  (straight through; or the rotation trick)
+    loss = |sg(z) - q|^2 + beta |z - sg(q)|^2         (means, beta = commitment_weight)
+
+The codebook loss reaches every code through ``W``, not only the selected
+ones: a code that no input picks still moves with the codes that are picked,
+so none is left behind where no input lands (what kills codes in plain VQ).
+The basis is random (``N(0, 1/dim)``, as in the paper and vector-quantize-pytorch)
+or, with ``init="kmeans"``, the k-means centroids of the first training batch
+with ``W`` reset to the identity, so that training starts from ``C = centroids``.
+The k-means runs on the union of all ranks' batches, rank 0's result broadcast
+(as :class:`~stabq.quantizers.codebook.Codebook` does); ``W`` is a parameter, so
+DistributedDataParallel keeps it equal on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stabq import distributed
+from stabq.errors import check, check_int, check_number
+from stabq.quantizers.base import Quantizer
+from stabq.quantizers.codebook import commitment_loss, estimate, kmeans, nearest_code
+
+INITS = ("random", "kmeans")
+
+
+class SimVQ(Quantizer):
+    """``codebook_size`` codes ``C = B W^T``: a frozen basis ``B``, a learned linear map ``W``.
+
+    Args:
+        dim: input and code size.
+        codebook_size: number of codes ``K``.
+        commitment_weight: ``beta``, the weight of ``|z - sg(q)|^2`` (the codebook
+            term ``|sg(z) - q|^2`` has weight 1, as in the paper).
+        init: ``"random"`` (Gaussian basis) or ``"kmeans"`` (basis = k-means
+            centroids of the first training batch, ``W = I``).
+        kmeans_iters: Lloyd iterations of that initialisation.
+        rotation_trick: pass gradients to ``z`` by the rotation trick rather
+            than straight through.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int = 1024,
+        commitment_weight: float = 0.25,
+        init: str = "random",
+        kmeans_iters: int = 10,
+        rotation_trick: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.dim = check_int(name, "dim", dim, 1)
+        self.codebook_size = check_int(name, "codebook_size", codebook_size, 1)
+        self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
+        check(init in INITS, f"{name}: init={init!r}, allowed is one of {', '.join(INITS)}")
+        self.init = init
+        self.kmeans_iters = check_int(name, "kmeans_iters", kmeans_iters, 1)
+        self.rotation_trick = rotation_trick
+        self.register_buffer("basis", torch.randn(codebook_size, dim) * dim**-0.5)
+        self.transform = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("initted", torch.tensor(init != "kmeans"))
+
+    @property
+    def codebook(self) -> Tensor:
+        """The implicit codebook ``B W^T`` ``(codebook_size, dim)``, differentiable in ``W``."""
+        return self.transform(self.basis)
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.training and not bool(self.initted):
+            self.init_basis(x)
+        codebook = self.codebook
+        indices, _ = nearest_code(x, codebook.detach())
+        codes = codebook[indices]
+        loss = commitment_loss(x, codes, self.commitment_weight, learned=True)
+        return estimate(x, codes, self.rotation_trick), indices, loss
+
+    @torch.no_grad()
+    def init_basis(self, x: Tensor) -> None:
+        """Basis = k-means centroids of ``x`` ``(n, dim)`` (all ranks' rows), ``W = I``.
+
+        An empty ``x`` on every rank leaves the quantizer uninitialised.
+        """
+        rows = distributed.gather_rows(x.detach()[None])
+        if rows.shape[1] == 0:
+            return
+        centroids, counts = kmeans(rows, self.codebook_size, self.kmeans_iters)
+        distributed.broadcast_(centroids, counts)
+        self.basis.copy_(centroids[0])
+        self.transform.weight.copy_(torch.eye(self.dim))
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def init_from_features(self, x: Tensor) -> None:
+        """Re-initialise by k-means on features ``x`` ``(..., dim)`` (two-stage training)."""
+        self.init_basis(x.reshape(-1, self.dim).to(self.basis.dtype))
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices ``(...,)`` to codes ``(..., dim)`` of the implicit codebook."""
+        flat = self._check_indices(indices).to(self.basis.device)
+        return self.codebook[flat].reshape(*indices.shape, self.dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, init={self.init!r}, "
+            f"rotation_trick={self.rotation_trick}"
+        )
+
+
+__all__ = ["SimVQ"]
