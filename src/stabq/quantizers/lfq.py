@@ -84,6 +84,8 @@ class LFQ(Quantizer):
         spherical: BSQ: inputs and codes on the sphere of radius ``s``.
     """
 
+    grid = True  # fixed cells (levels or signs): health reports occupied cells, not dead codes
+
     def __init__(
         self,
         dim: int,

@@ -59,6 +59,8 @@ class ResidualFSQ(Quantizer):
             soft clamp (BatchNorm without affine), so tanh cannot saturate.
     """
 
+    grid = True  # fixed cells (levels or signs): health reports occupied cells, not dead codes
+
     multi_codebook = True
 
     def __init__(
