@@ -34,7 +34,7 @@ def compare_command(
         typer.Option(
             help="Comma-separated methods (default: the preset's). Known: "
             "none, vq-ema, vq, vq-1024, rvq, fsq, fsq-plain, gumbel, pq, "
-            "fsq-2stage, vq-2stage."
+            "fsq-2stage, vq-2stage; the explode baselines vq-ema-sum, vq-ema-tutorial."
         ),
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per method (default: preset's).")] = None,
