@@ -11,6 +11,11 @@ diverged and guard-rescued runs, time, and a health verdict with its reason
 The ``stress`` preset reproduces the conditions under which vanilla VQ-EMA
 fails (Adam-style lr 3e-2, 512 codes, decay 0.99) with the guards off for
 every method, so a failure shows instead of being rescued.
+
+The ``explode`` preset reproduces the user's losses of 1e10 and more: one
+comparison per scenario of :mod:`stabq.scenarios` (its baseline and the chosen
+methods, guards off), then each baseline again with the guards on. Records and
+rows carry ``scenario`` and ``guards``; the verdict has a line per scenario.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from stabq.integrations.tensorboard import check_log_dir, epoch_writer, run_dir
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.rows import RowReader, on_device
+from stabq.scenarios import EXPLODE_CONFIG, GUARDED, SCENARIOS, STABQ_PRESETS, explode_verdict
 from stabq.training import TrainConfig, evaluate_model, train
 
 
@@ -62,6 +68,13 @@ METHODS: dict[str, Method] = {
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),
         Method("vq-2stage", "vq", two_stage=True),
+        # the explode preset's baselines (stabq.scenarios): they reproduce the failure
+        Method("vq-ema-sum", "vq-ema", {"commitment_reduction": "sum"}),
+        Method(
+            "vq-ema-tutorial",
+            "vq-ema",
+            {"commitment_reduction": "sum", "cluster_size_init": "zeros"},
+        ),
     ]
 }
 DEFAULT_METHODS = [
@@ -78,6 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "config": {"lr": 3e-2, "guards": False, "warmup_epochs": 0.0},
     },
+    # the user's explosion (stabq.scenarios): each scenario's baseline with the stabq
+    # presets under SGD momentum 0.9, lr 1e-2, guards off; then the baselines guarded
+    "explode": {"methods": STABQ_PRESETS, "seeds": 3, "epochs": 10, "config": EXPLODE_CONFIG},
 }
 
 
@@ -259,6 +275,13 @@ def compare(
     check_input_shape(encoder, train_set.input_shape, train_set.source)
     require_fit(test_set, train_set.input_shape, model="the training data")
     started = time.perf_counter()
+    if preset == "explode":
+        ordered, rows, line = _explode(chosen, seeds, train_set, test_set, config, encoder, on_run)
+        return Comparison(
+            data, preset, train_set.num_classes, ordered, rows, line,
+            time.perf_counter() - started,
+            {"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()},
+        )  # fmt: skip
     records = []
     for seed in range(seeds):  # seeds outermost: every method sees seed s before seed s + 1
         for method in chosen:
@@ -279,6 +302,42 @@ def compare(
         seconds=time.perf_counter() - started,
         settings={"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()},
     )
+
+
+def _explode(
+    chosen: list[Method],
+    seeds: int,
+    train_set: LabeledData,
+    test_set: LabeledData,
+    config: TrainConfig,
+    encoder: str | nn.Module,
+    on_run: Callable[[dict[str, Any]], None] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Each scenario as its own comparison (its baseline first, guards off), then its
+    baseline guarded. A run is trained once per training options and seed: scenarios
+    sharing their options share the chosen methods' runs (the same run, bit for bit)."""
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    records, rows = [], []
+    for scenario in SCENARIOS:
+        base = TrainConfig(**{**config.to_dict(), **scenario.config})
+        parts = [(resolve_methods([scenario.baseline]) + chosen, base, False)]
+        guarded = TrainConfig(**{**base.to_dict(), **GUARDED})
+        parts.append((resolve_methods([scenario.baseline]), guarded, True))
+        for methods, run_config, guards in parts:
+            part = []
+            for seed in range(seeds):
+                for method in methods:
+                    key = (method.name, seed, repr(sorted(run_config.to_dict().items())))
+                    if key not in done:
+                        done[key] = run_one(method, seed, train_set, test_set, run_config, encoder)
+                        if on_run is not None:
+                            on_run(done[key])
+                    part.append({**done[key], "scenario": scenario.name, "guards": guards})
+            part.sort(key=lambda r: [m.name for m in methods].index(r["method"]))
+            records += part
+            for row in summarise(part, train_set.num_classes):
+                rows.append({"scenario": scenario.name, "guards": guards, **row})
+    return records, rows, explode_verdict(rows)
 
 
 def _train_test(data: str, test_data: str | None) -> tuple[LabeledData, LabeledData]:

@@ -34,13 +34,17 @@ def compare_command(
         typer.Option(
             help="Comma-separated methods (default: the preset's). Known: "
             "none, vq-ema, vq, vq-1024, rvq, fsq, fsq-plain, gumbel, pq, "
-            "fsq-2stage, vq-2stage."
+            "fsq-2stage, vq-2stage; the explode baselines vq-ema-sum, vq-ema-tutorial."
         ),
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per method (default: preset's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per run (default: preset's).")] = None,
     preset: Annotated[
-        str, typer.Option(help="default, or stress: lr 3e-2 with guards off, where VQ-EMA fails.")
+        str,
+        typer.Option(
+            help="default; stress: lr 3e-2 with guards off, where VQ-EMA collapses; explode: "
+            "SGD scenarios where VQ-EMA's loss passes 1e10, guards off then on."
+        ),
     ] = "default",
     out: Annotated[
         Path | None, typer.Option(help="Report directory (results.csv/json, report.md/html).")
@@ -64,6 +68,7 @@ def compare_command(
         from stabq.files import require_directory_path
         from stabq.integrations.tensorboard import check_log_dir
         from stabq.report import write_comparison
+        from stabq.scenarios import SCENARIOS
 
         if out is not None:  # before the runs, not after them
             require_directory_path(out, ConfigError, "the comparison")
@@ -72,6 +77,8 @@ def compare_command(
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         spec = PRESETS.get(preset, PRESETS["default"])
         total = len(names or spec["methods"]) * (seeds or spec["seeds"])
+        if preset == "explode":  # each scenario's baseline twice (guards off, on)
+            total += 2 * len(SCENARIOS) * (seeds or spec["seeds"])
         quiet_here = quiet or not is_main()
         bar = tqdm(total=total, desc="compare", unit="run", disable=True if quiet_here else None)
 
@@ -96,6 +103,11 @@ def compare_command(
         return
     from stabq.report import format_table
 
-    typer.echo(format_table(result.rows))
+    # explode: one table per scenario and guard setting, in the order they ran
+    for section in dict.fromkeys((r.get("scenario"), r.get("guards")) for r in result.rows):
+        if section[0] is not None:
+            typer.echo(f"\n{section[0]}, guards {'on' if section[1] else 'off'}:")
+        rows = [r for r in result.rows if (r.get("scenario"), r.get("guards")) == section]
+        typer.echo(format_table(rows))
     typer.echo(result.verdict)
     typer.echo(f"{result.seconds:.0f} s" + (f"; report in {out}" if out is not None else ""))

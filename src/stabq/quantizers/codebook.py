@@ -47,6 +47,8 @@ from stabq.errors import check, is_int
 # 16,384 x 1,024 x 128 where 2^23 took 80 ms (benchmarks/quantizers.py).
 DEFAULT_CHUNK_ELEMENTS = 2**20
 MIN_TILE_ROWS = 256  # codes are split into chunks so that a tile keeps at least this many rows
+REDUCTIONS = ("mean", "sum")  # of the commitment loss; "sum" reproduces the failure
+CLUSTER_SIZE_INITS = ("ones", "zeros")  # "zeros" reproduces the failure (Sonnet #272)
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -202,7 +204,7 @@ class _ResidualLoss(torch.autograd.Function):
 
 
 def residual_commitment_loss(
-    z: Tensor, residual_sum: Tensor, squared_sum: Tensor, weight: float
+    z: Tensor, residual_sum: Tensor, squared_sum: Tensor, weight: float, reduction: str = "mean"
 ) -> Tensor:
     """``weight * sum_l mean(r_l^2)`` for residuals ``r_l = z - sg(t_l)``, 0-dim float32.
 
@@ -210,22 +212,35 @@ def residual_commitment_loss(
     the caller without autograd; the gradient to ``z``,
     ``2 weight / z.numel() * sum_l r_l``, costs one pass, where autograd through
     one ``mse_loss`` per level costs several. EMA codebooks only: codes get no gradient.
+    ``reduction="sum"``: ``weight * sum_l sum(r_l^2)`` over the whole batch, gradient
+    ``2 weight sum_l r_l`` (:data:`REDUCTIONS`; reproduces the failure, never use).
     """
     if not z.numel():
         return z.new_zeros((), dtype=torch.float32)
-    value = (squared_sum.float() * (weight / z.numel())).reshape(())
-    return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / z.numel())
+    n = z.numel() if reduction == "mean" else 1
+    value = (squared_sum.float() * (weight / n)).reshape(())
+    return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / n)
 
 
-def commitment_loss(z: Tensor, codes: Tensor, weight: float, learned: bool) -> Tensor:
-    """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; means, float32."""
+def commitment_loss(
+    z: Tensor, codes: Tensor, weight: float, learned: bool, reduction: str = "mean"
+) -> Tensor:
+    """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; float32.
+
+    ``reduction="mean"`` averages over every element of ``z`` ``(..., d)``; ``"sum"``
+    sums over the whole batch, as tutorials write ``beta * ((z - sg(q))**2).sum()``:
+    the loss and its gradient grow with the batch and the code size (reproduces the
+    failure; never use).
+    """
     if learned and z.numel():
         z, codes = z.float(), codes.float()
-        return weight * F.mse_loss(z, codes.detach()) + F.mse_loss(codes, z.detach())
+        return weight * F.mse_loss(z, codes.detach(), reduction=reduction) + F.mse_loss(
+            codes, z.detach(), reduction=reduction
+        )
     with torch.no_grad():
         residual = z.float() - codes.float()
         squared = residual.reshape(-1).dot(residual.reshape(-1))
-    return residual_commitment_loss(z, residual, squared, weight)
+    return residual_commitment_loss(z, residual, squared, weight, reduction)
 
 
 class Codebook(nn.Module):
@@ -236,6 +251,13 @@ class Codebook(nn.Module):
     with respect to the codebook when ``decay=None``), indices ``(G, N)``.
     In training mode it also initialises by k-means on the first batch,
     applies the EMA update and replaces dead codes.
+
+    ``cluster_size_init``: ``"ones"`` starts every ``N_k`` at 1 with ``S_k = e_k``,
+    consistent with the codes. ``"zeros"`` (reproduces the failure; never use) starts
+    ``N_k = 0`` with ``S_k = e_k``, as Sonnet's VectorQuantizerEMA and tutorials do:
+    after the first update a never-used code is ``decay * e_k / smoothed N_k`` with
+    the smoothed ``N_k = eps * sum N / (sum N + K eps)``, about ``decay / eps``
+    (~1e5) times its initial size (Sonnet #272).
     """
 
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS  # tile bound of the nearest-code search
@@ -253,6 +275,7 @@ class Codebook(nn.Module):
         eps: float = 1e-5,
         usage_decay: float = 0.99,
         owner: str = "Codebook",
+        cluster_size_init: str = "ones",
     ) -> None:
         super().__init__()
         check(
@@ -272,6 +295,11 @@ class Codebook(nn.Module):
             isinstance(dead_code_threshold, float | int) and dead_code_threshold >= 0,
             f"{owner}: dead_code_threshold={dead_code_threshold!r}, allowed is a number >= 0",
         )
+        check(
+            cluster_size_init in CLUSTER_SIZE_INITS,
+            f"{owner}: cluster_size_init={cluster_size_init!r}, allowed: "
+            f"{', '.join(CLUSTER_SIZE_INITS)}",
+        )
         self.codebook_size, self.dim, self.num_groups = codebook_size, dim, num_groups
         self.decay = None if decay is None else float(decay)
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
@@ -286,7 +314,8 @@ class Codebook(nn.Module):
         else:
             self.register_buffer("embed", embed)
             self.register_buffer("embed_sum", embed.clone())
-        self.register_buffer("cluster_size", torch.ones(num_groups, codebook_size))
+        start = torch.ones if cluster_size_init == "ones" else torch.zeros
+        self.register_buffer("cluster_size", start(num_groups, codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
 
     @property

@@ -5,7 +5,7 @@
     k = argmin_k |z - e_k|^2,   q = e_k
     out = W_out q         with the gradient of q passed to z straight through
                           (or by the rotation trick)
-    loss = beta |z - sg(q)|^2  (+ |sg(z) - q|^2 for a learned codebook)
+    loss = beta |z - sg(q)|^2  (+ |sg(z) - q|^2 for a learned codebook), mean over elements
 
 The defaults are vanilla VQ-EMA: the baseline that collapses under a
 classifier's cross-entropy. The repairs (k-means init, dead-code replacement,
@@ -16,9 +16,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from stabq.errors import check_int, check_number
+from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
-from stabq.quantizers.codebook import Codebook, commitment_loss, estimate, l2norm, projections
+from stabq.quantizers.codebook import (
+    REDUCTIONS,
+    Codebook,
+    commitment_loss,
+    estimate,
+    l2norm,
+    projections,
+)
 
 
 class VectorQuantizer(Quantizer):
@@ -36,6 +43,12 @@ class VectorQuantizer(Quantizer):
             horizon of 1 / (1 - decay) batches (0: never).
         cosine: cosine distance (unit-norm inputs and codes).
         rotation_trick: pass gradients by the rotation trick rather than straight through.
+        commitment_reduction: ``"mean"`` over every element, or ``"sum"`` over the whole
+            batch as tutorials write ``beta * ((z - sg(q))**2).sum()`` (reproduces the
+            failure; never use: the loss scales with batch x dim).
+        cluster_size_init: ``"ones"``, or ``"zeros"`` with Laplace smoothing, which makes
+            never-used codes ~1e5 x too large (reproduces the failure; never use; see
+            :class:`~stabq.quantizers.codebook.Codebook`).
     """
 
     def __init__(
@@ -50,6 +63,8 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         cosine: bool = False,
         rotation_trick: bool = False,
+        commitment_reduction: str = "mean",
+        cluster_size_init: str = "ones",
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -59,6 +74,12 @@ class VectorQuantizer(Quantizer):
         self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.cosine = cosine
         self.rotation_trick = rotation_trick
+        check(
+            commitment_reduction in REDUCTIONS,
+            f"{name}: commitment_reduction={commitment_reduction!r}, allowed: "
+            f"{', '.join(REDUCTIONS)}",
+        )
+        self.commitment_reduction = commitment_reduction
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.codebook = Codebook(
             codebook_size,
@@ -69,6 +90,7 @@ class VectorQuantizer(Quantizer):
             dead_code_threshold=dead_code_threshold,
             cosine=cosine,
             owner=name,
+            cluster_size_init=cluster_size_init,
         )
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,7 +99,9 @@ class VectorQuantizer(Quantizer):
             z = l2norm(z)
         codes, indices = self.codebook(z[None])
         codes, indices = codes[0].to(z.dtype), indices[0]
-        loss = commitment_loss(z, codes, self.commitment_weight, self.codebook.learned)
+        loss = commitment_loss(
+            z, codes, self.commitment_weight, self.codebook.learned, self.commitment_reduction
+        )
         return self.project_out(estimate(z, codes, self.rotation_trick)), indices, loss
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ from typing import Any
 
 from stabq.errors import ConfigError
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass
 class TrainConfig:
@@ -14,7 +16,10 @@ class TrainConfig:
 
     Optimisation: AdamW (``lr``, ``weight_decay``), a cosine schedule with
     linear warm-up over ``warmup_epochs`` (restarted for stage 2 of two-stage
-    training), ``grad_clip`` on the global gradient norm.
+    training), ``grad_clip`` on the global gradient norm (``None``: no clipping).
+    ``optimizer="sgd"`` takes plain SGD with ``momentum`` (and ``weight_decay``)
+    instead, as much user code does: the ``explode`` preset of :mod:`stabq.compare`
+    runs every method under it.
 
     Guards (``guards=True``): a batch with non-finite inputs, or standardised
     inputs above ``feature_spike_factor`` x the recent batches', is skipped; a
@@ -48,7 +53,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -77,12 +84,18 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r}, allowed is an integer >= 0")
         for name in ("lr", "spike_factor", "feature_spike_factor", "grad_clip"):
             value = getattr(self, name)
+            if name == "grad_clip" and value is None:
+                continue
             if not isinstance(value, int | float) or not value > 0 or value == float("inf"):
                 raise ConfigError(f"{name}={value!r}, allowed is a finite number > 0")
         for name, low, high in (("val_fraction", 0.0, 0.9), ("lr_backoff", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not low < value < high:
                 raise ConfigError(f"{name}={value!r}, allowed is a number in ({low}, {high})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}, allowed: {', '.join(OPTIMIZERS)}")
+        if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum!r}, allowed is a number in [0, 1)")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay!r}, allowed is a number >= 0")
         if not isinstance(self.warmup_epochs, int | float) or self.warmup_epochs < 0:

@@ -131,9 +131,7 @@ def train(
     vx = on_device(val_data.x, device, shard=True)
     vy = distributed.shard_rows(torch.from_numpy(val_data.y).to(device))
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(list(model.parameters()), config)
     guard = StabilityGuard(
         model,
         optimizer,
@@ -381,8 +379,16 @@ def _rebuild_optimizer(
     config: TrainConfig,
     guard: StabilityGuard,
 ) -> torch.optim.Optimizer:
-    """A fresh AdamW over the trainable parameters for stage 2; the guard follows it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    """A fresh optimiser over the trainable parameters for stage 2; the guard follows it."""
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
     guard.follow(optimizer)
     return optimizer
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (the default), or SGD with ``config.momentum`` when ``config.optimizer="sgd"``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
