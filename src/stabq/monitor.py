@@ -243,6 +243,7 @@ class CollapseMonitor:
 
     # -- recording ----------------------------------------------------------------
 
+    @torch.compiler.disable  # a compiled quantizer would compile its hooks too: keep eager
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.training_only and not module.training:

@@ -145,6 +145,7 @@ class CodebookHealth(pl.Callback):
 
     @staticmethod
     def _count(usage: CodebookUsage) -> Callable:
+        @torch.compiler.disable
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not module.training:
                 usage.update(read_output(output)[0].detach())
@@ -233,6 +234,7 @@ class GuardCallback(pl.Callback):
         for module in find_quantizers(pl_module).values():
             self._handles.append(module.register_forward_pre_hook(self._feature_norm))
 
+    @torch.compiler.disable  # a compiled module would compile its hooks too: keep eager
     def _feature_norm(self, module: nn.Module, args: tuple) -> None:
         if module.training and args and isinstance(args[0], Tensor):
             self._norm = max(self._norm, _largest_row_norm(args[0]))
