@@ -188,6 +188,16 @@ def fsq_indices_to_codes(indices: Tensor, levels: Tensor, dtype: torch.dtype) ->
     return ((level_idx - half_width) / half_width).to(dtype)
 
 
+def grid_dtype(project_in: nn.Module, norm: nn.BatchNorm1d | None, x: Tensor) -> torch.dtype:
+    """The dtype a grid quantizer computes in: its projection's, else its normalisation's,
+    else float64 for float64 input and float32 otherwise."""
+    if isinstance(project_in, nn.Linear):
+        return project_in.weight.dtype
+    if norm is not None:
+        return norm.running_mean.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def pre_normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
     """``z`` ``(n, d)`` standardised per dimension by ``norm`` (batch statistics in training,
     running ones at eval or for a single row); ``z`` itself when ``norm`` is None."""
@@ -252,11 +262,7 @@ class FSQ(Quantizer):
         self.pre_norm = nn.BatchNorm1d(codes_dim, affine=False) if pre_norm else None
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        if isinstance(self.project_in, nn.Linear):
-            return self.project_in.weight.dtype
-        if self.pre_norm is not None:
-            return self.pre_norm.running_mean.dtype
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
+        return grid_dtype(self.project_in, self.pre_norm, x)
 
     def _normalise(self, z: Tensor) -> Tensor:
         return pre_normalise(self.pre_norm, z)

@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from stabq.errors import check, check_int, is_int
 from stabq.quantizers.base import Quantizer
-from stabq.quantizers.fsq import fsq_indices_to_levels, fsq_level_indices_to_index, pre_normalise
+from stabq.quantizers.fsq import (
+    fsq_indices_to_levels,
+    fsq_level_indices_to_index,
+    grid_dtype,
+    pre_normalise,
+)
 
 
 def symmetric_round(t: Tensor, levels: Tensor) -> Tensor:
@@ -96,11 +101,7 @@ class ResidualFSQ(Quantizer):
         self.pre_norm = nn.BatchNorm1d(codes_dim, affine=False) if pre_norm else None
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        if isinstance(self.project_in, nn.Linear):
-            return self.project_in.weight.dtype
-        if self.pre_norm is not None:
-            return self.pre_norm.running_mean.dtype
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
+        return grid_dtype(self.project_in, self.pre_norm, x)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = pre_normalise(self.pre_norm, self.project_in(x))
