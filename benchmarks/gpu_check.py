@@ -3,19 +3,13 @@
     python benchmarks/gpu_check.py [--device cuda] [--quick] [--data mnist1d]
                                    [--out gpu_check.json]
 
-1. equivalence: each preset built on the CPU, copied to the device, fed the same input, in
-   eval mode and for one training step: indices, ``quantized``, aux loss, input gradient and
-   state after the step against the CPU's, within the tolerances below (:func:`equivalence`);
-   with ``--device cpu``, bit for bit.
-2. timing: forward plus backward against vector-quantize-pytorch, median of repeats after
-   warm-ups, synchronised on CUDA: quantizers.py's rows that have a peer (its builders, and
-   its correctness check, which must pass), then simvq, rfsq, lfq and bsq.
-3. bf16: one epoch of each preset's BottleneckClassifier under ``torch.autocast`` in
-   bfloat16 (TrainConfig has no precision option): fails on a non-finite loss or weight.
-4. distributed: ``torchrun --nproc_per_node=1 -m stabq train`` for one epoch (started first,
-   beside checks 1 and 3, never beside the timing), and collectives in a 1-rank NCCL group
-   (gloo on the CPU): at world size 1 stabq joins no process group, so these are what
-   exercise NCCL.
+1. equivalence: each preset built on the CPU, copied to the device, given the same input;
+   outputs, loss, gradient and state against the CPU's (bit for bit with ``--device cpu``).
+2. timing: forward plus backward against vector-quantize-pytorch (median, synchronised).
+3. bf16: one epoch of each preset's classifier under ``torch.autocast`` in bfloat16.
+4. distributed: ``torchrun --nproc_per_node=1 -m stabq train`` (started first, beside checks
+   1 and 3, never beside the timing), and collectives in a 1-rank NCCL group (gloo on the
+   CPU): at world size 1 stabq joins no process group, so these are what exercise NCCL.
 
 Prints a table per check, saves the JSON after each (a run cut short keeps what it measured)
 and exits with status 1 when any check failed.
@@ -36,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +49,6 @@ DIM = 128  # BottleneckClassifier's default bottleneck_dim
 MIN_AGREEMENT, ATOL, RTOL = 0.999, 1e-4, 1e-4
 LOSS_ATOL = 1e-5  # aux losses can be small (0.004 for vq at init): ATOL alone would hide 2%
 FIELDS = ("quantized", "indices", "loss")  # of a QuantizerOutput
-NOISY_IN_TRAINING = {"gumbel"}  # training noise from the device's own generator
 NEW_PEERS: dict[str, Callable[[Any], torch.nn.Module]] = {  # as tests/test_<name>.py build them
     "simvq": lambda vqp: vqp.SimVQ(dim=DIM, codebook_size=1024, rotation_trick=False),
     "rfsq": lambda vqp: vqp.ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=DIM),
@@ -70,8 +64,6 @@ PORT_RACE = ("Address already in use", "EADDRINUSE", "DistNetworkError", "Rendez
 
 
 # 1. equivalence --------------------------------------------------------------------------
-
-
 def run_quantizer(q: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict:
     """Eval-mode outputs, then a seeded training step's outputs, input gradient and state."""
     q.eval()
@@ -147,7 +139,7 @@ def equivalence(preset: str, device: torch.device, rows: int) -> dict:
     ref = run_quantizer(cpu, x, upstream)
     got = run_quantizer(moved, x.to(device), upstream.to(device))
     exact = device.type == "cpu"
-    noisy = preset in NOISY_IN_TRAINING and not exact
+    noisy = preset == "gumbel" and not exact  # its training noise: the device's generator
     modes = {
         "eval": compare_outputs(got["eval"], ref["eval"], exact),
         "train": compare_outputs(got["train"], ref["train"], exact, loss_only=noisy),
@@ -158,13 +150,18 @@ def equivalence(preset: str, device: torch.device, rows: int) -> dict:
 
 
 # 2. timing against the peer --------------------------------------------------------------
-
-
-def timing_cases(device: torch.device, inputs: int | None) -> list[tuple[str, int, int, Callable]]:
-    """(name, inputs, dim, build(side)) per row: the rows of quantizers.py that have a peer
-    (one a builder key at ``inputs``, when given), then NEW_PEERS."""
+def timing(device: torch.device, inputs: int | None, repeats: int) -> list[dict]:
+    """quantizers.py's correctness check on ``device`` (it must pass), then the median forward
+    plus backward of ``repeats`` after warm-ups (``_measure.alternate``) of stabq and the peer
+    on quantizers.py's rows that have a peer (one a builder key at ``inputs``, when given) and
+    on NEW_PEERS."""
     import vector_quantize_pytorch as vqp
 
+    try:
+        bench.check_correctness(str(device))
+        results = [{"name": "quantizers.py correctness check", "passed": True}]
+    except AssertionError as err:
+        results = [{"name": "quantizers.py correctness check", "passed": False, "error": str(err)}]
     rows = [r for r in bench.ROWS if bench.build(replace(r, inputs=1), "peer", "cpu") is not None]
     if inputs is not None:  # one row a key, named by its new size
         rows = [replace(r, inputs=inputs, name=f"{r.key} {inputs}") for r in rows]
@@ -180,17 +177,7 @@ def timing_cases(device: torch.device, inputs: int | None) -> list[tuple[str, in
             return make_peer(vqp).to(device).train() if fits else None
 
         cases.append((f"{preset} {n}", n, DIM, build))
-    return cases
-
-
-def timing(device: torch.device, inputs: int | None, repeats: int) -> list[dict]:
-    """quantizers.py's correctness check on ``device``, then each row's medians."""
-    try:
-        bench.check_correctness(str(device))
-        results = [{"name": "quantizers.py correctness check", "passed": True}]
-    except AssertionError as err:
-        results = [{"name": "quantizers.py correctness check", "passed": False, "error": str(err)}]
-    for name, n, dim, build in timing_cases(device, inputs):
+    for name, n, dim, build in cases:
         torch.manual_seed(0)
         x = torch.randn(n, dim).to(device)
         sides = {s: build(side=s) for s in ("stabq", "peer")}
@@ -207,12 +194,11 @@ def timing(device: torch.device, inputs: int | None, repeats: int) -> list[dict]
 
 
 # 3. one bf16 epoch -----------------------------------------------------------------------
-
-
 def bf16_epoch(preset: str, train: Any, test: Any, device: torch.device) -> dict:
-    """One autocast-bf16 epoch of ``preset``'s classifier, a short loop of the public API
-    (AdamW 3e-3, batch 128, clip 1.0); test accuracy under bf16 and fp32, and the share of
-    test inputs both give the same codes."""
+    """One autocast-bf16 epoch of ``preset``'s classifier: TrainConfig has no precision
+    option, so a short loop of the public API (AdamW 3e-3, batch 128, clip 1.0). Fails on a
+    non-finite loss or weight; test accuracy under bf16 and fp32, and the share of test
+    inputs both give the same codes."""
     from stabq.data import Standardizer
 
     torch.manual_seed(0)
@@ -256,52 +242,46 @@ def bf16_epoch(preset: str, train: Any, test: Any, device: torch.device) -> dict
 
 
 # 4. torchrun smoke run and collectives ---------------------------------------------------
+def start_smoke_run(device: torch.device, data: str, workdir: Path) -> Callable[[], dict]:
+    """Start ``torchrun --standalone --nproc_per_node=1 -m stabq train`` for one epoch in the
+    background; the call returned waits for it and gives its verdict (exit status and model
+    file). A launch that lost its port to another process (--standalone's race) is retried."""
+    out, log = workdir / "smoke", workdir / "smoke.log"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+        "-m", "stabq", "train", "--data", data, "--quantizer", "fsq", "--epochs", "1",
+        "--device", str(device), "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
 
-
-class SmokeRun:
-    """``torchrun --standalone --nproc_per_node=1 -m stabq train`` for one epoch, started in
-    the background (it overlaps checks 1 and 3, never the timing); :meth:`result` waits."""
-
-    def __init__(self, device: torch.device, data: str, workdir: Path) -> None:
-        self.out, self.log = workdir / "smoke", workdir / "smoke.log"
-        self.cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            "-m", "stabq", "train", "--data", data, "--quantizer", "fsq", "--epochs", "1",
-            "--device", str(device), "--out", str(self.out), "--quiet",
-        ]  # fmt: skip
-        path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-        self.env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
-        self._launch()
-
-    def _launch(self) -> None:
-        self.start = time.perf_counter()
-        with self.log.open("w") as log:  # a file, not a pipe: a hung worker could hold one
-            self.proc = subprocess.Popen(
-                self.cmd, cwd=self.log.parent, env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+    def launch() -> subprocess.Popen:
+        with log.open("w") as sink:  # a file, not a pipe: a hung worker could hold a pipe
+            return subprocess.Popen(
+                cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )  # fmt: skip
 
-    def _wait(self) -> tuple[int, str]:
-        """Exit status and output; past SMOKE_TIMEOUT_S the run's session is killed (-9)."""
-        left = SMOKE_TIMEOUT_S - (time.perf_counter() - self.start)
+    def wait(proc: subprocess.Popen) -> int:
         try:
-            code = self.proc.wait(timeout=max(left, 1))
+            return proc.wait(timeout=SMOKE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this run started
-            code = self.proc.wait()
-        return code, self.log.read_text(errors="replace")
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this launch started
+            return proc.wait()
 
-    def result(self) -> dict:
-        """Exit status and model file; a launch that lost its port to another process (a
-        race of --standalone) is retried once."""
-        code, log = self._wait()
-        if code != 0 and any(sign in log for sign in PORT_RACE):
-            self._launch()
-            code, log = self._wait()
-        written = (self.out / "model.safetensors").is_file()
-        result = {"command": " ".join(self.cmd[1:]), "returncode": code, "model_written": written}
-        result["passed"] = code == 0 and written
-        return result if result["passed"] else {**result, "log_tail": log[-3000:]}
+    first = launch()
+
+    def result() -> dict:
+        code = wait(first)
+        if code != 0 and any(sign in log.read_text(errors="replace") for sign in PORT_RACE):
+            code = wait(launch())
+        written = (out / "model.safetensors").is_file()
+        verdict = {"command": " ".join(cmd[1:]), "returncode": code, "model_written": written}
+        verdict["passed"] = code == 0 and written
+        tail = {} if verdict["passed"] else {"log_tail": log.read_text(errors="replace")[-3000:]}
+        return {**verdict, **tail}
+
+    return result
 
 
 def collectives(device: torch.device, workdir: Path) -> dict:
@@ -327,28 +307,22 @@ def collectives(device: torch.device, workdir: Path) -> dict:
 
 
 # the run ---------------------------------------------------------------------------------
-
-COLUMNS = {
+COLUMNS = {  # the printed tables: (key, format); the header is the key in words
     "equivalence": [
-        ("preset", "preset", "{}"), ("eval codes agree", "eval_index_agreement", "{:.4f}"),
-        ("eval max diff", "eval_quantized_diff", "{:.2g}"),
-        ("eval loss diff", "eval_loss_diff", "{:.2g}"),
-        ("train codes agree", "train_index_agreement", "{:.4f}"),
-        ("train grad diff", "train_grad_diff", "{:.2g}"),
-        ("train state diff", "train_state_diff", "{:.2g}"), ("passed", "passed", "{}"),
+        ("preset", "{}"), ("eval_index_agreement", "{:.4f}"), ("eval_quantized_diff", "{:.2g}"),
+        ("eval_loss_diff", "{:.2g}"), ("train_index_agreement", "{:.4f}"),
+        ("train_grad_diff", "{:.2g}"), ("train_state_diff", "{:.2g}"), ("passed", "{}"),
     ],
     "timing": [
-        ("row", "name", "{}"), ("stabq ms", "stabq_ms", "{:.2f}"),
-        ("peer ms", "peer_ms", "{:.2f}"), ("speedup", "speedup", "{:.2f}x"),
-        ("passed", "passed", "{}"),
+        ("name", "{}"), ("stabq_ms", "{:.2f}"), ("peer_ms", "{:.2f}"), ("speedup", "{:.2f}x"),
+        ("passed", "{}"),
     ],
     "bf16": [
-        ("preset", "preset", "{}"), ("first loss", "first_loss", "{:.3f}"),
-        ("last loss", "last_loss", "{:.3f}"), ("acc bf16", "accuracy_bf16", "{:.3f}"),
-        ("acc fp32", "accuracy_fp32", "{:.3f}"),
-        ("codes as fp32", "codes_same_as_fp32", "{:.3f}"), ("passed", "passed", "{}"),
+        ("preset", "{}"), ("first_loss", "{:.3f}"), ("last_loss", "{:.3f}"),
+        ("accuracy_bf16", "{:.3f}"), ("accuracy_fp32", "{:.3f}"),
+        ("codes_same_as_fp32", "{:.3f}"), ("passed", "{}"),
     ],
-    "distributed": [("check", "name", "{}"), ("passed", "passed", "{}")],
+    "distributed": [("name", "{}"), ("passed", "{}")],
 }  # fmt: skip
 
 
@@ -399,21 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs one
         device = torch.device("cuda", torch.cuda.current_device())
     torch.set_float32_matmul_precision("highest")  # no TF32: the CPU reference is fp32
-    import vector_quantize_pytorch as vqp
-
     repeats, presets = (2 if args.quick else 7), stabq.preset_names()
     report: dict[str, Any] = {
         "device": str(device), "machine": machine(device.type),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "stabq": stabq.__version__,
-        "peer": getattr(vqp, "__version__", None), "quick": args.quick, "repeats": repeats,
+        "peer": version("vector-quantize-pytorch"), "quick": args.quick, "repeats": repeats,
         "tolerances": {
             "min_agreement": MIN_AGREEMENT, "atol": ATOL, "rtol": RTOL, "loss_atol": LOSS_ATOL,
         },
         "exact": device.type == "cpu", "seconds": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        smoke = SmokeRun(device, args.data, Path(tmp))
+        smoke = start_smoke_run(device, args.data, Path(tmp))  # beside checks 1 and 3 only
         rows = 512 if args.quick else 8192
         equal = lambda: [equivalence(p, device, rows) for p in presets]  # noqa: E731
         section(report, "equivalence", args.out, equal)
@@ -426,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
         section(report, "bf16", args.out, bf16)
         section(report, "distributed", args.out, lambda: [
-            {"name": "torchrun stabq train", **smoke.result()},
+            {"name": "torchrun stabq train", **smoke()},
             {"name": "1-rank collectives", **collectives(device, Path(tmp))},
         ])  # fmt: skip
     section(report, "timing", args.out, lambda: timing(device, 64 if args.quick else None, repeats))
@@ -435,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     save(report, args.out)
     print(f"\n{report['machine']}")
     for name, columns in COLUMNS.items():
+        columns = [(key.replace("_", " "), key, fmt) for key, fmt in columns]
         print(f"\n{name}\n\n{markdown(report[name], columns)}")
     print("\n".join(["\nFAILED:", *report["failures"]] if report["failures"] else ["\nall passed"]))
     return 0 if report["passed"] else 1
