@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -150,18 +150,13 @@ def equivalence(preset: str, device: torch.device, rows: int) -> dict:
 
 
 # 2. timing against the peer --------------------------------------------------------------
-def timing(device: torch.device, inputs: int | None, repeats: int) -> list[dict]:
-    """quantizers.py's correctness check on ``device`` (it must pass), then the median forward
-    plus backward of ``repeats`` after warm-ups (``_measure.alternate``) of stabq and the peer
-    on quantizers.py's rows that have a peer (one a builder key at ``inputs``, when given) and
-    on NEW_PEERS."""
+def timing_calls(device: torch.device, inputs: int | None, repeats: int) -> list[tuple]:
+    """(label, call) per row: quantizers.py's correctness check on ``device`` (it must pass),
+    then the median forward plus backward of ``repeats`` after warm-ups of stabq and the peer
+    on quantizers.py's rows that have a peer (one a builder key at ``inputs``, when given),
+    then on NEW_PEERS."""
     import vector_quantize_pytorch as vqp
 
-    try:
-        bench.check_correctness(str(device))
-        results = [{"name": "quantizers.py correctness check", "passed": True}]
-    except AssertionError as err:
-        results = [{"name": "quantizers.py correctness check", "passed": False, "error": str(err)}]
     rows = [r for r in bench.ROWS if bench.build(replace(r, inputs=1), "peer", "cpu") is not None]
     if inputs is not None:  # one row a key, named by its new size
         rows = [replace(r, inputs=inputs, name=f"{r.key} {inputs}") for r in rows]
@@ -177,36 +172,45 @@ def timing(device: torch.device, inputs: int | None, repeats: int) -> list[dict]
             return make_peer(vqp).to(device).train() if fits else None
 
         cases.append((f"{preset} {n}", n, DIM, build))
-    for name, n, dim, build in cases:
+
+    def correctness() -> dict:
+        bench.check_correctness(str(device))  # an AssertionError fails this row
+        return {"passed": True}
+
+    def time_case(n: int, dim: int, build: Callable) -> dict:
         torch.manual_seed(0)
         x = torch.randn(n, dim).to(device)
         sides = {s: build(side=s) for s in ("stabq", "peer")}
         runs = {s: bench.step(m, x, s) for s, m in sides.items() if m is not None}
         medians = alternate(runs, repeats, device.type)
-        row = {"name": name, "inputs": n, **{f"{s}_ms": ms for s, ms in medians.items()}}
+        row = {"inputs": n, **{f"{s}_ms": ms for s, ms in medians.items()}}
         if "peer_ms" in row:
             row["speedup"] = row["peer_ms"] / row["stabq_ms"]
-        results.append(row)
         del sides, runs
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the peer's LFQ rows held GiBs of code probabilities
-    return results
+        return row
+
+    calls = [(name, partial(time_case, n, dim, build)) for name, n, dim, build in cases]
+    return [("quantizers.py correctness check", correctness), *calls]
 
 
 # 3. one bf16 epoch -----------------------------------------------------------------------
-def bf16_epoch(preset: str, train: Any, test: Any, device: torch.device) -> dict:
+def bf16_epoch(
+    preset: str, train: Any, test: Any, device: torch.device, max_rows: int | None = None
+) -> dict:
     """One autocast-bf16 epoch of ``preset``'s classifier: TrainConfig has no precision
     option, so a short loop of the public API (AdamW 3e-3, batch 128, clip 1.0). Fails on a
     non-finite loss or weight; test accuracy under bf16 and fp32, and the share of test
-    inputs both give the same codes."""
+    inputs both give the same codes. ``max_rows``: train on the first rows alone."""
     from stabq.data import Standardizer
 
     torch.manual_seed(0)
     model = stabq.BottleneckClassifier(train.input_shape, train.num_classes, quantizer=preset)
-    stats = Standardizer.fit(train.x, model.stats_shape)
+    stats = Standardizer.fit(train.x[:max_rows], model.stats_shape)
     model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device).train()
-    x, y = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
+    x, y = (torch.from_numpy(a[:max_rows]).to(device) for a in (train.x, train.y))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
     losses = []
@@ -326,14 +330,16 @@ COLUMNS = {  # the printed tables: (key, format); the header is the key in words
 }  # fmt: skip
 
 
-def section(report: dict, name: str, out: str | None, call: Callable[[], list[dict]]) -> None:
-    """Run one check into ``report[name]`` (rows, each with ``passed`` where it has a
-    verdict) and save; an exception fails the check instead of ending the run."""
-    start = time.perf_counter()
-    try:
-        report[name] = call()
-    except Exception as err:
-        report[name] = [{"name": "error", "error": f"{type(err).__name__}: {err}", "passed": False}]
+def section(report: dict, name: str, out: str | None, calls: list[tuple]) -> None:
+    """Run one check's ``(label, call)`` pairs into rows of ``report[name]``, saving after
+    each; an exception fails its own row (``passed`` False) instead of ending the run."""
+    start, rows = time.perf_counter(), report.setdefault(name, [])
+    for label, call in calls:
+        try:
+            rows.append({"name": label, **call()})
+        except Exception as err:
+            rows.append({"name": label, "error": f"{type(err).__name__}: {err}", "passed": False})
+        save(report, out)
     report["seconds"][name] = time.perf_counter() - start
     print(f"done {name} ({report['seconds'][name]:.1f} s)", file=sys.stderr, flush=True)
     save(report, out)
@@ -348,7 +354,7 @@ def save(report: dict, out: str | None) -> None:
 def failures(report: dict) -> list[str]:
     """One line per failed row of any check (empty when everything passed)."""
     return [
-        f"{name} {row.get('preset', row.get('name'))}: "
+        f"{name} {row['name']}: "
         + ("; ".join(row.get("problems", [])) or row.get("error") or row.get("log_tail", ""))
         for name in COLUMNS
         for row in report.get(name, [])
@@ -387,21 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         smoke = start_smoke_run(device, args.data, Path(tmp))  # beside checks 1 and 3 only
         rows = 512 if args.quick else 8192
-        equal = lambda: [equivalence(p, device, rows) for p in presets]  # noqa: E731
-        section(report, "equivalence", args.out, equal)
+        section(report, "equivalence", args.out,
+                [(p, partial(equivalence, p, device, rows)) for p in presets])  # fmt: skip
+        data = cache(lambda: (load_data(args.data, "train"), load_data(args.data, "test")))
 
-        def bf16() -> list[dict]:
-            train, test = load_data(args.data, "train"), load_data(args.data, "test")
-            if args.quick:
-                train.x, train.y = train.x[:1024], train.y[:1024]
-            return [bf16_epoch(p, train, test, device) for p in presets]
+        def bf16(preset: str) -> dict:
+            return bf16_epoch(preset, *data(), device, 1024 if args.quick else None)
 
-        section(report, "bf16", args.out, bf16)
-        section(report, "distributed", args.out, lambda: [
-            {"name": "torchrun stabq train", **smoke()},
-            {"name": "1-rank collectives", **collectives(device, Path(tmp))},
+        section(report, "bf16", args.out, [(p, partial(bf16, p)) for p in presets])
+        section(report, "distributed", args.out, [
+            ("torchrun stabq train", smoke),
+            ("1-rank collectives", partial(collectives, device, Path(tmp))),
         ])  # fmt: skip
-    section(report, "timing", args.out, lambda: timing(device, 64 if args.quick else None, repeats))
+    section(report, "timing", args.out, timing_calls(device, 64 if args.quick else None, repeats))
     report["failures"] = failures(report)
     report["passed"] = not report["failures"]
     save(report, args.out)

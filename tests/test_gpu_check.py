@@ -52,7 +52,7 @@ def test_the_check_runs_on_the_cpu_and_passes_exactly(tmp_path):
     assert report["device"] == "cpu" and report["exact"] and report["torch"] == torch.__version__
     presets = stabq.preset_names()
     for name in ("equivalence", "bf16"):
-        assert [row["preset"] for row in report[name]] == presets, name
+        assert [row["name"] for row in report[name]] == presets, name
         assert all(row["passed"] for row in report[name]), name
     for row in report["equivalence"]:  # CPU against CPU: bit for bit
         assert row["eval_index_agreement"] == row["train_index_agreement"] == 1.0
@@ -90,5 +90,13 @@ def test_the_comparison_flags_what_differs(gpu_check, change):
         got["loss"] = got["loss"] * (1 + 1e-2)
     result = gpu_check.compare_outputs(got, ref, exact=exact)
     assert not result["passed"] and result["problems"]
-    report = {"equivalence": [{"preset": "vq", **result}]}
+    report = {"equivalence": [{"name": "vq", **result}]}
     assert gpu_check.failures(report)[0].startswith("equivalence vq: ")
+
+
+def test_a_check_that_raises_fails_its_own_row_and_the_run(gpu_check):
+    report: dict = {"seconds": {}}
+    calls = [("fsq", lambda: {"preset": "fsq", "passed": True}), ("vq", lambda: 1 / 0)]
+    gpu_check.section(report, "equivalence", None, calls)
+    assert [row["name"] for row in report["equivalence"]] == ["fsq", "vq"]
+    assert gpu_check.failures(report) == ["equivalence vq: ZeroDivisionError: division by zero"]
