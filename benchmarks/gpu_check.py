@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py [--device cuda] [--quick] [--data mnist1d]
                                    [--out gpu_check.json]
 
+    timeout 300 python benchmarks/gpu_check.py --out gpu_check.json   # one call on a GPU
+
 1. equivalence: each preset built on the CPU, copied to the device, given the same input;
    outputs, loss, gradient and state against the CPU's (bit for bit with ``--device cpu``).
 2. timing: forward plus backward against vector-quantize-pytorch (median, synchronised).
