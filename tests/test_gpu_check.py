@@ -22,7 +22,7 @@ import stabq
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-TIMEOUT_S = 300  # far above the ~25 s it takes on a loaded 2-core machine: only a hang hits it
+TIMEOUT_S = 300  # far above its 20-35 s on the shared 2-core machine: only a hang hits it
 
 
 @pytest.fixture(scope="module")
