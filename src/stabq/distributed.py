@@ -153,7 +153,7 @@ def batch_norm(norm: nn.BatchNorm1d, z: Tensor) -> Tensor:
     if not (norm.training and is_distributed()):
         return norm(z)
     total = sum_over_ranks(torch.cat([z.sum(0), z.new_full((1,), z.shape[0])]))
-    rows = float(total[-1])  # identical on every rank: so is every branch below
+    rows = float(total[-1].detach())  # identical on every rank: so is every branch below
     if rows < 2:
         return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
     mean = total[:-1] / rows

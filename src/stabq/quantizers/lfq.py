@@ -79,7 +79,7 @@ def _entropies(logits: Tensor, sync: bool) -> tuple[Tensor, Tensor, float]:
     sums, rows = torch.stack([p.sum(0), q.sum(0)]), float(n)
     if sync:  # one collective for the sums and the count
         packed = distributed.sum_over_ranks(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
-        sums, rows = packed[:-1].view_as(sums), float(packed[-1])
+        sums, rows = packed[:-1].view_as(sums), float(packed[-1].detach())
     pbar, qbar = sums / max(rows, 1.0)
     tiny = torch.finfo(pbar.dtype).tiny  # no log(0): 0 log 0 = 0, with a zero gradient
     marginal = -(pbar * pbar.clamp_min(tiny).log() + qbar * qbar.clamp_min(tiny).log())
