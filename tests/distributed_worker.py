@@ -18,7 +18,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer, distributed
+from stabq import (
+    FSQ,
+    LFQ,
+    GumbelQuantizer,
+    ProductQuantizer,
+    ResidualFSQ,
+    ResidualVQ,
+    SimVQ,
+    VectorQuantizer,
+    distributed,
+)
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.monitor import CollapseMonitor
@@ -36,6 +46,17 @@ DDP_CASES = {
     "fsq": lambda: FSQ([5, 5, 5], dim=DIM),
     "gumbel": lambda: GumbelQuantizer(DIM, codebook_size=16),
 }
+# Quantizers whose state or loss depends on the whole batch: SimVQ's k-means basis, LFQ's and
+# BSQ's codebook entropy (inv_temperature 1: soft bits, so its gradient is not ~0), ResidualFSQ's
+# batch normalisation. Projections everywhere (6 or 2 code dims for DIM 8), so SGD moves them.
+BATCH_STAT_CASES = {
+    "simvq-kmeans": lambda: SimVQ(DIM, 16, init="kmeans"),
+    "lfq": lambda: LFQ(DIM, bits=3, num_codebooks=2, entropy_weight=1.0, inv_temperature=1.0,
+                       commitment_weight=0.25),
+    "bsq": lambda: LFQ(DIM, bits=3, num_codebooks=2, entropy_weight=1.0, inv_temperature=1.0,
+                       spherical=True),
+    "rfsq": lambda: ResidualFSQ([5, 4], num_quantizers=3, dim=DIM, pre_norm=True),
+}  # fmt: skip
 # (rows of the global batch on rank 0, global batch size); rank 1 takes the rest.
 # Uneven on purpose: k-means on a 5/19 split, rank 1 empty, rank 0 nearly empty,
 # rank 0 empty, a step empty on both ranks.
@@ -45,6 +66,20 @@ TRAIN_ROWS = {
     "trainer-odd": 129,
     "trainer-two-stage": 128,
     "trainer-cnn1d": 128,
+    "trainer-rfsq": 128,
+    "trainer-simvq": 128,
+    "trainer-lfq": 128,
+}
+# The preset and options of the trainer cases of batch-statistics quantizers (the others use
+# the repaired VQ). These run in float64: in float32 their 12 steps amplify the last-bit
+# differences of 2 ranks' sums (ResidualFSQ's finest grid, LFQ's sharp entropy, AdamW's first
+# step of lr * sign(g) on ~0 gradients) to relative 1e-3 (lfq) and 1e-1 (rfsq) between 1 and
+# 2 processes, so a float32 verdict would hang on last bits; in float64 they agree to 1e-7.
+REPAIRED_VQ = ("vq", {"codebook_size": 16, "codebook_dim": 4})
+TRAIN_QUANTIZERS = {
+    "trainer-rfsq": ("rfsq", {}),
+    "trainer-simvq": ("simvq", {"init": "kmeans"}),  # k-means on the first global batch
+    "trainer-lfq": ("lfq", {}),
 }
 
 
@@ -216,28 +251,65 @@ def run_ddp_case(name: str, rank: int, world: int) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in q.state_dict().items()}
 
 
-def trainer_data(rows: int) -> tuple:
+def run_batch_stat_case(name: str, rank: int = 0, world: int = 1) -> dict:
+    """SGD through SPLITS (uneven, empty ranks, an empty step) on a batch-statistics quantizer.
+
+    Each rank's loss is weighed by its share of the global rows (times ``world``), and the
+    gradients are averaged over ranks by hand, as DDP averages them (DDP itself would also
+    broadcast rank 0's buffers each step and hide running statistics that drift apart).
+    Returns the final state plus, per step ``i``, ``loss.i`` (this rank's weighted loss; the
+    ranks' sum over ``world`` is one process's loss) and ``grad.i.<param>`` (averaged).
+    """
+    torch.manual_seed(0)
+    q = BATCH_STAT_CASES[name]().train()
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    torch.manual_seed(100 + rank)  # k-means seeds differ by rank: rank 0's must rule
+    record = {}
+    for step in range(len(SPLITS)):
+        x = my_rows(step, rank, world)
+        share = world / max(1, SPLITS[step][1])  # per global row, times world
+        out = q(x)
+        sq = (out.quantized - x.flip(-1)).pow(2).sum() / DIM
+        loss = (sq + out.loss * x.shape[0]) * share
+        graph = sum(p.sum() * 0 for p in q.parameters())  # a graph on every rank, rows or not
+        opt.zero_grad()
+        (loss + graph).backward()
+        for key, p in q.named_parameters():
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            distributed.all_reduce_sum_(grad)
+            p.grad = grad / world
+            record[f"grad.{step}.{key}"] = p.grad.clone()
+        record[f"loss.{step}"] = loss.detach().reshape(1)
+        opt.step()
+    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+    return {k: v.contiguous() for k, v in {**state, **record}.items()}
+
+
+def trainer_data(rows: int, dtype: type = np.float32) -> tuple:
     g = np.random.default_rng(0)
     y = np.arange(rows) % 3
-    x = (g.normal(size=(rows, 6)) + 2.0 * y[:, None]).astype(np.float32)
+    x = (g.normal(size=(rows, 6)) + 2.0 * y[:, None]).astype(dtype)
     vy = np.arange(30) % 3
-    vx = (g.normal(size=(30, 6)) + 2.0 * vy[:, None]).astype(np.float32)
+    vx = (g.normal(size=(30, 6)) + 2.0 * vy[:, None]).astype(dtype)
     return (x, y), (vx, vy)
 
 
 def trainer_model(name: str) -> BottleneckClassifier:
     """The untrained model of a trainer case (seed 0)."""
+    quantizer, options = TRAIN_QUANTIZERS.get(name, REPAIRED_VQ)
     torch.manual_seed(0)
-    return BottleneckClassifier(
-        6, 3, quantizer="vq", hidden=16, bottleneck_dim=8, dropout=0.0, codebook_size=16,
-        codebook_dim=4, encoder="cnn1d" if name == "trainer-cnn1d" else "mlp",
+    model = BottleneckClassifier(
+        6, 3, quantizer=quantizer, hidden=16, bottleneck_dim=8, dropout=0.0, **options,
+        encoder="cnn1d" if name == "trainer-cnn1d" else "mlp",
     )  # fmt: skip
+    return model.double() if name in TRAIN_QUANTIZERS else model
 
 
 def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
-    """stabq.train with the repaired VQ, dropout 0 (so 1 and 2 processes can agree); the rows
-    are sequences of length 6 for the CNN encoder."""
-    train_set, val_set = trainer_data(TRAIN_ROWS[name])
+    """stabq.train with the repaired VQ (or the case's preset, in float64), dropout 0 (so 1 and
+    2 processes can agree); the rows are sequences of length 6 for the CNN encoder."""
+    dtype = np.float64 if name in TRAIN_QUANTIZERS else np.float32
+    train_set, val_set = trainer_data(TRAIN_ROWS[name], dtype)
     model = trainer_model(name)
     two_stage = name == "trainer-two-stage"  # stage 1 leaves the VQ projections idle
     config = TrainConfig(
@@ -266,6 +338,9 @@ def main(out: Path) -> None:
             (out / "alone.rank0.json").write_text(json.dumps(run_on_rank_0_alone()))
         for name in DDP_CASES:
             save_file(run_ddp_case(name, rank, world), out / f"{name}.rank{rank}.safetensors")
+        for name in BATCH_STAT_CASES:
+            state = run_batch_stat_case(name, rank, world)
+            save_file(state, out / f"{name}.rank{rank}.safetensors")
         for name in TRAIN_ROWS:
             state, history = run_trainer_case(name)
             save_file(state, out / f"{name}.rank{rank}.safetensors")

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stabq.errors import ConfigError
@@ -109,6 +110,63 @@ def sum_statistics_(counts: Tensor, sums: Tensor) -> bool:
         return True
     all_reduce_sum_(counts, sums)
     return bool(counts.any())
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: the gradient summed over ranks too, since
+    every rank's loss depends on every rank's input."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """``t`` summed over all ranks, differentiably (``t`` itself without a process group).
+
+    Every rank must call it, in the same order, and call backward through it if
+    any rank does. Under DistributedDataParallel (which averages the gradients)
+    a loss term ``f(sum_over_ranks(s) / N)`` that every rank adds with weight 1
+    gets one process's gradient for ``f`` of the joined batch's mean.
+    """
+    return _SumOverRanks.apply(t) if is_distributed() else t
+
+
+def batch_norm(norm: nn.BatchNorm1d, z: Tensor) -> Tensor:
+    """``norm(z)`` for ``z`` ``(n, d)``, in distributed training on all ranks' rows together.
+
+    As :class:`torch.nn.SyncBatchNorm`, on any device and for any per-rank ``n``
+    (0 included): the mean and the biased variance (two passes, differentiable)
+    are those of the joined batch, the running statistics take the same step on
+    every rank, and fewer than 2 rows over all ranks are normalised by the
+    running statistics (one value has no variance). Outside training or without
+    a process group it is ``norm(z)``.
+    """
+    if not (norm.training and is_distributed()):
+        return norm(z)
+    total = sum_over_ranks(torch.cat([z.sum(0), z.new_full((1,), z.shape[0])]))
+    rows = float(total[-1].detach())  # identical on every rank: so is every branch below
+    if rows < 2:
+        return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+    mean = total[:-1] / rows
+    var = sum_over_ranks((z - mean).pow(2).sum(0)) / rows
+    if norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            momentum = norm.momentum
+            step = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
+            norm.running_mean.lerp_(mean.detach(), step)
+            norm.running_var.lerp_(var.detach() * (rows / (rows - 1)), step)
+    out = (z - mean) * torch.rsqrt(var + norm.eps)
+    return out * norm.weight + norm.bias if norm.affine else out
 
 
 def broadcast_(*tensors: Tensor, src: int = 0) -> None:
@@ -292,6 +350,7 @@ __all__ = [
     "all_reduce_sum_",
     "all_true",
     "backend",
+    "batch_norm",
     "broadcast_",
     "even_batches",
     "gather_rows",
@@ -304,6 +363,7 @@ __all__ = [
     "shard_batches",
     "shard_rows",
     "steps_per_epoch",
+    "sum_over_ranks",
     "sum_statistics_",
     "training_forward",
     "world_size",

@@ -28,8 +28,19 @@ the time; it does not see bits that move together. The loss is
 averaged over codebooks: the peer's ``H_sample - gamma H_codebook`` plus the
 constant ``gamma d ln 2``, so that it is >= 0 like every stabq loss (same gradients;
 the gap is clamped at 0 against rounding).
-Logits are clamped to +-80, where ``sigmoid`` is flat in float32. Under
-torch.distributed ``pbar`` is averaged over ranks (differentiably, as the peer does).
+Logits are clamped to +-80, where ``sigmoid`` is flat in float32.
+
+Distributed training: ``pbar`` is the mean over every rank's rows, from one
+differentiable all-reduce of the per-bit sums and the row count
+(:func:`stabq.distributed.sum_over_ranks`), so ``H_codebook`` is the global
+batch's, the same on every rank (a rank without rows carries it too). Under
+DistributedDataParallel, which averages the gradients, its gradient is one
+process's on the joined batch; ``H_sample`` and the commitment stay this rank's
+means. So ranks with equal shares of a batch get one process's loss and
+gradients on the whole batch; with unequal shares, weigh each rank's loss by
+its share of the rows (times the world size), as :func:`stabq.distributed.even_batches`
+says. In eval mode the statistics are this rank's own: no collective, so
+evaluating on one rank alone cannot wait for the others.
 """
 
 from __future__ import annotations
@@ -48,24 +59,31 @@ from stabq.quantizers.codebook import l2norm
 LOGIT_BOUND = 80.0
 
 
-def bit_entropies(logits: Tensor) -> tuple[Tensor, Tensor]:
+def bit_entropies(logits: Tensor, sync: bool = False) -> tuple[Tensor, Tensor]:
     """Per-sample and batch-marginal bit entropies of ``sigmoid(logits)`` ``(n, C, d)``.
 
     Returns ``(H_sample, H_codebook)``, each ``(C,)`` in nats: ``mean_n sum_i h(p_ni)``
-    and ``sum_i h(mean_n p_ni)``, ``pbar`` averaged over ranks under torch.distributed.
+    and ``sum_i h(mean_n p_ni)`` (0 for no rows). ``sync=True``: ``pbar`` over every
+    rank's rows, and every rank must call it (see the module docstring).
     """
-    logits = logits.clamp(-LOGIT_BOUND, LOGIT_BOUND)
-    p, q = torch.sigmoid(logits), torch.sigmoid(-logits)  # q = 1 - p, without cancellation
-    sample = (p * F.softplus(-logits) + q * F.softplus(logits)).sum(-1).mean(0)
-    pbar, qbar = p.mean(0), q.mean(0)
-    if distributed.is_distributed():
-        from torch.distributed.nn.functional import all_reduce
+    sample, marginal, _ = _entropies(logits, sync)
+    return sample, marginal
 
-        world = distributed.world_size()
-        pbar, qbar = all_reduce(pbar) / world, all_reduce(qbar) / world
+
+def _entropies(logits: Tensor, sync: bool) -> tuple[Tensor, Tensor, float]:
+    """:func:`bit_entropies` and the rows ``pbar`` is over (all ranks' when synced)."""
+    logits = logits.clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    n = logits.shape[0]
+    p, q = torch.sigmoid(logits), torch.sigmoid(-logits)  # q = 1 - p, without cancellation
+    sample = (p * F.softplus(-logits) + q * F.softplus(logits)).sum(-1).sum(0) / max(n, 1)
+    sums, rows = torch.stack([p.sum(0), q.sum(0)]), float(n)
+    if sync:  # one collective for the sums and the count
+        packed = distributed.sum_over_ranks(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
+        sums, rows = packed[:-1].view_as(sums), float(packed[-1].detach())
+    pbar, qbar = sums / max(rows, 1.0)
     tiny = torch.finfo(pbar.dtype).tiny  # no log(0): 0 log 0 = 0, with a zero gradient
     marginal = -(pbar * pbar.clamp_min(tiny).log() + qbar * qbar.clamp_min(tiny).log())
-    return sample, marginal.sum(-1)
+    return sample, marginal.sum(-1), rows
 
 
 class LFQ(Quantizer):
@@ -142,12 +160,14 @@ class LFQ(Quantizer):
         indices = (positive.long() * self.mask).sum(-1)
         out = self.project_out((codes + (z - z.detach())).view(n, c * d))  # value: the code
         loss = x.new_zeros((), dtype=torch.float32)
-        if n:
+        sync = self.training and distributed.is_distributed()  # the same on every rank
+        if n or sync:
             scale = self.codebook_scale / math.sqrt(d) if self.spherical else self.codebook_scale
-            sample, marginal = bit_entropies(z * (4 * self.inv_temperature * scale))
-            gap = (d * math.log(2) - marginal).clamp_min(0)  # a bit's entropy is <= ln 2
-            loss = self.entropy_weight * (sample + self.diversity_gamma * gap).mean().float()
-            if self.commitment_weight > 0:  # 0 * inf would be NaN on huge inputs
+            sample, marginal, rows = _entropies(z * (4 * self.inv_temperature * scale), sync)
+            if rows:  # rows over all ranks when synced: every rank takes this branch or none
+                gap = (d * math.log(2) - marginal).clamp_min(0)  # a bit's entropy is <= ln 2
+                loss = self.entropy_weight * (sample + self.diversity_gamma * gap).mean().float()
+            if self.commitment_weight > 0 and n:  # 0 * inf would be NaN on huge inputs
                 loss = loss + self.commitment_weight * F.mse_loss(z, codes.detach()).float()
         return out, indices if self.multi_codebook else indices[:, 0], loss
 

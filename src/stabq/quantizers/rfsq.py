@@ -20,7 +20,11 @@ There is no codebook and no auxiliary loss. Codes and indices equal
 vector-quantize-pytorch's ``ResidualFSQ`` (1.32) for the same levels and
 input with ``pre_norm=False``; ``pre_norm=True`` standardises each code
 dimension before the tanh, as :class:`~stabq.quantizers.fsq.FSQ` does, so the
-projection cannot grow until every input sits on a corner.
+projection cannot grow until every input sits on a corner. In distributed
+training those statistics are the joined batch's, running ones included
+(:func:`stabq.distributed.batch_norm`): ranks stay identical, and equal to one
+process on the whole batch. Apart from them the layers hold no state (the
+scales are constants).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from stabq import distributed
 from stabq.errors import check, check_int, is_int
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import (
@@ -52,6 +57,16 @@ def symmetric_round(t: Tensor, levels: Tensor) -> Tensor:
     return bracket + (bracket.floor() - bracket).detach()
 
 
+def normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
+    """:func:`~stabq.quantizers.fsq.pre_normalise`, over every rank's rows in distributed
+    training (the same bound first, and the same rule for fewer than 2 rows, counted
+    over all ranks)."""
+    if norm is None or not (norm.training and distributed.is_distributed()):
+        return pre_normalise(norm, z)
+    limit = math.sqrt(torch.finfo(z.dtype).max) / 1024  # pre_normalise's bound
+    return distributed.batch_norm(norm, z.clamp(-limit, limit))
+
+
 class ResidualFSQ(Quantizer):
     """``num_quantizers`` FSQ layers over ``levels`` on successive, finer residuals.
 
@@ -60,8 +75,9 @@ class ResidualFSQ(Quantizer):
         num_quantizers: layers ``Q``; indices are ``(..., Q)``.
         dim: input size; Linear projections ``dim -> len(levels)`` and back when
             it differs from ``len(levels)``.
-        pre_norm: standardise each code dimension over the batch before the
-            soft clamp (BatchNorm without affine), so tanh cannot saturate.
+        pre_norm: standardise each code dimension over the batch (all ranks' rows
+            in distributed training) before the soft clamp (BatchNorm without
+            affine), so tanh cannot saturate.
     """
 
     grid = True  # fixed cells (levels or signs): health reports occupied cells, not dead codes
@@ -104,7 +120,7 @@ class ResidualFSQ(Quantizer):
         return grid_dtype(self.project_in, self.pre_norm, x)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = pre_normalise(self.pre_norm, self.project_in(x))
+        z = normalise(self.pre_norm, self.project_in(x))
         clamp = self._clamp.to(z.dtype)
         residual = (z / clamp).tanh() * clamp
         levels, steps = self._levels.to(z.dtype), (2.0 / (self._levels - 1)).to(z.dtype)
