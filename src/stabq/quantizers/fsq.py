@@ -64,27 +64,27 @@ class _BoundRound(torch.autograd.Function):
     Rounding passes gradients straight through, so
     ``d codes / dz = half_l / half_width * (1 - tanh(z + shift)^2)``. ``z`` is
     ``(n / g, g d)`` (rows packed ``g`` at a time), every constant ``(g d,)``.
-    Forward takes five elementwise passes and turns ``r`` into the codes in
-    place once its index is read. Backward recomputes ``tanh`` from ``z``
-    rather than keeping it alive from forward to backward: two passes more
-    than the minimum, and one tensor less at the peak wherever the caller holds ``z``.
+    Forward takes five elementwise passes over two buffers: ``y = tanh(z + shift)``,
+    kept for backward, and ``r``, turned into the codes in place once its index is
+    read. Backward is two passes, ``grad (1 - y^2)`` then ``* slope``: ``tanh`` is
+    the costliest operation of the step on CPU, and keeping ``y`` rather than ``z``
+    computes it once (the peer keeps it too); ``y`` is never written, so a
+    ``retain_graph`` backward finds it intact.
     """
 
     @staticmethod
     def forward(ctx, z, shift, half_l, neg_offset, half_width, slope, index):
-        r = torch.add(z, shift).tanh_()  # y = tanh(z + shift), then r in the same buffer
-        torch.addcmul(neg_offset, r, half_l, out=r).round_()
+        y = torch.add(z, shift).tanh_()
+        r = torch.addcmul(neg_offset, y, half_l).round_()
         indices = index(r)
-        ctx.save_for_backward(z, shift, slope)
+        ctx.save_for_backward(y, slope)
         ctx.mark_non_differentiable(indices)
         return r.div_(half_width), indices  # divided, not times 1 / w: the peer's exact values
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
-        z, shift, slope = ctx.saved_tensors
-        y = torch.add(z, shift).tanh_()
-        grad_z = torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=y)  # in place
-        return grad_z.mul_(slope), None, None, None, None, None, None
+        y, slope = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y).mul_(slope), None, None, None, None, None, None
 
 
 def fsq_bound_round_plain(z: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
