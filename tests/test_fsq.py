@@ -137,8 +137,8 @@ def test_gradients_are_autograd_of_the_plain_bound(levels, rows, dtype):
     times the straight-through slope ``half_l / half_width``, for a random upstream
     gradient and for ``quantized.sum()``'s expanded one; within rounding of autograd
     through the whole plain formula (``fsq_bound_round_plain``), whose codes and indices
-    it equals away from rounding ties. The upstream gradient is left as it was, and a
-    second backward (``retain_graph``) gives the same gradient."""
+    it equals away from rounding ties. The upstream gradient is left as it was, and
+    backward after ``retain_graph`` or ``create_graph`` gives the same gradient."""
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, len(levels), generator=gen) * 2).to(dtype)
     shift, _, _, _, slope = fsq_constants(torch.tensor(levels)).to(dtype)
@@ -154,8 +154,10 @@ def test_gradients_are_autograd_of_the_plain_bound(levels, rows, dtype):
             out.quantized.backward(upstream, retain_graph=True)
             assert torch.equal(upstream, kept)  # not written into
         first = z.grad.clone()
+        (again,) = torch.autograd.grad(out.quantized, z, grad, retain_graph=True, create_graph=True)
+        assert torch.equal(again, first)
         z.grad = None
-        out.quantized.backward(grad)
+        out.quantized.backward(grad)  # the last: backward may reuse what it kept
         assert torch.equal(z.grad, first)  # what backward keeps is intact after a backward
         ref_z = x.clone().requires_grad_()
         (bound_grad,) = torch.autograd.grad(torch.tanh(ref_z + shift), ref_z, grad)
