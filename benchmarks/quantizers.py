@@ -1,15 +1,23 @@
 """stabq's quantizers against vector-quantize-pytorch, side by side in one process.
 
     python benchmarks/quantizers.py [--repeats 7] [--device cpu|cuda] [--sweep]
-                                    [--json benchmarks/results/quantizers-cpu.json]
+                                    [--json benchmarks/results/quantizers-userstyle-cpu.json]
 
 Checks correctness before timing anything (stabq's FSQ indices equal the
 peer's; the tiled nearest-code search equals brute force), then times forward
-plus backward (EMA update included) of each row, stabq and peer alternated,
-and prints the median, the ratio and the peak memory of each side (see
-``_measure.py``). Each row's floor is timed in the same run: the matrix
-products nearest-code search cannot avoid (VQ rows), one elementwise pass
-(FSQ rows). ``--sweep`` adds VQ-EMA from 1,024 to 262,144 inputs and 256 to
+plus backward (EMA update included) of each row, two ways, all four steps
+(stabq and peer, each way) alternated in one loop:
+
+- fixed: the quantized output's gradient is a fixed random tensor and an
+  auxiliary loss's is 1, so no loss arithmetic is timed beside the quantizer's;
+- user: as a user's loop runs it, ``(quantized.sum() + aux_loss).backward()``
+  (the peer: its tuple's first entry plus its aux or commitment loss, if any).
+
+It prints the medians, each way's ratio peer / stabq, and the peak memory of
+each side (fixed way, see ``_measure.py``). Each row's floor is timed in the
+same run: the matrix products nearest-code search cannot avoid (VQ rows), one
+elementwise pass over the input (grid rows: FSQ, residual FSQ, LFQ, BSQ).
+``--sweep`` adds VQ-EMA from 1,024 to 262,144 inputs and 256 to
 65,536 codes, FSQ from 1,024 to 262,144 inputs, and the memory of a 65,536-code
 search over 65,536 inputs (the peer is not run where its full distance matrix
 would pass 1 GiB).
@@ -30,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import alternate, elapsed_ms, machine, markdown, peak_mib
 
 LEVELS = [8, 8, 8, 5, 5, 5]
+RFSQ_LEVELS = [8, 5, 5, 5]
+GRID_KEYS = ("fsq", "fsq-pre", "rfsq", "lfq", "bsq")  # floor: one elementwise pass
 # bytes of float32 distances the peer builds at once: its search holds several such
 # matrices, and at 4 GiB (262,144 x 4,096) it was killed for memory on a 24 GB machine
 PEER_DISTANCE_LIMIT = 2**30
@@ -40,7 +50,7 @@ class Row:
     name: str
     inputs: int
     key: str  # builder key, below
-    codes: int = 1024  # codes per codebook
+    codes: int = 1024  # codes per codebook (LFQ, BSQ: 2^bits)
     dim: int = 128
 
     @property
@@ -56,12 +66,18 @@ class Row:
 ROWS = [
     Row("fsq 16k", 16384, "fsq", dim=6),
     Row("fsq 262k", 262144, "fsq", dim=6),
+    # the `fsq` preset standardises z first (BatchNorm); the peer has no such option
+    Row("fsq 262k, pre_norm (preset; peer without)", 262144, "fsq-pre", dim=6),
     Row("vq-ema 1024x128", 16384, "vq-ema"),
     Row("vq repaired 512 (cosine, 32-d)", 16384, "vq", codes=512),
     Row("rvq 4x256x128", 16384, "rvq", codes=256),
     Row("vq-ema 1024x128, peer defaults", 16384, "vq-ema-peer-defaults"),
     Row("pq 8x256 over 128", 16384, "pq", codes=256),
     Row("gumbel 1024x128", 16384, "gumbel"),
+    Row("simvq 1024x128", 16384, "simvq"),
+    Row("rfsq 4x[8,5,5,5] over 128", 16384, "rfsq", codes=1000),
+    Row("lfq 10 bits over 128", 16384, "lfq"),
+    Row("bsq 10 bits over 128", 16384, "bsq"),
 ]
 
 
@@ -83,21 +99,29 @@ def build(row: Row, side: str, device: str) -> torch.nn.Module | None:
     if side == "stabq":
         module = {
             "fsq": lambda: stabq.FSQ(LEVELS),
+            "fsq-pre": lambda: stabq.FSQ(LEVELS, pre_norm=True),
             "vq-ema": lambda: stabq.VectorQuantizer(row.dim, k),
             "vq-ema-peer-defaults": lambda: stabq.VectorQuantizer(row.dim, k),
             "vq": lambda: stabq.build_quantizer("vq", row.dim),
             "rvq": lambda: stabq.ResidualVQ(row.dim, 4, k),
             "pq": lambda: stabq.ProductQuantizer(row.dim, 8, k.bit_length() - 1),
             "gumbel": lambda: stabq.GumbelQuantizer(row.dim, k),
+            "simvq": lambda: stabq.SimVQ(row.dim, k),
+            "rfsq": lambda: stabq.ResidualFSQ(RFSQ_LEVELS, 4, dim=row.dim),
+            "lfq": lambda: stabq.LFQ(row.dim, k.bit_length() - 1),
+            "bsq": lambda: stabq.LFQ(row.dim, k.bit_length() - 1, spherical=True),
         }[row.key]()
         return module.to(device).train()
-    if row.key != "fsq" and row.inputs * k * 4 > PEER_DISTANCE_LIMIT:
+    # LFQ's peer scores all 2^bits codes per input: an (n, K) matrix like a distance one
+    scores_every_code = row.key not in ("fsq", "fsq-pre", "rfsq")
+    if scores_every_code and row.inputs * k * 4 > PEER_DISTANCE_LIMIT:
         return None
     import vector_quantize_pytorch as vqp
 
     like = {"decay": 0.99, "rotation_trick": False}
     factory = {
         "fsq": lambda: vqp.FSQ(LEVELS),
+        "fsq-pre": lambda: vqp.FSQ(LEVELS),
         "vq-ema": lambda: vqp.VectorQuantize(dim=row.dim, codebook_size=k, **like),
         "vq-ema-peer-defaults": lambda: vqp.VectorQuantize(dim=row.dim, codebook_size=k),
         "vq": lambda: vqp.VectorQuantize(
@@ -110,8 +134,21 @@ def build(row: Row, side: str, device: str) -> torch.nn.Module | None:
             **like,
         ),
         "rvq": lambda: vqp.ResidualVQ(dim=row.dim, num_quantizers=4, codebook_size=k, **like),
+        # as tests/test_simvq.py, test_rfsq.py and test_lfq.py build the oracles
+        "simvq": lambda: vqp.SimVQ(dim=row.dim, codebook_size=k, rotation_trick=False),
+        "rfsq": lambda: vqp.ResidualFSQ(levels=RFSQ_LEVELS, num_quantizers=4, dim=row.dim),
+        "lfq": lambda: vqp.LFQ(dim=row.dim, codebook_size=k),
+        "bsq": lambda: vqp.LFQ(dim=row.dim, codebook_size=k, spherical=True),
     }.get(row.key)
     return None if factory is None else factory().to(device).train()
+
+
+def aux_loss(out: tuple) -> torch.Tensor | None:
+    """The auxiliary (commitment, entropy) loss of a quantizer's output tuple, summed to
+    0-dim; None where there is none (the peer's FSQ and ResidualFSQ return two entries)."""
+    if len(out) > 2 and torch.is_tensor(out[2]) and out[2].is_floating_point():
+        return out[2].sum()
+    return None
 
 
 def step(module: torch.nn.Module, x: torch.Tensor, side: str) -> Callable[[], None]:
@@ -127,12 +164,30 @@ def step(module: torch.nn.Module, x: torch.Tensor, side: str) -> Callable[[], No
         out = module(xx[None] if side == "peer" else xx)
         quantized = out[0][0] if side == "peer" else out[0]
         tensors, grads = [quantized], [upstream.to(quantized.dtype)]
-        if len(out) > 2 and torch.is_tensor(out[2]) and out[2].requires_grad:
-            tensors.append(out[2].sum())
+        aux = aux_loss(out)
+        if aux is not None and aux.requires_grad:
+            tensors.append(aux)
             grads.append(torch.ones((), device=x.device))
         torch.autograd.backward(tensors, grads)
 
     return run
+
+
+def user_step(module: torch.nn.Module, x: torch.Tensor, side: str) -> Callable[[], None]:
+    """One step as a user's loop runs it: ``out = q(x); (out.quantized.sum() + aux).backward()``
+    (the peer: the first entry of its tuple, on ``(1, n, dim)``, plus its aux loss if any)."""
+
+    def run() -> None:
+        xx = x.detach().requires_grad_()
+        out = module(xx[None] if side == "peer" else xx)
+        aux = aux_loss(out)
+        loss = out[0].sum() if aux is None else out[0].sum() + aux
+        loss.backward()
+
+    return run
+
+
+MODES = {"": step, "user_": user_step}  # result-key prefix -> step builder
 
 
 def make_step(row: Row, side: str, device: str) -> Callable[[], None] | None:
@@ -168,12 +223,17 @@ def time_row(row: Row, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
     x = torch.randn(row.inputs, row.dim, device=device)
     sides = {s: build(row, s, device) for s in ("stabq", "peer")}
-    runs = {s: step(m, x, s) for s, m in sides.items() if m is not None}
-    medians = alternate(runs, repeats, device)
-    result = {**asdict(row), **{f"{side}_ms": ms for side, ms in medians.items()}}
-    if "peer_ms" in result:
-        result["speedup"] = result["peer_ms"] / result["stabq_ms"]
-    if row.key == "fsq":
+    runs = {
+        f"{side}_{mode}ms": make(module, x, side)
+        for mode, make in MODES.items()
+        for side, module in sides.items()
+        if module is not None
+    }
+    result = {**asdict(row), **alternate(runs, repeats, device)}
+    for mode in MODES:
+        if f"peer_{mode}ms" in result:
+            result[f"{mode}speedup"] = result[f"peer_{mode}ms"] / result[f"stabq_{mode}ms"]
+    if row.key in GRID_KEYS:
         z = torch.randn(row.inputs, row.dim, device=device)
         floor = alternate({"f": lambda: torch.tanh(z)}, 9, device)["f"]
     else:
@@ -223,6 +283,9 @@ COLUMNS = [
     ("stabq ms", "stabq_ms", "{:.1f}"),
     ("peer ms", "peer_ms", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"),
+    ("user: stabq ms", "stabq_user_ms", "{:.1f}"),
+    ("user: peer ms", "peer_user_ms", "{:.1f}"),
+    ("user: speedup", "user_speedup", "{:.2f}x"),
     ("floor ms", "floor_ms", "{:.2f}"),
     ("stabq / floor", "floor_ratio", "{:.2f}x"),
     ("stabq MiB", "stabq_peak_mib", "{:.1f}"),
@@ -259,7 +322,7 @@ def main() -> None:
     if args.sweep:
         report["sweep"] = measure(sweep_rows(), 3, args.device, False)
         print("\nsize sweep (median of 3)\n")
-        print(markdown(report["sweep"], COLUMNS[:6]))
+        print(markdown(report["sweep"], COLUMNS[:9]))
         report["search_memory"] = search = search_memory(args.device)
         print(
             f"\nsearch {search['inputs']} inputs x {search['codes']} codes x {search['dim']}: "

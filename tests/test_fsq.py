@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stabq import FSQ, ConfigError, ShapeError
-from stabq.quantizers.fsq import BOUND_EPS, fsq_constants
+from stabq.quantizers.fsq import BOUND_EPS, fsq_bound_round_plain, fsq_constants
 
 # [13, 12, 7, 7]: half widths of 6 and 3, where r * (1 / w) and r / w differ in the last bit
 LEVEL_LISTS = [
@@ -127,6 +127,51 @@ def test_rounding_passes_the_gradient_straight_through():
     x2 = x.detach().clone().requires_grad_()
     ((torch.tanh(x2 + shift) * half_l / torch.floor(lv / 2)) * weights).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [4096, 1366, 257])  # rows packed 16, 2 and 1 at a time
+@pytest.mark.parametrize("levels", [[8, 8, 8, 5, 5, 5], [13, 12, 7, 7], [2, 3]])
+def test_gradients_are_autograd_of_the_plain_bound(levels, rows, dtype):
+    """The fused Function's gradient is bit for bit autograd's through ``tanh(z + shift)``
+    times the straight-through slope ``half_l / half_width``, for a random upstream
+    gradient and for ``quantized.sum()``'s expanded one; within rounding of autograd
+    through the whole plain formula (``fsq_bound_round_plain``), whose codes and indices
+    it equals away from rounding ties. The upstream gradient is left as it was, and
+    backward after ``retain_graph`` or ``create_graph`` gives the same gradient."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, len(levels), generator=gen) * 2).to(dtype)
+    shift, _, _, _, slope = fsq_constants(torch.tensor(levels)).to(dtype)
+    fsq = FSQ(levels).to(dtype)
+    for upstream in (torch.randn(x.shape, generator=gen).to(dtype), None):
+        z = x.clone().requires_grad_()
+        out = fsq(z)
+        kept = None if upstream is None else upstream.clone()
+        grad = torch.ones_like(x) if upstream is None else upstream
+        if upstream is None:
+            out.quantized.sum().backward(retain_graph=True)
+        else:
+            out.quantized.backward(upstream, retain_graph=True)
+            assert torch.equal(upstream, kept)  # not written into
+        first = z.grad.clone()
+        (again,) = torch.autograd.grad(out.quantized, z, grad, retain_graph=True, create_graph=True)
+        assert torch.equal(again, first)
+        z.grad = None
+        out.quantized.backward(grad)  # the last: backward may reuse what it kept
+        assert torch.equal(z.grad, first)  # what backward keeps is intact after a backward
+        ref_z = x.clone().requires_grad_()
+        (bound_grad,) = torch.autograd.grad(torch.tanh(ref_z + shift), ref_z, grad)
+        assert torch.equal(first, bound_grad * slope)
+        plain_z = x.clone().requires_grad_()
+        codes, indices = fsq_bound_round_plain(plain_z, levels)
+        codes.backward(grad)
+        # the constants are float32 (the peer's) in float64 too: slope is rounded once there
+        rtol = 4 * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(first, plain_z.grad, rtol=rtol, atol=0)
+        clear = clear_of_ties(x, levels)
+        assert clear.float().mean() > 0.99
+        assert torch.equal(out.quantized[clear], codes.detach()[clear])
+        assert torch.equal(out.indices[clear], indices[clear])
 
 
 def test_textbook_fsq_saturates_on_large_inputs_and_pre_norm_does_not():

