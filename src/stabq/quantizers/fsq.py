@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stabq import distributed
 from stabq.errors import ShapeError, check, is_int
 from stabq.quantizers.base import Quantizer
 
@@ -208,13 +209,19 @@ def grid_dtype(project_in: nn.Module, norm: nn.BatchNorm1d | None, x: Tensor) ->
 
 def pre_normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
     """``z`` ``(n, d)`` standardised per dimension by ``norm`` (batch statistics in training,
-    running ones at eval or for a single row); ``z`` itself when ``norm`` is None."""
+    running ones at eval or for a single row); ``z`` itself when ``norm`` is None.
+
+    In distributed training the batch statistics, running ones included, are every rank's
+    rows together (:func:`stabq.distributed.batch_norm`, the same rule for fewer than 2 rows,
+    counted over all ranks), so that the ranks stay one model."""
     if norm is None:
         return z
     # Beyond sqrt(max) the batch variance overflows, and an infinite running variance
     # would send every later input to one code; tanh saturates long before this bound.
     limit = math.sqrt(torch.finfo(z.dtype).max) / 1024
     z = z.clamp(-limit, limit)
+    if norm.training and distributed.is_distributed():
+        return distributed.batch_norm(norm, z)
     if norm.training and z.shape[0] < 2:
         # one value per dimension has no variance: use the running statistics
         return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from stabq import distributed
 from stabq.errors import check, check_int, is_int
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import (
@@ -55,16 +54,6 @@ def symmetric_round(t: Tensor, levels: Tensor) -> Tensor:
     """
     bracket = (levels - 1) * (t.clamp(-1.0, 1.0) + 1) / 2.0 + 0.5
     return bracket + (bracket.floor() - bracket).detach()
-
-
-def normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
-    """:func:`~stabq.quantizers.fsq.pre_normalise`, over every rank's rows in distributed
-    training (the same bound first, and the same rule for fewer than 2 rows, counted
-    over all ranks)."""
-    if norm is None or not (norm.training and distributed.is_distributed()):
-        return pre_normalise(norm, z)
-    limit = math.sqrt(torch.finfo(z.dtype).max) / 1024  # pre_normalise's bound
-    return distributed.batch_norm(norm, z.clamp(-limit, limit))
 
 
 class ResidualFSQ(Quantizer):
@@ -120,7 +109,7 @@ class ResidualFSQ(Quantizer):
         return grid_dtype(self.project_in, self.pre_norm, x)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = normalise(self.pre_norm, self.project_in(x))
+        z = pre_normalise(self.pre_norm, self.project_in(x))
         clamp = self._clamp.to(z.dtype)
         residual = (z / clamp).tanh() * clamp
         levels, steps = self._levels.to(z.dtype), (2.0 / (self._levels - 1)).to(z.dtype)
