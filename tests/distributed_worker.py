@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from stabq import (
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
 from stabq.monitor import CollapseMonitor
+from stabq.quantizers.fsq import pre_normalise
+from stabq.quantizers.gumbel import diversity_loss
 from stabq.training import StabilityGuard, TrainConfig, evaluate_model, train
 
 DIM, GLOBAL = 8, 24
@@ -46,6 +49,22 @@ DDP_CASES = {
     "fsq": lambda: FSQ([5, 5, 5], dim=DIM),
     "gumbel": lambda: GumbelQuantizer(DIM, codebook_size=16),
 }
+
+
+class GumbelLogits(torch.nn.Module):
+    """The gumbel preset's batch-dependent parts without its noise (which no two processes
+    draw alike): ``pre_norm``'s logits as the output, the diversity loss as the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = GumbelQuantizer(DIM, codebook_size=DIM, pre_norm=True, diversity_weight=1.0)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        logits = self.q.to_logits(pre_normalise(self.q.pre_norm, x))
+        sync = distributed.is_distributed()
+        return SimpleNamespace(quantized=logits, loss=diversity_loss(logits, sync))
+
+
 # Quantizers whose state or loss depends on the whole batch: SimVQ's k-means basis, LFQ's and
 # BSQ's codebook entropy (inv_temperature 1: soft bits, so its gradient is not ~0), ResidualFSQ's
 # batch normalisation. Projections everywhere (6 or 2 code dims for DIM 8), so SGD moves them.
@@ -56,6 +75,8 @@ BATCH_STAT_CASES = {
     "bsq": lambda: LFQ(DIM, bits=3, num_codebooks=2, entropy_weight=1.0, inv_temperature=1.0,
                        spherical=True),
     "rfsq": lambda: ResidualFSQ([5, 4], num_quantizers=3, dim=DIM, pre_norm=True),
+    "fsq-prenorm": lambda: FSQ([5, 5, 5], dim=DIM, pre_norm=True),
+    "gumbel-logits": lambda: GumbelLogits(),
 }  # fmt: skip
 # (rows of the global batch on rank 0, global batch size); rank 1 takes the rest.
 # Uneven on purpose: k-means on a 5/19 split, rank 1 empty, rank 0 nearly empty,

@@ -226,10 +226,11 @@ def test_codebook_free_quantizers_keep_identical_parameters_under_ddp(ranks, nam
 
 @pytest.mark.parametrize("name", list(worker.BATCH_STAT_CASES))
 def test_batch_statistics_over_split_batches_equal_one_process(ranks, name):
-    """SimVQ's k-means basis, LFQ's and BSQ's codebook entropy and ResidualFSQ's batch
-    normalisation use the whole batch: on SPLITS (5/19, 24/0, 0/24, 0/0, ...) with losses
-    weighed by each rank's rows and gradients averaged, the ranks stay identical, and every
-    step's loss and gradients and the final state are one process's on the joined batches.
+    """SimVQ's k-means basis, LFQ's and BSQ's codebook entropy, FSQ's, ResidualFSQ's and
+    Gumbel's batch normalisation and Gumbel's diversity loss use the whole batch: on SPLITS
+    (5/19, 24/0, 0/24, 0/0, ...) with losses weighed by each rank's rows and gradients
+    averaged, the ranks stay identical, and every step's loss and gradients and the final
+    state are one process's on the joined batches.
 
     Tolerance from float32 (eps 1.2e-7): a rank's partial sums over at most 24 rows joined by
     the all-reduce round differently from one process's sum, a few eps relative per
@@ -253,8 +254,13 @@ def test_batch_statistics_over_split_batches_equal_one_process(ranks, name):
     assert any(not torch.equal(a[k], initial[k]) for k in initial), "the case must train"
     if name == "simvq-kmeans":
         assert bool(a["initted"]) and not torch.equal(a["basis"], initial["basis"])
-    if name == "rfsq":  # 6 steps with rows: the 0/0 step is normalised by the running figures
-        assert int(a["pre_norm.num_batches_tracked"]) == 6
+    if name in (
+        "rfsq",
+        "fsq-prenorm",
+        "gumbel-logits",
+    ):  # 6 steps with rows: the 0/0 step is normalised by the running figures
+        key = "q.pre_norm" if name == "gumbel-logits" else "pre_norm"
+        assert int(a[f"{key}.num_batches_tracked"]) == 6
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from stabq import ConfigError, GumbelQuantizer
-from stabq.quantizers.gumbel import gumbel_from_uniform, gumbel_noise, gumbel_softmax
+from stabq.quantizers.gumbel import (
+    diversity_loss,
+    gumbel_from_uniform,
+    gumbel_noise,
+    gumbel_softmax,
+)
 
 PAIRS = [(5.0, 0.1), (1.0, 0.5), (2.0, 2.0), (10.0, 1e-3), (0.7, 0.3), (3, 0.25), (100.0, 0.01)]
 
@@ -282,6 +287,8 @@ def test_set_progress_outside_unit_interval_is_rejected(bad):
         ({"codebook_size": 0}, "codebook_size"),
         ({"codebook_size": -4}, "codebook_size"),
         ({"kl_weight": -0.1}, "kl_weight"),
+        ({"diversity_weight": -1.0}, "diversity_weight"),
+        ({"diversity_weight": float("nan")}, "diversity_weight"),
     ],
 )
 def test_bad_constructor_arguments_are_rejected(kwargs, name):
@@ -305,3 +312,70 @@ def test_half_precision_input_is_accepted(dtype, shape):
     assert torch.equal(out.quantized, ref.quantized.to(dtype))
     train_out = q.train()(x)
     assert train_out.quantized.dtype == dtype and train_out.quantized.shape == x.shape
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 40),
+    k=st.integers(2, 24),
+    scale=st.floats(0.0, 30.0),
+)
+def test_diversity_loss_equals_the_brute_force_perplexity_gap(seed, rows, k, scale):
+    """(K - exp H(pbar)) / K with pbar the float64 batch mean of softmax(logits), in [0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, k, generator=g, dtype=torch.float64) * scale
+    pbar = torch.stack([torch.softmax(row, 0) for row in logits]).mean(0)
+    entropy = -sum(float(p) * math.log(float(p)) for p in pbar if p > 0)
+    expected = (k - math.exp(entropy)) / k
+    found = float(diversity_loss(logits))
+    assert found == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert -1e-12 <= found < 1.0
+
+
+def test_diversity_loss_is_zero_for_even_use_and_near_one_minus_1_over_k_for_one_code():
+    k = 16
+    even = torch.eye(k).repeat(3, 1) * 50  # every code equally often, sharply
+    one = torch.zeros(30, k)
+    one[:, 3] = 60.0
+    assert float(diversity_loss(even)) == pytest.approx(0.0, abs=1e-6)
+    assert float(diversity_loss(one)) == pytest.approx((k - 1) / k, abs=1e-6)
+    assert float(diversity_loss(torch.zeros(0, k))) == 0.0
+
+
+def test_diversity_weight_adds_the_loss_in_training_only_and_pushes_towards_even_use():
+    torch.manual_seed(3)
+    x = torch.randn(64, 6)
+    q = GumbelQuantizer(6, codebook_size=8, diversity_weight=2.0)
+    with torch.no_grad():
+        q.to_logits.bias.copy_(torch.arange(8.0) * 3)  # one code dominates
+    out = q.train()(x)
+    logits = q.to_logits(x)
+    torch.testing.assert_close(out.loss, 2.0 * diversity_loss(logits))
+    assert float(out.loss) > 1.0
+    assert float(q.eval()(x).loss) == 0.0  # no diversity term at eval
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=1.0)
+    for _ in range(50):
+        opt.zero_grad()
+        q(x).loss.backward()
+        opt.step()
+    assert float(diversity_loss(q.to_logits(x))) < 0.8 * float(out.loss) / 2.0
+
+
+def test_pre_norm_standardises_the_input_and_starts_with_unit_variance_logits():
+    """pre_norm: logits of W (x - mean) / std with W ~ N(0, 1/dim), b = 0: the same logits
+    for inputs shifted and scaled per feature, and a logit variance near 1."""
+    torch.manual_seed(4)
+    dim = 256
+    q = GumbelQuantizer(dim, codebook_size=32, pre_norm=True).train()
+    x = torch.randn(512, dim)
+    shifted = x * torch.linspace(0.1, 50.0, dim) + 7.0
+    logits = [q.to_logits(q.pre_norm(v)) for v in (x, shifted)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+    assert float(q.to_logits.bias.abs().max()) == 0.0
+    assert 0.8 < float(logits[0].var()) < 1.2
+    plain = GumbelQuantizer(dim, codebook_size=32)  # nn.Linear's init: variance 1/3
+    assert float(plain.to_logits(x).var()) < 0.5
+    idx = q.eval()(shifted).indices  # eval: the running statistics, a valid code each
+    assert idx.shape == (512,) and int(idx.max()) < 32
