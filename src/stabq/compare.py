@@ -68,6 +68,10 @@ METHODS: dict[str, Method] = {
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),
         Method("vq-2stage", "vq", two_stage=True),
+        Method("simvq", "simvq"),
+        Method("rfsq", "rfsq"),
+        Method("lfq", "lfq"),
+        Method("bsq", "bsq"),
         # the explode preset's baselines (stabq.scenarios): they reproduce the failure
         Method("vq-ema-sum", "vq-ema", {"commitment_reduction": "sum"}),
         Method(
@@ -77,10 +81,12 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
+NEWER = ["simvq", "rfsq", "lfq", "bsq"]  # the field's newer quantizers, in every preset
 DEFAULT_METHODS = [
     "none", "vq-ema", "vq", "rvq", "fsq", "gumbel", "pq", "fsq-2stage", "vq-2stage", "vq-1024",
+    *NEWER,
 ]  # fmt: skip
-STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq"]
+STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq", *NEWER]
 PRESETS: dict[str, dict[str, Any]] = {
     # finishes in a few minutes on 2 cores for mnist1d
     "default": {"methods": DEFAULT_METHODS, "seeds": 2, "epochs": 40, "config": {}},

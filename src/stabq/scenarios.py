@@ -4,7 +4,8 @@ Each :class:`Scenario` names the mechanism that blows the baseline up, the
 baseline method that has it (a VQ-EMA written as user code and tutorials write
 it; options documented "reproduces the failure; never use"), the training
 options every method in it shares, and the stabq repair that answers it. Every
-stabq preset (``fsq``, ``rvq``, ``vq``, ``pq``, ``gumbel``) trains under the
+stabq preset (``fsq``, ``rvq``, ``vq``, ``pq``, ``gumbel``, and the newer ``simvq``,
+``rfsq``, ``lfq``, ``bsq``) trains under the
 same optimiser and rate, with the guards off (no clipping either) so that a
 failure shows; the baselines then train again with the guards on
 (:data:`GUARDED`), where each run must be rescued or stopped by a one-line
@@ -34,7 +35,7 @@ EXPLODE_CONFIG: dict[str, Any] = {
     "warmup_epochs": 0.0,
 }
 GUARDED: dict[str, Any] = {"guards": True}  # the checks and undo; clipping stays off
-STABQ_PRESETS = ["fsq", "rvq", "vq", "pq", "gumbel"]
+STABQ_PRESETS = ["fsq", "rvq", "vq", "pq", "gumbel", "simvq", "rfsq", "lfq", "bsq"]
 LOSS_LIMIT = 1e10  # a baseline whose largest loss reaches this (or is non-finite) exploded
 HEALTHY_LOSS = 100.0  # a stabq preset keeps its largest loss under this
 
