@@ -16,7 +16,14 @@ from stabq.compare import METHODS, _train_test, compare, run_one
 from stabq.errors import ConfigError
 from stabq.quantizers.codebook import Codebook, laplace_smooth
 from stabq.quantizers.vq import VectorQuantizer
-from stabq.scenarios import EXPLODE_CONFIG, GUARDED, SCENARIOS, STABQ_PRESETS, exploded
+from stabq.scenarios import (
+    EXPLODE_CONFIG,
+    GUARDED,
+    SCENARIOS,
+    STABQ_PRESETS,
+    explode_verdict,
+    exploded,
+)
 from stabq.training import TrainConfig
 from stabq.training.loop import build_optimizer
 
@@ -165,4 +172,30 @@ def test_the_preset_runs_each_scenario_as_a_comparison_then_guarded():
     assert all(
         line.startswith(s.name)
         for line, s in zip(result.verdict.splitlines(), SCENARIOS, strict=True)
+    )
+
+
+def test_the_verdict_counts_healthy_presets_and_names_the_others():
+    """Per scenario: the baseline's largest loss, presets under the loss bound, and which
+    presets ended unhealthy, by verdict; a guarded baseline's stops and rescues."""
+
+    def row(method, guards, max_loss, verdict, diverged=0, rescued=0):
+        return {"scenario": SCENARIOS[0].name, "guards": guards, "method": method,
+                "max_loss": max_loss, "verdict": verdict, "diverged": diverged,
+                "rescued": rescued, "seeds": 3}  # fmt: skip
+
+    base = SCENARIOS[0].baseline
+    rows = [
+        row(base, False, float("inf"), "diverged", diverged=3),
+        row("fsq", False, 2.3, "ok"),
+        row("vq", False, 2.4, "rescued"),
+        row("lfq", False, 3.2, "under-used"),
+        row("bsq", False, 150.0, "collapsed"),
+        row(base, True, 2780.0, "diverged", diverged=2, rescued=1),
+    ]
+    line = explode_verdict(rows)
+    assert line == (
+        f"{SCENARIOS[0].name}: {base} largest loss inf (exploded, 3/3 diverged); "
+        "stabq presets under 100: 3/4 (largest 150), ended healthy: 2/4 "
+        "(lfq under-used, bsq collapsed); guards on: 1 rescued, 2 stopped, of 3."
     )

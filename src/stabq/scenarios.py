@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from stabq.health import HEALTHY
+
 # SGD as user loops write it: momentum 0.9, lr 1e-2, no clipping, no warm-up, no guards
 EXPLODE_CONFIG: dict[str, Any] = {
     "optimizer": "sgd",
@@ -99,6 +101,10 @@ def explode_verdict(rows: list[dict[str, Any]]) -> str:
             top = max(r["max_loss"] for r in others)
             line += f"; stabq presets under {HEALTHY_LOSS:g}: {len(held)}/{len(others)}"
             line += f" (largest {top:.3g})"
+            healthy = [r for r in others if r.get("verdict", "ok") in HEALTHY]
+            line += f", ended healthy: {len(healthy)}/{len(others)}"
+            sick = [f"{r['method']} {r['verdict']}" for r in others if r not in healthy]
+            line += f" ({', '.join(sick)})" if sick else ""
         for r in on:
             line += f"; guards on: {r['rescued']} rescued, {r['diverged']} stopped, of {r['seeds']}"
         lines.append(line + ".")
