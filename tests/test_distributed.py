@@ -268,7 +268,7 @@ def test_batch_statistics_over_split_batches_equal_one_process(ranks, name):
 )
 def test_trainer_on_two_ranks_equals_one_process(ranks, name):
     """stabq.train (repaired VQ, k-means, dead codes, guards on, dropout 0; the MLP or the
-    CNN encoder; or the rfsq, simvq with k-means, lfq presets, in float64: see
+    CNN encoder; or the rfsq, simvq, lfq presets, in float64: see
     worker.TRAIN_QUANTIZERS) on 2 ranks, 128 rows, global batch 32: the same weights, buffers
     and validation figures as one process."""
     a, b = rank_states(ranks, name)
