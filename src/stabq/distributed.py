@@ -140,6 +140,16 @@ def sum_over_ranks(t: Tensor) -> Tensor:
     return _SumOverRanks.apply(t) if is_distributed() else t
 
 
+def sum_rows_over_ranks(sums: Tensor, rows: int, sync: bool = True) -> tuple[Tensor, float]:
+    """``sums`` (any shape) and this rank's row count, each summed over all ranks in one
+    differentiable all-reduce when ``sync`` (every rank must then call it, rows or none);
+    as given otherwise. Returns ``(sums, rows)``, ``rows`` a float."""
+    if not sync:
+        return sums, float(rows)
+    packed = sum_over_ranks(torch.cat([sums.reshape(-1), sums.new_full((1,), rows)]))
+    return packed[:-1].view_as(sums), float(packed[-1].detach())
+
+
 def batch_norm(norm: nn.BatchNorm1d, z: Tensor) -> Tensor:
     """``norm(z)`` for ``z`` ``(n, d)``, in distributed training on all ranks' rows together.
 
@@ -152,11 +162,10 @@ def batch_norm(norm: nn.BatchNorm1d, z: Tensor) -> Tensor:
     """
     if not (norm.training and is_distributed()):
         return norm(z)
-    total = sum_over_ranks(torch.cat([z.sum(0), z.new_full((1,), z.shape[0])]))
-    rows = float(total[-1].detach())  # identical on every rank: so is every branch below
-    if rows < 2:
+    total, rows = sum_rows_over_ranks(z.sum(0), z.shape[0])
+    if rows < 2:  # rows is identical on every rank: so is every branch below
         return F.batch_norm(z, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
-    mean = total[:-1] / rows
+    mean = total / rows
     var = sum_over_ranks((z - mean).pow(2).sum(0)) / rows
     if norm.track_running_stats:
         with torch.no_grad():
@@ -364,6 +373,7 @@ __all__ = [
     "shard_rows",
     "steps_per_epoch",
     "sum_over_ranks",
+    "sum_rows_over_ranks",
     "sum_statistics_",
     "training_forward",
     "world_size",

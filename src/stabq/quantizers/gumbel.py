@@ -97,13 +97,10 @@ def diversity_loss(logits: Tensor, sync: bool = False) -> Tensor:
     ``H`` the entropy in nats; 0 for no rows. ``sync``: ``pbar`` over every rank's rows (one
     differentiable all-reduce, which every rank must enter, rows or none)."""
     k = logits.shape[-1]
-    sums = torch.cat([logits.softmax(-1).sum(0), logits.new_full((1,), logits.shape[0])])
-    if sync:
-        sums = distributed.sum_over_ranks(sums)
-    rows = float(sums[-1].detach())
+    sums, rows = distributed.sum_rows_over_ranks(logits.softmax(-1).sum(0), logits.shape[0], sync)
     if rows == 0:
         return logits.new_zeros(()) + 0.0 * sums.sum()  # keeps the graph on every rank
-    pbar = sums[:-1] / rows
+    pbar = sums / rows
     entropy = -(pbar * pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()).sum()
     return (k - entropy.exp()) / k
 

@@ -76,10 +76,8 @@ def _entropies(logits: Tensor, sync: bool) -> tuple[Tensor, Tensor, float]:
     n = logits.shape[0]
     p, q = torch.sigmoid(logits), torch.sigmoid(-logits)  # q = 1 - p, without cancellation
     sample = (p * F.softplus(-logits) + q * F.softplus(logits)).sum(-1).sum(0) / max(n, 1)
-    sums, rows = torch.stack([p.sum(0), q.sum(0)]), float(n)
-    if sync:  # one collective for the sums and the count
-        packed = distributed.sum_over_ranks(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
-        sums, rows = packed[:-1].view_as(sums), float(packed[-1].detach())
+    # one collective for the sums and the count
+    sums, rows = distributed.sum_rows_over_ranks(torch.stack([p.sum(0), q.sum(0)]), n, sync)
     pbar, qbar = sums / max(rows, 1.0)
     tiny = torch.finfo(pbar.dtype).tiny  # no log(0): 0 log 0 = 0, with a zero gradient
     marginal = -(pbar * pbar.clamp_min(tiny).log() + qbar * qbar.clamp_min(tiny).log())
