@@ -312,10 +312,18 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--sweep", action="store_true", help="add the size sweep")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="only the rows whose name starts with one of these (comma-separated)",
+    )
     args = parser.parse_args()
     check_correctness(args.device)
     report: dict = {"machine": machine(args.device), "repeats": args.repeats}
-    report["rows"] = measure(ROWS, args.repeats, args.device, not args.no_memory)
+    rows = ROWS
+    if args.rows:
+        rows = [row for row in ROWS if row.name.startswith(tuple(args.rows.split(",")))]
+    report["rows"] = measure(rows, args.repeats, args.device, not args.no_memory)
     print(f"\n{report['machine']}, median of {args.repeats}\n")
     print(markdown(report["rows"], COLUMNS))
     save(report, args.json)
