@@ -74,8 +74,8 @@ class _NoisySoftmax(torch.autograd.Function):
     Forward works in place on the noise's buffer (no other ``(n, K)`` tensor is made);
     backward is ``(y * (grad - sum(grad * y))) / tau``, computed into ``y``'s buffer when
     ``reuse`` and the graph is not kept (only a caller that never reads ``y`` after backward
-    may ask), else into a fresh one. Each fresh ``(16384, 1024)`` float32 buffer cost about
-    15 ms in page faults on the measuring machine; the values are bit for bit autograd's.
+    may ask), else into a fresh one. Each fresh ``(16384, 1024)`` float32 buffer cost
+    15 to 30 ms in page faults on the measuring machine; the values are bit for bit autograd's.
     """
 
     @staticmethod
