@@ -184,7 +184,10 @@ class CollapseMonitor:
     def attach(self) -> CollapseMonitor:
         """Hook the module's forward (no-op when attached already)."""
         if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+            # a compiled quantizer would compile its hooks too: keep eager. Disabled here,
+            # not at class definition, so that importing stabq does not import torch._dynamo
+            hook = torch.compiler.disable(self._hook)
+            self._handle = self.module.register_forward_hook(hook, with_kwargs=True)
         return self
 
     def detach(self) -> None:
@@ -243,7 +246,6 @@ class CollapseMonitor:
 
     # -- recording ----------------------------------------------------------------
 
-    @torch.compiler.disable  # a compiled quantizer would compile its hooks too: keep eager
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.training_only and not module.training:
