@@ -160,7 +160,7 @@ class _BoundRound(torch.autograd.Function):
     def backward(ctx, grad, _grad_indices):
         y, slope = ctx.saved_tensors
         kernel = torch.ops.aten.sigmoid_backward if ctx.sigmoid else torch.ops.aten.tanh_backward
-        # y is dropped after this backward unless the graph is kept: then reuse its buffer
+        # unless the graph is kept, y is dropped after this backward: then reuse its buffer
         grad_z = kernel(grad, y) if graph_kept() else kernel.grad_input(grad, y, grad_input=y)
         return grad_z.mul_(slope), None, None, None
 

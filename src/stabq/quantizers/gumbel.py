@@ -98,7 +98,10 @@ class _NoisySoftmax(torch.autograd.Function):
 
 
 def _sample(logits: Tensor, tau: float, hard: bool, generator, reuse: bool) -> Tensor:
-    y = _NoisySoftmax.apply(logits, tau, generator, reuse)
+    if torch.compiler.is_compiling():  # plain operations: the in-place tricks stay eager
+        y = (gumbel_noise(logits, generator) + logits).div(tau).softmax(-1)
+    else:
+        y = _NoisySoftmax.apply(logits, tau, generator, reuse)
     if not hard:
         return y
     index = y.detach().argmax(-1, keepdim=True)
