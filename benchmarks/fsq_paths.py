@@ -7,8 +7,9 @@
 picks the sigmoid form for float32 on CPU with avx2 or avx512 kernels from
 ``SIGMOID_MIN_ELEMENTS`` elements. This
 script is where that threshold comes from: for each size it checks that both forms give
-the same codes and indices, then times a user-style step of each (``FSQ(levels)(x)``,
-``quantized.sum().backward()``), the two alternated in one loop, median of ``--repeats``.
+the same codes and indices, then times a user-style step of each (``fsq_bound_round`` with
+the form forced, the FSQ module's own call, then ``codes.sum().backward()``), the two
+alternated in one loop, median of ``--repeats``.
 """
 
 from __future__ import annotations

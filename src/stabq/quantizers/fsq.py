@@ -31,11 +31,10 @@ from torch import Tensor, nn
 
 from stabq import distributed
 from stabq.errors import ShapeError, check, is_int
-from stabq.quantizers._graph import graph_kept
+from stabq.quantizers._graph import compiling, graph_kept
 from stabq.quantizers.base import Quantizer
 
 BOUND_EPS = 1e-3
-_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
@@ -362,7 +361,7 @@ class FSQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self._normalise(self.project_in(x))
-        if _compiling():  # the fast eager Function's in-place tricks stay out of graphs
+        if compiling():  # the fast eager Function's in-place tricks stay out of graphs
             codes, indices = fsq_bound_round_plain(z, self.levels)
         else:
             codes, indices = fsq_bound_round(z, self._levels, self._cache)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from stabq import distributed
 from stabq.errors import check, check_int, check_number
-from stabq.quantizers._graph import graph_kept
+from stabq.quantizers._graph import compiling, graph_kept
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import pre_normalise
 
@@ -98,7 +98,7 @@ class _NoisySoftmax(torch.autograd.Function):
 
 
 def _sample(logits: Tensor, tau: float, hard: bool, generator, reuse: bool) -> Tensor:
-    if torch.compiler.is_compiling():  # plain operations: the in-place tricks stay eager
+    if compiling():  # plain operations: the in-place tricks stay eager
         y = (gumbel_noise(logits, generator) + logits).div(tau).softmax(-1)
     else:
         y = _NoisySoftmax.apply(logits, tau, generator, reuse)
