@@ -1,7 +1,9 @@
 """Tables and plots: one training run's curves, and a comparison's report.
 
 Plots are matplotlib PNG files; a comparison also gets ``report.md`` and a
-self-contained ``report.html`` (the PNGs embedded as data URIs).
+self-contained ``report.html`` (the PNGs embedded as data URIs). Figures are drawn on
+their own canvas (``matplotlib.figure.Figure``), never through pyplot: matplotlib is
+imported on the first plot, and the user's backend and open figures are left as they are.
 """
 
 from __future__ import annotations
@@ -15,15 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from stabq.errors import StabqError
 from stabq.files import atomic_directory, write_text
 from stabq.health import HEALTHY, used_cell
-
-matplotlib.use("Agg")  # files only, never a window
-
-import matplotlib.pyplot as plt
 
 PANELS = (
     ("train_loss", "training loss", True),
@@ -33,11 +29,20 @@ PANELS = (
 )
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, **options: Any) -> tuple[Any, Any]:
+    """A figure of its own canvas and its axes, as ``pyplot.subplots`` gives them, without
+    pyplot's global state (no backend chosen, no figure registered)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=options.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **options)
+
+
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """PNG at ``path``: loss (log scale), accuracy, usage and perplexity per epoch."""
     path = Path(path)
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    fig, axes = _subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     for ax, (key, label, log) in zip(axes, PANELS, strict=True):
         values = [row.get(key) for row in history]
         points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None and v > 0]
@@ -52,7 +57,6 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -135,7 +139,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     colour = {name: f"C{i % 10}" for i, name in enumerate(grouped)}  # one colour a method
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     for name, runs in grouped.items():
         epochs, loss = _mean_curve(runs, "train_loss")
         if epochs:
@@ -144,7 +148,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, directory / "loss.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _subplots(1, 2, figsize=(11, 4))
     for name, runs in grouped.items():
         if runs[0]["code_counts"]:
             for ax, key in zip(axes, ("usage", "perplexity"), strict=True):
@@ -156,7 +160,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     axes[1].legend(fontsize=7, ncol=2)
     paths.append(_save(fig, directory / "health.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _subplots(figsize=(8, 4))
     names = [row["method"] for row in comparison.rows]
     means = [100 * row["accuracy"] for row in comparison.rows]
     sds = [100 * row["accuracy_sd"] for row in comparison.rows]
@@ -170,7 +174,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     if quantized:
         cols = min(4, len(quantized))
         rows_n = -(-len(quantized) // cols)
-        fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        fig, axes = _subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
         for ax, (name, runs) in zip(axes.flat, quantized, strict=False):
             counts = sorted(runs[0]["code_counts"][0], reverse=True)
             used = [c for c in counts if c > 0]
@@ -186,7 +190,6 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

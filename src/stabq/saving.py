@@ -27,7 +27,6 @@ from stabq.encoders import is_reference
 from stabq.errors import ConfigError, ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model import BottleneckClassifier
-from stabq.report import plot_history
 
 FORMAT = "stabq-model"
 FORMAT_VERSION = 2  # the newest this stabq reads; an MLP model is still written as 1
@@ -89,6 +88,8 @@ def save_model(
         write_text(tmp / CONFIG, json.dumps(config, indent=2))
         if history:
             write_text(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+            from stabq.report import plot_history  # matplotlib on the first plot only
+
             plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
     return target
 
