@@ -13,13 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from stabq import FSQ, GumbelQuantizer, ProductQuantizer, ResidualVQ, VectorQuantizer
+from stabq import FSQ, VectorQuantizer
 from stabq.cli import app
 from stabq.compare import Comparison, summarise, verdict
 from stabq.health import (
     UNDER_USED_BELOW,
     fill_usage,
-    horizon_dead_codes,
     is_grid,
     joint_perplexity,
     method_health,
@@ -43,7 +42,6 @@ def run(
     diverged: bool = False,
     events: int = 0,
     grid: bool = False,
-    dead: float | None = 7.0,
     accuracy: float = 0.6,
     error: str | None = None,
 ) -> dict:
@@ -54,7 +52,7 @@ def run(
         "test_dead_codes": None if grid else 412.0, "max_loss": 2.0, "diverged": diverged,
         "guard_events": events, "seconds": 1.0, "code_counts": counts, "grid": grid,
         "codebook_size": len(counts[0]), "num_codebooks": len(counts),
-        "dead_codes_horizon": None if grid else dead, "test_rows": 1000,
+        "test_rows": 1000,
     }  # fmt: skip
     figures = {"train_loss": 1.0, "val_accuracy": accuracy, "usage": 0.2, "perplexity": effective}
     record["history"] = [{"epoch": 1, **figures, "dead_codes": None if grid else 3.0}]
@@ -148,20 +146,20 @@ def test_joint_perplexity_against_brute_force(rows):
     assert joint_perplexity(torch.tensor([r[0] for r in rows])) == pytest.approx(single)
 
 
-def test_dead_codes_over_the_ema_horizon_and_grids_have_none():
-    vq = VectorQuantizer(8, codebook_size=6, decay=0.9)  # horizon 10
-    vq.codebook.cluster_size.copy_(torch.tensor([[0.0, 0.05, 0.0999, 0.1, 1.0, 5.0]]))
-    assert horizon_dead_codes(vq) == [3]  # 0.1 * 10 = 1 assignment: alive, exactly
-    rvq = ResidualVQ(8, num_quantizers=3, codebook_size=4)
-    for layer, alive in zip(rvq.layers, (4, 2, 0), strict=True):
-        layer.cluster_size.copy_(torch.tensor([[1.0] * alive + [0.0] * (4 - alive)]))
-    assert horizon_dead_codes(rvq) == [0, 2, 4]
-    pq = ProductQuantizer(8, num_subspaces=2, bits=2)
-    pq.codebook.cluster_size.copy_(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0] * 4]))
-    assert horizon_dead_codes(pq) == [2, 4]
-    assert horizon_dead_codes(FSQ([3, 3])) is None
-    assert horizon_dead_codes(GumbelQuantizer(8, codebook_size=4)) is None
-    assert is_grid(FSQ([3, 3])) and not any(map(is_grid, (vq, rvq, pq)))
+def test_dead_codes_are_the_codes_no_test_input_reached_and_grids_have_none():
+    """One definition (stabq.metrics): K - used per codebook, mean over codebooks."""
+    assert method_health([run(counts=counts_with(100, 512, 1000))], CLASSES)["dead_codes"] == 412
+    two = [counts_with(100, 512, 1000)[0], counts_with(300, 512, 1000)[0]]
+    assert method_health([run(counts=two)], CLASSES)["dead_codes"] == (412 + 212) / 2
+    assert method_health([run(grid=True)], CLASSES)["dead_codes"] is None
+    assert is_grid(FSQ([3, 3])) and not is_grid(VectorQuantizer(8, codebook_size=4))
+
+
+def test_a_collapsed_codebook_counts_its_unreached_codes_dead():
+    """vq-ema on 4 of 512 codes: collapsed, and 508 dead codes (the EMA-horizon estimate
+    said 0: a code never chosen counted as alive until its initial count decayed)."""
+    row = method_health([run("vq-ema", counts=counts_with(4, 512, 1000), effective=3.2)], CLASSES)
+    assert row["verdict"] == "collapsed" and row["dead_codes"] == 508
 
 
 # --- a method's row, the reason, the verdict line ----------------------------------------------
@@ -171,7 +169,7 @@ def test_under_used_reason_names_the_fillable():
     row = method_health([run("vq-ema", counts=counts_with(26, 512, 1000))] * 2, CLASSES)
     assert row["verdict"] == "under-used" and not row["collapsed"]
     assert row["reason"] == ("26 of 512 codes (5% of what 1,000 test inputs can fill), under 10%")
-    assert row["fill"] == 26 / 512 and row["fillable"] == 512 and row["dead_codes"] == 7.0
+    assert row["fill"] == 26 / 512 and row["fillable"] == 512 and row["dead_codes"] == 486
 
 
 def test_worst_run_decides_and_says_how_many():
@@ -204,7 +202,7 @@ def rows_and_runs():
     runs = [
         run("none", accuracy=0.73),
         run("vq-ema", counts=counts_with(26, 512, 1000), effective=20.0, accuracy=0.62),
-        run("vq", counts=counts_with(400, 512, 1000), effective=330.0, dead=112.0, accuracy=0.66),
+        run("vq", counts=counts_with(400, 512, 1000), effective=330.0, accuracy=0.66),
         run("fsq", counts=counts_with(768, 64000, 1000), effective=650.0, grid=True, accuracy=0.69),
         run("fsq-plain", counts=counts_with(1, 64000, 1000), effective=1.0, grid=True),
     ]

@@ -88,8 +88,9 @@ def test_the_logged_training_figures_are_the_codes_counted_here(fsq):
     norms = [v for _, v in logged(fsq["rows"], "codebook/quantizer/feature_norm")]
     assert len(norms) == len(usage) and len(set(norms)) == len(norms)  # the poisoned batch's
     # NaN norm is left out of the mean, not left to blank the figure for 50 steps
-    for key in ("perplexity", "dead_codes", "entropy_bits", "top_codes", "aux_loss", "saturation"):
+    for key in ("fill", "perplexity", "entropy_bits", "top_codes", "aux_loss", "saturation"):
         assert logged(fsq["rows"], f"codebook/quantizer/{key}"), key
+    assert not logged(fsq["rows"], "codebook/quantizer/dead_codes")  # a grid has none
     (sat,) = {round(v, 3) > 0 for _, v in logged(fsq["rows"], "codebook/quantizer/saturation")}
     assert sat
 
@@ -98,12 +99,13 @@ def test_the_validation_figures_are_those_of_the_trained_model(fsq):
     model = fsq["model"].eval()
     with torch.no_grad():
         indices = model.quantizer(model.encoder(fsq["x_val"])).indices
-    counted = stabq.CodebookUsage(64000)
+    counted = stabq.CodebookUsage(64000, grid=True)
     counted.update(indices)
     want = counted.compute()
     last = [r for r in fsq["rows"] if r.get("val_codebook/quantizer/usage")][-1]
-    for key in ("usage", "perplexity", "dead_codes", "entropy_bits"):
+    for key in ("usage", "fill", "codes_used", "perplexity", "entropy_bits"):
         assert float(last[f"val_codebook/quantizer/{key}"]) == pytest.approx(want[key], rel=1e-6)
+    assert "val_codebook/quantizer/dead_codes" not in last
 
 
 def test_the_guard_leaves_the_poisoned_batch_out_every_epoch(fsq):

@@ -48,7 +48,8 @@ def test_usage_counts_the_preset_indices(name):
     for c, per in enumerate(found["per_codebook"]):
         distinct = rows[:, c].unique().numel()
         assert per["usage"] == pytest.approx(distinct / q.codebook_size)
-        assert per["dead_codes"] == q.codebook_size - distinct
+        assert per["fill"] == pytest.approx(distinct / min(64, q.codebook_size))
+        assert per["dead_codes"] == (None if q.grid else q.codebook_size - distinct)
     assert found["samples"] == 64 and rows[:, 0].unique().numel() > 1
 
 

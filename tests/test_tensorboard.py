@@ -44,6 +44,8 @@ KEY_OF_TAG = {
     "val/loss": "val_loss",
     "val/accuracy": "val_accuracy",
     "codebook/usage": "usage",
+    "codebook/fill": "fill",
+    "codebook/codes_used": "codes_used",
     "codebook/perplexity": "perplexity",
     "codebook/dead_codes": "dead_codes",
     "codebook/entropy_bits": "entropy_bits",

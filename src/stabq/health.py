@@ -8,15 +8,12 @@ A comparison judges each method from its runs (one per seed). Per run, with
     fill         = mean_c used_c / fillable    usage against what the test set can fill
     effective    = perplexity of the joint code (the tuple of C indices the head
                    receives; for C = 1 the plain perplexity)
-    dead codes   = codes expected to receive fewer than DEAD_BELOW training rows over
-                   the EMA horizon (``cluster_size * horizon < DEAD_BELOW``), mean per
-                   codebook: a code the codebook no longer trains (a code never
-                   chosen counts once its EMA has forgotten its initial count of one,
-                   after H ln H steps, H the horizon). For a codebook
-                   without EMA statistics (Gumbel): fillable - used on the test set.
-                   Grids (FSQ and other quantizers with ``grid = True``) have none:
-                   an unvisited cell of a fixed grid costs nothing and is not dead;
-                   their table shows occupied cells and perplexity instead.
+    dead codes   = K - used_c, mean over codebooks: codes of a learned codebook that
+                   no test input reached (:mod:`stabq.metrics`, the one definition
+                   every figure uses). Grids (FSQ and other quantizers with
+                   ``grid = True``) have none: an unvisited cell of a fixed grid
+                   costs nothing and is not dead; their table shows occupied cells
+                   and perplexity instead.
 
 The verdict of a run, in order of precedence (the first that holds):
 
@@ -47,10 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stabq.quantizers.codebook import Codebook
+from stabq.metrics import codebook_figures
 
 UNDER_USED_BELOW = 0.10  # fill under this (strictly) is under-used; exactly 10% is not
-DEAD_BELOW = 1.0  # a code expected to get fewer training rows than this over the horizon
 VERDICTS = ("diverged", "collapsed", "under-used", "rescued", "ok")  # highest precedence first
 HEALTHY = ("ok", "rescued")  # verdicts a method may be favoured with
 
@@ -58,17 +54,6 @@ HEALTHY = ("ok", "rescued")  # verdicts a method may be favoured with
 def is_grid(quantizer: nn.Module) -> bool:
     """True for quantizers whose codes are cells of a fixed grid (FSQ): no dead codes."""
     return bool(getattr(quantizer, "grid", False))
-
-
-def horizon_dead_codes(quantizer: nn.Module) -> list[int] | None:
-    """Per codebook, codes with ``cluster_size * horizon < DEAD_BELOW``; None when the
-    quantizer holds no EMA-tracked :class:`Codebook` (Gumbel, FSQ, the continuous model)."""
-    dead: list[int] = []
-    for module in quantizer.modules():
-        if isinstance(module, Codebook):
-            expected = module.cluster_size.detach().cpu() * module.horizon
-            dead += [int(n) for n in (expected < DEAD_BELOW).sum(-1)]
-    return dead or None
 
 
 def joint_perplexity(indices: Tensor) -> float:
@@ -86,41 +71,28 @@ def fill_usage(code_counts: Sequence[Sequence[int]]) -> dict[str, float]:
     """Usage against what the test set can fill, from per-codebook code counts ``(C, K)``:
     ``inputs`` (N, the rows the first codebook counted), ``fillable`` (min(K, N)),
     ``used`` (mean over codebooks of the codes seen) and ``fill`` (mean of used / fillable;
-    0 when nothing was counted)."""
-    inputs = sum(code_counts[0])
-    fillable = min(len(code_counts[0]), inputs)
-    used = [sum(1 for n in book if n > 0) for book in code_counts]
-    fill = statistics.mean(u / fillable for u in used) if fillable else 0.0
+    0 when nothing was counted), as :class:`~stabq.metrics.CodebookUsage` defines them."""
+    counts = torch.tensor(code_counts, dtype=torch.long).reshape(len(code_counts), -1)
+    figures = [codebook_figures(row) for row in counts]
+    inputs = int(counts[0].sum())
     return {
         "inputs": inputs,
-        "fillable": fillable,
-        "used": statistics.mean(used),
-        "fill": fill,
+        "fillable": min(counts.shape[1], inputs),
+        "used": statistics.mean(f["codes_used"] for f in figures),
+        "fill": statistics.mean(f["fill"] for f in figures),
     }
 
 
-@torch.no_grad()
-def annotate(record: dict[str, Any], model: nn.Module, x: Any) -> None:
+def annotate(record: dict[str, Any], model: nn.Module, indices: Tensor | None) -> None:
     """Add to a compare run's ``record`` what its verdict needs: ``grid``, ``codebook_size``,
-    ``num_codebooks``, ``test_joint_perplexity`` and ``dead_codes_horizon``; for grids the
-    meaningless dead-code figures (record and history) become None. ``x``: the test rows
-    (a tensor, or a RowReader read in chunks)."""
+    ``num_codebooks`` and ``test_joint_perplexity``. ``indices``: the model's codes for the
+    test rows, ``(N,)`` or ``(N, C)`` (None for the continuous model)."""
     quantizer = model.quantizer
-    grid = is_grid(quantizer)
-    record.update(grid=grid, codebook_size=quantizer.codebook_size)
+    record.update(grid=is_grid(quantizer), codebook_size=quantizer.codebook_size)
     record["num_codebooks"] = quantizer.num_codebooks
-    if quantizer.codebook_size == 0:
+    if quantizer.codebook_size == 0 or indices is None:
         return
-    model.eval()
-    step = x.shape[0] if isinstance(x, Tensor) else 4096
-    indices = [model(x[i : i + step])[1].indices for i in range(0, x.shape[0], step)]
-    record["test_joint_perplexity"] = joint_perplexity(torch.cat(indices).cpu())
-    dead = None if grid else horizon_dead_codes(quantizer)
-    record["dead_codes_horizon"] = None if dead is None else statistics.mean(dead)
-    if grid:
-        record["test_dead_codes"] = None
-        for row in record.get("history", []):
-            row["dead_codes"] = None
+    record["test_joint_perplexity"] = joint_perplexity(indices.cpu())
 
 
 def run_figures(run: dict[str, Any]) -> dict[str, Any]:
@@ -134,11 +106,12 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
         usage = run.get("test_usage") or 0.0
         figures = {"inputs": None, "fillable": size, "used": usage * size, "fill": usage}
     grid = bool(run.get("grid", False))
-    dead = run.get("dead_codes_horizon")
     if grid:
         dead = None
-    elif dead is None:
-        dead = figures["fillable"] - figures["used"] if counts else run.get("test_dead_codes")
+    elif counts:
+        dead = size - figures["used"]
+    else:
+        dead = run.get("test_dead_codes")
     effective = run.get("test_joint_perplexity", run.get("test_perplexity"))
     return {
         **figures,
@@ -250,20 +223,22 @@ def favoured_line(rows: Sequence[dict[str, Any]], data_name: str, reference: str
     best = max(healthy, key=lambda r: r["accuracy"])
     gap = "" if best["gap"] is None else f", {100 * best['gap']:+.1f} vs continuous"
     ppl = best.get("effective_codes") or best.get("perplexity") or 0.0
+    among = (
+        f"the highest test accuracy of the {len(healthy)} methods judged ok or rescued"
+        if len(healthy) > 1
+        else "the only method judged ok or rescued"
+    )
     return (
-        f"{data_name} favours {best['method']}: the highest test accuracy of the "
-        f"{len(healthy)} methods judged ok or rescued ({100 * best['accuracy']:.1f}%{gap}; "
+        f"{data_name} favours {best['method']}: {among} ({100 * best['accuracy']:.1f}%{gap}; "
         f"effective codes {ppl:.0f}){tail}."
     )
 
 
 __all__ = [
-    "DEAD_BELOW",
     "UNDER_USED_BELOW",
     "VERDICTS",
     "annotate",
     "fill_usage",
-    "horizon_dead_codes",
     "is_grid",
     "joint_perplexity",
     "method_health",

@@ -1,15 +1,28 @@
-"""Codebook health: how many codes are used, and how evenly.
+"""Codebook health: how many codes are used, and how evenly. One definition, used by every
+figure stabq shows (training progress, ``metrics.jsonl``, ``stabq evaluate``, the
+comparison, the report, TensorBoard, the Lightning and monitor figures).
 
-For code frequencies ``p_k = n_k / sum n`` of one codebook of ``K`` codes:
+For the code counts ``n_k`` of one codebook of ``K`` codes over a tally of ``N`` inputs
+(``p_k = n_k / N``):
 
-    usage        = |{k : n_k > 0}| / K
+    codes_used   = |{k : n_k > 0}|
+    usage        = codes_used / K                 share of all codes seen
+    fill         = codes_used / min(K, N)         share of what N inputs can reach
+                                                  (0 for no inputs)
     entropy_bits = -sum_k p_k log2 p_k
-    perplexity   = 2^entropy_bits       (1 when one code takes everything, K when uniform)
-    dead_codes   = |{k : n_k = 0}|
+    perplexity   = 2^entropy_bits                 (1 when one code takes everything,
+                                                  K when uniform; 0 for no inputs)
+    dead_codes   = K - codes_used                 codes of a learned codebook that no
+                                                  input reached; None for a grid
 
-Collapse shows as a perplexity near 1 and a usage near 1/K. With several
+``fill`` is the figure to judge usage by: 1,000 inputs can show at most 1,000 of
+FSQ's 64,000 cells, so its ``usage`` is at most 0.016 on them while its ``fill`` can
+reach 1. A grid (FSQ, LFQ, BSQ, residual FSQ: ``quantizer.grid``) learns no codes, so
+none can die: an unvisited cell costs nothing, and ``dead_codes`` is None.
+
+Collapse shows as a perplexity near 1 and a fill near 1/min(K, N). With several
 codebooks (RVQ layers, PQ subspaces) each is measured on its own; the top-level
-figures are their means. An empty tally has usage and perplexity 0.
+figures are their means.
 """
 
 from __future__ import annotations
@@ -29,10 +42,20 @@ class CodebookUsage:
     ``indices`` are ``(...,)`` for one codebook or ``(..., num_codebooks)``;
     entries of -1 (quantization disabled) are ignored. Under torch.distributed
     ``compute()`` counts over all ranks, so every rank must call it (``sync=False``:
-    this rank's counts alone).
+    this rank's counts alone). ``grid=True`` for a quantizer whose codes are cells of a
+    fixed grid: its ``dead_codes`` are None (:meth:`for_quantizer` sets it).
+
+    Example::
+
+        usage = CodebookUsage(codebook_size=4)
+        usage.update(torch.tensor([0, 0, 1, 1]))
+        usage.compute()["fill"]        # 0.5: 2 of the 4 codes 4 inputs can reach
+        usage.compute()["dead_codes"]  # 2.0
     """
 
-    def __init__(self, codebook_size: int, num_codebooks: int = 1, *, sync: bool = True) -> None:
+    def __init__(
+        self, codebook_size: int, num_codebooks: int = 1, *, sync: bool = True, grid: bool = False
+    ) -> None:
         check(
             is_int(codebook_size) and codebook_size >= 1,
             f"CodebookUsage: codebook_size={codebook_size!r}, allowed is an integer >= 1",
@@ -44,12 +67,15 @@ class CodebookUsage:
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
         self.sync = sync
+        self.grid = bool(grid)
         self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.long)
 
     @classmethod
     def for_quantizer(cls, quantizer) -> CodebookUsage:
-        """A tally sized for ``quantizer`` (its ``codebook_size`` and ``num_codebooks``)."""
-        return cls(max(1, quantizer.codebook_size), quantizer.num_codebooks)
+        """A tally sized for ``quantizer`` (its ``codebook_size`` and ``num_codebooks``; a
+        grid's when ``quantizer.grid``)."""
+        grid = bool(getattr(quantizer, "grid", False))
+        return cls(max(1, quantizer.codebook_size), quantizer.num_codebooks, grid=grid)
 
     def reset(self) -> None:
         """Forget every count."""
@@ -81,29 +107,52 @@ class CodebookUsage:
         self.counts += bins.view(c, k)
 
     def compute(self) -> dict:
-        """``usage``, ``perplexity``, ``entropy_bits``, ``dead_codes`` (means over
-        codebooks), ``samples`` and ``per_codebook`` (a list of the same per codebook)."""
+        """The figures of the module docstring, means over codebooks: ``usage``, ``fill``,
+        ``codes_used``, ``perplexity``, ``entropy_bits``, ``dead_codes`` (None for a grid);
+        ``samples`` (N), ``fillable`` (min(K, N)), ``grid``, and ``per_codebook`` (a list of
+        the per-codebook figures)."""
         counts = self.counts.clone()
         if self.sync:
             distributed.all_reduce_sum_(counts)
-        per = [_health(row) for row in counts]
-        mean = {key: sum(p[key] for p in per) / len(per) for key in per[0]}
-        return {**mean, "samples": int(counts[0].sum()), "per_codebook": per}
+        per = [codebook_figures(row, grid=self.grid) for row in counts]
+        mean = {key: _mean([p[key] for p in per]) for key in per[0]}
+        samples = int(counts[0].sum())
+        return {
+            **mean,
+            "samples": samples,
+            "fillable": min(self.codebook_size, samples),
+            "grid": self.grid,
+            "per_codebook": per,
+        }
 
 
-def _health(counts: Tensor) -> dict[str, float]:
-    total = int(counts.sum())
-    dead = int((counts == 0).sum())
-    if total == 0:
-        return {"usage": 0.0, "perplexity": 0.0, "entropy_bits": 0.0, "dead_codes": float(dead)}
-    p = counts[counts > 0].double() / total
-    entropy_bits = float(-(p * p.log2()).sum())
-    return {
-        "usage": (counts.numel() - dead) / counts.numel(),
-        "perplexity": math.pow(2.0, entropy_bits),
-        "entropy_bits": entropy_bits,
-        "dead_codes": float(dead),
+def _mean(values: list) -> float | None:
+    return None if values[0] is None else sum(values) / len(values)
+
+
+def codebook_figures(counts: Tensor, *, grid: bool = False) -> dict[str, float | None]:
+    """The figures of one codebook from its code counts ``(K,)`` (see the module docstring).
+
+    Example::
+
+        codebook_figures(torch.tensor([3, 1, 0, 0]))["perplexity"]  # 1.755...
+    """
+    total, size = int(counts.sum()), counts.numel()
+    used = int((counts > 0).sum())
+    fillable = min(size, total)
+    figures: dict[str, float | None] = {
+        "usage": used / size,
+        "fill": used / fillable if fillable else 0.0,
+        "codes_used": float(used),
+        "perplexity": 0.0,
+        "entropy_bits": 0.0,
+        "dead_codes": None if grid else float(size - used),
     }
+    if total:
+        p = counts[counts > 0].double() / total
+        figures["entropy_bits"] = float(-(p * p.log2()).sum())
+        figures["perplexity"] = math.pow(2.0, figures["entropy_bits"])
+    return figures
 
 
-__all__ = ["CodebookUsage"]
+__all__ = ["CodebookUsage", "codebook_figures"]

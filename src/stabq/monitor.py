@@ -43,6 +43,7 @@ from stabq.monitor_probe import (
     infer_levels,
     infer_num_codebooks,
     input_norm,
+    is_grid_module,
     percent,
     read_output,
     target,
@@ -155,6 +156,7 @@ class CollapseMonitor:
             f"is codebook_size={self.codebook_size}",
         )
         self.levels = None if self.levels is None else list(self.levels)
+        self.grid = is_grid_module(q, self.levels)  # no dead codes in its figures
         self.window = check_int(name, "window", window, 1)
         self.check_every = check_int(name, "check_every", check_every, 1)
         self.min_samples = check_int(name, "min_samples", min_samples, 1)
@@ -325,7 +327,7 @@ class CollapseMonitor:
         """
         steps = list(self._steps)
         counts = self._tally(steps)
-        usage = CodebookUsage(self.codebook_size, self.num_codebooks, sync=False)  # this rank's
+        usage = CodebookUsage(self.codebook_size, self.num_codebooks, sync=False, grid=self.grid)
         usage.counts = counts
         figures = usage.compute()
         tops = [codes_carrying(row, self.top_fraction) for row in counts]

@@ -88,6 +88,21 @@ def infer_levels(q: nn.Module, codebook_size: int) -> list[int] | None:
     return None
 
 
+GRID_CLASSES = ("FSQ", "ResidualFSQ", "LFQ")  # vector-quantize-pytorch's fixed-grid quantizers
+
+
+def is_grid_module(q: nn.Module, levels: Sequence[int] | None) -> bool:
+    """Whether ``q``'s codes are cells of a fixed grid, which learn nothing and cannot die:
+    stabq's ``grid`` quantizers, a quantizer with known ``levels``, vector-quantize-pytorch's
+    FSQ, ResidualFSQ and LFQ."""
+    peer = type(q).__module__.startswith("vector_quantize_pytorch")
+    return (
+        bool(getattr(q, "grid", False))
+        or levels is not None
+        or (peer and type(q).__name__ in GRID_CLASSES)
+    )
+
+
 def first_input(args: tuple, kwargs: dict) -> Tensor | None:
     """The forward's first tensor argument (the rows being quantized), or None."""
     return next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)

@@ -33,6 +33,14 @@ FORMAT_VERSION = 2  # the newest this stabq reads; an MLP model is still written
 WEIGHTS, CONFIG, METRICS, PLOT = "model.safetensors", "config.json", "metrics.jsonl", "training.png"
 
 
+def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """:func:`stabq.report.plot_history`, imported on the first save that plots: matplotlib
+    is not imported with stabq."""
+    from stabq.report import plot_history as draw
+
+    return draw(history, path, title)
+
+
 def _version() -> str:
     from stabq import __version__
 
@@ -88,8 +96,6 @@ def save_model(
         write_text(tmp / CONFIG, json.dumps(config, indent=2))
         if history:
             write_text(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
-            from stabq.report import plot_history  # matplotlib on the first plot only
-
             plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
     return target
 

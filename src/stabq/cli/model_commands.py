@@ -20,7 +20,7 @@ from stabq.errors import ConfigError
 from stabq.quantizers.registry import FSQ_LEVELS, recommended_levels
 
 
-@app.command()
+@app.command(short_help="Accuracy, loss and codebook health of a saved model.")
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
     data: DataOption,
@@ -49,10 +49,23 @@ def evaluate(
         typer.echo(json.dumps(figures))
         return
     for key, value in figures.items():
-        typer.echo(f"{key:<14}{value:.4f}" if isinstance(value, float) else f"{key:<14}{value}")
+        typer.echo(f"{key:<14}{_shown(key, value)}")
 
 
-@app.command()
+COUNTS = ("codes_used", "dead_codes")  # means over codebooks: whole for one codebook
+
+
+def _shown(key: str, value: Any) -> str:
+    """A figure as ``evaluate`` prints it: ``-`` where it does not apply (a grid's dead codes),
+    counts without decimals when whole, other numbers to 4 places."""
+    if value is None:
+        return "-"
+    if key in COUNTS and float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command(short_help="Write the discrete codes of DATA to a .npy file.")
 def encode(
     model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
     data: DataOption,
@@ -102,7 +115,7 @@ def _save_npy(path: Path, array) -> None:
     write_npy(path, array, DataError, "the codes")
 
 
-@app.command()
+@app.command(short_help="The FSQ levels recommended for a codebook size.")
 def levels(
     codebook_size: Annotated[
         int, typer.Argument(help=f"Codebook size, one of {sorted(FSQ_LEVELS)}.", show_default=False)

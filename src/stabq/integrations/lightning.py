@@ -8,9 +8,10 @@ kin), watches each with a :class:`stabq.CollapseMonitor` and logs its figures
 through ``pl_module.log``, so any Lightning logger gets them:
 ``codebook/<module>/<figure>`` every ``log_every_n_steps`` training steps (over
 the monitor's window) and ``val_codebook/<module>/<figure>`` per validation
-epoch (over all validation rows, on every rank). Figures: usage, perplexity,
-dead_codes, entropy_bits, top_codes, aux_loss, feature_norm, saturation (FSQ),
-and ``<figure>/<k>`` per codebook when there are several.
+epoch (over all validation rows, on every rank). Figures (as :mod:`stabq.metrics`
+defines them): usage, fill, codes_used, perplexity, dead_codes (not for grids),
+entropy_bits, top_codes, aux_loss, feature_norm, saturation (FSQ), and
+``<figure>/<k>`` per codebook when there are several.
 
 ``GuardCallback`` runs :class:`stabq.StabilityGuard` under automatic
 optimisation: a batch that ``admit`` refuses leaves no trace (its gradients are
@@ -47,6 +48,8 @@ except ImportError as error:  # pragma: no cover - the extra is installed in the
 PEER_CLASSES = {"VectorQuantize", "ResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "SimVQ"}
 FIGURES = {  # CollapseMonitor.report() key -> logged name
     "usage": "usage",
+    "fill": "fill",
+    "codes_used": "codes_used",
     "perplexity": "perplexity",
     "dead_codes": "dead_codes",
     "entropy_bits": "entropy_bits",
@@ -55,7 +58,7 @@ FIGURES = {  # CollapseMonitor.report() key -> logged name
     "input_norm": "feature_norm",
     "saturation": "saturation",
 }
-PER_CODEBOOK = ("usage", "perplexity", "dead_codes", "entropy_bits")
+PER_CODEBOOK = ("usage", "fill", "perplexity", "dead_codes", "entropy_bits")
 
 
 def is_quantizer(module: nn.Module) -> bool:
@@ -100,7 +103,8 @@ def _figures(report: Mapping[str, Any]) -> dict[str, float]:
     per = report.get("per_codebook") or []
     if len(per) > 1:
         for k, entry in enumerate(per):
-            out.update({f"{key}/{k}": float(entry[key]) for key in PER_CODEBOOK})
+            figures = {key: entry[key] for key in PER_CODEBOOK if entry[key] is not None}
+            out.update({f"{key}/{k}": float(v) for key, v in figures.items()})
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -138,7 +142,7 @@ class CodebookHealth(pl.Callback):
         for name, module in find_quantizers(pl_module, self.names).items():
             monitor = CollapseMonitor(module, training_only=True, **self.monitor_kwargs)
             self.monitors[name] = monitor
-            usage = CodebookUsage(monitor.codebook_size, monitor.num_codebooks)
+            usage = CodebookUsage(monitor.codebook_size, monitor.num_codebooks, grid=monitor.grid)
             usage.sync = torch.distributed.is_available() and torch.distributed.is_initialized()
             self.val_usage[name] = usage
             self._handles.append(module.register_forward_hook(self._count(usage)))

@@ -48,6 +48,8 @@ TAGS: dict[str, str] = {
     "val_loss": "val/loss",
     "val_accuracy": "val/accuracy",
     "usage": "codebook/usage",
+    "fill": "codebook/fill",
+    "codes_used": "codebook/codes_used",
     "perplexity": "codebook/perplexity",
     "dead_codes": "codebook/dead_codes",
     "entropy_bits": "codebook/entropy_bits",

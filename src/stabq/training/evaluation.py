@@ -1,11 +1,14 @@
 """What a model scores: eval-mode figures on rows, and the untrained model's references.
 
-``evaluate_model`` gives loss, accuracy and codebook health; ``_reference_figures``
-the untrained model's figures that the guard starts from.
+``forward_chunks`` is the one eval-mode pass of a model over rows, chunk by chunk on
+the model's own device (rows in memory, on any device, or read from a file);
+``evaluate_model`` gives loss, accuracy and codebook health from it;
+``_reference_figures`` the untrained model's figures that the guard starts from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,9 +17,49 @@ import torch.nn.functional as F
 from stabq import distributed
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
+from stabq.quantizers.base import QuantizerOutput
 from stabq.rows import RowReader
 
 Features = torch.Tensor | RowReader  # rows in memory, or read per batch from a file
+CHUNK = 4096  # rows a chunk of the eval-mode pass
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (the CPU for a model of neither)."""
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@torch.no_grad()  # around each step of the generator, not while the caller runs
+def forward_chunks(
+    model: BottleneckClassifier, x: Features, batch_size: int = CHUNK
+) -> Iterator[tuple[torch.Tensor, QuantizerOutput]]:
+    """The eval-mode pass of ``model`` over ``x``, ``batch_size`` rows at a time.
+
+    Each chunk is moved to the model's device first, so rows kept on the CPU (or read
+    from a file by a :class:`~stabq.rows.RowReader`) meet a model on a GPU; no gradient
+    is recorded, and the model's training mode is restored when the pass ends.
+
+    Args:
+        model: a :class:`~stabq.BottleneckClassifier` (any module whose forward returns
+            ``(logits, QuantizerOutput)``).
+        x: ``(N, ...)`` rows, a tensor on any device or a RowReader.
+        batch_size: rows a chunk.
+    Yields:
+        ``(logits, out)`` per chunk: ``(n, classes)`` and the quantizer's output, on the
+        model's device.
+
+    Example::
+
+        codes = torch.cat([out.indices.cpu() for _, out in forward_chunks(model, x)])
+    """
+    device, was_training = model_device(model), model.training
+    model.eval()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            yield model(x[start : start + batch_size].to(device))
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -24,40 +67,46 @@ def evaluate_model(
     model: BottleneckClassifier,
     x: Features,
     y: torch.Tensor,
-    batch_size: int = 4096,
+    batch_size: int = CHUNK,
     *,
     sync: bool = False,
+    keep_indices: bool = False,
 ) -> dict[str, Any]:
-    """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``.
+    """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``, in one pass
+    (:func:`forward_chunks`, on the model's device wherever ``x`` and ``y`` are).
 
-    ``sync=True`` (distributed): ``(x, y)`` is this rank's share of the rows
-    and the figures are over all ranks' rows; every rank must call it.
+    Returns ``loss``, ``accuracy`` and the :class:`~stabq.metrics.CodebookUsage` figures
+    ``usage``, ``fill``, ``codes_used``, ``perplexity``, ``dead_codes`` (None for a grid)
+    and ``entropy_bits``; with ``keep_indices`` also ``indices``, the codes of every row
+    on the CPU (``(N,)`` or ``(N, C)``). ``sync=True`` (distributed): ``(x, y)`` is this
+    rank's share of the rows and the figures are over all ranks' rows; every rank must
+    call it.
     """
-    was_training = model.training
-    model.eval()
     usage = CodebookUsage.for_quantizer(model.quantizer)
     usage.sync = sync
-    loss_sum, correct = 0.0, 0
-    for start in range(0, x.shape[0], batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits, out = model(xb)
+    loss_sum, correct, kept = 0.0, 0, []
+    start = 0
+    for logits, out in forward_chunks(model, x, batch_size):
+        yb = y[start : start + logits.shape[0]].to(logits.device)
+        start += logits.shape[0]
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
         correct += int((logits.argmax(-1) == yb).sum())
         usage.update(out.indices)
-    model.train(was_training)
+        if keep_indices:
+            kept.append(out.indices.cpu())
     health = usage.compute()
     totals = torch.tensor([loss_sum, correct, x.shape[0]], dtype=torch.float64)
     if sync:
         distributed.all_reduce_sum_(totals)
     loss_sum, correct, n = totals[0].item(), totals[1].item(), max(1.0, totals[2].item())
-    return {
-        "loss": loss_sum / n,
-        "accuracy": correct / n,
-        "usage": health["usage"],
-        "perplexity": health["perplexity"],
-        "dead_codes": health["dead_codes"],
-        "entropy_bits": health["entropy_bits"],
-    }
+    figures = {"loss": loss_sum / n, "accuracy": correct / n}
+    figures.update({k: health[k] for k in HEALTH_FIGURES})
+    if keep_indices:
+        figures["indices"] = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    return figures
+
+
+HEALTH_FIGURES = ("usage", "fill", "codes_used", "perplexity", "dead_codes", "entropy_bits")
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from stabq import distributed
 from stabq.data import (
     LabeledData,
-    from_arrays,
     require_classes,
     require_fit,
     train_val_split,
@@ -33,11 +32,17 @@ from stabq.errors import StabqError, TrainingError
 from stabq.files import write_text
 from stabq.model import BottleneckClassifier
 from stabq.monitor import CollapseMonitor
-from stabq.rows import from_dataset, from_memmap, on_device, scan
+from stabq.rows import as_labeled_data, on_device, scan
 from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device
-from stabq.training.evaluation import Features, _reference_figures, _standardized, evaluate_model
+from stabq.training.evaluation import (
+    HEALTH_FIGURES,
+    Features,
+    _reference_figures,
+    _standardized,
+    evaluate_model,
+)
 from stabq.training.guard import StabilityGuard
 from stabq.training.resume import Checkpointer
 from stabq.training.schedule import cosine_with_warmup, linear_ramp
@@ -51,18 +56,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return check_device(name)
-
-
-def _as_data(data: LabeledData | Dataset | tuple[Any, Any]) -> LabeledData:
-    """Arrays are checked and copied; a Dataset or a memory-mapped ``x`` stays where it is
-    (:mod:`stabq.rows`)."""
-    if isinstance(data, LabeledData):
-        return data
-    if isinstance(data, Dataset):
-        return from_dataset(data)
-    if isinstance(data[0], np.memmap):
-        return from_memmap(*data)
-    return from_arrays(*data)
 
 
 def train(
@@ -110,11 +103,11 @@ def train(
     the run ends exactly as if it had never stopped.
     """
     config = config or TrainConfig()
-    data = require_classes(_as_data(train_data))
+    data = require_classes(as_labeled_data(train_data))
     if val is None:
         data, val_data = train_val_split(data, config.val_fraction, config.seed)
     else:  # class ids follow the training data's classes, by name
-        val_data = with_classes(_as_data(val), data.classes)
+        val_data = with_classes(as_labeled_data(val), data.classes)
     for part in (data, val_data):
         require_fit(part, model.input_shape, model.num_classes)
     device = resolve_device(config.device)
@@ -211,6 +204,7 @@ def train(
             bar.set_postfix(
                 loss=f"{row['train_loss']:.3f}",
                 acc=f"{row['val_accuracy']:.3f}",
+                fill=f"{row['fill']:.3f}",
                 ppl=f"{row['perplexity']:.1f}",
             )
         if result.history:
@@ -342,10 +336,7 @@ def _epoch_row(
         "train_aux": sums["aux"] / applied,
         "val_loss": figures["loss"],
         "val_accuracy": figures["accuracy"],
-        "usage": figures["usage"],
-        "perplexity": figures["perplexity"],
-        "dead_codes": figures["dead_codes"],
-        "entropy_bits": figures["entropy_bits"],
+        **{key: figures[key] for key in HEALTH_FIGURES},
         "tau": getattr(model.quantizer, "tau", None),
         "mix": model.quantize_mix,
         "max_feature_norm": sums["max_norm"],
