@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +31,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from stabq import health
-from stabq.data import LabeledData, load_data, require_classes, require_fit, train_val_split
+from stabq.data import (
+    LabeledData,
+    load_data,
+    require_classes,
+    require_fit,
+    train_val_split,
+    with_classes,
+)
 from stabq.encoders import check_encoder, check_input_shape, encoder_name
 from stabq.errors import ConfigError, TrainingError
 from stabq.integrations.tensorboard import check_log_dir, epoch_writer, run_dir
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
-from stabq.rows import RowReader, on_device
+from stabq.rows import as_labeled_data, on_device
 from stabq.scenarios import EXPLODE_CONFIG, GUARDED, SCENARIOS, STABQ_PRESETS, explode_verdict
 from stabq.training import TrainConfig, evaluate_model, train
 
@@ -103,13 +111,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_methods(names: Sequence[str]) -> list[Method]:
-    """Methods by name; an unknown name is a ConfigError listing the known ones."""
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
+def resolve_methods(names: str | Sequence[str]) -> list[Method]:
+    """Methods by name, in the order given: a list, or a comma-separated string as
+    ``--methods`` takes it.
+
+    Raises :class:`ConfigError` for no names, an empty entry (``"fsq,"``), a name given
+    twice (it would count as another seed) or an unknown name (listing the known ones).
+
+    Example::
+
+        [m.quantizer for m in resolve_methods("fsq,vq-2stage")]  # ['fsq', 'vq']
+    """
+    given = names.split(",") if isinstance(names, str) else list(names)
+    names = [n.strip() if isinstance(n, str) else n for n in given]
+    shown = ",".join(map(str, given))
+    if not names or any(n == "" for n in names):
         raise ConfigError(
-            f"--methods {','.join(names) or '(empty)'}: unknown {', '.join(unknown) or 'list'}; "
-            f"allowed: {', '.join(METHODS)}"
+            f"--methods {shown!r}: an empty method name; give comma-separated names from: "
+            f"{', '.join(METHODS)}"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"--methods {shown}: {', '.join(twice)} named more than once (use --seeds for "
+            "more runs of a method)"
+        )
+    unknown = [str(n) for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(
+            f"--methods {shown}: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}"
         )
     return [METHODS[n] for n in names]
 
@@ -157,7 +187,8 @@ def run_one(
         record.update(diverged=True, error=str(err))
     record["seconds"] = time.perf_counter() - started
     tx, ty = on_device(test_set.x, "cpu"), torch.from_numpy(test_set.y)
-    figures = evaluate_model(model, tx, ty)
+    figures = evaluate_model(model, tx, ty, keep_indices=True)  # on the model's device
+    indices = figures.pop("indices")
     if not all(math.isfinite(figures[k]) for k in ("loss", "accuracy")):
         record["diverged"] = True
     record.update({f"test_{k}": v for k, v in figures.items()}, test_rows=len(test_set))
@@ -168,22 +199,16 @@ def run_one(
         record["diverged"] = True
     record["guard_events"] = events
     record["history"] = history
-    record["code_counts"] = _code_counts(model, tx)
-    health.annotate(record, model, tx)
+    quantized = model.quantizer.codebook_size > 0
+    record["code_counts"] = _code_counts(model.quantizer, indices) if quantized else []
+    health.annotate(record, model, indices if quantized else None)
     return record
 
 
-@torch.no_grad()
-def _code_counts(model: BottleneckClassifier, x: torch.Tensor | RowReader) -> list[list[int]]:
-    """Per codebook, how often each code was used on ``x`` (empty for the continuous model);
-    rows read from a file (a :class:`RowReader`) are taken in chunks."""
-    if model.quantizer.codebook_size == 0:
-        return []
-    model.eval()
-    usage = CodebookUsage.for_quantizer(model.quantizer)
-    step = x.shape[0] if isinstance(x, torch.Tensor) else 4096
-    for start in range(0, x.shape[0], step):
-        usage.update(model(x[start : start + step])[1].indices)
+def _code_counts(quantizer: nn.Module, indices: torch.Tensor) -> list[list[int]]:
+    """Per codebook, how often each code appears in ``indices``."""
+    usage = CodebookUsage.for_quantizer(quantizer)
+    usage.update(indices)
     return usage.counts.tolist()
 
 
@@ -204,7 +229,7 @@ def summarise(
             "method": name,
             "seeds": len(runs),
             "accuracy": statistics.mean(accs),
-            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,  # 1 seed: none
             "gap": None
             if ref_acc is None or name == reference
             else statistics.mean(accs) - ref_acc,
@@ -242,9 +267,13 @@ class Comparison:
     settings: dict[str, Any]
 
 
+Data = str | LabeledData | Dataset | tuple[Any, Any]  # a name or file, or what train takes
+RUN_SET = ("seed", "two_stage", "epochs", "progress")  # set by compare for each run
+
+
 def compare(
-    data: str = "mnist1d",
-    methods: Sequence[str] | None = None,
+    data: Data = "mnist1d",
+    methods: str | Sequence[str] | None = None,
     seeds: int | None = None,
     epochs: int | None = None,
     preset: str = "default",
@@ -252,62 +281,107 @@ def compare(
     progress: bool | None = None,
     *,
     encoder: str | nn.Module = "mlp",
-    test_data: str | None = None,
+    test_data: Data | None = None,
     tensorboard: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Train every method on ``data`` for ``seeds`` seeds and compare them.
 
-    ``data`` is a built-in name or a file; the test set is ``test_data`` when
-    given, else a built-in's test part or a stratified 20% of the file (fixed
-    seed). ``encoder`` (:mod:`stabq.encoders`; a module instance is copied and
-    re-initialised for every run) is every method's. ``preset`` (``default`` or
-    ``stress``) sets the methods, seeds, epochs and training options unless given.
-    ``tensorboard``: a directory for TensorBoard events (needs ``stabq[tensorboard]``),
-    one run per method and seed, ``tensorboard/<method>/seed-<k>``, written epoch by epoch.
+    Args:
+        data: a built-in name or a file (as ``--data``), or what :func:`stabq.train`
+            takes: arrays ``(x, y)``, :class:`~stabq.data.LabeledData` or a map-style
+            torch ``Dataset``.
+        methods: names of :data:`METHODS` (a list or ``"a,b"``); default the preset's.
+        seeds: runs per method (seeds 0, 1, ...); default the preset's.
+        epochs: epochs per run; default the preset's.
+        preset: ``default``, ``stress`` or ``explode`` (:data:`PRESETS`): methods, seeds,
+            epochs and training options unless given.
+        on_run: called with each run's record as it ends.
+        progress: progress bars (None: when the output is a terminal).
+        encoder: every method's encoder (:mod:`stabq.encoders`; a module instance is
+            copied and re-initialised for every run).
+        test_data: the test set, as ``data``; default a built-in's test part, else a
+            stratified 20% of ``data`` (fixed seed).
+        tensorboard: a directory for TensorBoard events (needs ``stabq[tensorboard]``),
+            one run per method and seed, ``tensorboard/<method>/seed-<k>``.
+        options: training options (:class:`~stabq.TrainConfig` fields such as ``lr``,
+            ``batch_size``, ``optimizer``), over the preset's; ``explode``'s scenarios
+            keep their own optimiser, rate and guards, the failure they reproduce.
+    Returns:
+        A :class:`Comparison`: per-run records, per-method rows and the verdict line.
+    Raises:
+        ConfigError: an unknown preset, method or option, a method named twice, seeds < 1.
+        DataError: data stabq cannot train on.
+
+    Example::
+
+        result = compare("mnist1d", methods="none,fsq,vq", seeds=1, epochs=5, options={"lr": 1e-3})
+        print(result.verdict)
     """
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
-    chosen = resolve_methods(list(methods) if methods else spec["methods"])
-    seeds = spec["seeds"] if seeds is None else seeds
-    epochs = spec["epochs"] if epochs is None else epochs
-    if not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"--seeds {seeds!r}: allowed is an integer >= 1")
-    config = TrainConfig(epochs=epochs, progress=progress, **spec["config"])
+    chosen, seeds, config = _plan(preset, methods, seeds, epochs, progress, options)
     check_encoder(encoder)
     if tensorboard is not None:
         check_log_dir(tensorboard)
     train_set, test_set = _train_test(data, test_data)
     check_input_shape(encoder, train_set.input_shape, train_set.source)
     require_fit(test_set, train_set.input_shape, model="the training data")
+    name = data if isinstance(data, str) else train_set.source
+    settings = {"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()}
     started = time.perf_counter()
     if preset == "explode":
         ordered, rows, line = _explode(chosen, seeds, train_set, test_set, config, encoder, on_run)
-        return Comparison(
-            data, preset, train_set.num_classes, ordered, rows, line,
-            time.perf_counter() - started,
-            {"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()},
-        )  # fmt: skip
-    records = []
-    for seed in range(seeds):  # seeds outermost: every method sees seed s before seed s + 1
-        for method in chosen:
-            events = None if tensorboard is None else run_dir(tensorboard, method.name, seed)
-            record = run_one(method, seed, train_set, test_set, config, encoder, events)
-            records.append(record)
-            if on_run is not None:
-                on_run(record)
-    ordered = sorted(records, key=lambda r: [m.name for m in chosen].index(r["method"]))
-    rows = summarise(ordered, train_set.num_classes)
-    return Comparison(
-        data=data,
-        preset=preset,
-        num_classes=train_set.num_classes,
-        records=ordered,
-        rows=rows,
-        verdict=verdict(rows, data),
-        seconds=time.perf_counter() - started,
-        settings={"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()},
-    )
+    else:
+        records = []
+        for seed in range(seeds):  # seeds outermost: every method sees seed s before s + 1
+            for method in chosen:
+                events = None if tensorboard is None else run_dir(tensorboard, method.name, seed)
+                record = run_one(method, seed, train_set, test_set, config, encoder, events)
+                records.append(record)
+                if on_run is not None:
+                    on_run(record)
+        ordered = sorted(records, key=lambda r: [m.name for m in chosen].index(r["method"]))
+        rows = summarise(ordered, train_set.num_classes)
+        line = verdict(rows, name)
+    seconds = time.perf_counter() - started
+    return Comparison(name, preset, train_set.num_classes, ordered, rows, line, seconds, settings)
+
+
+def planned_runs(
+    preset: str = "default", methods: str | Sequence[str] | None = None, seeds: int | None = None
+) -> int:
+    """How many runs :func:`compare` trains for these arguments (``explode`` trains each
+    scenario's baseline twice more: guards off, then on). Raises as compare does."""
+    chosen, seeds, _ = _plan(preset, methods, seeds, None, None, None)
+    extra = 2 * len(SCENARIOS) if preset == "explode" else 0
+    return (len(chosen) + extra) * seeds
+
+
+def _plan(
+    preset: str,
+    methods: str | Sequence[str] | None,
+    seeds: int | None,
+    epochs: int | None,
+    progress: bool | None,
+    options: Mapping[str, Any] | None,
+) -> tuple[list[Method], int, TrainConfig]:
+    """The methods, seeds and training options of a comparison, checked."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    chosen = resolve_methods(spec["methods"] if methods is None else methods)
+    seeds = spec["seeds"] if seeds is None else seeds
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"--seeds {seeds!r}: allowed is an integer >= 1")
+    options = dict(options or {})
+    taken = sorted(set(options) & set(RUN_SET))
+    if taken:
+        raise ConfigError(
+            f"--option {taken[0]}: compare sets it for each run (seeds run 0, 1, ...; "
+            "two-stage is a method; epochs and progress have options of their own)"
+        )
+    epochs = spec["epochs"] if epochs is None else epochs
+    run = {**spec["config"], **options, "epochs": epochs, "progress": progress}
+    return chosen, seeds, TrainConfig.from_dict(run)
 
 
 def _explode(
@@ -346,13 +420,16 @@ def _explode(
     return records, rows, explode_verdict(rows)
 
 
-def _train_test(data: str, test_data: str | None) -> tuple[LabeledData, LabeledData]:
-    """The given test data; else built-ins come split and a file is split 80/20 here
+def _train_test(data: Data, test_data: Data | None) -> tuple[LabeledData, LabeledData]:
+    """The given test data; else built-ins come split and the rest is split 80/20 here
     (stratified, fixed seed)."""
-    full = require_classes(load_data(data, "train"))
+    named = isinstance(data, str)
+    full = require_classes(load_data(data, "train") if named else as_labeled_data(data))
     if test_data is not None:
-        return full, load_data(test_data, "test", classes=full.classes)
-    if full.source.endswith(":train"):
+        if isinstance(test_data, str):
+            return full, load_data(test_data, "test", classes=full.classes)
+        return full, with_classes(as_labeled_data(test_data), full.classes)
+    if named and full.source.endswith(":train"):
         return full, load_data(data, "test", classes=full.classes)
     train_set, test_set = train_val_split(full, 0.2, seed=0)
     return train_set, test_set

@@ -163,7 +163,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     fig, ax = _subplots(figsize=(8, 4))
     names = [row["method"] for row in comparison.rows]
     means = [100 * row["accuracy"] for row in comparison.rows]
-    sds = [100 * row["accuracy_sd"] for row in comparison.rows]
+    sds = [100 * (row["accuracy_sd"] or 0.0) for row in comparison.rows]  # 1 seed: no bar
     colours = ["tab:blue" if row["verdict"] in HEALTHY else "tab:red" for row in comparison.rows]
     ax.bar(names, means, yerr=sds, color=colours, capsize=4)
     ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: not ok or rescued)")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from stabq import distributed
-from stabq.data import LabeledData, Standardizer, _check_features, _encode_labels
+from stabq.data import LabeledData, Standardizer, _check_features, _encode_labels, from_arrays
 from stabq.readers import as_numpy
 from stabq.readers import data_error as _error
 
@@ -339,6 +339,27 @@ class RowReader:
         return torch.from_numpy(self.rows.read(positions)).to(self.device)
 
 
+def as_labeled_data(data: Any) -> LabeledData:
+    """What :func:`stabq.train` and :func:`stabq.compare` take as data, as LabeledData.
+
+    ``data``: :class:`LabeledData` (as it is), a map-style torch ``Dataset`` (item ``i``
+    -> ``(x_i, y_i)``; its rows stay where they are), or arrays ``(x, y)``: checked and
+    copied, except a memory-mapped ``x`` (``np.load(..., mmap_mode="r")``), read per batch.
+    Raises :class:`~stabq.errors.DataError` for rows stabq cannot train on.
+
+    Example::
+
+        as_labeled_data((np.zeros((4, 3)), np.array([0, 1, 0, 1]))).input_shape  # (3,)
+    """
+    if isinstance(data, LabeledData):
+        return data
+    if isinstance(data, torch.utils.data.Dataset):
+        return from_dataset(data)
+    if isinstance(data[0], np.memmap):
+        return from_memmap(*data)
+    return from_arrays(*data)
+
+
 def on_device(
     x: np.ndarray | Rows, device: torch.device | str, shard: bool = False
 ) -> torch.Tensor | RowReader:
@@ -353,5 +374,6 @@ def on_device(
 
 
 __all__ = [
-    "RowReader", "Rows", "from_dataset", "from_memmap", "on_device", "open_npy", "scan",
+    "RowReader", "Rows", "as_labeled_data", "from_dataset", "from_memmap", "on_device",
+    "open_npy", "scan",
 ]  # fmt: skip

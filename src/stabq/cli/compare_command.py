@@ -14,43 +14,77 @@ from stabq.cli.app import (
     TensorBoardOption,
     _under_torchrun,
     app,
+    parse_options,
     run_user_command,
 )
+from stabq.cli.progress import RunProgress
 from stabq.errors import ConfigError
 
 
-@app.command("compare")
+def _methods_help() -> str:
+    """Every method compare knows and each preset's own, read from the library."""
+    from stabq.compare import METHODS, PRESETS
+
+    own = "; ".join(f"{name}: {','.join(spec['methods'])}" for name, spec in PRESETS.items())
+    return f"Comma-separated methods (default: the preset's). Known: {', '.join(METHODS)}. ({own})"
+
+
+def _preset_help() -> str:
+    from stabq.compare import PRESETS
+
+    shown = ", ".join(
+        f"{name} ({spec['seeds']} seeds x {spec['epochs']} epochs)"
+        for name, spec in PRESETS.items()
+    )
+    return (
+        f"{shown}. stress: lr 3e-2 with guards off, where VQ-EMA collapses; explode: SGD "
+        "scenarios where VQ-EMA's loss passes 1e10, guards off then on."
+    )
+
+
+@app.command("compare", short_help="Train every method on DATA and compare them.")
 def compare_command(
-    data: Annotated[str, typer.Option("--data", help=DATA_HELP)] = "mnist1d",
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP, metavar="DATA")] = "mnist1d",
     test_data: Annotated[
         str | None,
         typer.Option(
-            help="Test data (default: a built-in's test part, else a stratified 20% of --data)."
+            help="Test data (default: a built-in's test part, else a stratified 20% of --data).",
+            metavar="DATA",
         ),
     ] = None,
     encoder: EncoderOption = "mlp",
-    methods: Annotated[
+    methods: Annotated[str | None, typer.Option(help=_methods_help(), metavar="A,B,...")] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Seeds per method (default: preset's).", metavar="N")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs per run (default: preset's).", metavar="N")
+    ] = None,
+    preset: Annotated[str, typer.Option(help=_preset_help(), metavar="NAME")] = "default",
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default: preset's).", metavar="LR")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Inputs per step (default: preset's).", metavar="N")
+    ] = None,
+    optimizer: Annotated[
         str | None,
+        typer.Option(help="adamw or sgd (default: preset's).", metavar="NAME"),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
         typer.Option(
-            help="Comma-separated methods (default: the preset's). Known: "
-            "none, vq-ema, vq, vq-1024, rvq, fsq, fsq-plain, gumbel, pq, "
-            "fsq-2stage, vq-2stage; the explode baselines vq-ema-sum, vq-ema-tutorial."
+            help="Training option KEY=VALUE (repeatable), a field of stabq.TrainConfig, e.g. "
+            "weight_decay=0 or guards=false.",
+            metavar="KEY=VALUE",
         ),
     ] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per method (default: preset's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per run (default: preset's).")] = None,
-    preset: Annotated[
-        str,
-        typer.Option(
-            help="default; stress: lr 3e-2 with guards off, where VQ-EMA collapses; explode: "
-            "SGD scenarios where VQ-EMA's loss passes 1e10, guards off then on."
-        ),
-    ] = "default",
     out: Annotated[
-        Path | None, typer.Option(help="Report directory (results.csv/json, report.md/html).")
+        Path | None,
+        typer.Option(help="Report directory (results.csv/json, report.md/html).", metavar="DIR"),
     ] = None,
     tensorboard: TensorBoardOption = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or progress lines.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train every method on DATA with several seeds and print the comparison table.
@@ -58,42 +92,30 @@ def compare_command(
     Example: stabq compare --data mnist1d --seeds 3 --out runs/compare
     (under torchrun each run is trained on all processes; rank 0 prints and writes)
     --tensorboard DIR writes one TensorBoard run per method and seed: DIR/METHOD/seed-K.
+    When the output is not a terminal, each run prints one progress line instead of bars.
     """
     from stabq.distributed import is_main
 
     def run():
-        from tqdm.auto import tqdm
-
-        from stabq.compare import PRESETS, compare
+        from stabq.compare import compare, planned_runs
         from stabq.files import require_directory_path
         from stabq.integrations.tensorboard import check_log_dir
         from stabq.report import write_comparison
-        from stabq.scenarios import SCENARIOS
 
         if out is not None:  # before the runs, not after them
             require_directory_path(out, ConfigError, "the comparison")
         if tensorboard is not None:  # and not where --out will replace the events
             check_log_dir(tensorboard, outside=out)
-        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-        spec = PRESETS.get(preset, PRESETS["default"])
-        total = len(names or spec["methods"]) * (seeds or spec["seeds"])
-        if preset == "explode":  # each scenario's baseline twice (guards off, on)
-            total += 2 * len(SCENARIOS) * (seeds or spec["seeds"])
-        quiet_here = quiet or not is_main()
-        bar = tqdm(total=total, desc="compare", unit="run", disable=True if quiet_here else None)
-
-        def on_run(record):
-            bar.update(1)
-            bar.set_postfix(method=record["method"], seed=record["seed"])
-
-        try:
+        recipe = {"lr": lr, "batch_size": batch_size, "optimizer": optimizer}
+        recipe = {k: v for k, v in recipe.items() if v is not None}
+        options = {**parse_options(option or [], "weight_decay=0"), **recipe}
+        total = planned_runs(preset, methods, seeds)
+        with RunProgress(total, quiet or not is_main()) as progress:
             result = compare(
-                data, names, seeds, epochs, preset, on_run=on_run,
-                progress=False if quiet_here else None, encoder=encoder, test_data=test_data,
-                tensorboard=tensorboard,
+                data, methods, seeds, epochs, preset, on_run=progress.update,
+                progress=progress.epoch_bars, encoder=encoder, test_data=test_data,
+                tensorboard=tensorboard, options=options,
             )  # fmt: skip
-        finally:
-            bar.close()
         if out is not None and is_main():
             write_comparison(result, out)
         return result, is_main()
