@@ -21,6 +21,9 @@ app = typer.Typer(
     help="Stable discrete bottlenecks for classifiers: train, compare and inspect quantizers.",
     no_args_is_help=True,
     add_completion=False,
+    # plain click help: typer's rich panels label every flag ``<bool>`` and every option
+    # with its Python type
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
@@ -33,9 +36,11 @@ ENCODER_HELP = (
     "mlp (feature rows), cnn1d (sequences (N, L) or (N, C, L)), cnn2d (images (N, C, H, W)), "
     "or package.module:factory, a callable (input_shape, out_dim) -> torch.nn.Module."
 )
-EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)]
+EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP, metavar="ENCODER")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
-DataOption = Annotated[str, typer.Option("--data", help=DATA_HELP, show_default=False)]
+DataOption = Annotated[
+    str, typer.Option("--data", help=DATA_HELP, metavar="DATA", show_default=False)
+]
 TensorBoardOption = Annotated[
     Path | None,
     typer.Option(help="Write TensorBoard events to DIR, epoch by epoch.", metavar="DIR"),
@@ -78,13 +83,14 @@ def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
         raise typer.Exit(code=2) from None
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs, each VALUE read as JSON when it parses (``levels=[8,5,5,5]``)."""
+def parse_options(pairs: list[str], example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each VALUE read as JSON when it parses (``levels=[8,5,5,5]``);
+    ``example`` is shown when a pair has no ``=``."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE, e.g. levels=[8,5,5,5]")
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE, e.g. {example}")
         try:
             options[key] = json.loads(raw)
         except (json.JSONDecodeError, RecursionError):

@@ -19,7 +19,9 @@ from stabq.cli.app import (
     parse_options,
     run_user_command,
 )
+from stabq.quantizers.registry import preset_names
 
+REQUIRED = "  [required unless --resume]"
 RUN_OPTIONS = (
     "data", "out", "quantizer", "option", "val_data", "epochs", "batch_size", "lr", "seed",
     "hidden", "bottleneck_dim", "two_stage", "stage1_epochs", "freeze_projector",
@@ -27,14 +29,22 @@ RUN_OPTIONS = (
 )  # fmt: skip
 
 
-@app.command()
+@app.command(short_help="Train a classifier with a discrete bottleneck; save it.")
 def train(
     ctx: typer.Context,
-    data: Annotated[str | None, typer.Option("--data", help=DATA_HELP, show_default=False)] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Model directory to write.", show_default=False)
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help=DATA_HELP + REQUIRED, metavar="DATA", show_default=False),
     ] = None,
-    quantizer: Annotated[str, typer.Option(help="Preset: fsq, vq, rvq, gumbel, pq, ...")] = "fsq",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model directory to write." + REQUIRED, metavar="DIR", show_default=False
+        ),
+    ] = None,
+    quantizer: Annotated[
+        str, typer.Option(help=f"Preset: {', '.join(preset_names())}.", metavar="NAME")
+    ] = "fsq",
     encoder: EncoderOption = "mlp",
     option: Annotated[
         list[str] | None,
@@ -160,7 +170,7 @@ def train(
         if not quiet and distributed.is_main():
             last = result.final
             typer.echo(
-                f"{quantizer}: val accuracy {last['val_accuracy']:.4f}, usage {last['usage']:.3f}, "
+                f"{quantizer}: val accuracy {last['val_accuracy']:.4f}, fill {last['fill']:.3f}, "
                 f"perplexity {last['perplexity']:.1f}, {len(result.guard_events)} guard events, "
                 f"{result.seconds:.1f} s -> {out}"
             )
