@@ -95,9 +95,12 @@ DEFAULT_METHODS = [
     *NEWER,
 ]  # fmt: skip
 STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq", *NEWER]
+QUICK_METHODS = ["none", "vq-ema", "vq", "rvq", "fsq", "gumbel"]
 PRESETS: dict[str, dict[str, Any]] = {
     # finishes in a few minutes on 2 cores for mnist1d
     "default": {"methods": DEFAULT_METHODS, "seeds": 2, "epochs": 40, "config": {}},
+    # the first look (make demo): the baseline that collapses, the main repairs, 2 seeds
+    "quick": {"methods": QUICK_METHODS, "seeds": 2, "epochs": 20, "config": {}},
     # vanilla VQ-EMA's failure: a high learning rate, 512 codes, no guards anywhere
     "stress": {
         "methods": STRESS_METHODS,

@@ -24,7 +24,7 @@ from stabq.health import HEALTHY, used_cell
 PANELS = (
     ("train_loss", "training loss", True),
     ("val_accuracy", "validation accuracy", False),
-    ("usage", "codebook usage", False),
+    ("fill", "codebook fill", False),
     ("perplexity", "perplexity", True),
 )
 
@@ -39,7 +39,7 @@ def _subplots(nrows: int = 1, ncols: int = 1, **options: Any) -> tuple[Any, Any]
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """PNG at ``path``: loss (log scale), accuracy, usage and perplexity per epoch."""
+    """PNG at ``path``: loss (log scale), accuracy, fill and perplexity per epoch."""
     path = Path(path)
     epochs = [row["epoch"] for row in history]
     fig, axes = _subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
@@ -151,10 +151,10 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     fig, axes = _subplots(1, 2, figsize=(11, 4))
     for name, runs in grouped.items():
         if runs[0]["code_counts"]:
-            for ax, key in zip(axes, ("usage", "perplexity"), strict=True):
+            for ax, key in zip(axes, ("fill", "perplexity"), strict=True):
                 epochs, values = _mean_curve(runs, key)
                 ax.plot(epochs, values, label=name, color=colour[name])
-    axes[0].set(xlabel="epoch", ylabel="usage", title="codebook usage (validation)")
+    axes[0].set(xlabel="epoch", ylabel="fill", title="codebook fill (validation)")
     axes[1].set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity (validation)")
     axes[1].axhline(comparison.num_classes, color="grey", ls="--", lw=1, label="classes")
     axes[1].legend(fontsize=7, ncol=2)
