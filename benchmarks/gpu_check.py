@@ -12,6 +12,8 @@
 4. distributed: ``torchrun --nproc_per_node=1 -m stabq train`` (started first, beside checks
    1 and 3, never beside the timing), and collectives in a 1-rank NCCL group (gloo on the
    CPU): at world size 1 stabq joins no process group, so these are what exercise NCCL.
+5. compare: ``stabq compare`` (3 methods, 1 seed, 2 epochs) trained on the device, its test
+   rows kept on the CPU; it must end with its report written.
 
 Prints a table per check, saves the JSON after each (a run cut short keeps what it measured)
 and exits with status 1 when any check failed.
@@ -22,9 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import quantizers as bench
 import stabq
 from _measure import alternate, machine, markdown
+from gpu_cli_runs import compare_run, start_smoke_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,6 @@ NEW_PEERS: dict[str, Callable[[Any], torch.nn.Module]] = {  # as tests/test_<nam
 }
 # bytes of the peer's (n, 2^16) LFQ code probabilities it may hold (several such at once)
 PEER_PROBS_LIMIT = {"cpu": bench.PEER_DISTANCE_LIMIT, "cuda": 2**33}
-SMOKE_TIMEOUT_S = 150  # a healthy run takes 10-30 s
-PORT_RACE = ("Address already in use", "EADDRINUSE", "DistNetworkError", "RendezvousConnection")
 
 
 # 1. equivalence --------------------------------------------------------------------------
@@ -248,48 +246,6 @@ def bf16_epoch(
 
 
 # 4. torchrun smoke run and collectives ---------------------------------------------------
-def start_smoke_run(device: torch.device, data: str, workdir: Path) -> Callable[[], dict]:
-    """Start ``torchrun --standalone --nproc_per_node=1 -m stabq train`` for one epoch in the
-    background; the call returned waits for it and gives its verdict (exit status and model
-    file). A launch that lost its port to another process (--standalone's race) is retried."""
-    out, log = workdir / "smoke", workdir / "smoke.log"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-        "-m", "stabq", "train", "--data", data, "--quantizer", "fsq", "--epochs", "1",
-        "--device", str(device), "--out", str(out), "--quiet",
-    ]  # fmt: skip
-    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
-
-    def launch() -> subprocess.Popen:
-        with log.open("w") as sink:  # a file, not a pipe: a hung worker could hold a pipe
-            return subprocess.Popen(
-                cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-
-    def wait(proc: subprocess.Popen) -> int:
-        try:
-            return proc.wait(timeout=SMOKE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session this launch started
-            return proc.wait()
-
-    first = launch()
-
-    def result() -> dict:
-        code = wait(first)
-        if code != 0 and any(sign in log.read_text(errors="replace") for sign in PORT_RACE):
-            code = wait(launch())
-        written = (out / "model.safetensors").is_file()
-        verdict = {"command": " ".join(cmd[1:]), "returncode": code, "model_written": written}
-        verdict["passed"] = code == 0 and written
-        tail = {} if verdict["passed"] else {"log_tail": log.read_text(errors="replace")[-3000:]}
-        return {**verdict, **tail}
-
-    return result
-
-
 def collectives(device: torch.device, workdir: Path) -> dict:
     """all_reduce, broadcast and all_gather of a tensor on ``device`` in a 1-rank group."""
     import torch.distributed as dist
@@ -329,6 +285,7 @@ COLUMNS = {  # the printed tables: (key, format); the header is the key in words
         ("codes_same_as_fp32", "{:.3f}"), ("passed", "{}"),
     ],
     "distributed": [("name", "{}"), ("passed", "{}")],
+    "compare": [("name", "{}"), ("returncode", "{}"), ("seconds", "{:.1f}"), ("passed", "{}")],
 }  # fmt: skip
 
 
@@ -407,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             ("torchrun stabq train", smoke),
             ("1-rank collectives", partial(collectives, device, Path(tmp))),
         ])  # fmt: skip
+        run = partial(compare_run, device, args.data, Path(tmp))
+        section(report, "compare", args.out, [("stabq compare", run)])
     section(report, "timing", args.out, timing_calls(device, 64 if args.quick else None, repeats))
     report["failures"] = failures(report)
     report["passed"] = not report["failures"]

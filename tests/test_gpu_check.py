@@ -63,6 +63,9 @@ def test_the_check_runs_on_the_cpu_and_passes_exactly(tmp_path):
     smoke, collectives = report["distributed"]
     assert smoke["passed"] and smoke["returncode"] == 0 and smoke["model_written"]
     assert collectives["passed"] and collectives["backend"] == "gloo"
+    (compared,) = report["compare"]  # compare trained on the device, its rows on the CPU
+    assert compared["passed"] and compared["returncode"] == 0 and compared["methods"] == 3
+    assert "--option device=" in compared["command"]
     check, *timed = report["timing"]
     assert check["passed"]
     peers = {row["name"].split()[0] for row in timed if "peer_ms" in row}
