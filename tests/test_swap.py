@@ -299,13 +299,17 @@ class MyQuant(nn.Module):
 
 
 @pytest.mark.parametrize("named", [MyQuant, "MyQuant", "test_swap.MyQuant"])
-def test_a_class_the_user_names_is_swapped_and_returns_a_quantizer_output(named):
+def test_a_class_the_user_names_is_swapped_and_returns_what_it_returned(named):
     model = Holder(MyQuant(6))
     report = swap_quantizers(model, "vq", classes=[named], codebook_size=8)
     out = model.block[1](torch.randn(4, 3, 6))
-    assert isinstance(out, QuantizerOutput) and out.quantized.shape == (4, 3, 6)
-    assert out.indices.shape == (4, 3) and int(out.indices.max()) < 8
-    assert [str(s) for s in report] == ["block.1: test_swap.MyQuant -> vq (dim 6)"]
+    assert type(out) is tuple and len(out) == 2  # MyQuant's (q, indices)
+    q, indices = out
+    assert q.shape == (4, 3, 6) and indices.shape == (4, 3) and indices.dtype == torch.long
+    assert int(indices.max()) < 8
+    assert [str(s) for s in report] == [
+        "block.1: test_swap.MyQuant -> vq (dim 6, returns (quantized, indices))"
+    ]
 
 
 def test_a_quantizer_without_its_input_size_is_one_line_naming_it_and_nothing_changes():

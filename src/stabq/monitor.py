@@ -11,6 +11,8 @@ with counts ``n_k``:
                  the lowest such median seen so far (a non-finite loss warns at once)
     saturation   (FSQ) the fraction of per-dimension levels at 0 or L_i - 1 is
                  >= saturation; code k has level (k // prod_{j<i} L_j) % L_i in dim i
+    tau_not_annealed  (Gumbel) tau is still tau_start after unannealed_steps training
+                 forwards: nothing anneals it (:mod:`stabq.monitor_tau`)
 
 Each condition warns once when it starts to hold and again only after it has
 cleared. Usage figures are :class:`~stabq.metrics.CodebookUsage`'s over the
@@ -48,6 +50,7 @@ from stabq.monitor_probe import (
     read_output,
     target,
 )
+from stabq.monitor_tau import UNANNEALED_STEPS, TauWatch
 from stabq.quantizers.fsq import fsq_indices_to_levels
 
 LOSS_FLOOR = 1e-8  # a loss baseline below this counts as this: growth from ~0 is not alarming
@@ -60,7 +63,7 @@ class CollapseWarning(UserWarning):
 @dataclass(frozen=True)
 class Alert:
     """One warning: ``kind`` is "collapse", "loss_growth", "loss_nonfinite",
-    "saturation", or a mechanism of :mod:`stabq.mechanisms` ("lag",
+    "saturation", "tau_not_annealed", or a mechanism of :mod:`stabq.mechanisms` ("lag",
     "codes_blown_up", "blown_code_chosen", "loss_reduction", "fp16_overflow");
     ``step`` the forward call it fired at; ``value`` the figure that crossed its
     threshold."""
@@ -107,6 +110,8 @@ class CollapseMonitor:
             A classifier may honestly use about one code per class.
         loss_growth: warn when the aux loss exceeds this multiple of its lowest level.
         saturation: warn when this fraction of FSQ values sits at a bound level.
+        unannealed_steps: warn when a Gumbel quantizer's tau is still its
+            ``tau_start`` after this many training forwards.
         callback: called with each :class:`Alert`.
         warn: also issue each alert as a :class:`CollapseWarning`.
         training_only: record only forward calls in training mode.
@@ -126,6 +131,7 @@ class CollapseMonitor:
         collapse_codes: int | None = None,
         loss_growth: float = 1e4,
         saturation: float = 0.99,
+        unannealed_steps: int = UNANNEALED_STEPS,
         callback: Callable[[Alert], Any] | None = None,
         warn: bool = True,
         training_only: bool = False,
@@ -167,6 +173,7 @@ class CollapseMonitor:
         )
         self.loss_growth = check_number(name, "loss_growth", loss_growth, 1)
         self.saturation = fraction(name, "saturation", saturation)
+        self.unannealed_steps = check_int(name, "unannealed_steps", unannealed_steps, 1)
         check(
             callback is None or callable(callback),
             f"{name}: callback={callback!r}, allowed is a callable taking an Alert, or None",
@@ -216,6 +223,7 @@ class CollapseMonitor:
         self._loss_min_step = 0
         self._active: set[str] = set()
         self.mechanisms.reset()
+        self._tau = TauWatch(target(self.module), self.unannealed_steps)
 
     def observe(self, *, task_loss: Tensor | float) -> None:
         """The task (classification) loss of the latest step, quoted by ``loss_reduction``."""
@@ -233,7 +241,8 @@ class CollapseMonitor:
         return {"step": self.step, "steps": steps, "loss_min": self._loss_min,
                 "loss_min_step": self._loss_min_step, "active": sorted(self._active),
                 "alerts": [list(vars(a).values()) for a in self.alerts],
-                "mechanisms": self.mechanisms.state_dict()}  # fmt: skip
+                "mechanisms": self.mechanisms.state_dict(),
+                "tau_steps": self._tau.count}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state_dict` gave."""
@@ -245,6 +254,7 @@ class CollapseMonitor:
         self._loss_min_step, self._active = state["loss_min_step"], set(state["active"])
         self.alerts = [Alert(*a) for a in state["alerts"]]
         self.mechanisms.load_state_dict(state["mechanisms"])
+        self._tau.count = state.get("tau_steps", 0)  # absent in checkpoints of before it
 
     # -- recording ----------------------------------------------------------------
 
@@ -278,6 +288,7 @@ class CollapseMonitor:
         if loss is not None:
             loss = loss.detach().float().sum()
         self.step += 1
+        self._tau.record()
         self._steps.append(_Step(ids, is_counts, loss, input_norm(args, kwargs), at_bound, values))
         if self.step == 1:
             self._tally([self._steps[-1]])  # fail at once on indices >= codebook_size
@@ -386,6 +397,8 @@ class CollapseMonitor:
             )
         if loss is not None and (base is None or loss < base):
             self._loss_min, self._loss_min_step = loss, self.step
+        if (tau := self._tau.verdict()) is not None:
+            self._set(*tau)
 
     def _set(self, kind: str, holds: bool, message: str, value: float) -> None:
         """Fire ``kind`` when it starts to hold; forget it when it clears."""

@@ -26,7 +26,9 @@ def read_output(output: Any) -> tuple[Tensor, Tensor | None]:
     Understood: a :class:`QuantizerOutput` (also inside a tuple, as
     ``BottleneckClassifier`` returns it); a dict with ``"indices"`` and
     optionally ``"loss"``; a tuple ``(quantized, indices[, loss, ...])`` with
-    integer indices (vector-quantize-pytorch's VectorQuantize, ResidualVQ, FSQ).
+    integer indices (vector-quantize-pytorch's VectorQuantize, ResidualVQ, FSQ);
+    a tuple in another order with one integer tensor, the indices, and at most
+    one float of one element, the loss (``(quantized, loss, indices)``).
     """
     if isinstance(output, tuple) and not isinstance(output, QuantizerOutput):
         output = next((o for o in output if isinstance(o, QuantizerOutput)), output)
@@ -36,7 +38,13 @@ def read_output(output: Any) -> tuple[Tensor, Tensor | None]:
     elif isinstance(output, Mapping):
         indices, loss = output.get("indices"), output.get("loss")
     elif isinstance(output, tuple | list) and len(output) >= 2:
-        indices, loss = output[1], output[2] if len(output) > 2 else None
+        ints = [o for o in output if isinstance(o, Tensor) and not o.is_floating_point()]
+        if any(o is output[1] for o in ints) or len(ints) != 1:
+            indices, loss = output[1], output[2] if len(output) > 2 else None
+        else:  # another order, as (quantized, loss, indices): the one integer tensor
+            floats = [o for o in output if isinstance(o, Tensor) and o.is_floating_point()]
+            scalars = [o for o in floats if o.numel() == 1]
+            indices, loss = ints[0], scalars[0] if len(scalars) == 1 else None
     if not (isinstance(indices, Tensor) and not indices.is_floating_point()):
         raise ShapeError(
             f"CollapseMonitor: found no integer code indices in the module's output "

@@ -13,7 +13,19 @@ user's forward and training code run unchanged:
 | vqp ``VectorQuantize`` | ``(quantized, indices, loss)``, int64, loss 0-dim        |
 | vqp ``ResidualVQ``     | ``(quantized, indices, losses)``, ``(..., C)``, ``(1,)`` |
 | stabq ``Quantizer``    | the new preset itself: a ``QuantizerOutput``             |
-| a class in ``classes`` | a ``QuantizerOutput``                                    |
+| a class in ``classes`` | what it returned, in its order (see below)                |
+
+For a class in ``classes``, ``returns=`` names its outputs in order (from
+quantized, indices, loss, perplexity; one name for a bare tensor). Without it,
+a deep copy of the original runs once, in eval mode and without gradients, on a
+``(2, dim)`` input, and each output is told by its type: ``quantized`` a float
+of the input's shape, ``loss`` a float of one element, ``indices`` integers.
+The replacement returns the same container (tuple, list, named tuple or bare
+tensor) in the same order, the loss of the original's shape (``()`` or
+``(1,)``) and the indices of its integer dtype. A copy that fails, or outputs
+that are not one each of some of these, are a one-line ConfigError asking for
+``returns=``. ``perplexity`` (only by ``returns=``: it looks like a loss) is
+``exp`` of the entropy of the batch's codes.
 
 ``quantized`` has the input's shape. Indices have the original's layout (the
 input's shape without its feature axis) and carry the preset's codebooks: a
@@ -28,8 +40,9 @@ here: a model can only hold its modules once the user has imported it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +50,7 @@ from torch import Tensor, nn
 from stabq.errors import check, is_int
 from stabq.quantizers.base import Quantizer, QuantizerOutput
 from stabq.quantizers.registry import PRESETS, build_quantizer
+from stabq.swap_layout import Layout, class_name, layout_from_returns, probe_layout
 
 
 class SwappedQuantizer(nn.Module):
@@ -100,6 +114,17 @@ class SwappedResidualVQ(SwappedQuantizer):
         return q, indices, loss.reshape(1)
 
 
+class SwappedCustom(SwappedQuantizer):
+    """In place of a class named in ``classes=``: returns what it returned, in ``layout``."""
+
+    def __init__(self, quantizer: Quantizer, layout: Layout, *, channels_first: bool) -> None:
+        super().__init__(quantizer, channels_first=channels_first, index_dtype=layout.index_dtype)
+        self.layout = layout
+
+    def forward(self, x: Tensor) -> Any:  # type: ignore[override]
+        return self.layout.build(self.quantize(x), self.quantizer)
+
+
 @dataclass(frozen=True)
 class Swap:
     """One replacement: where, what it was, what it is now."""
@@ -109,9 +134,11 @@ class Swap:
     preset: str
     dim: int
     quantizer: Quantizer  # the new stabq quantizer (inside its adapter, if any)
+    returns: Layout | None = None  # what it returns, for a class of ``classes=``
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.old_class} -> {self.preset} (dim {self.dim})"
+        returns = "" if self.returns is None else f", returns {self.returns}"
+        return f"{self.path}: {self.old_class} -> {self.preset} (dim {self.dim}{returns})"
 
 
 @dataclass(frozen=True)
@@ -143,13 +170,9 @@ def _vqp_kinds() -> dict[type, type[SwappedQuantizer]]:
             vqp.ResidualVQ: SwappedResidualVQ}  # fmt: skip
 
 
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
-
-
 def _matches(module: nn.Module, classes: tuple[type | str, ...]) -> bool:
     cls = type(module)
-    names = {cls.__name__, cls.__qualname__, _class_name(cls)}
+    names = {cls.__name__, cls.__qualname__, class_name(cls)}
     names.add(f"{cls.__module__}.{cls.__qualname__}")
     return any(
         (isinstance(c, str) and c in names) or (isinstance(c, type) and isinstance(module, c))
@@ -168,30 +191,37 @@ def _input_size(module: nn.Module) -> object:
     return dim
 
 
-def _replacement(path: str, old: nn.Module, preset: str, overrides: dict) -> tuple[nn.Module, int]:
-    """The module to install at ``path`` in place of ``old``, and its input size."""
+def _replacement(
+    path: str, old: nn.Module, preset: str, overrides: dict, returns: Layout | None
+) -> tuple[nn.Module, int, Layout | None]:
+    """The module to install at ``path`` in place of ``old``, its input size, and the layout
+    it returns when ``old`` is a class of ``classes=`` (``returns``, else probed)."""
     dim = _input_size(old)
     check(
         is_int(dim) and dim >= 1,
-        f"swap_quantizers: {path} ({_class_name(type(old))}) has no integer attribute dim "
+        f"swap_quantizers: {path} ({class_name(type(old))}) has no integer attribute dim "
         f"(its input size; found {dim!r}); set {path}.dim before swapping",
     )
     quantizer = build_quantizer(preset, dim, **overrides)
+    kinds = [kind for cls, kind in _vqp_kinds().items() if isinstance(old, cls)]
+    custom = not isinstance(old, Quantizer) and not kinds
+    layout = (returns or probe_layout(path, old, dim)) if custom else None
     device = next((t.device for t in [*old.parameters(), *old.buffers()]), None)
     quantizer = quantizer.to(device).train(old.training)
     if isinstance(old, Quantizer):  # stabq's own: the same interface, nothing to adapt
-        return quantizer, dim
-    kinds = [kind for cls, kind in _vqp_kinds().items() if isinstance(old, cls)]
-    adapter = kinds[0] if kinds else SwappedQuantizer
+        return quantizer, dim, None
     flags = ("channel_first", "accept_image_fmap", "accept_3d_fmap")  # vqp's layout options
     first = any(getattr(old, f, False) for f in flags) or not getattr(old, "channel_last", True)
-    swapped = adapter(
-        quantizer,
-        channels_first=first,
-        images_first=adapter is SwappedFSQ,  # vqp's FSQ reads any 4-D+ input channels-first
-        index_dtype=torch.int32 if adapter is SwappedFSQ else torch.long,
-    )
-    return swapped.train(old.training), dim
+    if layout is not None:
+        swapped: SwappedQuantizer = SwappedCustom(quantizer, layout, channels_first=first)
+    else:
+        swapped = kinds[0](
+            quantizer,
+            channels_first=first,
+            images_first=kinds[0] is SwappedFSQ,  # vqp's FSQ reads any 4-D+ input channels-first
+            index_dtype=torch.int32 if kinds[0] is SwappedFSQ else torch.long,
+        )
+    return swapped.train(old.training), dim, layout
 
 
 def swap_quantizers(
@@ -199,6 +229,7 @@ def swap_quantizers(
     preset: str = "fsq",
     *,
     classes: Iterable[type | str] = (),
+    returns: str | Sequence[str] | None = None,
     missing_ok: bool = False,
     **overrides,
 ) -> SwapReport:
@@ -210,7 +241,11 @@ def swap_quantizers(
         preset: a name of :func:`stabq.preset_names` (``fsq`` by default).
         classes: more quantizer classes to replace, as classes or class names;
             each must have an integer ``dim`` (its input size), and its
-            replacement returns a :class:`QuantizerOutput`.
+            replacement returns what it returned, in its order (module docstring).
+        returns: what the classes of ``classes`` return, in order: a name or a
+            tuple of names from ``quantized``, ``indices``, ``loss``,
+            ``perplexity`` (e.g. ``("quantized", "loss", "indices")``); by default
+            found by running a copy of each once.
         missing_ok: return an empty report, not an error, when nothing matches.
         **overrides: options of the preset (``levels=...``), as for
             :func:`stabq.build_quantizer`.
@@ -218,11 +253,25 @@ def swap_quantizers(
     Returns:
         A :class:`SwapReport`, one :class:`Swap` a replaced path. A module
         reachable by several paths is replaced by one new module at all of them.
+
+    Raises:
+        ConfigError: one line: an unknown preset or option, nothing to swap, an
+            original without ``dim``, or one of ``classes`` whose outputs cannot be
+            told apart (pass ``returns=``). Nothing is replaced then.
+
+    Example:
+        >>> swap_quantizers(model, "fsq", classes=[MyVQ])  # doctest: +SKIP
+        >>> q, loss, indices = model.vq(z)  # MyVQ's order, stabq's FSQ inside
     """
     if preset not in PRESETS:
         build_quantizer(preset, 1)  # raises its one-line error naming the presets
     check("dim" not in overrides, "swap_quantizers: dim comes from each original; drop dim=")
     classes = tuple(classes)
+    check(
+        returns is None or bool(classes),
+        "swap_quantizers: returns= describes the classes named in classes=; name them there",
+    )
+    layout = None if returns is None else layout_from_returns(returns)
     for c in classes:
         check(
             isinstance(c, str) or (isinstance(c, type) and issubclass(c, nn.Module)),
@@ -248,23 +297,24 @@ def swap_quantizers(
         f"swap_quantizers: the model itself is a {type(model).__name__}; pass the module "
         "that holds it",
     )
-    new: dict[int, tuple[nn.Module, int]] = {}
+    new: dict[int, tuple[nn.Module, int, Layout | None]] = {}
     for path, old in found:  # build every replacement before changing anything
         if id(old) not in new:
-            new[id(old)] = _replacement(path, old, preset, overrides)
+            new[id(old)] = _replacement(path, old, preset, overrides, layout)
     swaps = []
     for path, old in found:
-        module, dim = new[id(old)]
+        module, dim, returned = new[id(old)]
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, module)
         q = module if isinstance(module, Quantizer) else module.quantizer
-        swaps.append(Swap(path, _class_name(type(old)), preset, dim, q))
+        swaps.append(Swap(path, class_name(type(old)), preset, dim, q, returned))
     return SwapReport(tuple(swaps))
 
 
 __all__ = [
     "Swap",
     "SwapReport",
+    "SwappedCustom",
     "SwappedFSQ",
     "SwappedQuantizer",
     "SwappedResidualVQ",

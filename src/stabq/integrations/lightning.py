@@ -11,7 +11,9 @@ the monitor's window) and ``val_codebook/<module>/<figure>`` per validation
 epoch (over all validation rows, on every rank). Figures (as :mod:`stabq.metrics`
 defines them): usage, fill, codes_used, perplexity, dead_codes (not for grids),
 entropy_bits, top_codes, aux_loss, feature_norm, saturation (FSQ), and
-``<figure>/<k>`` per codebook when there are several.
+``<figure>/<k>`` per codebook when there are several. Each monitor's alerts
+(collapse, saturation, a Gumbel temperature that nothing anneals, ...) come as
+:class:`stabq.CollapseWarning` once each.
 
 ``GuardCallback`` runs :class:`stabq.StabilityGuard` under automatic
 optimisation: a batch that ``admit`` refuses leaves no trace (its gradients are
@@ -116,7 +118,8 @@ class CodebookHealth(pl.Callback):
         every_n_steps: log training figures this often (default: the trainer's
             ``log_every_n_steps``).
         prefix: the first part of every logged name.
-        window, check_every, warn, **monitor_kwargs: for each :class:`CollapseMonitor`.
+        window, check_every, warn, **monitor_kwargs: for each :class:`CollapseMonitor`
+            (``unannealed_steps=`` and the other thresholds).
     """
 
     def __init__(

@@ -7,9 +7,14 @@
 
 ``tau`` anneals exponentially with training progress ``p`` in [0, 1]:
 ``tau = tau_start^(1 - p) * tau_end^p`` (exactly ``tau_start`` at 0 and
-``tau_end`` at 1). ``hard=True`` samples one-hot in training too, with
-straight-through gradients. ``kl_weight`` adds ``KL(softmax(logits) || uniform)``,
-which pushes towards using every code.
+``tau_end`` at 1). ``p`` is what ``set_progress(p)`` last set (stabq's trainer
+calls it every step), else, with ``anneal_steps=N``, ``min(1, s / N)`` for ``s``
+the quantizer's own count of training steps (training-mode forwards that
+quantize, with gradients on), kept in the ``anneal_step`` buffer, saved and
+loaded with the weights. Without either, ``tau`` stays at ``tau_start``.
+``hard=True`` samples one-hot in training too, with straight-through gradients.
+``kl_weight`` adds ``KL(softmax(logits) || uniform)``, which pushes towards
+using every code.
 
 Two options keep the codes in use when the logits barely train (SGD at 1e-2, where
 without them the test inputs reached 3 to 8 of the 32 codes; README, "Why VQ-EMA
@@ -79,7 +84,7 @@ class _NoisySoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, tau: float, generator, reuse: bool):
+    def forward(ctx, logits, tau: float | Tensor, generator, reuse: bool):
         y = gumbel_noise(logits, generator).add_(logits).div_(tau)
         torch.ops.aten._softmax.out(y, -1, False, out=y)  # row by row: in place is safe
         ctx.tau, ctx.reuse = tau, reuse
@@ -97,7 +102,7 @@ class _NoisySoftmax(torch.autograd.Function):
         return grad_h.div_(ctx.tau), None, None, None
 
 
-def _sample(logits: Tensor, tau: float, hard: bool, generator, reuse: bool) -> Tensor:
+def _sample(logits: Tensor, tau: float | Tensor, hard: bool, generator, reuse: bool) -> Tensor:
     if compiling():  # plain operations: the in-place tricks stay eager
         y = (gumbel_noise(logits, generator) + logits).div(tau).softmax(-1)
     else:
@@ -143,7 +148,17 @@ def diversity_loss(logits: Tensor, sync: bool = False) -> Tensor:
 
 
 class GumbelQuantizer(Quantizer):
-    """Learned logits over ``codebook_size`` codes, sampled by Gumbel-Softmax."""
+    """Learned logits over ``codebook_size`` codes, sampled by Gumbel-Softmax.
+
+    Args (beyond the module docstring's): ``anneal_steps``: anneal ``tau`` from
+    ``tau_start`` to ``tau_end`` over this many training steps of its own count,
+    for a loop that never calls ``set_progress`` (an integer >= 1; default None:
+    ``tau`` moves only by ``set_progress``). A ``set_progress`` call takes over
+    from the count for good.
+
+    Example:
+        >>> q = GumbelQuantizer(16, 32, anneal_steps=1000)  # tau 5.0 -> 0.1 over 1000 steps
+    """
 
     def __init__(
         self,
@@ -155,6 +170,7 @@ class GumbelQuantizer(Quantizer):
         kl_weight: float = 0.0,
         pre_norm: bool = False,
         diversity_weight: float = 0.0,
+        anneal_steps: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -172,6 +188,11 @@ class GumbelQuantizer(Quantizer):
         self.kl_weight = check_number(name, "kl_weight", kl_weight, 0)
         self.diversity_weight = check_number(name, "diversity_weight", diversity_weight, 0)
         self.progress = 0.0
+        self.progress_set = False  # a set_progress call takes over from the step count
+        self.anneal_steps = anneal_steps
+        if anneal_steps is not None:  # persistent: a resumed run goes on where it stopped
+            check_int(name, "anneal_steps", anneal_steps, 1)
+            self.register_buffer("anneal_step", torch.zeros((), dtype=torch.long))
         self.to_logits = nn.Linear(dim, codebook_size)
         self.embed = nn.Parameter(torch.randn(codebook_size, dim))
         self.pre_norm = nn.BatchNorm1d(dim, affine=False) if pre_norm else None
@@ -180,23 +201,59 @@ class GumbelQuantizer(Quantizer):
             nn.init.zeros_(self.to_logits.bias)
 
     @property
+    def counting(self) -> bool:
+        """True while ``tau`` follows the quantizer's own step count (``anneal_steps``)."""
+        return self.anneal_steps is not None and not self.progress_set
+
+    @property
     def tau(self) -> float:
-        """The temperature at the current progress."""
+        """The temperature at the current progress (the next training forward's)."""
+        if self.counting:
+            progress = min(1.0, int(self.anneal_step) / self.anneal_steps)
+            return annealed_tau(self.tau_start, self.tau_end, progress)
         return annealed_tau(self.tau_start, self.tau_end, self.progress)
 
     def set_progress(self, progress: float) -> None:
-        """Set training progress ``p`` in [0, 1], which sets ``tau``."""
+        """Set training progress ``p`` in [0, 1], which sets ``tau`` (from now on, whatever
+        ``anneal_steps`` says)."""
         check(
             isinstance(progress, float | int) and 0.0 <= progress <= 1.0,
             f"GumbelQuantizer.set_progress: progress={progress!r}, allowed is a number in [0, 1]",
         )
-        self.progress = float(progress)
+        self.progress, self.progress_set = float(progress), True
+
+    def _counted_tau(self) -> Tensor:
+        """This training forward's ``tau`` by the step count, a 0-dim tensor (no device sync,
+        nothing for torch.compile to guard); counts the step when gradients are on."""
+        step = self.anneal_step
+        dtype = torch.float32 if step.device.type == "mps" else torch.float64  # mps: no float64
+        p = (step.to(dtype) / self.anneal_steps).clamp(max=1.0)
+        tau = self.tau_start ** (1.0 - p) * self.tau_end**p
+        if torch.is_grad_enabled():
+            step.add_(1)
+        return tau
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        """A state dict without ``anneal_step`` (saved without ``anneal_steps``) loads with the
+        count at 0; one with it loads into a quantizer without ``anneal_steps`` (eval, say)."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        key = prefix + "anneal_step"
+        if key in missing_keys:
+            missing_keys.remove(key)
+            self.anneal_step.zero_()
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = self.to_logits(pre_normalise(self.pre_norm, x)).float()
         if self.training:
+            tau = self._counted_tau() if self.counting else self.tau
             # the weights feed only the product below, which is done with them in backward
-            weights = _sample(logits, self.tau, self.hard, None, reuse=True)
+            weights = _sample(logits, tau, self.hard, None, reuse=True)
             indices = weights.detach().argmax(-1)
         else:
             indices = logits.argmax(-1)
@@ -217,6 +274,7 @@ class GumbelQuantizer(Quantizer):
             f"dim={self.dim}, codebook_size={self.codebook_size}, tau={self.tau:.4g} "
             f"({self.tau_start} -> {self.tau_end}), hard={self.hard}, kl_weight={self.kl_weight}, "
             f"pre_norm={self.pre_norm is not None}, diversity_weight={self.diversity_weight}"
+            + ("" if self.anneal_steps is None else f", anneal_steps={self.anneal_steps}")
         )
 
 
