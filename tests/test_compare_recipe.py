@@ -12,13 +12,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from stabq.report import format_table
 from torch.utils.data import TensorDataset
 
-from stabq import BottleneckClassifier, compare
-from stabq.report import format_table
+from stabq import BottleneckClassifier, TrainConfig, compare
+from stabq.compare import METHODS
+from stabq.training.batches import as_labeled_data
 from stabq.training.evaluation import evaluate_model, forward_chunks, model_device
 
-compare_module = importlib.import_module("stabq.compare")  # stabq.compare is the function
+runs = importlib.import_module("stabq.compare.runs")  # one run of a comparison
 
 
 def blobs(n: int = 240, dim: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,17 +64,17 @@ def test_evaluation_and_compare_hand_the_model_rows_on_its_device(monkeypatch):
     assert seen and set(seen) == {torch.device("meta")}
 
     seen.clear()
-    monkeypatch.setattr(compare_module, "BottleneckClassifier", lambda *a, **k: model)
+    monkeypatch.setattr(runs, "BottleneckClassifier", lambda *a, **k: model)
 
     def train_elsewhere(m, *args, **kwargs):
-        raise compare_module.TrainingError("trained on another device")
+        raise runs.TrainingError("trained on another device")
 
-    monkeypatch.setattr(compare_module, "train", train_elsewhere)
+    monkeypatch.setattr(runs, "train", train_elsewhere)
     x, y = blobs(40)
-    data = compare_module.as_labeled_data((x, y))
-    config = compare_module.TrainConfig(epochs=1, progress=False)
+    data = as_labeled_data((x, y))
+    config = TrainConfig(epochs=1, progress=False)
     with pytest.raises(RuntimeError, match="meta"):
-        compare_module.run_one(compare_module.METHODS["vq"], 0, data, data, config)
+        runs.run_one(METHODS["vq"], 0, data, data, config)
     assert seen and set(seen) == {torch.device("meta")}
 
 

@@ -4,9 +4,19 @@ FSQ, a repaired VQ, residual VQ, Gumbel-Softmax, product quantization,
 SimVQ, residual FSQ and lookup-free (LFQ, BSQ) quantization behind one
 interface (``q, indices, loss = quantizer(x)``), with codebook health metrics.
 See README.md and DESIGN.md.
+
+The package is grouped by idea: ``stabq.quantizers``, ``stabq.data``, ``stabq.model``,
+``stabq.health``, ``stabq.training``, ``stabq.compare``, ``stabq.integrations`` and
+``stabq.cli``. The module paths of earlier versions (``stabq.rows``, ``stabq.metrics``,
+``stabq.saving``, ...) stay importable: each is the module it became, not a copy, so
+an import or a monkeypatch through the old path reaches the code that runs.
 """
 
-from stabq.compare import compare
+import importlib as _importlib
+import sys as _sys
+
+from stabq._version import __version__
+from stabq.compare.run import compare
 from stabq.errors import (
     CheckpointError,
     ConfigError,
@@ -16,9 +26,11 @@ from stabq.errors import (
     StabqError,
     TrainingError,
 )
-from stabq.metrics import CodebookUsage
-from stabq.model import BottleneckClassifier
-from stabq.monitor import Alert, CollapseMonitor, CollapseWarning
+from stabq.health.monitor import Alert, CollapseMonitor, CollapseWarning
+from stabq.health.usage import CodebookUsage
+from stabq.model.classifier import BottleneckClassifier
+from stabq.model.saving import load, save_model
+from stabq.model.swap import SwapReport, swap_quantizers
 from stabq.quantizers import (
     FSQ,
     LFQ,
@@ -35,17 +47,46 @@ from stabq.quantizers import (
     preset_names,
     recommended_levels,
 )
-from stabq.saving import load, save_model
-from stabq.swap import SwapReport, swap_quantizers
 from stabq.training import StabilityGuard, TrainConfig, TrainResult, train
 
-__version__ = "0.1.0"
+# the module paths of earlier versions -> the modules they became
+MOVED_MODULES = {
+    "rows": "stabq.data.rows",
+    "readers": "stabq.data.readers",
+    "datasets": "stabq.data.builtin",
+    "encoders": "stabq.model.encoders",
+    "saving": "stabq.model.saving",
+    "swap": "stabq.model.swap",
+    "swap_layout": "stabq.model.swap_layout",
+    "metrics": "stabq.health.usage",
+    "monitor": "stabq.health.monitor",
+    "monitor_probe": "stabq.health.probe",
+    "monitor_tau": "stabq.health.tau",
+    "mechanisms": "stabq.health.mechanisms",
+    "report": "stabq.compare.report",
+    "scenarios": "stabq.compare.scenarios",
+    "demo": "stabq.quantizers.demo",
+}
+# names that left their module when it moved: the torch side of stabq.rows (the trainer's
+# batches) now lives in stabq.training.batches, the file readers' message helpers in
+# stabq.data.labeled; the old module still answers to them
+MOVED_NAMES = {
+    "rows": ("stabq.training.batches", ("RowReader", "as_labeled_data", "on_device")),
+    "readers": ("stabq.data.labeled", ("Columns", "as_numpy", "data_error", "where")),
+}
+for _old, _new in MOVED_MODULES.items():
+    _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(_new)
+for _old, (_new, _names) in MOVED_NAMES.items():
+    for _name in _names:
+        setattr(_sys.modules[f"{__name__}.{_old}"], _name, getattr(_sys.modules[_new], _name))
 
 
 def __getattr__(name: str) -> object:
     """``stabq.DiscreteBottleneckClassifier`` is imported on first use: its module imports
     scikit-learn, which took 2 of the 3.7 s that ``import stabq`` took, and the CLI and
     the trainer never need it."""
+    if name in MOVED_MODULES:  # ``stabq.rows`` and the like, as attributes
+        return _sys.modules[f"{__name__}.{name}"]
     if name == "DiscreteBottleneckClassifier":
         from stabq.estimator import DiscreteBottleneckClassifier
 

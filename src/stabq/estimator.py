@@ -25,9 +25,9 @@ from sklearn.utils import Tags, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from stabq.data import validate_features
+from stabq.data.labeled import validate_features
 from stabq.errors import ConfigError, DataError
-from stabq.model import BottleneckClassifier
+from stabq.model.classifier import BottleneckClassifier
 from stabq.quantizers.base import Identity
 from stabq.training import TrainConfig, train
 

@@ -52,7 +52,7 @@ PartOption = Annotated[
 
 def _show_version(value: bool) -> None:
     if value:
-        from stabq import __version__
+        from stabq._version import __version__
 
         typer.echo(f"stabq {__version__}")
         raise typer.Exit()
@@ -118,7 +118,9 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as err:  # click's usage errors, raised when not standalone
-        if type(err).__name__ != "NoArgsIsHelpError":  # plain `stabq` has printed the help
+        if type(err).__name__ == "NoArgsIsHelpError":  # plain `stabq`: the help, status 2
+            print(err.ctx.get_help())
+        else:
             text = " ".join(
                 (err.format_message() if hasattr(err, "format_message") else str(err)).split()
             )

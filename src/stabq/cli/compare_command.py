@@ -23,14 +23,14 @@ from stabq.errors import ConfigError
 
 def _methods_help() -> str:
     """Every method compare knows and each preset's own, read from the library."""
-    from stabq.compare import METHODS, PRESETS
+    from stabq.compare.methods import METHODS, PRESETS
 
     own = "; ".join(f"{name}: {','.join(spec['methods'])}" for name, spec in PRESETS.items())
     return f"Comma-separated methods (default: the preset's). Known: {', '.join(METHODS)}. ({own})"
 
 
 def _preset_help() -> str:
-    from stabq.compare import PRESETS
+    from stabq.compare.methods import PRESETS
 
     shown = ", ".join(
         f"{name} ({spec['seeds']} seeds x {spec['epochs']} epochs)"
@@ -97,10 +97,10 @@ def compare_command(
     from stabq.distributed import is_main
 
     def run():
-        from stabq.compare import compare, planned_runs
+        from stabq.compare.report import write_comparison
+        from stabq.compare.run import compare
         from stabq.files import require_directory_path
         from stabq.integrations.tensorboard import check_log_dir
-        from stabq.report import write_comparison
 
         if out is not None:  # before the runs, not after them
             require_directory_path(out, ConfigError, "the comparison")
@@ -109,12 +109,11 @@ def compare_command(
         recipe = {"lr": lr, "batch_size": batch_size, "optimizer": optimizer}
         recipe = {k: v for k, v in recipe.items() if v is not None}
         options = {**parse_options(option or [], "weight_decay=0"), **recipe}
-        total = planned_runs(preset, methods, seeds)
-        with RunProgress(total, quiet or not is_main()) as progress:
+        with RunProgress(quiet or not is_main()) as progress:
             result = compare(
                 data, methods, seeds, epochs, preset, on_run=progress.update,
                 progress=progress.epoch_bars, encoder=encoder, test_data=test_data,
-                tensorboard=tensorboard, options=options,
+                tensorboard=tensorboard, options=options, on_start=progress.start,
             )  # fmt: skip
         if out is not None and is_main():
             write_comparison(result, out)
@@ -123,7 +122,7 @@ def compare_command(
     result, main = run_user_command(lambda: _under_torchrun(run), debug)
     if not main:
         return
-    from stabq.report import format_table
+    from stabq.compare.report import format_table
 
     # explode: one table per scenario and guard setting, in the order they ran
     for section in dict.fromkeys((r.get("scenario"), r.get("guards")) for r in result.rows):

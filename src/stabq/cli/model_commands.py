@@ -33,10 +33,10 @@ def evaluate(
     def run() -> dict[str, Any]:
         import torch
 
-        from stabq.data import load_data
-        from stabq.rows import on_device
-        from stabq.saving import load
+        from stabq.data.load import load_data
+        from stabq.model.saving import load
         from stabq.training import evaluate_model
+        from stabq.training.batches import on_device
 
         model = load(model_dir)
         dataset = load_data(data, part, classes=model.classes)
@@ -79,9 +79,9 @@ def encode(
         import numpy as np
         import torch
 
-        from stabq.data import load_data
-        from stabq.rows import Rows
-        from stabq.saving import load
+        from stabq.data.load import load_data
+        from stabq.data.rows import Rows
+        from stabq.model.saving import load
 
         model = load(model_dir)
         if not model.quantizer.quantization_enabled or model.quantizer.codebook_size == 0:
@@ -100,7 +100,7 @@ def encode(
 
 
 def _check_features(dataset, model, model_dir: Path) -> None:
-    from stabq.data import require_fit
+    from stabq.data.labeled import require_fit
 
     require_fit(dataset, model.input_shape, model=f"the model in {model_dir}")
 

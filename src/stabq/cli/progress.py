@@ -3,7 +3,7 @@
 A bar redraws in place, which a log file or a CI page cannot show: there it
 stays silent for minutes. When standard error is not a terminal, each finished
 run prints one line instead (``compare: run 3/10 fsq seed 0: test acc 71.2%, 12 s``),
-and the first line says how many runs will come.
+and the first line, once the data is loaded, says how many runs will come.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ class RunProgress:
     """Counts finished runs: a tqdm bar on a terminal, else a line a run on ``stream``.
 
     Args:
-        total: runs planned.
         quiet: show nothing.
         stream: where lines go (standard error by default); a bar when it is a terminal.
     Attributes:
@@ -26,12 +25,13 @@ class RunProgress:
 
     Example::
 
-        with RunProgress(total=4, quiet=False) as progress:
-            compare(..., on_run=progress.update, progress=progress.epoch_bars)
+        with RunProgress(quiet=False) as progress:
+            compare(..., on_start=progress.start, on_run=progress.update,
+                    progress=progress.epoch_bars)
     """
 
-    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None) -> None:
-        self.total, self.quiet, self.done = total, quiet, 0
+    def __init__(self, quiet: bool, stream: TextIO | None = None) -> None:
+        self.total, self.quiet, self.done = 0, quiet, 0
         self.stream = stream if stream is not None else sys.stderr
         self.lines = not quiet and not _is_terminal(self.stream)
         self.epoch_bars = False if quiet or self.lines else None
@@ -39,13 +39,17 @@ class RunProgress:
         self.started = time.perf_counter()
 
     def __enter__(self) -> RunProgress:
+        return self
+
+    def start(self, total: int) -> None:
+        """The data is loaded and checked, ``total`` runs are about to train."""
+        self.total = total
         if self.lines:
-            self._say(f"compare: {self.total} runs; a line as each ends")
+            self._say(f"compare: {total} runs; a line as each ends")
         elif not self.quiet:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc="compare", unit="run", file=self.stream)
-        return self
+            self.bar = tqdm(total=total, desc="compare", unit="run", file=self.stream)
 
     def update(self, record: dict[str, Any]) -> None:
         """One run ended: ``record`` is its compare record (method, seed, figures)."""

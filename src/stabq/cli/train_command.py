@@ -115,11 +115,12 @@ def train(
         import torch
 
         from stabq import distributed
-        from stabq.data import load_data, require_classes
-        from stabq.encoders import check_encoder, check_input_shape
+        from stabq.data.labeled import require_classes
+        from stabq.data.load import load_data
         from stabq.integrations import tensorboard as board
-        from stabq.model import BottleneckClassifier
-        from stabq.saving import load, save_model
+        from stabq.model.classifier import BottleneckClassifier
+        from stabq.model.encoders import check_encoder, check_input_shape
+        from stabq.model.saving import load, save_model
         from stabq.training import TrainConfig
         from stabq.training import train as train_model
 

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from stabq.errors import ConfigError
-from stabq.metrics import CodebookUsage
-from stabq.monitor import CollapseMonitor
-from stabq.monitor_probe import read_output
+from stabq.health.monitor import CollapseMonitor
+from stabq.health.probe import read_output
+from stabq.health.usage import CodebookUsage
 from stabq.quantizers.base import Quantizer
 from stabq.training.guard import StabilityGuard, _grad_norm, _largest_row_norm
 

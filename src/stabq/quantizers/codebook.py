@@ -29,31 +29,33 @@ Shapes: a codebook holds ``G`` groups (1 for VQ, one per subspace for PQ) of
   re-seeded from the union of their current batches, each result broadcast from
   rank 0; the dead-code mask is rank 0's. Every rank must call ``forward`` in
   training mode the same number of times (an empty ``(G, 0, d)`` batch is fine).
-- :func:`straight_through` and :func:`rotation_trick` (Fifty et al. 2024): two
-  ways to pass gradients from the code back to the input.
+- How gradients pass from a code back to its input, and the commitment losses, are in
+  :mod:`stabq.quantizers.gradients` (re-exported here under their earlier path).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stabq import distributed
 from stabq.errors import check, is_int
+from stabq.quantizers.gradients import (  # noqa: F401  (their earlier path)
+    REDUCTIONS,
+    commitment_loss,
+    estimate,
+    l2norm,
+    residual_commitment_loss,
+    rotation_trick,
+    straight_through,
+)
 
 # 4 MiB of float32 distances per tile: small enough to stay in cache between the matrix
 # product and the argmin. Measured on 2 CPU cores (torch 2.13), 2^20 took 36-46 ms at
 # 16,384 x 1,024 x 128 where 2^23 took 80 ms (benchmarks/quantizers.py).
 DEFAULT_CHUNK_ELEMENTS = 2**20
 MIN_TILE_ROWS = 256  # codes are split into chunks so that a tile keeps at least this many rows
-REDUCTIONS = ("mean", "sum")  # of the commitment loss; "sum" reproduces the failure
 CLUSTER_SIZE_INITS = ("ones", "zeros")  # "zeros" reproduces the failure (Sonnet #272)
-
-
-def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """``x / ||x||`` over the last dim (zero rows stay zero)."""
-    return F.normalize(x, dim=-1, eps=eps)
 
 
 @torch.no_grad()
@@ -161,86 +163,6 @@ def kmeans(x: Tensor, k: int, iters: int = 10, cosine: bool = False) -> tuple[Te
             means = l2norm(means)
         centroids = torch.where(counts[..., None] > 0, means, centroids)
     return centroids, counts
-
-
-def straight_through(x: Tensor, q: Tensor) -> Tensor:
-    """Value ``q``, gradient the identity to ``x``."""
-    return x + (q - x).detach()
-
-
-def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
-    """Value ``q``, gradient through ``lambda R`` with R rotating ``x/|x|`` onto ``q/|q|``.
-
-    ``R = I - 2 w w^T + 2 v u^T`` with ``u = x/|x|``, ``v = q/|q|``,
-    ``w = (u + v)/|u + v|`` and ``lambda = |q|/|x|``, all held constant
-    (Fifty et al. 2024, "Restructuring vector quantization with the rotation
-    trick"). Rows of ``x``, ``q``: ``(..., d)``. A row with ``|x| < eps`` has no
-    direction to rotate (and ``lambda`` would explode): it passes straight through.
-    """
-    x_det, q_det = x.detach(), q.detach()
-    x_norm = x_det.norm(dim=-1, keepdim=True)
-    q_norm = q_det.norm(dim=-1, keepdim=True)
-    u = x_det / x_norm.clamp_min(eps)
-    v = q_det / q_norm.clamp_min(eps)
-    w = l2norm(u + v)
-    rotated = x - 2 * w * (w * x).sum(-1, keepdim=True) + 2 * v * (u * x).sum(-1, keepdim=True)
-    out = torch.where(x_norm < eps, x, (q_norm / x_norm.clamp_min(eps)) * rotated)
-    return out + (q - out).detach()  # exact value q, gradient of the rotation
-
-
-class _ResidualLoss(torch.autograd.Function):
-    """Forward: a ``value`` computed without autograd. Backward: ``grad * scale * r`` to ``z``."""
-
-    @staticmethod
-    def forward(ctx, z, residual_sum, value, scale):
-        ctx.save_for_backward(residual_sum)
-        ctx.scale, ctx.dtype = scale, z.dtype
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (residual_sum,) = ctx.saved_tensors
-        return residual_sum.mul(grad * ctx.scale).to(ctx.dtype), None, None, None
-
-
-def residual_commitment_loss(
-    z: Tensor, residual_sum: Tensor, squared_sum: Tensor, weight: float, reduction: str = "mean"
-) -> Tensor:
-    """``weight * sum_l mean(r_l^2)`` for residuals ``r_l = z - sg(t_l)``, 0-dim float32.
-
-    Takes ``sum_l r_l`` (shaped like ``z``) and ``sum_l |r_l|^2``, computed by
-    the caller without autograd; the gradient to ``z``,
-    ``2 weight / z.numel() * sum_l r_l``, costs one pass, where autograd through
-    one ``mse_loss`` per level costs several. EMA codebooks only: codes get no gradient.
-    ``reduction="sum"``: ``weight * sum_l sum(r_l^2)`` over the whole batch, gradient
-    ``2 weight sum_l r_l`` (:data:`REDUCTIONS`; reproduces the failure, never use).
-    """
-    if not z.numel():
-        return z.new_zeros((), dtype=torch.float32)
-    n = z.numel() if reduction == "mean" else 1
-    value = (squared_sum.float() * (weight / n)).reshape(())
-    return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / n)
-
-
-def commitment_loss(
-    z: Tensor, codes: Tensor, weight: float, learned: bool, reduction: str = "mean"
-) -> Tensor:
-    """``weight |z - sg(c)|^2``, plus ``|sg(z) - c|^2`` for a learned codebook; float32.
-
-    ``reduction="mean"`` averages over every element of ``z`` ``(..., d)``; ``"sum"``
-    sums over the whole batch, as tutorials write ``beta * ((z - sg(q))**2).sum()``:
-    the loss and its gradient grow with the batch and the code size (reproduces the
-    failure; never use).
-    """
-    if learned and z.numel():
-        z, codes = z.float(), codes.float()
-        return weight * F.mse_loss(z, codes.detach(), reduction=reduction) + F.mse_loss(
-            codes, z.detach(), reduction=reduction
-        )
-    with torch.no_grad():
-        residual = z.float() - codes.float()
-        squared = residual.reshape(-1).dot(residual.reshape(-1))
-    return residual_commitment_loss(z, residual, squared, weight, reduction)
 
 
 class Codebook(nn.Module):
@@ -418,8 +340,3 @@ def projections(dim: int, codebook_dim: int | None, owner: str) -> tuple[nn.Modu
     if codebook_dim is None or codebook_dim == dim:
         return nn.Identity(), nn.Identity()
     return nn.Linear(dim, codebook_dim), nn.Linear(codebook_dim, dim)
-
-
-def estimate(z: Tensor, codes: Tensor, rotation: bool) -> Tensor:
-    """Value ``codes``; gradient to ``z`` by the rotation trick or straight through."""
-    return rotation_trick(z, codes) if rotation else straight_through(z, codes)

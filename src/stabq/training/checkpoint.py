@@ -40,9 +40,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
+from stabq.data.rows import Rows
 from stabq.errors import CheckpointError
 from stabq.files import write_chunks
-from stabq.rows import Rows
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT, FORMAT_VERSION = "stabq-checkpoint", 1

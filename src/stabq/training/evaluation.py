@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from stabq import distributed
-from stabq.metrics import CodebookUsage
-from stabq.model import BottleneckClassifier
+from stabq.health.usage import CodebookUsage
+from stabq.model.classifier import BottleneckClassifier
 from stabq.quantizers.base import QuantizerOutput
-from stabq.rows import RowReader
+from stabq.training.batches import RowReader
 
 Features = torch.Tensor | RowReader  # rows in memory, or read per batch from a file
 CHUNK = 4096  # rows a chunk of the eval-mode pass

@@ -21,18 +21,19 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from stabq import distributed
-from stabq.data import (
+from stabq.data.labeled import (
     LabeledData,
     require_classes,
     require_fit,
     train_val_split,
     with_classes,
-)  # fmt: skip
+)
+from stabq.data.rows import scan
 from stabq.errors import StabqError, TrainingError
 from stabq.files import write_text
-from stabq.model import BottleneckClassifier
-from stabq.monitor import CollapseMonitor
-from stabq.rows import as_labeled_data, on_device, scan
+from stabq.health.monitor import CollapseMonitor
+from stabq.model.classifier import BottleneckClassifier
+from stabq.training.batches import as_labeled_data, on_device
 from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device

@@ -29,12 +29,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from stabq import distributed
-from stabq.data import LabeledData, Standardizer, _check_features, _encode_labels, from_arrays
-from stabq.readers import as_numpy
-from stabq.readers import data_error as _error
+from stabq.data.labeled import (
+    LabeledData,
+    as_numpy,
+    check_features,
+    check_layout,
+    data_error,
+    encode_labels,
+)
+from stabq.data.standardize import Standardizer
 
 CHUNK_BYTES = 16 << 20  # float64 bytes of rows one step of a streaming pass holds
 RESIDENT_BYTES = 16 << 20  # mapped bytes a read may leave resident before they are dropped
@@ -100,7 +104,7 @@ class Rows:
         rows = self._file_rows(positions)
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]
-        x = _check_features(self._raw(ordered), self.source, None, rows=ordered)
+        x = check_features(self._raw(ordered), self.source, None, rows=ordered)
         if np.array_equal(order, np.arange(len(order))):
             return x
         out = np.empty_like(x)
@@ -175,7 +179,7 @@ def _dataset_rows(
     for i in rows.tolist():
         x = _item(dataset, i, source)[0]
         if x.shape != row_shape:
-            raise _error(source, f"item {i}: x has shape {x.shape}, item 0 has {row_shape}")
+            raise data_error(source, f"item {i}: x has shape {x.shape}, item 0 has {row_shape}")
         out.append(x)
     return np.stack(out) if out else np.empty((0, *row_shape), np.float32)
 
@@ -184,7 +188,7 @@ def _item(dataset: Any, i: int, source: str) -> tuple[np.ndarray, Any]:
     """Item ``i`` of a Dataset as ``(x as numpy, y as a Python value)``."""
     item = dataset[i]
     if not (isinstance(item, Sequence) and len(item) == 2):
-        raise _error(source, f"item {i} is {type(item).__name__}, expected a pair (x, y)")
+        raise data_error(source, f"item {i} is {type(item).__name__}, expected a pair (x, y)")
     x, y = item
     y = y.item() if hasattr(y, "item") and not isinstance(y, str) else y
     return as_numpy(x, source, f"item {i}: x"), y
@@ -194,27 +198,13 @@ def _labeled(
     base: Any,
     source: str,
     row_shape: tuple[int, ...],
-    kind: str,
+    dtype: np.dtype,
     y: np.ndarray,
     classes: Sequence[str] | None,
 ) -> LabeledData:
     """Check what can be checked without reading rows, then read each once (finite?)."""
-    if len(row_shape) < 1:
-        raise _error(
-            source, f"features must be 2-D (rows, features) or more (rows, channels, ...), "
-            f"found shape {(len(y), *row_shape)}",
-        )  # fmt: skip
-    if kind not in "biuf":
-        raise _error(source, f"features must be numbers, found dtype {kind!r} ({base.dtype})")
-    if 0 in row_shape:
-        raise _error(source, f"no feature columns (x has shape {(len(y), *row_shape)})")
-    if y.ndim != 1:
-        raise _error(source, f"labels must be 1-D (one per row), found shape {y.shape}")
-    if len(base) != len(y):
-        raise _error(source, f"{len(base)} feature rows but {len(y)} labels")
-    if len(y) == 0:
-        raise _error(source, "no rows")
-    ids, names = _encode_labels(y, classes, source, None)
+    check_layout((len(base), *row_shape), dtype, y, source)
+    ids, names = encode_labels(y, classes, source, None)
     rows = Rows(base, source, row_shape)
     for _ in rows.chunks():  # every row is finite, as in every LabeledData
         pass
@@ -227,7 +217,7 @@ def from_memmap(
     """:func:`stabq.data.from_arrays` for features ``x`` ``(n, ...)`` too large to copy (a
     ``np.memmap``): ``x`` stays where it is; each row is read once, to check it."""
     y = as_numpy(y, source, "y")
-    return _labeled(x, source, tuple(x.shape[1:]), x.dtype.kind, y, classes)
+    return _labeled(x, source, tuple(x.shape[1:]), x.dtype, y, classes)
 
 
 def from_dataset(
@@ -238,13 +228,15 @@ def from_dataset(
     source = source or type(dataset).__name__
     n = len(dataset)
     if n == 0:
-        raise _error(source, "no rows")
+        raise data_error(source, "no rows")
     x0 = _item(dataset, 0, source)[0]
     labels = [_item(dataset, i, source)[1] for i in range(n)]
     y = np.asarray(labels, dtype=object if any(isinstance(v, str) for v in labels) else None)
     if y.ndim != 1:
-        raise _error(source, f"each item's y must be one label, found labels of shape {y.shape}")
-    return _labeled(dataset, source, tuple(x0.shape), x0.dtype.kind, y, classes)
+        raise data_error(
+            source, f"each item's y must be one label, found labels of shape {y.shape}"
+        )
+    return _labeled(dataset, source, tuple(x0.shape), x0.dtype, y, classes)
 
 
 def open_npy(path: Any, classes: Sequence[str] | None = None) -> LabeledData:
@@ -257,21 +249,21 @@ def open_npy(path: Any, classes: Sequence[str] | None = None) -> LabeledData:
     if path.is_dir():
         x_path, y_path = path / "x.npy", path / "y.npy"
         if not x_path.exists():
-            raise _error(source, "no x.npy here: a data directory holds x.npy and y.npy")
+            raise data_error(source, "no x.npy here: a data directory holds x.npy and y.npy")
     else:
         x_path = path
         if not (path.stem == "x" or path.stem[-2:] in ("_x", "-x", ".x")):
-            raise _error(
+            raise data_error(
                 source, "cannot tell where the labels are: name the features x.npy (or "
                 "NAME_x.npy) with y.npy (NAME_y.npy) beside it, or pass their directory",
             )  # fmt: skip
         y_path = path.with_name(path.stem[:-1] + "y.npy")
     for p in (x_path, y_path):
         if not p.is_file():
-            raise _error(source, f"no labels file {p}" if p == y_path else "no such file")
+            raise data_error(source, f"no labels file {p}" if p == y_path else "no such file")
     x = _load_npy(x_path, source, "x")
     y = np.array(_load_npy(y_path, source, "y"))  # labels: small, held in memory
-    return _labeled(x, source, tuple(x.shape[1:]), x.dtype.kind, y, classes)
+    return _labeled(x, source, tuple(x.shape[1:]), x.dtype, y, classes)
 
 
 def _load_npy(path: Any, source: str, name: str) -> np.ndarray:
@@ -282,11 +274,11 @@ def _load_npy(path: Any, source: str, name: str) -> np.ndarray:
         text = " ".join(str(exc).split())
         if "object" in text.lower():
             fix = "y.astype(str)" if name == "y" else "x.astype(np.float32)"
-            raise _error(
+            raise data_error(
                 source, f"{path.name} is an object array; loading it would need pickle, "
                 f"which stabq never runs: save it as {fix}",
             ) from exc  # fmt: skip
-        raise _error(source, f"cannot read {path.name} as a .npy file: {text}") from exc
+        raise data_error(source, f"cannot read {path.name} as a .npy file: {text}") from exc
 
 
 def scan(data: LabeledData, stats_shape: Sequence[int] | None = None) -> Standardizer | None:
@@ -298,82 +290,7 @@ def scan(data: LabeledData, stats_shape: Sequence[int] | None = None) -> Standar
         return None
     if not isinstance(data.x, Rows):
         return Standardizer.fit(data.x, stats_shape)
-    shape, found = tuple(stats_shape), data.x.shape
-    if len(shape) != len(found) - 1 or any(
-        s not in (1, d) for s, d in zip(shape, found[1:], strict=True)
-    ):
-        raise _error("Standardizer", f"statistics of shape {shape} for x of shape {found}")
-    axes = (0, *[i + 1 for i, s in enumerate(shape) if s == 1])
-    count, mean, m2 = 0, np.zeros(shape), np.zeros(shape)
-    for chunk in data.x.chunks():
-        x64 = chunk.astype(np.float64)
-        k = x64.size // math.prod(shape)
-        m = x64.mean(axis=axes, keepdims=True)
-        s2 = ((x64 - m) ** 2).sum(axis=axes).reshape(shape)
-        m = m.reshape(shape)
-        if count == 0:
-            count, mean, m2 = k, m, s2
-            continue
-        delta, total = m - mean, count + k
-        mean = mean + delta * (k / total)
-        m2 = m2 + s2 + delta * delta * (count * k / total)
-        count = total
-    std = np.sqrt(m2 / count).astype(np.float32)
-    std[~(std >= np.finfo(np.float32).tiny)] = 1.0
-    return Standardizer(mean, std)
+    return Standardizer.fit_chunks(data.x.chunks(), data.x.shape, stats_shape)
 
 
-class RowReader:
-    """Rows the training loop indexes like a tensor: ``reader[idx]`` (a LongTensor of
-    positions, or a slice) reads them from ``rows`` onto ``device``."""
-
-    def __init__(self, rows: Rows, device: torch.device | str) -> None:
-        self.rows, self.device = rows, torch.device(device)
-        self.shape = torch.Size(rows.shape)
-
-    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
-        if isinstance(idx, slice):
-            positions = np.arange(*idx.indices(len(self.rows)))
-        else:
-            positions = idx.detach().cpu().numpy()
-        return torch.from_numpy(self.rows.read(positions)).to(self.device)
-
-
-def as_labeled_data(data: Any) -> LabeledData:
-    """What :func:`stabq.train` and :func:`stabq.compare` take as data, as LabeledData.
-
-    ``data``: :class:`LabeledData` (as it is), a map-style torch ``Dataset`` (item ``i``
-    -> ``(x_i, y_i)``; its rows stay where they are), or arrays ``(x, y)``: checked and
-    copied, except a memory-mapped ``x`` (``np.load(..., mmap_mode="r")``), read per batch.
-    Raises :class:`~stabq.errors.DataError` for rows stabq cannot train on.
-
-    Example::
-
-        as_labeled_data((np.zeros((4, 3)), np.array([0, 1, 0, 1]))).input_shape  # (3,)
-    """
-    if isinstance(data, LabeledData):
-        return data
-    if isinstance(data, torch.utils.data.Dataset):
-        return from_dataset(data)
-    if isinstance(data[0], np.memmap):
-        return from_memmap(*data)
-    return from_arrays(*data)
-
-
-def on_device(
-    x: np.ndarray | Rows, device: torch.device | str, shard: bool = False
-) -> torch.Tensor | RowReader:
-    """Features as the loop indexes them: a tensor on ``device`` for an array, a
-    :class:`RowReader` for :class:`Rows`. ``shard``: this rank's rows ``r::W`` only."""
-    if isinstance(x, Rows):
-        if shard and distributed.is_distributed():
-            x = x[distributed.rank() :: distributed.world_size()]
-        return RowReader(x, device)
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    return distributed.shard_rows(t) if shard else t
-
-
-__all__ = [
-    "RowReader", "Rows", "as_labeled_data", "from_dataset", "from_memmap", "on_device",
-    "open_npy", "scan",
-]  # fmt: skip
+__all__ = ["CHUNK_BYTES", "Rows", "from_dataset", "from_memmap", "open_npy", "scan"]

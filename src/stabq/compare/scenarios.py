@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from stabq.health import HEALTHY
+from stabq.health.verdicts import HEALTHY
 
 # SGD as user loops write it: momentum 0.9, lr 1e-2, no clipping, no warm-up, no guards
 EXPLODE_CONFIG: dict[str, Any] = {
@@ -111,4 +111,13 @@ def explode_verdict(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EXPLODE_CONFIG", "GUARDED", "SCENARIOS", "Scenario", "explode_verdict", "exploded"]
+def explode_runs(methods: int, seeds: int) -> int:
+    """Runs of the explode preset for ``methods`` chosen methods: each run with every
+    scenario's baseline, whose runs come twice more (guards off, then on)."""
+    return (methods + 2 * len(SCENARIOS)) * seeds
+
+
+__all__ = [
+    "EXPLODE_CONFIG", "GUARDED", "SCENARIOS", "STABQ_PRESETS", "Scenario", "explode_runs",
+    "explode_verdict", "exploded",
+]  # fmt: skip

@@ -26,55 +26,32 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from stabq.errors import ShapeError, check, check_int, check_number, is_int
-from stabq.mechanisms import Mechanisms
-from stabq.metrics import CodebookUsage
-from stabq.monitor_probe import (
-    attr,
+from stabq.errors import ShapeError, check, check_int, check_number
+from stabq.health.alerts import Alert, CollapseWarning
+from stabq.health.mechanisms import Mechanisms
+from stabq.health.probe import (
     caller_level,
+    codebook_shape,
     codes_carrying,
     first_input,
     fraction,
     gather,
-    infer_levels,
-    infer_num_codebooks,
     input_norm,
     is_grid_module,
     percent,
     read_output,
     target,
 )
-from stabq.monitor_tau import UNANNEALED_STEPS, TauWatch
+from stabq.health.tau import UNANNEALED_STEPS, TauWatch
+from stabq.health.usage import CodebookUsage
 from stabq.quantizers.fsq import fsq_indices_to_levels
 
 LOSS_FLOOR = 1e-8  # a loss baseline below this counts as this: growth from ~0 is not alarming
-
-
-class CollapseWarning(UserWarning):
-    """Issued by :class:`CollapseMonitor` when a quantizer collapses, blows up or saturates."""
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One warning: ``kind`` is "collapse", "loss_growth", "loss_nonfinite",
-    "saturation", "tau_not_annealed", or a mechanism of :mod:`stabq.mechanisms` ("lag",
-    "codes_blown_up", "blown_code_chosen", "loss_reduction", "fp16_overflow");
-    ``step`` the forward call it fired at; ``value`` the figure that crossed its
-    threshold."""
-
-    kind: str
-    step: int
-    message: str
-    value: float
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class _Step(NamedTuple):
@@ -139,29 +116,9 @@ class CollapseMonitor:
         name = type(self).__name__
         check(isinstance(module, nn.Module), f"{name}: module={module!r} is not a torch.nn.Module")
         q = target(module)
-        found = attr(q, "codebook_size")
-        check(
-            codebook_size is not None or (is_int(found) and found >= 1),
-            f"{name}: codebook_size is required: {type(q).__name__} has no integer "
-            f"attribute codebook_size >= 1 (found {found!r})",
+        self.codebook_size, self.num_codebooks, self.levels = codebook_shape(
+            q, name, codebook_size, num_codebooks, levels
         )
-        self.codebook_size = check_int(
-            name, "codebook_size", found if codebook_size is None else codebook_size, 1
-        )
-        num_codebooks = infer_num_codebooks(q) if num_codebooks is None else num_codebooks
-        self.num_codebooks = check_int(name, "num_codebooks", num_codebooks, 1)
-        self.levels = infer_levels(q, self.codebook_size) if levels is None else levels
-        check(
-            self.levels is None
-            or (
-                isinstance(self.levels, Sequence)
-                and all(is_int(v) and v >= 2 for v in self.levels)
-                and math.prod(self.levels) == self.codebook_size
-            ),
-            f"{name}: levels={levels!r}, allowed is a list of integers >= 2 whose product "
-            f"is codebook_size={self.codebook_size}",
-        )
-        self.levels = None if self.levels is None else list(self.levels)
         self.grid = is_grid_module(q, self.levels)  # no dead codes in its figures
         self.window = check_int(name, "window", window, 1)
         self.check_every = check_int(name, "check_every", check_every, 1)

@@ -15,45 +15,18 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stabq.datasets import BUILTIN_DATASETS
+from stabq.data.builtin import BUILTIN_DATASETS
+from stabq.data.labeled import Columns, as_numpy, data_error, where
 from stabq.errors import DataError
 
 FILE_EXTENSIONS: tuple[str, ...] = (".npz", ".pt", ".safetensors", ".csv", ".parquet")
-Columns = Sequence[str] | None  # feature column names of a table; None for arrays
 Raw = tuple[np.ndarray, np.ndarray, Columns]
-
-
-def data_error(source: str, message: str) -> DataError:
-    """One line, at most 500 characters: ``"{source}: {message}"``."""
-    text = " ".join(f"{source}: {message}".splitlines())
-    return DataError(text if len(text) <= 500 else text[:497] + "...")
-
-
-def where(row: int, columns: Columns, col: int | None = None) -> str:
-    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
-    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
-    if col is not None:
-        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
-    return text
-
-
-def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
-    """``a`` (array-like or torch tensor) as a numpy array; half floats become float32."""
-    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
-        a = a.detach().cpu()
-        if a.is_floating_point() and a.element_size() < 4:  # float16 / bfloat16
-            a = a.float()
-        return a.numpy()
-    try:
-        return np.asarray(a)
-    except (ValueError, TypeError) as exc:
-        raise data_error(source, f"{name} is not an array ({exc})") from exc
 
 
 def _from_mapping(obj: Any, source: str) -> Raw:

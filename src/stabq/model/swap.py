@@ -48,9 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from stabq.errors import check, is_int
+from stabq.model.swap_layout import Layout, class_name, layout_from_returns, probe_layout
 from stabq.quantizers.base import Quantizer, QuantizerOutput
 from stabq.quantizers.registry import PRESETS, build_quantizer
-from stabq.swap_layout import Layout, class_name, layout_from_returns, probe_layout
 
 
 class SwappedQuantizer(nn.Module):

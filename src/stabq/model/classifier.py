@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stabq.encoders import build_encoder, check_encoder, encoder_name, mlp, stats_shape
 from stabq.errors import ConfigError, ShapeError, check, is_int
+from stabq.model.encoders import build_encoder, check_encoder, encoder_name, mlp, stats_shape
 from stabq.quantizers.base import Quantizer, QuantizerOutput
 from stabq.quantizers.registry import build_quantizer
 

@@ -1,6 +1,7 @@
-"""Labeled feature data: built-in datasets, feature files, and their validation.
+"""Labeled data and its checks: the bottom of :mod:`stabq.data`, depending on nothing but
+:mod:`stabq.errors` and numpy.
 
-``load_data(spec)`` takes a built-in name (``mnist1d``, ``digits``,
+``load_data(spec)`` (:mod:`stabq.data.load`) takes a built-in name (``mnist1d``, ``digits``,
 ``digits:images``, ``synthetic[:DIM]``, generated locally) or a file (``.npz``,
 ``.pt``, ``.safetensors``, ``.csv``, ``.parquet``) and returns :class:`LabeledData`:
 
@@ -11,7 +12,7 @@
 
 Tables (``.csv``, ``.parquet``) are always feature rows.
 
-Files are read by :mod:`stabq.readers`; every check of what they hold lives
+Files are read by :mod:`stabq.data.readers`; every check of what they hold lives
 here (:func:`from_arrays` for data sets, :func:`validate_features` for what a
 model is fed, :func:`require_classes`, :func:`with_classes` and
 :func:`require_fit` for what training and a saved model need), for the CLI,
@@ -27,21 +28,43 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stabq.datasets import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
 from stabq.errors import DataError
-from stabq.readers import FILE_EXTENSIONS, Columns, as_numpy, read_file, where
-from stabq.readers import data_error as _error
 
-PARTS: tuple[str, ...] = ("train", "test", "all")
+Columns = Sequence[str] | None  # a table's column names, for messages; None for arrays
 _SHOWN = 10  # class names shown in a message before "..."
+
+
+def data_error(source: str, message: str) -> DataError:
+    """One line, at most 500 characters: ``"{source}: {message}"``."""
+    text = " ".join(f"{source}: {message}".splitlines())
+    return DataError(text if len(text) <= 500 else text[:497] + "...")
+
+
+def where(row: int, columns: Columns, col: int | None = None) -> str:
+    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
+    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
+    if col is not None:
+        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
+    return text
+
+
+def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
+    """``a`` (array-like or torch tensor) as a numpy array; half floats become float32."""
+    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
+        a = a.detach().cpu()
+        if a.is_floating_point() and a.element_size() < 4:  # float16 / bfloat16
+            a = a.float()
+        return a.numpy()
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise data_error(source, f"{name} is not an array ({exc})") from exc
 
 
 @dataclass(eq=False)
@@ -82,7 +105,7 @@ class LabeledData:
         )
 
 
-def _check_features(
+def check_features(
     x: np.ndarray,
     source: str,
     columns: Columns,
@@ -93,9 +116,9 @@ def _check_features(
     ``uint8`` values (images) become ``x / 255``. ``rows`` ``(len(x),)``: the row numbers a
     message names (a chunk's rows in its file); default ``0, 1, ...``."""
     if x.dtype.kind not in "biuf":
-        raise _error(source, f"features must be numbers, found dtype {x.dtype}")
+        raise data_error(source, f"features must be numbers, found dtype {x.dtype}")
     if 0 in x.shape[1:]:
-        raise _error(source, f"no feature columns (x has shape {x.shape})")
+        raise data_error(source, f"no feature columns (x has shape {x.shape})")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x, dtype=dtype) / dtype(255)
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by row and column
@@ -118,7 +141,7 @@ def _check_features(
             if math.isfinite(v)
             else f"value is {what}: features must be finite, not NaN or infinite"
         )
-        raise _error(source, f"{at}: feature {what}")
+        raise data_error(source, f"{at}: feature {what}")
     return xd
 
 
@@ -130,7 +153,7 @@ def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
     if kind in "US":
         return (np.char.decode(y, "utf-8", errors="replace") if kind == "S" else y).astype(str)
     if kind not in "fO":
-        raise _error(source, f"labels must be integers or strings, found dtype {y.dtype}")
+        raise data_error(source, f"labels must be integers or strings, found dtype {y.dtype}")
     if kind == "f" and (np.isfinite(y) & (y == np.round(y)) & (np.abs(y) < 2.0**62)).all():
         return y.astype(np.int64)
     values = y.tolist()
@@ -138,7 +161,7 @@ def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
         if not isinstance(v, str) and not (
             isinstance(v, numbers.Real) and abs(v) < 2**62 and v == int(v)  # False for NaN
         ):
-            raise _error(
+            raise data_error(
                 source, f"{where(row, columns)}: label {v!r} is not a whole number or a string"
             )
     if any(isinstance(v, str) for v in values):
@@ -147,7 +170,7 @@ def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
     return np.asarray([int(v) for v in values], dtype=np.int64)
 
 
-def _encode_labels(
+def encode_labels(
     y: np.ndarray, classes: Sequence[str] | None, source: str, columns: Columns
 ) -> tuple[np.ndarray, list[str]]:
     """Class ids ``(n,)`` int64 and the class names; labels match names by ``str(label)``."""
@@ -157,16 +180,16 @@ def _encode_labels(
     if classes is None:
         return inverse.astype(np.int64).reshape(-1), names
     if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
-        raise _error(source, f"classes must be a list of strings, found {classes!r}")
+        raise data_error(source, f"classes must be a list of strings, found {classes!r}")
     classes = list(classes)
     if len(set(classes)) != len(classes):
-        raise _error(source, f"classes must be distinct, found {classes!r}")
+        raise data_error(source, f"classes must be distinct, found {classes!r}")
     index = {c: i for i, c in enumerate(classes)}
     ids = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)[inverse.reshape(-1)]
     bad = np.flatnonzero(ids < 0)
     if bad.size:
         others = f" ({bad.size - 1} more rows too)" if bad.size > 1 else ""
-        raise _error(
+        raise data_error(
             source,
             f"{where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
             f"the {len(classes)} known classes {_known(classes)}{others}",
@@ -183,7 +206,7 @@ def from_arrays(
     integers). With ``classes``, label ``v`` gets the id of ``str(v)`` there;
     without, the classes are the sorted distinct labels.
     """
-    return _build(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
+    return build_labeled(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
 
 
 def validate_features(
@@ -194,10 +217,10 @@ def validate_features(
     is a :class:`DataError` naming the first bad row and column."""
     x = as_numpy(x, source, "x")
     if x.ndim != 2 and not (allow_nd and x.ndim > 2):
-        raise _error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
+        raise data_error(source, f"features must be 2-D (rows, features), found shape {x.shape}")
     if x.shape[0] == 0:
-        raise _error(source, "no rows")
-    return _check_features(x, source, None, dtype)
+        raise data_error(source, "no rows")
+    return check_features(x, source, None, dtype)
 
 
 def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
@@ -206,7 +229,7 @@ def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
     found = np.unique(data.y)
     if found.size < minimum:
         names = ", ".join(repr(data.classes[i]) for i in found.tolist())
-        raise _error(
+        raise data_error(
             data.source, f"{found.size} class ({names}) in {len(data)} rows: training a "
             f"classifier needs labels of at least {minimum} classes",
         )  # fmt: skip
@@ -231,7 +254,7 @@ def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
     bad = np.flatnonzero(ids < 0)
     if bad.size:
         label = data.classes[int(data.y[bad[0]])]
-        raise _error(
+        raise data_error(
             data.source, f"row {bad[0]}: label {label!r} is not one of the {len(classes)} "
             f"known classes {_known(classes)}",
         )  # fmt: skip
@@ -250,76 +273,59 @@ def require_fit(
     shape = (input_shape,) if isinstance(input_shape, numbers.Integral) else tuple(input_shape)
     if data.input_shape != shape:
         if len(shape) == 1 and data.x.ndim == 2:
-            raise _error(data.source, f"{data.num_features} features, {model} expects {shape[0]}")
+            raise data_error(
+                data.source, f"{data.num_features} features, {model} expects {shape[0]}"
+            )
         found, wanted = (", ".join(map(str, s)) for s in (data.input_shape, shape))
-        raise _error(data.source, f"inputs of shape (N, {found}), {model} expects (N, {wanted})")
+        raise data_error(
+            data.source, f"inputs of shape (N, {found}), {model} expects (N, {wanted})"
+        )
     if num_classes is not None and len(data) and int(data.y.max()) >= num_classes:
         label = data.classes[int(data.y.max())]
-        raise _error(
+        raise data_error(
             data.source, f"label {label!r} is class {int(data.y.max())} of "
             f"{_known(data.classes)}, but {model} has {num_classes} classes",
         )  # fmt: skip
     return data
 
 
-def _build(
+def check_layout(
+    shape: Sequence[int], dtype: np.dtype, y: np.ndarray, source: str, columns: Columns = None
+) -> None:
+    """The checks that need no row read, for arrays and rows read later alike: features
+    ``shape`` ``(n >= 1, ...)`` of at least 2 dims (exactly 2 for a table), of numbers,
+    with a value per row, and labels ``y`` ``(n,)``. Raises a one-line :class:`DataError`."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 2 or (columns is not None and len(shape) != 2):
+        raise data_error(
+            source, f"features must be 2-D (rows, features) or more (rows, channels, ...), "
+            f"found shape {shape}",
+        )  # fmt: skip
+    if y.ndim != 1:
+        raise data_error(source, f"labels must be 1-D (one per row), found shape {y.shape}")
+    if shape[0] != y.shape[0]:
+        raise data_error(source, f"{shape[0]} feature rows but {y.shape[0]} labels")
+    if shape[0] == 0:
+        raise data_error(source, "no rows")
+    if np.dtype(dtype).kind not in "biuf":
+        raise data_error(source, f"features must be numbers, found dtype {dtype}")
+    if 0 in shape[1:]:
+        raise data_error(source, f"no feature columns (x has shape {shape})")
+
+
+def build_labeled(
     x: np.ndarray,
     y: np.ndarray,
     classes: Sequence[str] | None,
     source: str,
     columns: Columns = None,
 ) -> LabeledData:
-    if x.ndim < 2 or (columns is not None and x.ndim != 2):
-        raise _error(
-            source, f"features must be 2-D (rows, features) or more (rows, channels, ...), "
-            f"found shape {x.shape}",
-        )  # fmt: skip
-    if y.ndim != 1:
-        raise _error(source, f"labels must be 1-D (one per row), found shape {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise _error(source, f"{x.shape[0]} feature rows but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise _error(source, "no rows")
-    x32 = _check_features(x, source, columns)
-    ids, names = _encode_labels(y, classes, source, columns)
+    """Checked :class:`LabeledData` from raw ``x`` ``(n, ...)`` and labels ``y`` ``(n,)``
+    (what :func:`from_arrays` and every loader build): float32 features, class ids."""
+    check_layout(x.shape, x.dtype, y, source, columns)
+    x32 = check_features(x, source, columns)
+    ids, names = encode_labels(y, classes, source, columns)
     return LabeledData(x32, ids, names, source)
-
-
-def _load_file(path: Path, classes: Sequence[str] | None) -> LabeledData:
-    if path.suffix.lower() == ".npy" or (path.is_dir() and path.suffix not in FILE_EXTENSIONS):
-        from stabq.rows import open_npy  # memory-mapped; stabq.rows builds on this module
-
-        return open_npy(path, classes)
-    x, y, columns = read_file(path)
-    return _build(x, y, classes, str(path), columns)
-
-
-def load_data(
-    spec: str | os.PathLike[str], part: str = "train", classes: list[str] | None = None
-) -> LabeledData:
-    """Load a built-in dataset (``part``: train, test or all) or a whole data file.
-
-    ``classes`` (a saved model's class names) fixes the label -> id mapping;
-    labels outside it are a :class:`DataError`.
-    """
-    spec = os.fspath(spec)
-    if not spec.strip():
-        raise _error("data", f"no name given: a file or a built-in ({', '.join(BUILTIN_DATASETS)})")
-    if part not in PARTS:
-        raise _error(spec, f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
-    arrays = builtin_arrays(spec)
-    if arrays is None:
-        return _load_file(Path(spec), classes)
-    x_tr, y_tr, x_te, y_te = arrays
-    x, y = {  # copies: the cached arrays stay as generated
-        "train": (x_tr.copy(), y_tr.copy()), "test": (x_te.copy(), y_te.copy()),
-        "all": (np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te])),
-    }[part]  # fmt: skip
-    return _build(x, y, DIGIT_CLASSES if classes is None else classes, f"{spec}:{part}")
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _subset(data: LabeledData, rows: np.ndarray, name: str) -> LabeledData:
@@ -338,9 +344,11 @@ def train_val_split(
 
     n = len(data.y)
     if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
-        raise _error(data.source, f"val_fraction={val_fraction!r}, allowed is 0 < val_fraction < 1")
+        raise data_error(
+            data.source, f"val_fraction={val_fraction!r}, allowed is 0 < val_fraction < 1"
+        )
     if n < 2:
-        raise _error(data.source, f"cannot split {n} row into train and validation; need >= 2")
+        raise data_error(data.source, f"cannot split {n} row into train and validation; need >= 2")
     n_val = min(n - 1, max(1, math.ceil(n * val_fraction - 1e-9)))  # 100 * 0.07 is 7, not 8
     counts = np.bincount(data.y)
     counts = counts[counts > 0]
@@ -352,81 +360,8 @@ def train_val_split(
     return _subset(data, np.sort(train), "train split"), _subset(data, np.sort(val), "val split")
 
 
-@dataclass(eq=False)
-class Standardizer:
-    """``(x - mean) / std`` with ``mean``, ``std`` float32 of one shape: ``(d,)`` per feature
-    (the default), or per channel, e.g. ``(C, 1, 1)`` for images ``(n, C, H, W)``.
-
-    ``std`` is the population standard deviation (ddof=0); a feature without
-    variance gets ``std = 1`` so it maps to 0 instead of NaN.
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.mean = np.ascontiguousarray(self.mean, dtype=np.float32)
-        self.std = np.ascontiguousarray(self.std, dtype=np.float32)
-        if self.mean.ndim == 0:
-            self.mean, self.std = self.mean.reshape(-1), self.std.reshape(-1)
-        m, s = self.mean, self.std
-        if not (m.shape == s.shape and m.size and np.isfinite([*m.flat, *s.flat]).all()
-                and (s > 0).all()):  # fmt: skip
-            raise _error(
-                "Standardizer", f"mean has {m.size} values, std {s.size}: allowed is the same "
-                "number (>= 1) of finite values, std > 0",
-            )  # fmt: skip
-
-    @classmethod
-    def fit(cls, x: np.ndarray, shape: Sequence[int] | None = None) -> Standardizer:
-        """Mean and std of ``x`` ``(n, ...)`` (computed in float64) over its rows, and over
-        every axis where ``shape`` (default ``x.shape[1:]``: per value) has a 1."""
-        x = np.asarray(x)
-        if x.ndim < 2 or x.shape[0] == 0 or not np.isfinite(x).all():
-            raise _error(
-                "Standardizer", f"fit needs finite x of shape (n >= 1, d), found {x.shape}"
-            )
-        shape = tuple(x.shape[1:]) if shape is None else tuple(shape)
-        if len(shape) != x.ndim - 1 or any(
-            s not in (1, d) for s, d in zip(shape, x.shape[1:], strict=True)
-        ):
-            raise _error("Standardizer", f"statistics of shape {shape} for x of shape {x.shape}")
-        axes = (0, *[i + 1 for i, s in enumerate(shape) if s == 1])
-        x64 = x.astype(np.float64, copy=False)
-        std = x64.std(axis=axes).astype(np.float32).reshape(shape)
-        std[~(std >= np.finfo(np.float32).tiny)] = 1.0
-        return cls(x64.mean(axis=axes).reshape(shape), std)
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` for ``x`` ``(..., *shape)``, as float32."""
-        x = np.asarray(x, dtype=np.float32)
-        shape = self.mean.shape
-        fits = x.ndim >= len(shape) and all(
-            s in (1, d) for s, d in zip(shape, x.shape[x.ndim - len(shape) :], strict=True)
-        )
-        if not fits:
-            what = f"{shape[0]} features" if len(shape) == 1 else f"shape {shape}"
-            raise _error("Standardizer", f"x of shape {x.shape} must end in {what}")
-        return ((x - self.mean) / self.std).astype(np.float32)
-
-    def to_dict(self) -> dict:
-        """``{"mean": [...], "std": [...]}`` of Python floats (exact float32 values), flattened."""
-        return {"mean": self.mean.reshape(-1).tolist(), "std": self.std.reshape(-1).tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Standardizer:
-        """Inverse of :meth:`to_dict`; anything else is a :class:`DataError`."""
-        if not isinstance(d, Mapping) or set(d) != {"mean", "std"}:
-            found = sorted(map(str, d)) if isinstance(d, Mapping) else type(d).__name__
-            raise _error("Standardizer", f"expected a dict with keys mean, std; found {found}")
-        for key, v in d.items():
-            if not (isinstance(v, list) and all(_is_real(e) for e in v)):
-                raise _error("Standardizer", f"{key} must be a list of numbers, found {v!r}")
-        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
-
-
 __all__ = [
-    "BUILTIN_DATASETS", "FILE_EXTENSIONS", "PARTS", "DataError", "LabeledData", "Standardizer",
-    "from_arrays", "load_data", "require_classes", "require_fit", "train_val_split",
-    "validate_features", "with_classes",
+    "Columns", "DataError", "LabeledData", "as_numpy", "build_labeled", "check_features",
+    "check_layout", "data_error", "encode_labels", "from_arrays", "require_classes",
+    "require_fit", "train_val_split", "validate_features", "where", "with_classes",
 ]  # fmt: skip

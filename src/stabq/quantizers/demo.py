@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from stabq.metrics import CodebookUsage
+from stabq.health.usage import CodebookUsage
 from stabq.quantizers.registry import build_quantizer, preset_names
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stabq.monitor_probe import attr
+from stabq.health.probe import attr
 from stabq.quantizers.base import QuantizerOutput
 
 LAG_GROWTH = 100.0

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stabq.errors import ShapeError, check, is_int
+from stabq.errors import ShapeError, check, check_int, is_int
 from stabq.quantizers.base import QuantizerOutput
 
 
@@ -94,6 +94,39 @@ def infer_levels(q: nn.Module, codebook_size: int) -> list[int] | None:
         if isinstance(found, Sequence) and found and all(is_int(v) and v >= 2 for v in found):
             return list(found) if math.prod(found) == codebook_size else None
     return None
+
+
+def codebook_shape(
+    q: nn.Module,
+    owner: str,
+    codebook_size: int | None = None,
+    num_codebooks: int | None = None,
+    levels: Sequence[int] | None = None,
+) -> tuple[int, int, list[int] | None]:
+    """``(codebook_size, num_codebooks, levels)`` of quantizer ``q``: the given values,
+    checked, or what ``q`` says of itself (``levels`` None where it has none). Raises a
+    one-line :class:`~stabq.errors.ConfigError` naming ``owner`` and the bad value."""
+    found = attr(q, "codebook_size")
+    check(
+        codebook_size is not None or (is_int(found) and found >= 1),
+        f"{owner}: codebook_size is required: {type(q).__name__} has no integer "
+        f"attribute codebook_size >= 1 (found {found!r})",
+    )
+    size = check_int(owner, "codebook_size", found if codebook_size is None else codebook_size, 1)
+    books = infer_num_codebooks(q) if num_codebooks is None else num_codebooks
+    books = check_int(owner, "num_codebooks", books, 1)
+    chosen = infer_levels(q, size) if levels is None else levels
+    check(
+        chosen is None
+        or (
+            isinstance(chosen, Sequence)
+            and all(is_int(v) and v >= 2 for v in chosen)
+            and math.prod(chosen) == size
+        ),
+        f"{owner}: levels={levels!r}, allowed is a list of integers >= 2 whose product "
+        f"is codebook_size={size}",
+    )
+    return size, books, None if chosen is None else list(chosen)
 
 
 GRID_CLASSES = ("FSQ", "ResidualFSQ", "LFQ")  # vector-quantize-pytorch's fixed-grid quantizers

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stabq.metrics import codebook_figures
+from stabq.health.usage import codebook_figures
 
 UNDER_USED_BELOW = 0.10  # fill under this (strictly) is under-used; exactly 10% is not
 VERDICTS = ("diverged", "collapsed", "under-used", "rescued", "ok")  # highest precedence first

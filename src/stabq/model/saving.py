@@ -23,10 +23,10 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from stabq.encoders import is_reference
 from stabq.errors import ConfigError, ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
-from stabq.model import BottleneckClassifier
+from stabq.model.classifier import BottleneckClassifier
+from stabq.model.encoders import is_reference
 
 FORMAT = "stabq-model"
 FORMAT_VERSION = 2  # the newest this stabq reads; an MLP model is still written as 1
@@ -36,13 +36,13 @@ WEIGHTS, CONFIG, METRICS, PLOT = "model.safetensors", "config.json", "metrics.js
 def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """:func:`stabq.report.plot_history`, imported on the first save that plots: matplotlib
     is not imported with stabq."""
-    from stabq.report import plot_history as draw
+    from stabq.compare.plots import plot_history as draw
 
     return draw(history, path, title)
 
 
 def _version() -> str:
-    from stabq import __version__
+    from stabq._version import __version__
 
     return __version__
 

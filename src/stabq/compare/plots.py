@@ -1,0 +1,133 @@
+"""Plots as PNG files: one training run's curves, and a comparison's loss, health, accuracy
+and code-frequency figures. Figures are drawn on their own canvas
+(``matplotlib.figure.Figure``), never through pyplot: matplotlib is imported on the first
+plot, and the user's backend and open figures are left as they are."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stabq.health.verdicts import HEALTHY
+
+PANELS = (
+    ("train_loss", "training loss", True),
+    ("val_accuracy", "validation accuracy", False),
+    ("fill", "codebook fill", False),
+    ("perplexity", "perplexity", True),
+)
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, **options: Any) -> tuple[Any, Any]:
+    """A figure of its own canvas and its axes, as ``pyplot.subplots`` gives them, without
+    pyplot's global state (no backend chosen, no figure registered)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=options.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **options)
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """PNG at ``path``: loss (log scale), accuracy, fill and perplexity per epoch."""
+    path = Path(path)
+    epochs = [row["epoch"] for row in history]
+    fig, axes = _subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    for ax, (key, label, log) in zip(axes, PANELS, strict=True):
+        values = [row.get(key) for row in history]
+        points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None and v > 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        if log and points:
+            ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    curves = [[row.get(key) for row in r["history"]] for r in runs if r["history"]]
+    if not curves:
+        return [], []
+    length = min(len(c) for c in curves)
+    points = []
+    for i in range(length):
+        values = [c[i] for c in curves if c[i] is not None and math.isfinite(c[i])]
+        points.append(sum(values) / len(values) if values else float("nan"))
+    return list(range(1, length + 1)), points
+
+
+def _by_method(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        grouped.setdefault(r["method"], []).append(r)
+    return grouped
+
+
+def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
+    """loss.png, health.png, accuracy.png and codes.png for a :class:`~stabq.compare.Comparison`."""
+    grouped = _by_method(comparison.records)
+    colour = {name: f"C{i % 10}" for i, name in enumerate(grouped)}  # one colour a method
+    paths = []
+
+    fig, ax = _subplots(figsize=(7, 4))
+    for name, runs in grouped.items():
+        epochs, loss = _mean_curve(runs, "train_loss")
+        if epochs:
+            ax.plot(epochs, loss, label=name, color=colour[name])
+    ax.set(yscale="log", xlabel="epoch", ylabel="training loss (log)", title="loss per epoch")
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, directory / "loss.png"))
+
+    fig, axes = _subplots(1, 2, figsize=(11, 4))
+    for name, runs in grouped.items():
+        if runs[0]["code_counts"]:
+            for ax, key in zip(axes, ("fill", "perplexity"), strict=True):
+                epochs, values = _mean_curve(runs, key)
+                ax.plot(epochs, values, label=name, color=colour[name])
+    axes[0].set(xlabel="epoch", ylabel="fill", title="codebook fill (validation)")
+    axes[1].set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity (validation)")
+    axes[1].axhline(comparison.num_classes, color="grey", ls="--", lw=1, label="classes")
+    axes[1].legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, directory / "health.png"))
+
+    fig, ax = _subplots(figsize=(8, 4))
+    names = [row["method"] for row in comparison.rows]
+    means = [100 * row["accuracy"] for row in comparison.rows]
+    sds = [100 * (row["accuracy_sd"] or 0.0) for row in comparison.rows]  # 1 seed: no bar
+    colours = ["tab:blue" if row["verdict"] in HEALTHY else "tab:red" for row in comparison.rows]
+    ax.bar(names, means, yerr=sds, color=colours, capsize=4)
+    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: not ok or rescued)")
+    ax.tick_params(axis="x", rotation=45)
+    paths.append(_save(fig, directory / "accuracy.png"))
+
+    quantized = [(n, runs) for n, runs in grouped.items() if runs[0]["code_counts"]]
+    if quantized:
+        cols = min(4, len(quantized))
+        rows_n = -(-len(quantized) // cols)
+        fig, axes = _subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        for ax, (name, runs) in zip(axes.flat, quantized, strict=False):
+            counts = sorted(runs[0]["code_counts"][0], reverse=True)
+            used = [c for c in counts if c > 0]
+            ax.bar(range(len(used)), used, width=1.0)
+            ax.set(yscale="log", title=f"{name}: {len(used)} codes used", xlabel="code rank")
+        for ax in list(axes.flat)[len(quantized) :]:
+            ax.axis("off")
+        fig.suptitle("code frequencies on the test set (seed 0, first codebook)")
+        paths.append(_save(fig, directory / "codes.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
+
+
+__all__ = ["plot_comparison", "plot_history"]

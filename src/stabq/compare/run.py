@@ -1,0 +1,199 @@
+"""Every method side by side on the same data: which bottleneck does this data favour?
+
+``compare(data)`` trains each method for each seed with the same settings
+(seeds in the same order for every method), evaluates on the held-out part,
+and summarises per method: test accuracy (mean, spread), gap to the continuous
+reference, codebook usage, perplexity, dead codes, the largest loss seen,
+diverged and guard-rescued runs, time, and a health verdict with its reason
+(ok / under-used / collapsed / diverged / rescued: the rules are in
+:mod:`stabq.health`).
+
+The ``stress`` preset reproduces the conditions under which vanilla VQ-EMA
+fails (Adam-style lr 3e-2, 512 codes, decay 0.99) with the guards off for
+every method, so a failure shows instead of being rescued.
+
+The ``explode`` preset reproduces the user's losses of 1e10 and more: one
+comparison per scenario of :mod:`stabq.scenarios` (its baseline and the chosen
+methods, guards off), then each baseline again with the guards on. Records and
+rows carry ``scenario`` and ``guards``; the verdict has a line per scenario.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from stabq.compare.methods import Method, plan, planned_runs, resolve_methods
+from stabq.compare.runs import run_one, summarise, verdict
+from stabq.compare.scenarios import GUARDED, SCENARIOS, explode_verdict
+from stabq.data.labeled import (
+    LabeledData,
+    require_classes,
+    require_fit,
+    train_val_split,
+    with_classes,
+)
+from stabq.data.load import load_data
+from stabq.integrations.tensorboard import check_log_dir, run_dir
+from stabq.model.encoders import check_encoder, check_input_shape, encoder_name
+from stabq.training.batches import as_labeled_data
+from stabq.training.config import TrainConfig
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` returns: per-run records, per-method rows and the verdict."""
+
+    data: str
+    preset: str
+    num_classes: int
+    records: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    verdict: str
+    seconds: float
+    settings: dict[str, Any]
+
+
+Data = str | LabeledData | Dataset | tuple[Any, Any]  # a name or file, or what train takes
+
+
+def compare(
+    data: Data = "mnist1d",
+    methods: str | Sequence[str] | None = None,
+    seeds: int | None = None,
+    epochs: int | None = None,
+    preset: str = "default",
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+    *,
+    encoder: str | nn.Module = "mlp",
+    test_data: Data | None = None,
+    tensorboard: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Train every method on ``data`` for ``seeds`` seeds and compare them.
+
+    Args:
+        data: a built-in name or a file (as ``--data``), or what :func:`stabq.train`
+            takes: arrays ``(x, y)``, :class:`~stabq.data.LabeledData` or a map-style
+            torch ``Dataset``.
+        methods: names of :data:`METHODS` (a list or ``"a,b"``); default the preset's.
+        seeds: runs per method (seeds 0, 1, ...); default the preset's.
+        epochs: epochs per run; default the preset's.
+        preset: ``default``, ``stress`` or ``explode`` (:data:`PRESETS`): methods, seeds,
+            epochs and training options unless given.
+        on_run: called with each run's record as it ends.
+        on_start: called with the number of runs once the data is loaded and checked,
+            before the first run.
+        progress: progress bars (None: when the output is a terminal).
+        encoder: every method's encoder (:mod:`stabq.encoders`; a module instance is
+            copied and re-initialised for every run).
+        test_data: the test set, as ``data``; default a built-in's test part, else a
+            stratified 20% of ``data`` (fixed seed).
+        tensorboard: a directory for TensorBoard events (needs ``stabq[tensorboard]``),
+            one run per method and seed, ``tensorboard/<method>/seed-<k>``.
+        options: training options (:class:`~stabq.TrainConfig` fields such as ``lr``,
+            ``batch_size``, ``optimizer``), over the preset's; ``explode``'s scenarios
+            keep their own optimiser, rate and guards, the failure they reproduce.
+    Returns:
+        A :class:`Comparison`: per-run records, per-method rows and the verdict line.
+    Raises:
+        ConfigError: an unknown preset, method or option, a method named twice, seeds < 1.
+        DataError: data stabq cannot train on.
+
+    Example::
+
+        result = compare("mnist1d", methods="none,fsq,vq", seeds=1, epochs=5, options={"lr": 1e-3})
+        print(result.verdict)
+    """
+    chosen, seeds, config = plan(preset, methods, seeds, epochs, progress, options)
+    check_encoder(encoder)
+    if tensorboard is not None:
+        check_log_dir(tensorboard)
+    train_set, test_set = _train_test(data, test_data)
+    check_input_shape(encoder, train_set.input_shape, train_set.source)
+    require_fit(test_set, train_set.input_shape, model="the training data")
+    name = data if isinstance(data, str) else train_set.source
+    settings = {"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()}
+    if on_start is not None:
+        on_start(planned_runs(preset, [m.name for m in chosen], seeds))
+    started = time.perf_counter()
+    if preset == "explode":
+        ordered, rows, line = run_explode(
+            chosen, seeds, train_set, test_set, config, encoder, on_run
+        )
+    else:
+        records = []
+        for seed in range(seeds):  # seeds outermost: every method sees seed s before s + 1
+            for method in chosen:
+                events = None if tensorboard is None else run_dir(tensorboard, method.name, seed)
+                record = run_one(method, seed, train_set, test_set, config, encoder, events)
+                records.append(record)
+                if on_run is not None:
+                    on_run(record)
+        ordered = sorted(records, key=lambda r: [m.name for m in chosen].index(r["method"]))
+        rows = summarise(ordered, train_set.num_classes)
+        line = verdict(rows, name)
+    seconds = time.perf_counter() - started
+    return Comparison(name, preset, train_set.num_classes, ordered, rows, line, seconds, settings)
+
+
+def run_explode(
+    chosen: list[Method],
+    seeds: int,
+    train_set: LabeledData,
+    test_set: LabeledData,
+    config: TrainConfig,
+    encoder: str | nn.Module,
+    on_run: Callable[[dict[str, Any]], None] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The explode preset: each scenario as its own comparison (its baseline first, guards
+    off), then its baseline guarded. A run is trained once per training options and seed: scenarios
+    sharing their options share the chosen methods' runs (the same run, bit for bit)."""
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    records, rows = [], []
+    for scenario in SCENARIOS:
+        base = TrainConfig(**{**config.to_dict(), **scenario.config})
+        parts = [(resolve_methods([scenario.baseline]) + chosen, base, False)]
+        guarded = TrainConfig(**{**base.to_dict(), **GUARDED})
+        parts.append((resolve_methods([scenario.baseline]), guarded, True))
+        for methods, run_config, guards in parts:
+            part = []
+            for seed in range(seeds):
+                for method in methods:
+                    key = (method.name, seed, repr(sorted(run_config.to_dict().items())))
+                    if key not in done:
+                        done[key] = run_one(method, seed, train_set, test_set, run_config, encoder)
+                        if on_run is not None:
+                            on_run(done[key])
+                    part.append({**done[key], "scenario": scenario.name, "guards": guards})
+            part.sort(key=lambda r: [m.name for m in methods].index(r["method"]))
+            records += part
+            for row in summarise(part, train_set.num_classes):
+                rows.append({"scenario": scenario.name, "guards": guards, **row})
+    return records, rows, explode_verdict(rows)
+
+
+def _train_test(data: Data, test_data: Data | None) -> tuple[LabeledData, LabeledData]:
+    """The given test data; else built-ins come split and the rest is split 80/20 here
+    (stratified, fixed seed)."""
+    named = isinstance(data, str)
+    full = require_classes(load_data(data, "train") if named else as_labeled_data(data))
+    if test_data is not None:
+        if isinstance(test_data, str):
+            return full, load_data(test_data, "test", classes=full.classes)
+        return full, with_classes(as_labeled_data(test_data), full.classes)
+    if named and full.source.endswith(":train"):
+        return full, load_data(data, "test", classes=full.classes)
+    train_set, test_set = train_val_split(full, 0.2, seed=0)
+    return train_set, test_set
+
+
+__all__ = ["Comparison", "compare"]

@@ -1,0 +1,59 @@
+"""``load_data``: the one module that knows every source of data, built-in or a file.
+
+``load_data(spec, part)`` takes a built-in name (``mnist1d``, ``digits``, ``digits:images``,
+``synthetic[:DIM]``, generated locally; ``part`` train, test or all) or a file (``.npz``,
+``.pt``, ``.safetensors``, ``.csv``, ``.parquet``, read whole by :mod:`stabq.data.readers`;
+``.npy`` pairs, memory-mapped by :mod:`stabq.data.rows`) and returns checked
+:class:`~stabq.data.labeled.LabeledData`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stabq.data.builtin import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
+from stabq.data.labeled import LabeledData, build_labeled, data_error
+from stabq.data.readers import FILE_EXTENSIONS, read_file
+from stabq.data.rows import open_npy
+
+PARTS: tuple[str, ...] = ("train", "test", "all")
+
+
+def load_file(path: Path, classes: Sequence[str] | None) -> LabeledData:
+    if path.suffix.lower() == ".npy" or (path.is_dir() and path.suffix not in FILE_EXTENSIONS):
+        return open_npy(path, classes)  # memory-mapped
+    x, y, columns = read_file(path)
+    return build_labeled(x, y, classes, str(path), columns)
+
+
+def load_data(
+    spec: str | os.PathLike[str], part: str = "train", classes: list[str] | None = None
+) -> LabeledData:
+    """Load a built-in dataset (``part``: train, test or all) or a whole data file.
+
+    ``classes`` (a saved model's class names) fixes the label -> id mapping;
+    labels outside it are a :class:`DataError`.
+    """
+    spec = os.fspath(spec)
+    if not spec.strip():
+        raise data_error(
+            "data", f"no name given: a file or a built-in ({', '.join(BUILTIN_DATASETS)})"
+        )
+    if part not in PARTS:
+        raise data_error(spec, f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
+    arrays = builtin_arrays(spec)
+    if arrays is None:
+        return load_file(Path(spec), classes)
+    x_tr, y_tr, x_te, y_te = arrays
+    x, y = {  # copies: the cached arrays stay as generated
+        "train": (x_tr.copy(), y_tr.copy()), "test": (x_te.copy(), y_te.copy()),
+        "all": (np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te])),
+    }[part]  # fmt: skip
+    return build_labeled(x, y, DIGIT_CLASSES if classes is None else classes, f"{spec}:{part}")
+
+
+__all__ = ["PARTS", "load_data", "load_file"]
