@@ -7,6 +7,7 @@ naming the file or option, exit status 2, nothing written or clobbered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -20,9 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import stabq
-from bad_input import Payload, assert_user_error, cli, listing, run_stabq
+from bad_input import (
+    Payload,
+    assert_user_error,
+    cli,
+    listing,
+    mounted_tmpfs,
+    read_only,
+    run_stabq,
+)
 from stabq.cli import main, parse_options
-from stabq.errors import ConfigError, ModelFileError
+from stabq.errors import CheckpointError, ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.registry import build_quantizer
 from stabq.saving import FORMAT_VERSION, _model_digest, load_history, save_model
@@ -335,3 +344,43 @@ def test_python_refuses_a_file_as_the_model_or_checkpoint_directory(tmp_path):
         save_model(model, existing, classes=CLASSES)
     assert existing.read_text() == "the user's own file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --- an --out on a read-only filesystem that already holds a model -------------------------
+
+
+@pytest.fixture(params=["simulated", "mounted"])
+def model_on_read_only_fs(request, good_model, tmp_path, monkeypatch) -> Path:
+    """``good_model`` copied to a filesystem that then turned read-only: simulated in this
+    process (any user), or a real tmpfs remounted read-only (root only, else skipped)."""
+    root = tmp_path / "fs"
+    with contextlib.ExitStack() as stack:
+        seal = stack.enter_context(mounted_tmpfs(root)) if request.param == "mounted" else None
+        shutil.copytree(good_model, root / "m")
+        if seal is None:
+            read_only(monkeypatch, root)
+        else:
+            seal()
+        yield root / "m"
+
+
+def test_train_into_a_read_only_model_directory_is_one_line_and_keeps_the_model(
+    model_on_read_only_fs,
+):
+    d = model_on_read_only_fs
+    before = listing(d)
+    result = cli("train", "--data", DATA, "--out", d, "--epochs", "1", "--quiet")
+    assert_user_error(result, f"stabq: error: {d}: cannot write there (Read-only file system)")
+    assert listing(d) == before
+    torch.manual_seed(0)
+    model = BottleneckClassifier(4, 3, "fsq", hidden=8, bottleneck_dim=4, levels=[3, 3])
+    data = (np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3)
+    config = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(CheckpointError) as info:
+        stabq.train(model, data, config=config, checkpoint_dir=d)
+    assert str(info.value).startswith(f"{d}: cannot write there (Read-only file system)")
+    with pytest.raises(ModelFileError) as info:
+        save_model(model, d, classes=CLASSES)
+    assert str(info.value) == f"{d}: cannot write the model there (Read-only file system)"
+    assert listing(d) == before
+    assert stabq.load(d).classes == CLASSES
