@@ -13,7 +13,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -26,9 +28,12 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.numpy import save_file
+from safetensors.torch import load_file as load_tensors
+from safetensors.torch import save_file as save_tensors
 from typer.testing import CliRunner
 
 from stabq.cli import app
+from stabq.saving import _model_digest
 
 runner = CliRunner()
 
@@ -71,6 +76,30 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def config_of(d: Path) -> dict:
+    """The ``config.json`` of model directory ``d``."""
+    return json.loads((d / "config.json").read_text())
+
+
+def recorded(**changes) -> Callable[[Path], None]:
+    """A crafted config: the model section changed (a key of ``model``, else of the whole
+    config) and both checksums recomputed to match, so only the checks of the section's
+    contents can refuse it."""
+
+    def damage(d: Path) -> None:
+        config = config_of(d)
+        for key, value in changes.items():
+            (config["model"] if key in config["model"] else config)[key] = value
+        section = {k: config[k] for k in ("model", "classes", "feature_mean", "feature_std")}
+        weights = d / "model.safetensors"
+        meta = {"format": "stabq-model", "config_sha256": _model_digest(section)}
+        save_tensors(load_tensors(str(weights)), str(weights), metadata=meta)
+        config["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        (d / "config.json").write_text(json.dumps(config))
+
+    return damage
 
 
 def listing(directory: Path) -> dict[str, bytes]:
