@@ -109,6 +109,12 @@ MODEL_CASES = {  # what is damaged -> (damage, the file named, fragments)
         "config.json",
         "input_shape=[65536, 65536], allowed is at most 2147483648 values in one row",
     ),
+    "untrusted-encoder": (
+        recorded(encoder="stabq_test_elsewhere:make"),
+        "",
+        "its encoder is stabq_test_elsewhere:make, a factory from outside stabq that loading it "
+        "would import and run",
+    ),
     "weights-missing": (remove("model.safetensors"), "", "model.safetensors is missing"),
     "weights-flipped": (write("model.safetensors", flip(-1)), "model.safetensors", "altered"),
     "weights-header": (write("model.safetensors", flip(20)), "model.safetensors", "corrupted"),

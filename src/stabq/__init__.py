@@ -15,6 +15,7 @@ from stabq.errors import (
     ShapeError,
     StabqError,
     TrainingError,
+    UntrustedEncoderError,
 )
 from stabq.metrics import CodebookUsage
 from stabq.model import BottleneckClassifier
@@ -81,6 +82,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "UntrustedEncoderError",
     "VectorQuantizer",
     "__version__",
     "build_quantizer",

@@ -9,7 +9,9 @@ of ``config.json``, so an altered file is refused at load.
 
 A user's encoder is saved by its factory reference (``package.module:factory``):
 its weights go to the safetensors file with the rest, and :func:`load` imports
-the factory again and rebuilds it. Format 1 is a model with the MLP encoder (as
+the factory again and rebuilds it, which runs code the model directory names:
+only with ``trust_encoder=True`` (``--trust-encoder``), or for a model this very
+process saved (:mod:`stabq.trust`). Format 1 is a model with the MLP encoder (as
 every model was before encoders), format 2 one with another encoder.
 
 Before building anything, :func:`load` checks every size in ``config.json``
@@ -33,6 +35,7 @@ from stabq.errors import ConfigError, ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model import BottleneckClassifier
 from stabq.report import plot_history
+from stabq.trust import remember_saved, require_trusted, saved_here
 from stabq.weights_check import check_fits_weights
 
 FORMAT = "stabq-model"
@@ -62,7 +65,11 @@ def save_model(
     history: list[dict[str, Any]] | None = None,
     train_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically (replacing an earlier model there)."""
+    """Write ``model`` to ``directory`` atomically (replacing an earlier model there).
+
+    This process remembers, in memory only, that it wrote this ``config.json`` there:
+    :func:`load` of it needs no ``trust_encoder``, even for a user's factory encoder.
+    """
     target = Path(directory)
     if len(classes) != model.num_classes:
         raise StabqError(f"{len(classes)} class names for a model of {model.num_classes} classes")
@@ -93,9 +100,11 @@ def save_model(
             "train_config": train_config or {},
         }
         write_text(tmp / CONFIG, json.dumps(config, indent=2))
+        written = (tmp / CONFIG).read_bytes()
         if history:
             write_text(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
             plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
+    remember_saved(target, written)  # this process may load it back without trust_encoder
     return target
 
 
@@ -136,17 +145,24 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], bytes]:
     return config, raw
 
 
-def load(directory: str | Path) -> BottleneckClassifier:
+def load(directory: str | Path, *, trust_encoder: bool = False) -> BottleneckClassifier:
     """Rebuild a saved model (in eval mode); its class names are ``model.classes``.
 
     Args:
         directory: a model directory written by :func:`save_model` or ``stabq train``.
+        trust_encoder: allow a model whose encoder is a user factory
+            (``package.module:factory``): loading imports that module and runs it, so
+            pass True only for a model from a source you trust. Not needed for the
+            built-in encoders, nor for a model this process saved itself
+            (:mod:`stabq.trust`).
 
     Before any module is built, the sizes in ``config.json`` are checked against the
     tensor shapes the weights' header declares (:mod:`stabq.weights_check`), so a
     crafted config cannot make it allocate what the weights do not hold.
 
     Raises:
+        UntrustedEncoderError: a user factory and neither ``trust_encoder`` nor this
+            process's own save; raised before anything is imported.
         ModelFileError: a missing, altered, inconsistent or newer model.
 
     Example::
@@ -155,8 +171,13 @@ def load(directory: str | Path) -> BottleneckClassifier:
         logits, out = model(x)
     """
     directory = Path(directory)
-    config, _ = _read_config(directory)
+    config, raw = _read_config(directory)
     section = _checked_section(directory, config)
+    require_trusted(
+        section["model"].get("encoder"),
+        directory,
+        trusted=trust_encoder or saved_here(directory, raw),
+    )
     weights = directory / WEIGHTS
     try:
         check_fits_weights(directory / CONFIG, weights, section["model"])
