@@ -7,6 +7,7 @@ naming the file or option, exit status 2, nothing written or clobbered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -17,15 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from stabq.saving import FORMAT_VERSION, load_history, save_model
 
 import stabq
-from bad_input import Payload, assert_user_error, cli, listing, run_stabq
+from bad_input import (
+    Payload,
+    assert_user_error,
+    cli,
+    config_of,
+    listing,
+    mounted_tmpfs,
+    read_only,
+    recorded,
+    run_stabq,
+)
 from stabq.cli import main, parse_options
-from stabq.errors import ConfigError, ModelFileError
+from stabq.errors import CheckpointError, ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.registry import build_quantizer
-from stabq.saving import FORMAT_VERSION, _model_digest, load_history, save_model
 from stabq.training import TrainConfig
 from stabq.training.loop import resolve_device
 
@@ -33,32 +43,10 @@ CLASSES = ["0", "1", "2"]
 DATA = "synthetic:4"  # 4 features, classes 0..9: the evaluate runs fail on the model, not here
 
 
-def config_of(d: Path) -> dict:
-    return json.loads((d / "config.json").read_text())
-
-
 def set_config(**changes) -> Callable[[Path], None]:
     def damage(d: Path) -> None:
         config = config_of(d)
         config.update(changes)
-        (d / "config.json").write_text(json.dumps(config))
-
-    return damage
-
-
-def recorded(**changes) -> Callable[[Path], None]:
-    """A crafted config: the model section changed and both checksums recomputed to match,
-    so only the checks of the section's contents can refuse it."""
-
-    def damage(d: Path) -> None:
-        config = config_of(d)
-        for key, value in changes.items():
-            (config["model"] if key in config["model"] else config)[key] = value
-        section = {k: config[k] for k in ("model", "classes", "feature_mean", "feature_std")}
-        weights = d / "model.safetensors"
-        meta = {"format": "stabq-model", "config_sha256": _model_digest(section)}
-        save_file(load_file(str(weights)), str(weights), metadata=meta)
-        config["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
         (d / "config.json").write_text(json.dumps(config))
 
     return damage
@@ -108,13 +96,56 @@ MODEL_CASES = {  # what is damaged -> (damage, the file named, fragments)
     "config-version-text": (set_config(format_version="1"), "config.json", "format_version='1'"),
     "crafted-classes": (recorded(classes=["a"]), "config.json", "1 class names for 3 classes"),
     "crafted-kwargs": (recorded(quantizer_kwargs={"hidden": 3}), "", "cannot rebuild the model"),
-    "crafted-hidden": (recorded(hidden=16), "", "size mismatch"),
+    "crafted-hidden": (
+        recorded(hidden=16),
+        "config.json",
+        "hidden=16, but model.safetensors was saved with hidden=8 (its projector.0.weight has "
+        "shape [8, 4], not [16, 4])",
+    ),
     "crafted-levels": (recorded(quantizer_kwargs={"levels": "ab"}), "", "levels='ab'"),
+    "crafted-huge-int": (recorded(hidden=10**30), "config.json", f"hidden={10**30}, allowed"),
+    "crafted-huge-rows": (
+        recorded(input_shape=[2**16, 2**16]),
+        "config.json",
+        "input_shape=[65536, 65536], allowed is at most 2147483648 values in one row",
+    ),
+    "untrusted-encoder": (
+        recorded(encoder="stabq_test_elsewhere:make"),
+        "",
+        "its encoder is stabq_test_elsewhere:make, a factory from outside stabq that loading it "
+        "would import and run",
+    ),
     "weights-missing": (remove("model.safetensors"), "", "model.safetensors is missing"),
     "weights-flipped": (write("model.safetensors", flip(-1)), "model.safetensors", "altered"),
     "weights-header": (write("model.safetensors", flip(20)), "model.safetensors", "corrupted"),
     "weights-cut": (write("model.safetensors", lambda b: b[:100]), "model.safetensors", "altered"),
     "weights-a-pickle": (pickle_for_weights, "", "cannot rebuild the model"),
+}
+
+
+SAVED = "but model.safetensors was saved with quantizer_kwargs.codebook_size=16"
+VQ_CASES = {  # on a VQ model of 16 codes: sizes only the weights' header can confirm
+    "crafted-codebook-huge": (
+        recorded(quantizer_kwargs={"codebook_size": 10**12}),
+        "config.json",
+        f"quantizer_kwargs.codebook_size=1000000000000, {SAVED} (its quantizer.codebook.embed "
+        f"has shape [1, 16, 4], not [1, 1000000000000, 4])",
+    ),
+    "crafted-codebook-fits": (  # fits in memory: refused all the same, never allocated
+        recorded(quantizer_kwargs={"codebook_size": 4096}),
+        "config.json",
+        f"quantizer_kwargs.codebook_size=4096, {SAVED}",
+    ),
+    "crafted-quantizer": (
+        recorded(quantizer="rvq", quantizer_kwargs={"codebook_size": 16}),
+        "config.json",
+        "the model it describes does not fit model.safetensors (missing: quantizer.layers.0",
+    ),
+    "crafted-layers": (
+        recorded(quantizer="rvq", quantizer_kwargs={"num_quantizers": 10**6}),
+        "config.json",
+        "quantizer_kwargs.num_quantizers=1000000, allowed is at most 1024",
+    ),
 }
 
 
@@ -125,11 +156,19 @@ def good_model(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("good") / "m", classes=CLASSES)
 
 
-@pytest.fixture(params=list(MODEL_CASES), ids=list(MODEL_CASES))
-def damaged(request, good_model, tmp_path) -> tuple[Path, str, str]:
-    damage, named, fragment = MODEL_CASES[request.param]
+@pytest.fixture(scope="module")
+def good_vq_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = BottleneckClassifier(4, 3, "vq", hidden=8, bottleneck_dim=4, codebook_size=16)
+    return save_model(model, tmp_path_factory.mktemp("good-vq") / "m", classes=CLASSES)
+
+
+@pytest.fixture(params=[*MODEL_CASES, *VQ_CASES], ids=[*MODEL_CASES, *VQ_CASES])
+def damaged(request, good_model, good_vq_model, tmp_path) -> tuple[Path, str, str]:
+    vq = request.param in VQ_CASES
+    damage, named, fragment = (VQ_CASES if vq else MODEL_CASES)[request.param]
     d = tmp_path / "models" / "m"
-    shutil.copytree(good_model, d)
+    shutil.copytree(good_vq_model if vq else good_model, d)
     damage(d)
     return d, str(d / named) if named else str(d), fragment
 
@@ -335,3 +374,43 @@ def test_python_refuses_a_file_as_the_model_or_checkpoint_directory(tmp_path):
         save_model(model, existing, classes=CLASSES)
     assert existing.read_text() == "the user's own file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --- an --out on a read-only filesystem that already holds a model -------------------------
+
+
+@pytest.fixture(params=["simulated", "mounted"])
+def model_on_read_only_fs(request, good_model, tmp_path, monkeypatch) -> Path:
+    """``good_model`` copied to a filesystem that then turned read-only: simulated in this
+    process (any user), or a real tmpfs remounted read-only (root only, else skipped)."""
+    root = tmp_path / "fs"
+    with contextlib.ExitStack() as stack:
+        seal = stack.enter_context(mounted_tmpfs(root)) if request.param == "mounted" else None
+        shutil.copytree(good_model, root / "m")
+        if seal is None:
+            read_only(monkeypatch, root)
+        else:
+            seal()
+        yield root / "m"
+
+
+def test_train_into_a_read_only_model_directory_is_one_line_and_keeps_the_model(
+    model_on_read_only_fs,
+):
+    d = model_on_read_only_fs
+    before = listing(d)
+    result = cli("train", "--data", DATA, "--out", d, "--epochs", "1", "--quiet")
+    assert_user_error(result, f"stabq: error: {d}: cannot write there (Read-only file system)")
+    assert listing(d) == before
+    torch.manual_seed(0)
+    model = BottleneckClassifier(4, 3, "fsq", hidden=8, bottleneck_dim=4, levels=[3, 3])
+    data = (np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3)
+    config = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(CheckpointError) as info:
+        stabq.train(model, data, config=config, checkpoint_dir=d)
+    assert str(info.value).startswith(f"{d}: cannot write there (Read-only file system)")
+    with pytest.raises(ModelFileError) as info:
+        save_model(model, d, classes=CLASSES)
+    assert str(info.value) == f"{d}: cannot write the model there (Read-only file system)"
+    assert listing(d) == before
+    assert stabq.load(d).classes == CLASSES

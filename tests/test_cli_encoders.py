@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stabq.saving import read_config
 
 import stabq
 from bad_input import assert_user_error, cli, listing
-from stabq.saving import read_config
 
 pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 
@@ -89,16 +89,18 @@ def test_a_user_encoder_trains_through_the_cli_and_loads_in_a_fresh_process(proj
     assert config["model"]["input_shape"] == [40]
     elsewhere = project / "elsewhere"
     elsewhere.mkdir()
-    proc = stabq_process(
-        "evaluate", trained, "--data", "mnist1d", "--json", cwd=elsewhere, pythonpath=project
-    )
+    evaluate = ("evaluate", trained, "--data", "mnist1d", "--json")
+    proc = stabq_process(*evaluate, cwd=elsewhere, pythonpath=project)  # not this process's
+    one_line(proc, f"{trained}: its encoder is my_encoders:make", "pass --trust-encoder")
+    proc = stabq_process(*evaluate, "--trust-encoder", cwd=elsewhere, pythonpath=project)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     assert figures["rows"] == 1000 and 0.0 <= figures["accuracy"] <= 1.0
     codes = elsewhere / "codes.npy"
     proc = stabq_process(
-        "encode", trained, "--data", "mnist1d", "--out", codes, cwd=elsewhere, pythonpath=project
-    )
+        "encode", trained, "--data", "mnist1d", "--out", codes, "--trust-encoder",
+        cwd=elsewhere, pythonpath=project,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert np.load(codes).shape == (1000, 1)
 
@@ -106,7 +108,7 @@ def test_a_user_encoder_trains_through_the_cli_and_loads_in_a_fresh_process(proj
 def test_a_factory_that_cannot_be_imported_at_load_is_one_line(project, trained):
     elsewhere = project / "no-path"
     elsewhere.mkdir(exist_ok=True)
-    proc = stabq_process("evaluate", trained, "--data", "mnist1d", cwd=elsewhere)
+    proc = stabq_process("evaluate", trained, "--data", "mnist1d", "--trust-encoder", cwd=elsewhere)
     one_line(proc, str(trained), "cannot import 'my_encoders' (ModuleNotFoundError")
 
 
@@ -114,7 +116,10 @@ def test_a_factory_that_no_longer_fits_the_weights_is_one_line(project, trained,
     changed = tmp_path / "changed"
     changed.mkdir()
     (changed / "my_encoders.py").write_text(textwrap.dedent(FACTORY.format(width=4)))
-    proc = stabq_process("evaluate", trained, "--data", "mnist1d", cwd=tmp_path, pythonpath=changed)
+    proc = stabq_process(
+        "evaluate", trained, "--data", "mnist1d", "--trust-encoder", cwd=tmp_path,
+        pythonpath=changed,
+    )  # fmt: skip
     one_line(proc, str(trained), "the encoder that my_encoders:make builds no longer fits")
 
 

@@ -25,6 +25,7 @@ from stabq.errors import (
     ShapeError,
     StabqError,
     TrainingError,
+    UntrustedEncoderError,
 )
 from stabq.health.monitor import Alert, CollapseMonitor, CollapseWarning
 from stabq.health.usage import CodebookUsage
@@ -122,6 +123,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "UntrustedEncoderError",
     "VectorQuantizer",
     "__version__",
     "build_quantizer",

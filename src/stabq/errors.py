@@ -39,6 +39,29 @@ class ModelFileError(StabqError):
     """A saved model directory is missing, incomplete, altered or from a newer stabq."""
 
 
+class UntrustedEncoderError(ModelFileError):
+    """A model names a user's encoder factory, which loading it would import and run, and
+    nothing says to trust it (see :mod:`stabq.model.trust`).
+
+    ``where`` is the model directory (or ``--resume DIR``), ``reference`` the factory
+    (``package.module:factory``), ``how`` what grants trust: ``trust_encoder=True`` in
+    Python, ``--trust-encoder`` on the command line (:meth:`hinting` swaps it).
+    """
+
+    def __init__(
+        self, where: object, reference: str, how: str = "trust_encoder=True", doing: str = "loading"
+    ) -> None:
+        self.where, self.reference, self.how, self.doing = where, reference, how, doing
+        super().__init__(
+            f"{where}: its encoder is {reference}, a factory from outside stabq that {doing} "
+            f"it would import and run; if you trust where it came from, pass {how}"
+        )
+
+    def hinting(self, how: str) -> UntrustedEncoderError:
+        """The same refusal, naming ``how`` as what grants trust."""
+        return UntrustedEncoderError(self.where, self.reference, how, self.doing)
+
+
 class CheckpointError(StabqError):
     """A training checkpoint cannot be written, read, or resumed as asked."""
 

@@ -5,7 +5,9 @@
 and the directory is renamed over ``target`` (the previous one is put back if
 that rename fails). When the block raises, the temporary directory is removed
 and ``target`` is untouched. ``write_text`` fsyncs; ``write_npy`` and
-``write_chunks`` write a temporary file, fsync it and rename it over the target.
+``write_chunks`` write a temporary file, fsync it and rename it over the target;
+``AppendLog`` appends lines, each flushed. A failed write is one ``StabqError``
+naming the path, and no clean-up after a failure raises in its place.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def require_directory_path(
 
 
 def swap_into_place(tmp: Path, target: Path, error: type[StabqError] = StabqError) -> None:
-    """Rename directory ``tmp`` over ``target``; on failure the previous ``target`` stays."""
+    """Rename directory ``tmp`` over ``target``; on failure the previous ``target`` stays
+    (or, where it cannot be put back, the ``error`` says where it is kept whole)."""
     require_directory_path(target, error)
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -67,8 +70,15 @@ def swap_into_place(tmp: Path, target: Path, error: type[StabqError] = StabqErro
         os.rename(target, old)
         try:
             os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)  # put the previous one back
+        except BaseException as err:
+            try:
+                os.rename(old, target)  # put the previous one back
+            except OSError as undo:
+                reason = getattr(err, "strerror", None) or type(err).__name__
+                raise error(
+                    f"{target}: cannot replace it ({reason}), nor put the previous one back "
+                    f"({undo.strerror}): it is kept whole at {old}"
+                ) from None
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -105,6 +115,44 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class AppendLog:
+    """A text file of lines, each written and flushed at once (a run's ``metrics.jsonl``).
+
+    ``lines``: None appends to ``path``; a sequence replaces what it held with them first.
+    Opening or writing that fails (a read-only directory, a full disk) raises one ``error``
+    naming ``path``; :meth:`close` never raises, since every line was flushed when written,
+    so an error on its way out of a run is never replaced by the log's.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        error: type[StabqError] = StabqError,
+        what: str = "the lines",
+        lines: Iterable[str] | None = None,
+    ) -> None:
+        self.path, self.error, self.what = Path(path), error, what
+        try:
+            self._file = open(self.path, "a" if lines is None else "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as err:
+            raise error(f"{self.path}: cannot write {what} there ({err.strerror})") from None
+        for line in lines or ():
+            self.write(line)
+
+    def write(self, line: str) -> None:
+        """Append ``line`` and a newline, flushed."""
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise self.error(f"{self.path}: cannot write {self.what} ({err.strerror})") from None
+
+    def close(self) -> None:
+        """Close the file (quietly: nothing is left unwritten)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def write_npy(
@@ -152,8 +200,8 @@ def write_chunks(
         finally:
             os.close(fd)
     except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):  # gone, or a directory turned read-only: the
+            os.unlink(tmp)  # error to raise is the write's, not this cleanup's
         if isinstance(err, OSError):
             raise error(f"{path}: cannot write {what} ({err.strerror})") from None
         raise

@@ -37,6 +37,12 @@ ENCODER_HELP = (
     "or package.module:factory, a callable (input_shape, out_dim) -> torch.nn.Module."
 )
 EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP, metavar="ENCODER")]
+TRUST_HELP = (
+    "Load a model whose encoder is a user factory (package.module:factory): that module is "
+    "imported and run, so only for a model whose source you trust. Built-in encoders, and "
+    "models this same process saved, need no flag."
+)
+TrustOption = Annotated[bool, typer.Option("--trust-encoder", help=TRUST_HELP)]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")]
 DataOption = Annotated[
     str, typer.Option("--data", help=DATA_HELP, metavar="DATA", show_default=False)
@@ -81,6 +87,18 @@ def run_user_command(call: Callable[[], T], debug: bool = False) -> T:
         text = text if len(text) <= 1000 else text[:997] + "..."
         print(f"stabq: error: {text}", file=sys.stderr)
         raise typer.Exit(code=2) from None
+
+
+def load_model(directory: Path, trust_encoder: bool) -> Any:
+    """:func:`stabq.load` for a command: a refused user encoder names ``--trust-encoder``."""
+    from stabq.errors import UntrustedEncoderError
+    from stabq.model.saving import load
+    from stabq.model.trust import CLI_HINT
+
+    try:
+        return load(directory, trust_encoder=trust_encoder)
+    except UntrustedEncoderError as err:
+        raise err.hinting(CLI_HINT) from None
 
 
 def parse_options(pairs: list[str], example: str = "levels=[8,5,5,5]") -> dict[str, Any]:

@@ -13,7 +13,9 @@ from stabq.cli.app import (
     DataOption,
     DebugOption,
     PartOption,
+    TrustOption,
     app,
+    load_model,
     run_user_command,
 )
 from stabq.errors import ConfigError
@@ -26,19 +28,22 @@ def evaluate(
     data: DataOption,
     part: PartOption = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    trust_encoder: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Accuracy, loss and codebook health of a saved model on DATA."""
+    """Accuracy, loss and codebook health of a saved model on DATA.
+
+    A model whose encoder is a user factory loads only with --trust-encoder.
+    """
 
     def run() -> dict[str, Any]:
         import torch
 
         from stabq.data.load import load_data
-        from stabq.model.saving import load
         from stabq.training import evaluate_model
         from stabq.training.batches import on_device
 
-        model = load(model_dir)
+        model = load_model(model_dir, trust_encoder)
         dataset = load_data(data, part, classes=model.classes)
         _check_features(dataset, model, model_dir)
         figures = evaluate_model(model, on_device(dataset.x, "cpu"), torch.from_numpy(dataset.y))
@@ -71,9 +76,13 @@ def encode(
     data: DataOption,
     out: Annotated[Path, typer.Option(help="Where to write the codes (.npy).", show_default=False)],
     part: PartOption = "test",
+    trust_encoder: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Write the discrete codes of DATA: int64 .npy, one row per input, one column per codebook."""
+    """Write the discrete codes of DATA: int64 .npy, one row per input, one column per codebook.
+
+    A model whose encoder is a user factory loads only with --trust-encoder.
+    """
 
     def run() -> tuple[int, int]:
         import numpy as np
@@ -81,9 +90,8 @@ def encode(
 
         from stabq.data.load import load_data
         from stabq.data.rows import Rows
-        from stabq.model.saving import load
 
-        model = load(model_dir)
+        model = load_model(model_dir, trust_encoder)
         if not model.quantizer.quantization_enabled or model.quantizer.codebook_size == 0:
             raise ConfigError(f"{model_dir}: a continuous model (quantizer 'none') has no codes")
         dataset = load_data(data, part)

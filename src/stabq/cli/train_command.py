@@ -16,6 +16,7 @@ from stabq.cli.app import (
     TensorBoardOption,
     _under_torchrun,
     app,
+    load_model,
     parse_options,
     run_user_command,
 )
@@ -87,13 +88,24 @@ def train(
             show_default=False,
         ),
     ] = None,
+    trust_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--trust-encoder",
+            help="With --init-from or --resume: allow a model or run whose encoder is a user "
+            "factory (package.module:factory); that module is imported and run, so only for "
+            "one whose source you trust. Runs this same process started need no flag.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train a classifier with a discrete bottleneck and save it to OUT.
 
     A checkpoint in OUT after every epoch lets --resume OUT finish a killed run
-    (and continue its --tensorboard events, with no epoch twice).
+    (and continue its --tensorboard events, with no epoch twice). A model given to
+    --init-from, or a run to --resume, whose encoder is a user factory needs
+    --trust-encoder (not for a run this same process started).
 
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
     (on N processes: torchrun --nproc_per_node=N -m stabq train ...; rank 0 writes OUT)
@@ -106,7 +118,7 @@ def train(
                 ctx=ctx, param_hint=f"'{name}'", param_type="option"
             )
     if resume is not None:
-        given = run_user_command(lambda: _resumed_options(ctx, resume, given), debug)
+        given = run_user_command(lambda: _resumed_options(ctx, resume, given, trust_encoder), debug)
         (data, out, quantizer, option, val_data, epochs, batch_size, lr, seed, hidden,
          bottleneck_dim, two_stage, stage1_epochs, freeze_projector, ramp_epochs, init_from,
          guards, encoder) = given.values()  # fmt: skip
@@ -120,7 +132,8 @@ def train(
         from stabq.integrations import tensorboard as board
         from stabq.model.classifier import BottleneckClassifier
         from stabq.model.encoders import check_encoder, check_input_shape
-        from stabq.model.saving import load, save_model
+        from stabq.model.saving import save_model
+        from stabq.model.trust import remember_run
         from stabq.training import TrainConfig
         from stabq.training import train as train_model
 
@@ -153,8 +166,9 @@ def train(
             encoder=encoder,
             **options,
         )
+        remember_run(out, encoder)  # a later --resume OUT in this process needs no flag
         if init_from is not None and resume is None:
-            model.take_continuous_weights(load(init_from))
+            model.take_continuous_weights(load_model(init_from, trust_encoder))
         recorded = {**given, "tensorboard": log_dir.resolve() if log_dir else None}
         with board.epoch_writer(log_dir, history) as on_epoch:
             result = train_model(
@@ -179,8 +193,12 @@ def train(
     run_user_command(lambda: _under_torchrun(run), debug)
 
 
-def _resumed_options(ctx: typer.Context, resume: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """The options the run in ``resume`` was started with; any typed again must agree."""
+def _resumed_options(
+    ctx: typer.Context, resume: Path, given: dict[str, Any], trust_encoder: bool
+) -> dict[str, Any]:
+    """The options the run in ``resume`` was started with; any typed again must agree, and
+    a user factory as its encoder needs ``--trust-encoder`` (or a run of this process)."""
+    from stabq.model.trust import CLI_HINT, require_trusted, run_started_here
     from stabq.training.resume import resume_arguments
 
     def typed_in(name: str) -> bool:  # not left at its default
@@ -190,6 +208,10 @@ def _resumed_options(ctx: typer.Context, resume: Path, given: dict[str, Any]) ->
     recorded = resume_arguments(resume, typed)
     # a run recorded before --encoder existed used the MLP
     values = {k: recorded.get(k, "mlp") if k == "encoder" else recorded[k] for k in RUN_OPTIONS}
+    trusted = trust_encoder or run_started_here(resume, values["encoder"])
+    require_trusted(
+        values["encoder"], f"--resume {resume}", trusted=trusted, how=CLI_HINT, doing="resuming"
+    )
     values["out"] = resume
     values["init_from"] = None if values["init_from"] is None else Path(values["init_from"])
     return values

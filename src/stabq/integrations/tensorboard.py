@@ -23,6 +23,7 @@ Usage from Python (``tensorboard`` is imported only here, when a writer opens)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from stabq import distributed
-from stabq.errors import ConfigError
+from stabq.errors import ConfigError, StabqError
 from stabq.files import require_directory_path
 
 OPTION = "--tensorboard"
@@ -190,14 +191,21 @@ class TensorBoardWriter:
     __call__ = write
 
     def close(self) -> None:
-        """Flush and close the event file."""
-        self._writer.close()
+        """Flush and close the event file (an OSError is a one-line ConfigError)."""
+        try:
+            self._writer.close()
+        except OSError as err:
+            raise _cannot_write(self.log_dir, err) from None
 
     def __enter__(self) -> TensorBoardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(StabqError):  # the block's own error is the one to raise
+            self.close()
 
 
 @contextmanager

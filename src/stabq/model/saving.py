@@ -9,8 +9,15 @@ of ``config.json``, so an altered file is refused at load.
 
 A user's encoder is saved by its factory reference (``package.module:factory``):
 its weights go to the safetensors file with the rest, and :func:`load` imports
-the factory again and rebuilds it. Format 1 is a model with the MLP encoder (as
+the factory again and rebuilds it, which runs code the model directory names:
+only with ``trust_encoder=True`` (``--trust-encoder``), or for a model this very
+process saved (:mod:`stabq.model.trust`). Format 1 is a model with the MLP encoder (as
 every model was before encoders), format 2 one with another encoder.
+
+Before building anything, :func:`load` checks every size in ``config.json``
+against the shapes the weights' safetensors header declares
+(:mod:`stabq.model.weights_check`): a crafted config cannot make it allocate more than
+the weights hold.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from stabq.errors import ConfigError, ModelFileError, StabqError, is_int
 from stabq.files import atomic_directory, fsync_file, write_text
 from stabq.model.classifier import BottleneckClassifier
 from stabq.model.encoders import is_reference
+from stabq.model.trust import remember_saved, require_trusted, saved_here
+from stabq.model.weights_check import check_fits_weights
 
 FORMAT = "stabq-model"
 FORMAT_VERSION = 2  # the newest this stabq reads; an MLP model is still written as 1
@@ -63,7 +72,11 @@ def save_model(
     history: list[dict[str, Any]] | None = None,
     train_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically (replacing an earlier model there)."""
+    """Write ``model`` to ``directory`` atomically (replacing an earlier model there).
+
+    This process remembers, in memory only, that it wrote this ``config.json`` there:
+    :func:`load` of it needs no ``trust_encoder``, even for a user's factory encoder.
+    """
     target = Path(directory)
     if len(classes) != model.num_classes:
         raise StabqError(f"{len(classes)} class names for a model of {model.num_classes} classes")
@@ -94,15 +107,21 @@ def save_model(
             "train_config": train_config or {},
         }
         write_text(tmp / CONFIG, json.dumps(config, indent=2))
+        written = (tmp / CONFIG).read_bytes()
         if history:
             write_text(tmp / METRICS, "".join(json.dumps(row) + "\n" for row in history))
             plot_history(history, tmp / PLOT, title=f"{model.arch['quantizer']}")
+    remember_saved(target, written)  # this process may load it back without trust_encoder
     return target
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The checked ``config.json`` of a model directory."""
-    directory = Path(directory)
+    return _read_config(Path(directory))[0]
+
+
+def _read_config(directory: Path) -> tuple[dict[str, Any], bytes]:
+    """The checked ``config.json`` of ``directory``, and the very bytes it was parsed from."""
     path = directory / CONFIG
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "no such model directory"
@@ -115,7 +134,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             )
         raise ModelFileError(f"{directory}: not a stabq model ({CONFIG} is missing)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        config = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
         detail = "nested too deeply" if isinstance(err, RecursionError) else err
         raise ModelFileError(f"{path}: unreadable ({detail})") from None
@@ -129,13 +149,83 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{path}: written by stabq {config.get('stabq_version', '?')} (model format "
             f"{version}); this stabq {_version()} reads format {FORMAT_VERSION}: upgrade stabq"
         )
-    return config
+    return config, raw
 
 
-def load(directory: str | Path) -> BottleneckClassifier:
-    """Rebuild a saved model (in eval mode); its class names are ``model.classes``."""
+def load(directory: str | Path, *, trust_encoder: bool = False) -> BottleneckClassifier:
+    """Rebuild a saved model (in eval mode); its class names are ``model.classes``.
+
+    Args:
+        directory: a model directory written by :func:`save_model` or ``stabq train``.
+        trust_encoder: allow a model whose encoder is a user factory
+            (``package.module:factory``): loading imports that module and runs it, so
+            pass True only for a model from a source you trust. Not needed for the
+            built-in encoders, nor for a model this process saved itself
+            (:mod:`stabq.model.trust`).
+
+    Before any module is built, the sizes in ``config.json`` are checked against the
+    tensor shapes the weights' header declares (:mod:`stabq.model.weights_check`), so a
+    crafted config cannot make it allocate what the weights do not hold.
+
+    Raises:
+        UntrustedEncoderError: a user factory and neither ``trust_encoder`` nor this
+            process's own save; raised before anything is imported.
+        ModelFileError: a missing, altered, inconsistent or newer model.
+
+    Example::
+
+        model = stabq.load("runs/fsq")
+        logits, out = model(x)
+    """
     directory = Path(directory)
-    config = read_config(directory)
+    config, raw = _read_config(directory)
+    section = _checked_section(directory, config)
+    require_trusted(
+        section["model"].get("encoder"),
+        directory,
+        trusted=trust_encoder or saved_here(directory, raw),
+    )
+    weights = directory / WEIGHTS
+    try:
+        check_fits_weights(directory / CONFIG, weights, section["model"])
+        classes, num_classes = section["classes"], section["model"].get("num_classes")
+        if len(classes) != num_classes:
+            raise ModelFileError(
+                f"{directory / CONFIG}: {len(classes)} class names for {num_classes} classes"
+            )
+        model = BottleneckClassifier.from_config(section["model"])
+        _load_weights(model, weights, section["model"].get("encoder"))
+    except ModelFileError:
+        raise
+    except (
+        KeyError, ValueError, TypeError, RuntimeError, SafetensorError, StabqError, OSError
+    ) as err:  # fmt: skip
+        detail = " ".join(str(err).split())  # torch's state-dict errors span many lines
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise ModelFileError(f"{directory}: cannot rebuild the model ({detail})") from None
+    model.classes = list(classes)
+    model.eval()
+    return model
+
+
+def _load_weights(model: BottleneckClassifier, weights: Path, encoder: object) -> None:
+    """Load ``weights`` into ``model``; a user's factory that now builds other shapes is
+    named (the shapes of the rest were checked against the header already)."""
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        if not is_reference(encoder):
+            raise
+        detail = " ".join(str(err).split())
+        raise ModelFileError(
+            f"{weights.parent}: the encoder that {encoder} builds no longer fits the saved "
+            f"weights ({detail[:300]})"
+        ) from None
+
+
+def _checked_section(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The model section of ``config``, once the weights' checksum, the digest of the
+    section the weights record and the section's own form have been checked."""
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise ModelFileError(f"{directory}: {WEIGHTS} is missing")
@@ -145,41 +235,17 @@ def load(directory: str | Path) -> BottleneckClassifier:
         section = {k: config[k] for k in ("model", "classes", "feature_mean", "feature_std")}
         with safe_open(str(weights), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("config_sha256") != _model_digest(section):
-            raise ModelFileError(f"{directory / CONFIG}: altered (does not match the weights)")
-        classes = section["classes"]
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            raise ModelFileError(f"{directory / CONFIG}: classes must be a list of names")
-        if not isinstance(section["model"], dict):
-            raise ModelFileError(f"{directory / CONFIG}: model must be a mapping")
-        model = BottleneckClassifier.from_config(section["model"])
-        if len(classes) != model.num_classes:
-            raise ModelFileError(
-                f"{directory / CONFIG}: {len(classes)} class names for {model.num_classes} classes"
-            )
-        state = load_file(str(weights))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            encoder = section["model"].get("encoder")
-            if not is_reference(encoder):
-                raise
-            detail = " ".join(str(err).split())
-            raise ModelFileError(
-                f"{directory}: the encoder that {encoder} builds no longer fits the saved "
-                f"weights ({detail[:300]})"
-            ) from None
-    except ModelFileError:
-        raise
-    except (
-        KeyError, ValueError, TypeError, RuntimeError, SafetensorError, StabqError, OSError
-    ) as err:  # fmt: skip
-        detail = " ".join(str(err).split())  # torch's state-dict errors span many lines
-        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    except (KeyError, SafetensorError, OSError) as err:
+        detail = " ".join(str(err).split())[:300]
         raise ModelFileError(f"{directory}: cannot rebuild the model ({detail})") from None
-    model.classes = list(section["classes"])
-    model.eval()
-    return model
+    if meta.get("config_sha256") != _model_digest(section):
+        raise ModelFileError(f"{directory / CONFIG}: altered (does not match the weights)")
+    classes = section["classes"]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ModelFileError(f"{directory / CONFIG}: classes must be a list of names")
+    if not isinstance(section["model"], dict):
+        raise ModelFileError(f"{directory / CONFIG}: model must be a mapping")
+    return section
 
 
 def load_history(directory: str | Path) -> list[dict[str, Any]]:

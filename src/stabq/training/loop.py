@@ -27,10 +27,10 @@ from stabq.data.labeled import (
     require_fit,
     train_val_split,
     with_classes,
-)
+)  # fmt: skip
 from stabq.data.rows import scan
-from stabq.errors import StabqError, TrainingError
-from stabq.files import write_text
+from stabq.errors import ConfigError, StabqError, TrainingError
+from stabq.files import AppendLog
 from stabq.health.monitor import CollapseMonitor
 from stabq.model.classifier import BottleneckClassifier
 from stabq.training.batches import as_labeled_data, on_device
@@ -150,12 +150,11 @@ def train(
             _freeze_projector(model, config)
             optimizer = _rebuild_optimizer(model, config, guard)
         result.history = state.restore(model, optimizer, guard, gen)
-        if metrics_path and main:
-            write_text(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in result.history))
     started = time.perf_counter() - (state.seconds if state else 0.0)
-    if saver and main and state is None:
-        saver.save(0, model, optimizer, guard, gen, [], run_info)
-    log = open(metrics_path, "a", encoding="utf-8") if metrics_path and main else None  # noqa: SIM115
+    log = None  # a resumed run's log starts again from the history restored
+    if metrics_path and main:
+        lines = [json.dumps(r) for r in result.history] if state is not None else None
+        log = AppendLog(metrics_path, ConfigError, "the metrics", lines)
     bar = tqdm(
         range(start, config.epochs),
         initial=start,
@@ -166,6 +165,8 @@ def train(
         leave=False,
     )
     try:
+        if saver and main and state is None:
+            saver.save(0, model, optimizer, guard, gen, [], run_info)
         for epoch in bar:
             if config.two_stage and epoch == plan.stage1:
                 _enter_stage2(model, x, config)
@@ -196,8 +197,7 @@ def train(
             )
             result.history.append(row)
             if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log.write(json.dumps(row))
             if saver and main:
                 saver.save(epoch + 1, model, optimizer, guard, gen, result.history, run_info)
             if on_epoch is not None:

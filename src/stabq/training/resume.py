@@ -96,8 +96,14 @@ class Checkpointer:
         return cls(directory, expected, state)
 
     def discard(self) -> None:
-        """Delete the checkpoint (and the directory, if this run made it and it is empty)."""
-        checkpoint_path(self.directory).unlink(missing_ok=True)
+        """Delete the checkpoint (and the directory, if this run made it and it is empty).
+
+        It runs while another error is on its way to the user (a failed first write, a
+        run that diverged): a directory that cannot be changed (read-only, no permission)
+        keeps what it holds, and the error that is on its way stays the one raised.
+        """
+        with contextlib.suppress(OSError):
+            checkpoint_path(self.directory).unlink(missing_ok=True)
         remove_strays(self.directory)
         if self.created:
             with contextlib.suppress(OSError):
@@ -113,17 +119,28 @@ class Checkpointer:
         history: list[dict[str, Any]],
         run_info: dict[str, Any] | None,
     ) -> Path:
-        """Write the state after ``epoch`` epochs (a failed first write leaves nothing)."""
+        """Write the state after ``epoch`` epochs (a failed first write leaves nothing).
+
+        The first write of a fresh run is where a directory that cannot be written shows:
+        its CheckpointError names the directory and the reason (``Read-only file system``).
+        """
         try:
             return save_checkpoint(
                 self.directory, epoch=epoch, model=model, optimizer=optimizer, guard=guard,
                 generator=generator, history=history, fingerprint=self.fingerprint,
                 run_info=run_info, seconds=time.perf_counter() - self.started,
             )  # fmt: skip
-        except CheckpointError:
-            if self.resumed is None and epoch == 0:
-                self.discard()
-            raise
+        except CheckpointError as err:
+            if self.resumed is not None or epoch != 0:
+                raise
+            self.discard()
+            reason = getattr(err.__context__, "strerror", None)  # the OSError behind it
+            if not reason:
+                raise
+            raise CheckpointError(
+                f"{self.directory}: cannot write there ({reason}); the run's checkpoints and "
+                f"its model go to this directory: give one that can be written"
+            ) from None
 
 
 def _flag(name: str) -> str:
