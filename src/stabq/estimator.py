@@ -30,6 +30,7 @@ from stabq.errors import ConfigError, DataError
 from stabq.model.classifier import BottleneckClassifier
 from stabq.quantizers.base import Identity
 from stabq.training import TrainConfig, train
+from stabq.training.evaluation import forward_chunks
 
 INFERENCE_CHUNK = 8192  # rows per forward pass at prediction
 MIN_ROWS_TO_SPLIT = 10  # fewer rows (or a class of one row): validate on the training data
@@ -181,15 +182,8 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         check_is_fitted(self)
         X = self._validate(X, fit=False, dtype=np.float64)
         model = copy.deepcopy(self.model_).double().eval()
-        device = model.feature_mean.device
-        outputs = []
-        for start in range(0, X.shape[0], INFERENCE_CHUNK):
-            x = torch.tensor(X[start : start + INFERENCE_CHUNK], device=device)  # a copy
-            if codes:
-                outputs.append(model.quantizer(model.features(x)).indices)
-            else:
-                outputs.append(model(x)[0])
-        return torch.cat(outputs)
+        chunks = forward_chunks(model, torch.from_numpy(X), INFERENCE_CHUNK)  # on its device
+        return torch.cat([out.indices if codes else logits for logits, out in chunks])
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n, n_classes)`` float64; for 2 classes ``(n,)``: the margin of ``classes_[1]``

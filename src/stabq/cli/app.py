@@ -119,7 +119,7 @@ def parse_options(pairs: list[str], example: str = "levels=[8,5,5,5]") -> dict[s
 # the options of `stabq train` a checkpoint records, so that --resume DIR can repeat them
 
 
-def _under_torchrun(call: Callable[[], T]) -> T:
+def under_torchrun(call: Callable[[], T]) -> T:
     """Run ``call`` inside the process group torchrun's environment describes, if any."""
     from stabq.distributed import process_group_from_env
 

@@ -12,10 +12,10 @@ from stabq.cli.app import (
     DebugOption,
     EncoderOption,
     TensorBoardOption,
-    _under_torchrun,
     app,
     parse_options,
     run_user_command,
+    under_torchrun,
 )
 from stabq.cli.progress import RunProgress
 from stabq.errors import ConfigError
@@ -94,6 +94,7 @@ def compare_command(
     --tensorboard DIR writes one TensorBoard run per method and seed: DIR/METHOD/seed-K.
     When the output is not a terminal, each run prints one progress line instead of bars.
     """
+    # long: typer reads the options from this signature, one declaration each
     from stabq.distributed import is_main
 
     def run():
@@ -119,7 +120,7 @@ def compare_command(
             write_comparison(result, out)
         return result, is_main()
 
-    result, main = run_user_command(lambda: _under_torchrun(run), debug)
+    result, main = run_user_command(lambda: under_torchrun(run), debug)
     if not main:
         return
     from stabq.compare.report import format_table

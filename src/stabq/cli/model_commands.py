@@ -89,16 +89,16 @@ def encode(
         import torch
 
         from stabq.data.load import load_data
-        from stabq.data.rows import Rows
+        from stabq.training.batches import on_device
+        from stabq.training.evaluation import forward_chunks
 
         model = load_model(model_dir, trust_encoder)
         if not model.quantizer.quantization_enabled or model.quantizer.codebook_size == 0:
             raise ConfigError(f"{model_dir}: a continuous model (quantizer 'none') has no codes")
         dataset = load_data(data, part)
         _check_features(dataset, model, model_dir)
-        with torch.no_grad():  # a memory-mapped file: its rows in chunks
-            chunks = dataset.x.chunks() if isinstance(dataset.x, Rows) else [dataset.x]
-            indices = [model(torch.from_numpy(x))[1].indices for x in chunks]
+        rows = on_device(dataset.x, "cpu")  # a memory-mapped file: read chunk by chunk
+        indices = [out.indices.cpu() for _, out in forward_chunks(model, rows)]
         codes = torch.cat(indices).reshape(len(dataset.y), -1).numpy().astype(np.int64)
         _save_npy(out, codes)
         return codes.shape

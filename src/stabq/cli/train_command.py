@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,20 +15,43 @@ from stabq.cli.app import (
     DebugOption,
     EncoderOption,
     TensorBoardOption,
-    _under_torchrun,
     app,
     load_model,
     parse_options,
     run_user_command,
+    under_torchrun,
 )
 from stabq.quantizers.registry import preset_names
 
 REQUIRED = "  [required unless --resume]"
-RUN_OPTIONS = (
-    "data", "out", "quantizer", "option", "val_data", "epochs", "batch_size", "lr", "seed",
-    "hidden", "bottleneck_dim", "two_stage", "stage1_epochs", "freeze_projector",
-    "ramp_epochs", "init_from", "guards", "encoder",
-)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The options of a ``stabq train`` run that its checkpoint records (``--resume`` repeats
+    them), passed by name from the command line to the run."""
+
+    data: str
+    out: Path
+    quantizer: str
+    option: list[str] | None
+    val_data: str | None
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    hidden: int
+    bottleneck_dim: int
+    two_stage: bool
+    stage1_epochs: int | None
+    freeze_projector: bool
+    ramp_epochs: int
+    init_from: Path | None
+    guards: bool
+    encoder: str
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(TrainOptions))
 
 
 @app.command(short_help="Train a classifier with a discrete bottleneck; save it.")
@@ -110,6 +134,7 @@ def train(
     Example: stabq train --data mnist1d --quantizer fsq --out runs/fsq
     (on N processes: torchrun --nproc_per_node=N -m stabq train ...; rank 0 writes OUT)
     """
+    # long: typer reads the options from this signature, one declaration each
     given = {k: v for k, v in locals().items() if k in RUN_OPTIONS}
     for name, value in (("--data", data), ("--out", out)):
         if value is None and resume is None:  # the usage error a required option gives
@@ -119,78 +144,97 @@ def train(
             )
     if resume is not None:
         given = run_user_command(lambda: _resumed_options(ctx, resume, given, trust_encoder), debug)
-        (data, out, quantizer, option, val_data, epochs, batch_size, lr, seed, hidden,
-         bottleneck_dim, two_stage, stage1_epochs, freeze_projector, ramp_epochs, init_from,
-         guards, encoder) = given.values()  # fmt: skip
+    options = TrainOptions(**given)
+    place = {"device": device, "quiet": quiet, "tensorboard": tensorboard, "resume": resume}
 
     def run() -> None:
-        import torch
+        _train(options, trust_encoder=trust_encoder, **place)
 
-        from stabq import distributed
-        from stabq.data.labeled import require_classes
-        from stabq.data.load import load_data
-        from stabq.integrations import tensorboard as board
-        from stabq.model.classifier import BottleneckClassifier
-        from stabq.model.encoders import check_encoder, check_input_shape
-        from stabq.model.saving import save_model
-        from stabq.model.trust import remember_run
-        from stabq.training import TrainConfig
-        from stabq.training import train as train_model
+    run_user_command(lambda: under_torchrun(run), debug)
 
-        config = TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            guards=guards,
-            two_stage=two_stage or init_from is not None,
-            stage1_epochs=0 if init_from is not None else stage1_epochs,
-            freeze_projector=freeze_projector,
-            ramp_epochs=ramp_epochs,
-            progress=None if not quiet else False,
+
+def _config(options: TrainOptions, device: str, quiet: bool) -> Any:
+    """The :class:`~stabq.TrainConfig` of ``options`` (``--init-from`` starts at stage 2)."""
+    from stabq.training import TrainConfig
+
+    seeded = options.init_from is not None
+    return TrainConfig(
+        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+        device=device, guards=options.guards, two_stage=options.two_stage or seeded,
+        stage1_epochs=0 if seeded else options.stage1_epochs,
+        freeze_projector=options.freeze_projector, ramp_epochs=options.ramp_epochs,
+        progress=None if not quiet else False,
+    )  # fmt: skip
+
+
+def _model(options: TrainOptions, train_set: Any, trust_encoder: bool, resume: Any) -> Any:
+    """The untrained classifier ``options`` describe for ``train_set`` (with ``--init-from``,
+    the continuous model's weights in it)."""
+    import torch
+
+    from stabq.model.classifier import BottleneckClassifier
+    from stabq.model.encoders import check_encoder, check_input_shape
+    from stabq.model.trust import remember_run
+
+    check_encoder(options.encoder)
+    check_input_shape(options.encoder, train_set.input_shape, train_set.source)
+    torch.manual_seed(options.seed)
+    model = BottleneckClassifier(
+        train_set.input_shape, train_set.num_classes, quantizer=options.quantizer,
+        hidden=options.hidden, bottleneck_dim=options.bottleneck_dim, encoder=options.encoder,
+        **parse_options(options.option or []),
+    )  # fmt: skip
+    remember_run(options.out, options.encoder)  # a later --resume OUT here needs no flag
+    if options.init_from is not None and resume is None:
+        model.take_continuous_weights(load_model(options.init_from, trust_encoder))
+    return model
+
+
+def _train(
+    options: TrainOptions,
+    *,
+    device: str,
+    quiet: bool,
+    tensorboard: Path | None,
+    resume: Path | None,
+    trust_encoder: bool,
+) -> None:
+    """Train the run ``options`` describe, save it to ``options.out`` and say how it ended."""
+    from stabq import distributed
+    from stabq.data.labeled import require_classes
+    from stabq.data.load import load_data
+    from stabq.integrations import tensorboard as board
+    from stabq.model.saving import save_model
+    from stabq.training import train as train_model
+
+    config = _config(options, device, quiet)
+    parse_options(options.option or [])  # a malformed KEY=VALUE before any data is read
+    log_dir, history = board.for_train_run(tensorboard, options.out, resume)
+    train_set = require_classes(load_data(options.data, "train"))
+    val_set = None
+    if options.val_data:
+        val_set = load_data(options.val_data, "test", classes=train_set.classes)
+    model = _model(options, train_set, trust_encoder, resume)
+    recorded = {**asdict(options), "tensorboard": log_dir.resolve() if log_dir else None}
+    with board.epoch_writer(log_dir, history) as on_epoch:
+        result = train_model(
+            model, train_set, val_set, config, fit_feature_stats=options.init_from is None,
+            checkpoint_dir=options.out, resume=resume is not None, on_epoch=on_epoch,
+            run_info={"cli": json.loads(json.dumps(recorded, default=str))},
+        )  # fmt: skip
+    if distributed.is_main():
+        save_model(
+            model, options.out, classes=train_set.classes, history=result.history,
+            train_config=config.to_dict(),
+        )  # fmt: skip
+    distributed.barrier()  # every rank leaves together, after rank 0 has saved
+    if not quiet and distributed.is_main():
+        last = result.final
+        typer.echo(
+            f"{options.quantizer}: val accuracy {last['val_accuracy']:.4f}, "
+            f"fill {last['fill']:.3f}, perplexity {last['perplexity']:.1f}, "
+            f"{len(result.guard_events)} guard events, {result.seconds:.1f} s -> {options.out}"
         )
-        options = parse_options(option or [])
-        log_dir, history = board.for_train_run(tensorboard, out, resume)
-        train_set = require_classes(load_data(data, "train"))
-        val_set = load_data(val_data, "test", classes=train_set.classes) if val_data else None
-        check_encoder(encoder)
-        check_input_shape(encoder, train_set.input_shape, train_set.source)
-        torch.manual_seed(seed)
-        model = BottleneckClassifier(
-            train_set.input_shape,
-            train_set.num_classes,
-            quantizer=quantizer,
-            hidden=hidden,
-            bottleneck_dim=bottleneck_dim,
-            encoder=encoder,
-            **options,
-        )
-        remember_run(out, encoder)  # a later --resume OUT in this process needs no flag
-        if init_from is not None and resume is None:
-            model.take_continuous_weights(load_model(init_from, trust_encoder))
-        recorded = {**given, "tensorboard": log_dir.resolve() if log_dir else None}
-        with board.epoch_writer(log_dir, history) as on_epoch:
-            result = train_model(
-                model, train_set, val_set, config, fit_feature_stats=init_from is None,
-                checkpoint_dir=out, resume=resume is not None, on_epoch=on_epoch,
-                run_info={"cli": json.loads(json.dumps(recorded, default=str))},
-            )  # fmt: skip
-        if distributed.is_main():
-            save_model(
-                model, out, classes=train_set.classes, history=result.history,
-                train_config=config.to_dict(),
-            )  # fmt: skip
-        distributed.barrier()  # every rank leaves together, after rank 0 has saved
-        if not quiet and distributed.is_main():
-            last = result.final
-            typer.echo(
-                f"{quantizer}: val accuracy {last['val_accuracy']:.4f}, fill {last['fill']:.3f}, "
-                f"perplexity {last['perplexity']:.1f}, {len(result.guard_events)} guard events, "
-                f"{result.seconds:.1f} s -> {out}"
-            )
-
-    run_user_command(lambda: _under_torchrun(run), debug)
 
 
 def _resumed_options(

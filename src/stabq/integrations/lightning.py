@@ -38,7 +38,7 @@ from stabq.health.monitor import CollapseMonitor
 from stabq.health.probe import read_output
 from stabq.health.usage import CodebookUsage
 from stabq.quantizers.base import Quantizer
-from stabq.training.guard import StabilityGuard, _grad_norm, _largest_row_norm
+from stabq.training.guard import StabilityGuard, grad_norm, largest_row_norm
 
 try:
     import lightning.pytorch as pl
@@ -244,7 +244,7 @@ class GuardCallback(pl.Callback):
     @torch.compiler.disable  # a compiled module would compile its hooks too: keep eager
     def _feature_norm(self, module: nn.Module, args: tuple) -> None:
         if module.training and args and isinstance(args[0], Tensor):
-            self._norm = max(self._norm, _largest_row_norm(args[0]))
+            self._norm = max(self._norm, largest_row_norm(args[0]))
 
     def _scale_rates(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._rates = [group["lr"] for group in optimizer.param_groups]
@@ -267,7 +267,7 @@ class GuardCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         if self._reason is None and self.guard.enabled:
-            norm = _grad_norm(pl_module)
+            norm = grad_norm(pl_module)
             if not bool(torch.isfinite(norm)):
                 self._reason = f"gradient norm is {float(norm)}"
         if self._reason is not None:  # the optimiser steps over no gradient: nothing changes

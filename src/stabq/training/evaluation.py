@@ -3,7 +3,7 @@
 ``forward_chunks`` is the one eval-mode pass of a model over rows, chunk by chunk on
 the model's own device (rows in memory, on any device, or read from a file);
 ``evaluate_model`` gives loss, accuracy and codebook health from it;
-``_reference_figures`` the untrained model's figures that the guard starts from.
+``reference_figures`` the untrained model's figures that the guard starts from.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ HEALTH_FIGURES = ("usage", "fill", "codes_used", "perplexity", "dead_codes", "en
 
 
 @torch.no_grad()
-def _reference_figures(
+def reference_figures(
     model: BottleneckClassifier,
     x: Features,
     y: torch.Tensor,
@@ -134,7 +134,7 @@ def _reference_figures(
     return loss, norm, _input_norm(model, x), val_loss, chance
 
 
-def _standardized(model: BottleneckClassifier, x: torch.Tensor) -> torch.Tensor:
+def standardized(model: BottleneckClassifier, x: torch.Tensor) -> torch.Tensor:
     """The batch as the model sees it (the guard compares these rows' norms)."""
     return (x - model.feature_mean) / model.feature_std
 
@@ -143,4 +143,4 @@ def _input_norm(model: BottleneckClassifier, x: torch.Tensor) -> float:
     """The largest row norm of the standardised batch (inf or nan when it is not finite)."""
     if not x.numel():
         return 0.0
-    return float(_standardized(model, x).flatten(1).norm(dim=1).max())
+    return float(standardized(model, x).flatten(1).norm(dim=1).max())

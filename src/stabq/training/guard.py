@@ -52,7 +52,7 @@ from stabq.training.best_epoch import BestEpoch
 GROWTH_STEPS = 10  # features 100x their smallest norm of the last 10 steps are exploding
 
 
-def _largest_row_norm(x: torch.Tensor) -> float:
+def largest_row_norm(x: torch.Tensor) -> float:
     """The largest row norm of ``x`` (rows along dim 0, or the last dim for features)."""
     if not x.numel():
         return 0.0
@@ -63,7 +63,7 @@ def _largest_row_norm(x: torch.Tensor) -> float:
     )
 
 
-def _grad_norm(model: nn.Module) -> torch.Tensor:
+def grad_norm(model: nn.Module) -> torch.Tensor:
     """The 2-norm of all of ``model``'s gradients together (0 when there are none)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
@@ -82,6 +82,20 @@ class StabilityGuard(BestEpoch):
     the place of ``optimizer.step()``. ``grad_clip`` (None: no clipping) clips the
     gradient norm before each step. The rest are the thresholds described above.
     """
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any
+    ) -> StabilityGuard:
+        """The guard a :class:`~stabq.TrainConfig` describes: ``guards`` (on or off),
+        ``spike_factor``, ``feature_spike_factor``, ``guard_window``, ``max_recoveries``,
+        ``lr_backoff`` and ``grad_clip``."""
+        return cls(
+            model, optimizer, enabled=config.guards, spike_factor=config.spike_factor,
+            feature_spike_factor=config.feature_spike_factor, window=config.guard_window,
+            max_recoveries=config.max_recoveries, lr_backoff=config.lr_backoff,
+            grad_clip=config.grad_clip,
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -147,7 +161,7 @@ class StabilityGuard(BestEpoch):
         """
         if not self.enabled:
             return True
-        norm = distributed.mean_and_max([], [_largest_row_norm(x)])[1][0]
+        norm = distributed.mean_and_max([], [largest_row_norm(x)])[1][0]
         reason = self.check_input(norm)
         if reason is None:
             return True
@@ -181,7 +195,7 @@ class StabilityGuard(BestEpoch):
         at = self._position(step, epoch)
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if feature_norm is None:
-            feature_norm = 0.0 if features is None else _largest_row_norm(features)
+            feature_norm = 0.0 if features is None else largest_row_norm(features)
         if not agreed:
             (value,), (feature_norm,) = distributed.mean_and_max([value], [feature_norm])
         reason = self.check(value, feature_norm)
@@ -192,7 +206,7 @@ class StabilityGuard(BestEpoch):
             if self.grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             elif self.enabled:
-                grad_norm = _grad_norm(self.model)
+                grad_norm = grad_norm(self.model)
             if self.enabled and not bool(torch.isfinite(grad_norm)):
                 overflow = scaler is not None  # fp16 overflow: the scaler skips and backs off
                 if not overflow:

@@ -14,11 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from stabq import distributed
 from stabq.data.labeled import (
@@ -37,18 +34,13 @@ from stabq.training.batches import as_labeled_data, on_device
 from stabq.training.compiling import compile_module
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.devices import check_device
+from stabq.training.epochs import BatchTransform, Epochs, Rows, build_optimizer
 from stabq.training.evaluation import (
-    HEALTH_FIGURES,
-    Features,
-    _reference_figures,
-    _standardized,
     evaluate_model,
+    reference_figures,
 )
 from stabq.training.guard import StabilityGuard
 from stabq.training.resume import Checkpointer
-from stabq.training.schedule import cosine_with_warmup, linear_ramp
-
-BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,112 +96,36 @@ def train(
     the run ends exactly as if it had never stopped.
     """
     config = config or TrainConfig()
-    data = require_classes(as_labeled_data(train_data))
-    if val is None:
-        data, val_data = train_val_split(data, config.val_fraction, config.seed)
-    else:  # class ids follow the training data's classes, by name
-        val_data = with_classes(as_labeled_data(val), data.classes)
-    for part in (data, val_data):
-        require_fit(part, model.input_shape, model.num_classes)
+    data, val_data = _checked_parts(model, train_data, val, config)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    if fit_feature_stats:  # in one pass of chunks when the rows stay in their file
-        stats = scan(data, model.stats_shape)
-        model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
-    model.to(device)
-    if config.compile:
-        compile_module(model.quantizer)
-    x = on_device(data.x, device)  # a tensor, or a reader of each batch's rows (stabq.rows)
-    y = torch.from_numpy(data.y).to(device)
-    vx = on_device(val_data.x, device, shard=True)
-    vy = distributed.shard_rows(torch.from_numpy(val_data.y).to(device))
-
+    rows = _rows_on(device, model, data, val_data, config, fit_feature_stats)
     optimizer = build_optimizer(list(model.parameters()), config)
-    guard = StabilityGuard(
-        model,
-        optimizer,
-        enabled=config.guards,
-        spike_factor=config.spike_factor,
-        feature_spike_factor=config.feature_spike_factor,
-        window=config.guard_window,
-        max_recoveries=config.max_recoveries,
-        lr_backoff=config.lr_backoff,
-        grad_clip=config.grad_clip,
-    )
-    guard.prime(*_reference_figures(model, x[: config.batch_size], y[: config.batch_size], vx, vy))
+    guard = StabilityGuard.from_config(model, optimizer, config)
+    head = slice(0, config.batch_size)
+    guard.prime(*reference_figures(model, rows.x[head], rows.y[head], rows.vx, rows.vy))
     guard.monitor = monitor = _attach_monitor(model)  # its state is the guard's, in checkpoints
-    plan = _Plan(config, steps_per_epoch=distributed.steps_per_epoch(x.shape[0], config.batch_size))
-    result = TrainResult(model=model)
     main = distributed.is_main()  # rank 0 alone writes the log and the checkpoints
     saver = Checkpointer.open(checkpoint_dir, resume, model, config, (data, val_data), writer=main)
-    state, start = saver.resumed if saver else None, 0
-    if state is not None:  # every rank restores the same state (rank 0's, on any world size)
-        start = state.epoch
-        if config.two_stage and start > plan.stage1:  # stage 2 had begun: its optimiser
-            _freeze_projector(model, config)
-            optimizer = _rebuild_optimizer(model, config, guard)
-        result.history = state.restore(model, optimizer, guard, gen)
-    started = time.perf_counter() - (state.seconds if state else 0.0)
+    epochs = Epochs(model, config, rows, guard, optimizer, gen, device, batch_transform)
+    result = epochs.restore(saver.resumed if saver else None)
+    started = time.perf_counter() - epochs.seconds_before
     log = None  # a resumed run's log starts again from the history restored
     if metrics_path and main:
-        lines = [json.dumps(r) for r in result.history] if state is not None else None
+        lines = [json.dumps(r) for r in result.history] if epochs.resumed else None
         log = AppendLog(metrics_path, ConfigError, "the metrics", lines)
-    bar = tqdm(
-        range(start, config.epochs),
-        initial=start,
-        total=config.epochs,
-        desc=f"train {model.arch['quantizer']}",
-        unit="epoch",
-        disable=(None if config.progress is None else not config.progress) if main else True,
-        leave=False,
-    )
     try:
-        if saver and main and state is None:
-            saver.save(0, model, optimizer, guard, gen, [], run_info)
-        for epoch in bar:
-            if config.two_stage and epoch == plan.stage1:
-                _enter_stage2(model, x, config)
-                optimizer = _rebuild_optimizer(model, config, guard)
-            model.quantizer.quantization_enabled = epoch >= plan.stage1
-            if epoch in (start, plan.stage1):  # DDP over the parameters this stage trains
-                idle = epoch < plan.stage1 and any(
-                    p.requires_grad for p in model.quantizer.parameters()
-                )
-                forward = distributed.training_forward(model, device, all_used=not idle)
-            model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), config.ramp_epochs)
-            epoch_started, events_before = time.perf_counter(), len(guard.events)
-            alerts_before = len(monitor.alerts) if monitor is not None else 0
-            sums = _train_epoch(
-                model, forward, optimizer, guard, plan, epoch, x, y, gen, batch_transform
-            )
-            guard.require_progress(sums["applied"], epoch)
-            figures = evaluate_model(model, vx, vy, sync=True)  # each rank holds a share
-            if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
-                figures = evaluate_model(model, vx, vy, sync=True)  # back at the best epoch
-            new_events = guard.events[events_before:]
-            row = _epoch_row(model, plan, epoch, sums, figures)
-            row.update(
-                lr=sums["lr"],  # the rate of the epoch's last step, the guard's scale included
-                guard_events=len(new_events),
-                alerts=[a.message for a in monitor.alerts[alerts_before:]] if monitor else [],
-                seconds=time.perf_counter() - epoch_started,
-            )
-            result.history.append(row)
+        if saver and main and not epochs.resumed:
+            saver.save(0, model, epochs.optimizer, guard, gen, [], run_info)
+        for row in epochs.run(show=config.progress if main else False):
             if log is not None:
                 log.write(json.dumps(row))
             if saver and main:
-                saver.save(epoch + 1, model, optimizer, guard, gen, result.history, run_info)
+                saver.save(row["epoch"], model, epochs.optimizer, guard, gen, result.history,
+                           run_info)  # fmt: skip
             if on_epoch is not None:
                 on_epoch(row)
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
-                acc=f"{row['val_accuracy']:.3f}",
-                fill=f"{row['fill']:.3f}",
-                ppl=f"{row['perplexity']:.1f}",
-            )
-        if result.history:
-            guard.require_learned(result.history[-1]["val_loss"])
     except TrainingError:
         if saver and main:  # a diverged run would diverge again when resumed: nothing to keep
             saver.discard()
@@ -217,13 +133,50 @@ def train(
     finally:
         if monitor is not None:
             monitor.detach()
-        bar.close()
         if log is not None:
             log.close()
     model.eval()
     result.guard_events = list(guard.events)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _checked_parts(
+    model: BottleneckClassifier, train_data: Any, val: Any, config: TrainConfig
+) -> tuple[LabeledData, LabeledData]:
+    """The training and validation parts, each checked to fit ``model``; the validation
+    part is a stratified ``config.val_fraction`` of the training data unless given."""
+    data = require_classes(as_labeled_data(train_data))
+    if val is None:
+        data, val_data = train_val_split(data, config.val_fraction, config.seed)
+    else:  # class ids follow the training data's classes, by name
+        val_data = with_classes(as_labeled_data(val), data.classes)
+    for part in (data, val_data):
+        require_fit(part, model.input_shape, model.num_classes)
+    return data, val_data
+
+
+def _rows_on(
+    device: torch.device,
+    model: BottleneckClassifier,
+    data: LabeledData,
+    val_data: LabeledData,
+    config: TrainConfig,
+    fit_feature_stats: bool,
+) -> Rows:
+    """The model standardised for ``data`` (unless told not to) and moved to ``device``
+    (compiled if asked), and the rows it trains and validates on, there."""
+    if fit_feature_stats:  # in one pass of chunks when the rows stay in their file
+        stats = scan(data, model.stats_shape)
+        model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
+    model.to(device)
+    if config.compile:
+        compile_module(model.quantizer)
+    x = on_device(data.x, device)  # a tensor, or a reader of each batch's rows
+    y = torch.from_numpy(data.y).to(device)
+    vx = on_device(val_data.x, device, shard=True)
+    vy = distributed.shard_rows(torch.from_numpy(val_data.y).to(device))
+    return Rows(x, y, vx, vy)
 
 
 def _attach_monitor(model: BottleneckClassifier) -> CollapseMonitor | None:
@@ -241,146 +194,4 @@ def _attach_monitor(model: BottleneckClassifier) -> CollapseMonitor | None:
         return None
 
 
-class _Plan:
-    """Where each epoch and step stands: stages, schedules, progress."""
-
-    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
-        self.config, self.steps_per_epoch = config, steps_per_epoch
-        self.stage1 = config.first_stage_epochs
-        self.total_steps = config.epochs * steps_per_epoch
-
-    def stage_start(self, epoch: int) -> int:
-        return 0 if epoch < self.stage1 else self.stage1
-
-    def lr(self, epoch: int, i: int, lr_scale: float) -> float:
-        """Cosine with warm-up within the current stage, times the guard's scale."""
-        start = self.stage_start(epoch)
-        stage_epochs = self.stage1 if epoch < self.stage1 else self.config.epochs - self.stage1
-        step = (epoch - start) * self.steps_per_epoch + i
-        warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
-        factor = cosine_with_warmup(step, stage_epochs * self.steps_per_epoch, warmup)
-        return self.config.lr * factor * lr_scale
-
-    def progress(self, epoch: int, i: int) -> float:
-        """Fraction of all training steps done, in [0, 1] (drives Gumbel's tau)."""
-        return min(1.0, (epoch * self.steps_per_epoch + i) / max(1, self.total_steps - 1))
-
-
-def _train_epoch(
-    model: BottleneckClassifier,
-    forward: Callable,
-    optimizer: torch.optim.Optimizer,
-    guard: StabilityGuard,
-    plan: _Plan,
-    epoch: int,
-    x: Features,
-    y: torch.Tensor,
-    gen: torch.Generator,
-    batch_transform: BatchTransform | None,
-) -> dict[str, float]:
-    """One pass over the data; each step checked by the guard. Returns the epoch's sums."""
-    config = plan.config
-    sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
-    sums["lr"] = optimizer.param_groups[0]["lr"]
-    model.train()
-    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
-    order, batch_size = distributed.shard_batches(order, config.batch_size)
-    for i in range(plan.steps_per_epoch):
-        step = epoch * plan.steps_per_epoch + i
-        idx = order[i * batch_size : (i + 1) * batch_size]
-        xb, yb = x[idx], y[idx]
-        if batch_transform is not None:
-            xb, yb = batch_transform(step, xb, yb)
-        for group in optimizer.param_groups:  # the guard scales it while it steps
-            group["lr"] = plan.lr(epoch, i, 1.0)
-        sums["lr"] = plan.lr(epoch, i, guard.lr_scale)
-        model.quantizer.set_progress(plan.progress(epoch, i))
-        # the guard takes the largest norm over all ranks: every rank skips the same batches
-        if not guard.admit(_standardized(model, xb), step=step, epoch=epoch):
-            continue
-        logits, out, z = forward(xb)
-        ce = F.cross_entropy(logits.float(), yb)
-        loss = ce + out.loss
-        norm = float(z.detach().norm(dim=-1).max()) if z.numel() else 0.0
-        # the guard must decide the same on every rank: it sees the mean loss, the max norm
-        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(
-            [float(loss.detach()), float(ce.detach()), float(out.loss.detach())], [norm]
-        )
-        sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
-        sums["max_norm"] = max(sums["max_norm"], norm)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not guard.step(loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch):
-            continue
-        sums["applied"] += 1
-        sums["loss"] += loss_value
-        sums["ce"] += ce_value
-        sums["aux"] += aux_value
-    return sums
-
-
-def _epoch_row(
-    model: BottleneckClassifier,
-    plan: _Plan,
-    epoch: int,
-    sums: dict[str, float],
-    figures: dict[str, Any],
-) -> dict[str, Any]:
-    applied = max(1, sums["applied"])
-    quantized = epoch >= plan.stage1
-    return {
-        "epoch": epoch + 1,
-        "stage": 2 if plan.config.two_stage and quantized else 1,
-        "quantized": quantized,
-        "train_loss": sums["loss"] / applied,
-        "train_ce": sums["ce"] / applied,
-        "train_aux": sums["aux"] / applied,
-        "val_loss": figures["loss"],
-        "val_accuracy": figures["accuracy"],
-        **{key: figures[key] for key in HEALTH_FIGURES},
-        "tau": getattr(model.quantizer, "tau", None),
-        "mix": model.quantize_mix,
-        "max_feature_norm": sums["max_norm"],
-        "max_loss": sums["max_loss"],
-    }
-
-
-def _enter_stage2(model: BottleneckClassifier, x: Features, config: TrainConfig) -> None:
-    """Seed the codebooks on the stage-1 features; optionally freeze the projector."""
-    model.eval()
-    with torch.no_grad():
-        sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
-        features = model.features(distributed.shard_rows(sample))
-    model.quantizer.init_from_features(features)
-    _freeze_projector(model, config)
-
-
-def _freeze_projector(model: BottleneckClassifier, config: TrainConfig) -> None:
-    """Stage 2 with ``freeze_projector``: the projector's weights take no more steps.
-
-    Their last stage-1 gradients go too, or gradient clipping would count them.
-    """
-    if config.freeze_projector:
-        for p in model.projector.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-
-
-def _rebuild_optimizer(
-    model: BottleneckClassifier,
-    config: TrainConfig,
-    guard: StabilityGuard,
-) -> torch.optim.Optimizer:
-    """A fresh optimiser over the trainable parameters for stage 2; the guard follows it."""
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    guard.follow(optimizer)
-    return optimizer
-
-
-def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the default), or SGD with ``config.momentum`` when ``config.optimizer="sgd"``."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+__all__ = ["BatchTransform", "build_optimizer", "evaluate_model", "resolve_device", "train"]

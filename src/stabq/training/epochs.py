@@ -1,0 +1,290 @@
+"""The epochs of one training run, one at a time: stages, schedules, the guard's verdicts.
+
+:class:`Epochs` holds what changes from epoch to epoch (the optimiser, rebuilt for the
+quantized stage; the DDP forward; the history) and yields one history row an epoch;
+:func:`stabq.train` decides what happens around it (data, checkpoints, the metrics file).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stabq import distributed
+from stabq.model.classifier import BottleneckClassifier
+from stabq.training.config import TrainConfig, TrainResult
+from stabq.training.evaluation import HEALTH_FIGURES, Features, evaluate_model, standardized
+from stabq.training.guard import StabilityGuard
+from stabq.training.schedule import cosine_with_warmup, linear_ramp
+
+BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Rows:
+    """A run's rows on its device: training ``x`` ``(n, ...)`` (a tensor, or a reader of each
+    batch's rows) and ``y`` ``(n,)``; this rank's share of the validation rows ``vx``, ``vy``."""
+
+    x: Features
+    y: torch.Tensor
+    vx: Features
+    vy: torch.Tensor
+
+
+class _Plan:
+    """Where each epoch and step stands: stages, schedules, progress."""
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.stage1 = config.first_stage_epochs
+        self.total_steps = config.epochs * steps_per_epoch
+
+    def stage_start(self, epoch: int) -> int:
+        return 0 if epoch < self.stage1 else self.stage1
+
+    def lr(self, epoch: int, i: int, lr_scale: float) -> float:
+        """Cosine with warm-up within the current stage, times the guard's scale."""
+        start = self.stage_start(epoch)
+        stage_epochs = self.stage1 if epoch < self.stage1 else self.config.epochs - self.stage1
+        step = (epoch - start) * self.steps_per_epoch + i
+        warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
+        factor = cosine_with_warmup(step, stage_epochs * self.steps_per_epoch, warmup)
+        return self.config.lr * factor * lr_scale
+
+    def progress(self, epoch: int, i: int) -> float:
+        """Fraction of all training steps done, in [0, 1] (drives Gumbel's tau)."""
+        return min(1.0, (epoch * self.steps_per_epoch + i) / max(1, self.total_steps - 1))
+
+
+class Epochs:
+    """The epochs of one run: :meth:`restore` a checkpoint's state (if any), then iterate
+    :meth:`run` for one history row an epoch.
+
+    Args:
+        model: the classifier, on ``device``.
+        config: the run's options.
+        rows: its rows on ``device``.
+        guard: the primed :class:`StabilityGuard` over ``optimizer``.
+        optimizer: the first stage's optimiser (:meth:`run` rebuilds it for stage 2).
+        gen: the generator of the batch order.
+        device: where the model trains.
+        batch_transform: ``(step, x, y) -> (x, y)``, applied to each batch (or None).
+    """
+
+    def __init__(
+        self,
+        model: BottleneckClassifier,
+        config: TrainConfig,
+        rows: Rows,
+        guard: StabilityGuard,
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+        device: torch.device,
+        batch_transform: BatchTransform | None = None,
+    ) -> None:
+        self.model, self.config, self.rows, self.guard = model, config, rows, guard
+        self.optimizer, self.gen, self.device = optimizer, gen, device
+        self.batch_transform = batch_transform
+        steps = distributed.steps_per_epoch(rows.x.shape[0], config.batch_size)
+        self.plan = _Plan(config, steps_per_epoch=steps)
+        self.result = TrainResult(model=model)
+        self.start, self.seconds_before, self.resumed = 0, 0.0, False
+        self.forward: Callable | None = None
+
+    def restore(self, state: Any) -> TrainResult:
+        """Continue from a checkpoint's ``state`` (None: a fresh run); every rank restores
+        the same state (rank 0's, on any world size). Returns the run's result so far."""
+        if state is None:
+            return self.result
+        self.start, self.seconds_before, self.resumed = state.epoch, state.seconds, True
+        if self.config.two_stage and self.start > self.plan.stage1:  # stage 2 had begun
+            _freeze_projector(self.model, self.config)
+            self.optimizer = _rebuild_optimizer(self.model, self.config, self.guard)
+        self.result.history = state.restore(self.model, self.optimizer, self.guard, self.gen)
+        return self.result
+
+    def run(self, show: bool | None) -> Iterator[dict[str, Any]]:
+        """The remaining epochs, each as its history row once it is in ``result.history``;
+        ``show``: a progress bar (None: on a terminal only)."""
+        bar = tqdm(
+            range(self.start, self.config.epochs), initial=self.start, total=self.config.epochs,
+            desc=f"train {self.model.arch['quantizer']}", unit="epoch",
+            disable=None if show is None else not show, leave=False,
+        )  # fmt: skip
+        try:
+            for epoch in bar:
+                row = self.epoch(epoch)
+                self.result.history.append(row)
+                yield row
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}", acc=f"{row['val_accuracy']:.3f}",
+                    fill=f"{row['fill']:.3f}", ppl=f"{row['perplexity']:.1f}",
+                )  # fmt: skip
+            if self.result.history:
+                self.guard.require_learned(self.result.history[-1]["val_loss"])
+        finally:
+            bar.close()
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` (entering stage 2 when it begins), evaluate, and return its
+        history row; the guard may take the model back to its best epoch first."""
+        model, plan, guard, rows = self.model, self.plan, self.guard, self.rows
+        if self.config.two_stage and epoch == plan.stage1:
+            _enter_stage2(model, rows.x, self.config)
+            self.optimizer = _rebuild_optimizer(model, self.config, guard)
+        model.quantizer.quantization_enabled = epoch >= plan.stage1
+        if epoch in (self.start, plan.stage1):  # DDP over the parameters this stage trains
+            idle = epoch < plan.stage1 and any(
+                p.requires_grad for p in model.quantizer.parameters()
+            )
+            self.forward = distributed.training_forward(model, self.device, all_used=not idle)
+        model.quantize_mix = linear_ramp(epoch - plan.stage_start(epoch), self.config.ramp_epochs)
+        started, events_before = time.perf_counter(), len(guard.events)
+        monitor = guard.monitor
+        alerts_before = len(monitor.alerts) if monitor is not None else 0
+        sums = _train_epoch(
+            model, self.forward, self.optimizer, guard, plan, epoch, rows.x, rows.y, self.gen,
+            self.batch_transform,
+        )  # fmt: skip
+        guard.require_progress(sums["applied"], epoch)
+        figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # each rank holds a share
+        if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
+            figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # back at the best
+        row = _epoch_row(model, plan, epoch, sums, figures)
+        row.update(
+            lr=sums["lr"],  # the rate of the epoch's last step, the guard's scale included
+            guard_events=len(guard.events[events_before:]),
+            alerts=[a.message for a in monitor.alerts[alerts_before:]] if monitor else [],
+            seconds=time.perf_counter() - started,
+        )
+        return row
+
+
+def _train_epoch(
+    model: BottleneckClassifier,
+    forward: Callable,
+    optimizer: torch.optim.Optimizer,
+    guard: StabilityGuard,
+    plan: _Plan,
+    epoch: int,
+    x: Features,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    batch_transform: BatchTransform | None,
+) -> dict[str, float]:
+    """One pass over the data; each step checked by the guard. Returns the epoch's sums."""
+    config = plan.config
+    sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
+    sums["lr"] = optimizer.param_groups[0]["lr"]
+    model.train()
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    order, batch_size = distributed.shard_batches(order, config.batch_size)
+    for i in range(plan.steps_per_epoch):
+        step = epoch * plan.steps_per_epoch + i
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        xb, yb = x[idx], y[idx]
+        if batch_transform is not None:
+            xb, yb = batch_transform(step, xb, yb)
+        for group in optimizer.param_groups:  # the guard scales it while it steps
+            group["lr"] = plan.lr(epoch, i, 1.0)
+        sums["lr"] = plan.lr(epoch, i, guard.lr_scale)
+        model.quantizer.set_progress(plan.progress(epoch, i))
+        # the guard takes the largest norm over all ranks: every rank skips the same batches
+        if not guard.admit(standardized(model, xb), step=step, epoch=epoch):
+            continue
+        logits, out, z = forward(xb)
+        ce = F.cross_entropy(logits.float(), yb)
+        loss = ce + out.loss
+        norm = float(z.detach().norm(dim=-1).max()) if z.numel() else 0.0
+        # the guard must decide the same on every rank: it sees the mean loss, the max norm
+        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(
+            [float(loss.detach()), float(ce.detach()), float(out.loss.detach())], [norm]
+        )
+        sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
+        sums["max_norm"] = max(sums["max_norm"], norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not guard.step(loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch):
+            continue
+        sums["applied"] += 1
+        sums["loss"] += loss_value
+        sums["ce"] += ce_value
+        sums["aux"] += aux_value
+    return sums
+
+
+def _epoch_row(
+    model: BottleneckClassifier,
+    plan: _Plan,
+    epoch: int,
+    sums: dict[str, float],
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    applied = max(1, sums["applied"])
+    quantized = epoch >= plan.stage1
+    return {
+        "epoch": epoch + 1,
+        "stage": 2 if plan.config.two_stage and quantized else 1,
+        "quantized": quantized,
+        "train_loss": sums["loss"] / applied,
+        "train_ce": sums["ce"] / applied,
+        "train_aux": sums["aux"] / applied,
+        "val_loss": figures["loss"],
+        "val_accuracy": figures["accuracy"],
+        **{key: figures[key] for key in HEALTH_FIGURES},
+        "tau": getattr(model.quantizer, "tau", None),
+        "mix": model.quantize_mix,
+        "max_feature_norm": sums["max_norm"],
+        "max_loss": sums["max_loss"],
+    }
+
+
+def _enter_stage2(model: BottleneckClassifier, x: Features, config: TrainConfig) -> None:
+    """Seed the codebooks on the stage-1 features; optionally freeze the projector."""
+    model.eval()
+    with torch.no_grad():
+        sample = x[torch.randperm(x.shape[0])[:20000].to(x.device)]
+        features = model.features(distributed.shard_rows(sample))
+    model.quantizer.init_from_features(features)
+    _freeze_projector(model, config)
+
+
+def _freeze_projector(model: BottleneckClassifier, config: TrainConfig) -> None:
+    """Stage 2 with ``freeze_projector``: the projector's weights take no more steps.
+
+    Their last stage-1 gradients go too, or gradient clipping would count them.
+    """
+    if config.freeze_projector:
+        for p in model.projector.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def _rebuild_optimizer(
+    model: BottleneckClassifier,
+    config: TrainConfig,
+    guard: StabilityGuard,
+) -> torch.optim.Optimizer:
+    """A fresh optimiser over the trainable parameters for stage 2; the guard follows it."""
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    guard.follow(optimizer)
+    return optimizer
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (the default), or SGD with ``config.momentum`` when ``config.optimizer="sgd"``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+__all__ = ["BatchTransform", "Epochs", "Rows", "build_optimizer"]
