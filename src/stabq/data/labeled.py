@@ -105,6 +105,15 @@ class LabeledData:
         )
 
 
+def to_features(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``x`` ``(n, ...)`` as the C-contiguous ``dtype`` features a model is fed, ``uint8``
+    values (images) scaled to ``[0, 1]``; nothing checked (:func:`check_features` checks)."""
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x, dtype=dtype) / dtype(255)
+    with np.errstate(over="ignore", invalid="ignore"):  # check_features reports them
+        return np.ascontiguousarray(x, dtype=dtype)
+
+
 def check_features(
     x: np.ndarray,
     source: str,
@@ -120,9 +129,8 @@ def check_features(
     if 0 in x.shape[1:]:
         raise data_error(source, f"no feature columns (x has shape {x.shape})")
     if x.dtype == np.uint8:
-        return np.ascontiguousarray(x, dtype=dtype) / dtype(255)
-    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by row and column
-        xd = np.ascontiguousarray(x, dtype=dtype)
+        return to_features(x, dtype)
+    xd = to_features(x, dtype)
     bad = ~np.isfinite(xd)
     if bad.any():
         bad_rows = bad.reshape(len(bad), -1)
@@ -363,5 +371,6 @@ def train_val_split(
 __all__ = [
     "Columns", "DataError", "LabeledData", "as_numpy", "build_labeled", "check_features",
     "check_layout", "data_error", "encode_labels", "from_arrays", "require_classes",
-    "require_fit", "train_val_split", "validate_features", "where", "with_classes",
+    "require_fit", "to_features", "train_val_split", "validate_features", "where",
+    "with_classes",
 ]  # fmt: skip

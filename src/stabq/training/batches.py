@@ -28,7 +28,7 @@ class RowReader:
             positions = np.arange(*idx.indices(len(self.rows)))
         else:
             positions = idx.detach().cpu().numpy()
-        return torch.from_numpy(self.rows.read(positions)).to(self.device)
+        return torch.from_numpy(self.rows.read(positions, check=False)).to(self.device)
 
 
 def as_labeled_data(data: Any) -> LabeledData:
