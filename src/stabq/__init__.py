@@ -3,7 +3,7 @@
 FSQ, a repaired VQ, residual VQ, Gumbel-Softmax, product quantization,
 SimVQ, residual FSQ and lookup-free (LFQ, BSQ) quantization behind one
 interface (``q, indices, loss = quantizer(x)``), with codebook health metrics.
-See README.md and DESIGN.md.
+See README.md.
 
 The package is grouped by idea: ``stabq.quantizers``, ``stabq.data``, ``stabq.model``,
 ``stabq.health``, ``stabq.training``, ``stabq.compare``, ``stabq.integrations`` and
