@@ -30,10 +30,10 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
-from stabq.saving import _model_digest
 from typer.testing import CliRunner
 
 from stabq.cli import app
+from stabq.saving import _model_digest
 
 runner = CliRunner()
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stabq.saving import FORMAT_VERSION, load_history, save_model
 
 import stabq
 from bad_input import (
@@ -36,6 +35,7 @@ from stabq.cli import main, parse_options
 from stabq.errors import CheckpointError, ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.quantizers.registry import build_quantizer
+from stabq.saving import FORMAT_VERSION, load_history, save_model
 from stabq.training import TrainConfig
 from stabq.training.loop import resolve_device
 

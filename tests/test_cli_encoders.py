@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stabq.saving import read_config
 
 import stabq
 from bad_input import assert_user_error, cli, listing
+from stabq.saving import read_config
 
 pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
 

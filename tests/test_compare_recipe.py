@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from stabq.report import format_table
 from torch.utils.data import TensorDataset
 
 from stabq import BottleneckClassifier, TrainConfig, compare
 from stabq.compare import METHODS
+from stabq.report import format_table
 from stabq.training.batches import as_labeled_data
 from stabq.training.evaluation import evaluate_model, forward_chunks, model_device
 

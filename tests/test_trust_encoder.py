@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import stabq.saving
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from stabq.saving import save_model
 
 import stabq
 import stabq.model.trust
+import stabq.saving
 from bad_input import assert_user_error, cli, recorded
 from stabq.errors import UntrustedEncoderError
 from stabq.model import BottleneckClassifier
+from stabq.saving import save_model
 from stabq.training.checkpoint import CHECKPOINT
 
 CLASSES = [str(i) for i in range(10)]

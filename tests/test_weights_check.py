@@ -9,17 +9,17 @@ import textwrap
 import uuid
 
 import pytest
-import stabq.saving
 import torch
-from stabq.saving import save_model
 
 import stabq
+import stabq.saving
 from bad_input import recorded
 from stabq.errors import ConfigError, ModelFileError
 from stabq.model import BottleneckClassifier
 from stabq.model.weights_check import check_fits_weights
 from stabq.quantizers import codebook
 from stabq.quantizers.registry import preset_names
+from stabq.saving import save_model
 
 SHAPES = {"mlp": [12], "cnn1d": [2, 12], "cnn2d": [1, 8, 8]}
 
