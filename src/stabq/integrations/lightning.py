@@ -38,7 +38,7 @@ from stabq.health.monitor import CollapseMonitor
 from stabq.health.probe import read_output
 from stabq.health.usage import CodebookUsage
 from stabq.quantizers.base import Quantizer
-from stabq.training.guard import StabilityGuard, grad_norm, largest_row_norm
+from stabq.training.guard import StabilityGuard, global_grad_norm, largest_row_norm
 
 try:
     import lightning.pytorch as pl
@@ -267,7 +267,7 @@ class GuardCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         if self._reason is None and self.guard.enabled:
-            norm = grad_norm(pl_module)
+            norm = global_grad_norm(pl_module)
             if not bool(torch.isfinite(norm)):
                 self._reason = f"gradient norm is {float(norm)}"
         if self._reason is not None:  # the optimiser steps over no gradient: nothing changes

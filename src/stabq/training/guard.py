@@ -63,7 +63,7 @@ def largest_row_norm(x: torch.Tensor) -> float:
     )
 
 
-def grad_norm(model: nn.Module) -> torch.Tensor:
+def global_grad_norm(model: nn.Module) -> torch.Tensor:
     """The 2-norm of all of ``model``'s gradients together (0 when there are none)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
@@ -206,7 +206,7 @@ class StabilityGuard(BestEpoch):
             if self.grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             elif self.enabled:
-                grad_norm = grad_norm(self.model)
+                grad_norm = global_grad_norm(self.model)
             if self.enabled and not bool(torch.isfinite(grad_norm)):
                 overflow = scaler is not None  # fp16 overflow: the scaler skips and backs off
                 if not overflow:
