@@ -22,7 +22,7 @@ import torch
 import stabq
 from stabq.integrations.lightning import GuardCallback, find_quantizers
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "own-loop.md"  # the page it is on
 CALLBACKS = "callbacks=[CodebookHealth(), GuardCallback()],"
 
 

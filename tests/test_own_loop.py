@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import stabq
 from stabq.training.guard import StabilityGuard
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "own-loop.md"  # the page it is on
 GUARD_LINE = "guard = stabq.StabilityGuard(model, optimizer, grad_clip=1.0)"
 POISON_STEPS = [5, 30, 60]
 

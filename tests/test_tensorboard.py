@@ -349,7 +349,7 @@ def test_import_stabq_does_not_import_tensorboard():
 def test_the_readme_commands_run_as_written(tmp_path):
     """README's TensorBoard lines, each run as written (``stabq`` as this interpreter's
     ``-m stabq``), from an empty directory: each run's events hold every epoch once."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "own-loop.md").read_text()
     block = readme[readme.index("#### One run") :]
     block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash\n") + 8)]
     commands = [line.split() for line in block.splitlines() if line.startswith("stabq train")]
