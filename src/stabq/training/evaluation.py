@@ -22,6 +22,14 @@ from stabq.training.batches import RowReader
 
 Features = torch.Tensor | RowReader  # rows in memory, or read per batch from a file
 CHUNK = 4096  # rows a chunk of the eval-mode pass
+HEALTH_FIGURES = (
+    "usage",
+    "fill",
+    "codes_used",
+    "perplexity",
+    "dead_codes",
+    "entropy_bits",
+)  # of a row
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -104,9 +112,6 @@ def evaluate_model(
     if keep_indices:
         figures["indices"] = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
     return figures
-
-
-HEALTH_FIGURES = ("usage", "fill", "codes_used", "perplexity", "dead_codes", "entropy_bits")
 
 
 @torch.no_grad()
