@@ -50,7 +50,8 @@ FORMAT, FORMAT_VERSION = "stabq-checkpoint", 1
 # checkpoint of that epoch, so that a test can kill the process mid-write.
 PAUSE_ENV = "STABQ_TEST_CHECKPOINT_PAUSE"
 FREE_OPTIONS = ("device", "progress")  # TrainConfig fields a resumed run may change
-SAVED_STATES = ("snapshot", "anchor")  # the guard's (model, optimiser) states to go back to
+# the (model, optimiser) states to go back to: the guard's, and the plateau's best epoch
+SAVED_STATES = ("snapshot", "anchor", "best")
 
 
 def checkpoint_path(directory: str | Path) -> Path:
@@ -261,7 +262,7 @@ class Checkpoint:
             saved_meta = guard_doc.pop("optimizers")
             for name in SAVED_STATES:
                 guard_doc[name] = None
-                if saved_meta[name] is not None:
+                if saved_meta.get(name) is not None:
                     optim = _optimizer_join(f"{name}_optim", saved_meta[name], tensors)
                     optim["state"] = {
                         pid: {k: v.to(device) for k, v in values.items()}

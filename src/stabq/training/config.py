@@ -8,6 +8,7 @@ from typing import Any
 from stabq.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd")
+MONITORS = ("val_accuracy", "val_loss")
 
 
 @dataclass
@@ -43,6 +44,13 @@ class TrainConfig:
     with ``mix`` rising linearly from 0 to 1 over that many epochs of the
     quantized stage.
 
+    Length: ``epochs`` epochs on the cosine schedule, unless ``patience`` is set:
+    then each stage trains until it stops improving (:mod:`stabq.training.stopping`):
+    a constant rate after the warm-up, dropped 10x after ``patience`` epochs without
+    a better validation accuracy (``monitor``; the loss breaks ties), ``lr_drops``
+    times, and ``patience`` more such epochs end the stage; ``epochs`` is the ceiling.
+    The model goes back to its best epoch.
+
     ``compile=True`` runs the quantizer through ``torch.compile`` (it stays
     compiled after training). ``benchmarks/train.py --compile`` measures whether
     that pays on the machine at hand.
@@ -71,6 +79,9 @@ class TrainConfig:
     freeze_projector: bool = False
     ramp_epochs: int = 0
     progress: bool | None = None
+    patience: int | None = None
+    lr_drops: int = 2
+    monitor: str = "val_accuracy"
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "guard_window")
@@ -78,7 +89,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r}, allowed is an integer >= 1")
-        for name in ("max_recoveries", "ramp_epochs", "seed"):
+        if self.patience is not None and (
+            not isinstance(self.patience, int) or isinstance(self.patience, bool)
+            or self.patience < 1
+        ):  # fmt: skip
+            raise ConfigError(f"patience={self.patience!r}, allowed is an integer >= 1 or None")
+        for name in ("max_recoveries", "ramp_epochs", "seed", "lr_drops"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r}, allowed is an integer >= 0")
@@ -92,6 +108,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not low < value < high:
                 raise ConfigError(f"{name}={value!r}, allowed is a number in ({low}, {high})")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"monitor={self.monitor!r}, allowed: {', '.join(MONITORS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r}, allowed: {', '.join(OPTIMIZERS)}")
         if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
@@ -135,6 +153,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     guard_events: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    best_epoch: int | None = None  # with ``patience``: the epoch the model went back to
 
     @property
     def final(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from stabq import distributed
@@ -22,7 +23,8 @@ from stabq.model.classifier import BottleneckClassifier
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.evaluation import HEALTH_FIGURES, Features, evaluate_model, standardized
 from stabq.training.guard import StabilityGuard
-from stabq.training.schedule import cosine_with_warmup, linear_ramp
+from stabq.training.schedule import cosine_with_warmup, linear_ramp, warmup_then_constant
+from stabq.training.stopping import Stopping
 
 BatchTransform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,28 +41,62 @@ class Rows:
 
 
 class _Plan:
-    """Where each epoch and step stands: stages, schedules, progress."""
+    """Where each epoch and step stands: stages, schedules, progress.
+
+    With ``config.patience``, ``stopping`` ends each stage and scales its rate; ``stage1``
+    is then stage 1's ceiling until stage 1 ends, and where it ended after.
+    """
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
         self.config, self.steps_per_epoch = config, steps_per_epoch
         self.stage1 = config.first_stage_epochs
         self.total_steps = config.epochs * steps_per_epoch
+        self.stopping = None
+        if config.patience is not None:
+            self.stopping = Stopping(config.patience, config.lr_drops, monitor=config.monitor)
 
     def stage_start(self, epoch: int) -> int:
         return 0 if epoch < self.stage1 else self.stage1
 
     def lr(self, epoch: int, i: int, lr_scale: float) -> float:
-        """Cosine with warm-up within the current stage, times the guard's scale."""
+        """The stage's schedule (cosine with warm-up, or the plateau's constant rate with
+        warm-up and its drops), times the guard's scale."""
         start = self.stage_start(epoch)
-        stage_epochs = self.stage1 if epoch < self.stage1 else self.config.epochs - self.stage1
         step = (epoch - start) * self.steps_per_epoch + i
         warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
+        if self.stopping is not None:
+            factor = warmup_then_constant(step, warmup) * self.stopping.scale
+            return self.config.lr * factor * lr_scale
+        stage_epochs = self.stage1 if epoch < self.stage1 else self.config.epochs - self.stage1
         factor = cosine_with_warmup(step, stage_epochs * self.steps_per_epoch, warmup)
         return self.config.lr * factor * lr_scale
 
     def progress(self, epoch: int, i: int) -> float:
-        """Fraction of all training steps done, in [0, 1] (drives Gumbel's tau)."""
-        return min(1.0, (epoch * self.steps_per_epoch + i) / max(1, self.total_steps - 1))
+        """Fraction of all training steps done, in [0, 1] (drives Gumbel's tau); with
+        ``patience``, of the first third of the ceiling (the run's length is not known
+        in advance; a stage goes on while the annealing still improves it)."""
+        total = self.total_steps if self.stopping is None else self.total_steps // 3
+        return min(1.0, (epoch * self.steps_per_epoch + i) / max(1, total - 1))
+
+    def end_of(self, epoch: int, figures: dict[str, float], model: nn.Module,
+               optimizer: Any) -> str | None:  # fmt: skip
+        """After epoch ``epoch`` (0-based): ``"stage1"`` or ``"run"`` when a stage ends
+        here (the model back at the stage's best epoch), else None."""
+        done = epoch + 1
+        in_stage1 = done <= self.stage1
+        if self.stopping is None:
+            return "run" if done >= self.config.epochs else None
+        ended = self.stopping.update(figures["accuracy"], figures["loss"], done, model, optimizer)
+        ceiling = self.stage1 if in_stage1 else self.config.epochs
+        if not (ended or done >= ceiling):
+            return None
+        self.stopping.go_back(model, optimizer)
+        if in_stage1:
+            self.stage1 = self.stopping.stage1_end = done
+            self.stopping.start_stage()
+            return "stage1"
+        self.stopping.finished = True
+        return "run"
 
 
 class Epochs:
@@ -94,6 +130,7 @@ class Epochs:
         self.batch_transform = batch_transform
         steps = distributed.steps_per_epoch(rows.x.shape[0], config.batch_size)
         self.plan = _Plan(config, steps_per_epoch=steps)
+        guard.stopping = self.plan.stopping  # its state goes into checkpoints with the guard's
         self.result = TrainResult(model=model)
         self.start, self.seconds_before, self.resumed = 0, 0.0, False
         self.forward: Callable | None = None
@@ -104,6 +141,9 @@ class Epochs:
         if state is None:
             return self.result
         self.start, self.seconds_before, self.resumed = state.epoch, state.seconds, True
+        stopping = state.document["guard"].get("stopping")
+        if self.plan.stopping is not None and stopping is not None:  # where stage 1 ended
+            self.plan.stage1 = stopping["stage1_end"] or self.plan.stage1
         if self.config.two_stage and self.start > self.plan.stage1:  # stage 2 had begun
             _freeze_projector(self.model, self.config)
             self.optimizer = _rebuild_optimizer(self.model, self.config, self.guard)
@@ -118,8 +158,11 @@ class Epochs:
             desc=f"train {self.model.arch['quantizer']}", unit="epoch",
             disable=None if show is None else not show, leave=False,
         )  # fmt: skip
+        stopping = self.plan.stopping
         try:
             for epoch in bar:
+                if stopping is not None and stopping.finished:
+                    break
                 row = self.epoch(epoch)
                 self.result.history.append(row)
                 yield row
@@ -127,6 +170,8 @@ class Epochs:
                     loss=f"{row['train_loss']:.3f}", acc=f"{row['val_accuracy']:.3f}",
                     fill=f"{row['fill']:.3f}", ppl=f"{row['perplexity']:.1f}",
                 )  # fmt: skip
+            if stopping is not None:
+                self.result.best_epoch = stopping.best_epoch or None
             if self.result.history:
                 self.guard.require_learned(self.result.history[-1]["val_loss"])
         finally:
@@ -158,6 +203,7 @@ class Epochs:
         if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
             figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # back at the best
         row = _epoch_row(model, plan, epoch, sums, figures)
+        row["stage_end"] = plan.end_of(epoch, figures, model, self.optimizer)
         row.update(
             lr=sums["lr"],  # the rate of the epoch's last step, the guard's scale included
             guard_events=len(guard.events[events_before:]),

@@ -134,6 +134,7 @@ class StabilityGuard(BestEpoch):
         # a CollapseMonitor (stabq.train sets it): its holding alerts explain each event's
         # reason, and its state goes into checkpoints with the guard's
         self.monitor: Any = None
+        self.stopping: Any = None  # the plateau's Stopping (stabq.train sets it), likewise
         self.snapshot()
 
     def _copy(self) -> tuple[dict, dict]:
@@ -372,6 +373,8 @@ class StabilityGuard(BestEpoch):
             "steps": self.steps,
             "epoch": self.epoch,
             "monitor": None if self.monitor is None else self.monitor.state_dict(),
+            "stopping": None if self.stopping is None else self.stopping.state_dict(),
+            "best": None if self.stopping is None else self.stopping.best_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,3 +391,6 @@ class StabilityGuard(BestEpoch):
         self.steps, self.epoch = state.get("steps", 0), state.get("epoch", 0)
         if self.monitor is not None and state.get("monitor") is not None:
             self.monitor.load_state_dict(state["monitor"])
+        if self.stopping is not None and state.get("stopping") is not None:
+            self.stopping.load_state_dict(state["stopping"])
+            self.stopping.best_state = state.get("best")

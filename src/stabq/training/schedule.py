@@ -17,6 +17,14 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def warmup_then_constant(step: int, warmup_steps: int) -> float:
+    """LR factor: linear ``(step + 1) / warmup`` during warm-up, then 1 (the plateau
+    schedule of :mod:`stabq.training.stopping` scales it down as the stage levels off)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
+
+
 def linear_ramp(epoch: int, ramp_epochs: int) -> float:
     """Mix of quantized features in epoch ``epoch`` (0-based) of a ``ramp_epochs`` ramp.
 
