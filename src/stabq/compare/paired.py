@@ -18,7 +18,7 @@ Two sources of uncertainty add up:
 
     SE^2 = v_seed + v_rows
     df   = SE^4 / (v_seed^2 / (n - 1) + v_rows^2 / (N - 1))      (Welch-Satterthwaite)
-    95% interval = D -+ t_{0.975, df} * SE
+    95% interval = D ± t_{0.975, df} * SE
 
 With 2 seeds and a seed part that dominates, ``df`` is near 1 and ``t`` near 12.7: the
 interval is wide. That is honest: two seeds say little about how far a third would
@@ -27,10 +27,12 @@ included): two methods with the same predictions on every row give D = 0, SE = 0
 interval [0, 0], which cannot tell them apart either.
 
 :func:`seeds_to_separate` estimates how many seeds in all would separate them: the
-smallest ``n`` (up to 50) at which ``t_{0.975, df(n)} * sqrt(s_d^2 / n + v_rows)`` falls
-under ``|D|``, with the spread between seeds and the row part as measured. It is None with
-one seed (no spread known), and when even 50 seeds would not do; :func:`rows_decide` says
-whether the test rows alone are too few (more test rows, not more seeds, would be needed).
+smallest ``n`` above the seeds run (up to 50) at which
+``t_{0.975, df(n)} * sqrt(s_d^2 / n + v_rows)`` falls under ``|D|``, with the spread
+between seeds and the row part as measured (``df(n)`` as above, the seed part on
+``n - 1`` dof). It is None with one seed (no spread known), and when even 50 seeds would
+not do; :func:`rows_decide` says whether the test rows alone are too few (more test rows,
+not more seeds, would be needed).
 
 Which rows a run got right travel in its record as ``test_correct``, a numpy bool array;
 ``results.json`` stores it packed, 8 rows a byte, base64 (:func:`pack_correct`), so a
@@ -100,7 +102,7 @@ def half_width(
 
     Example::
 
-        half, df = half_width(0.01, 3, 0.2, 1000)   # about (0.025, 2.2)
+        half, df = half_width(0.01, 3, 0.2, 1000)   # about (0.0303, 91.4)
     """
     parts = []
     if seed_sd is not None and seeds > 1:
@@ -132,7 +134,8 @@ def paired_difference(correct_a: ArrayLike, correct_b: ArrayLike) -> PairedDiffe
 
         a = np.array([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=bool)
         b = np.array([[1, 0, 0, 1], [0, 0, 1, 1]], dtype=bool)
-        paired_difference(a, b).difference   # 0.25
+        pair = paired_difference(a, b)   # D = 0.25, interval about [-0.209, 0.709], df 3
+        pair.cannot_tell                 # True
     """
     a, b = np.atleast_2d(np.asarray(correct_a)), np.atleast_2d(np.asarray(correct_b))
     if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
@@ -154,18 +157,22 @@ def seeds_to_separate(pair: PairedDifference, most: int = MOST_SEEDS) -> int | N
         pair: the measured difference.
         most: the most seeds to consider.
     Returns:
-        The smallest ``n`` in ``2..most`` whose interval would exclude 0 (for a pair
-        already separated, at most its own seeds); None with one seed (no spread known),
-        for D = 0, or when even ``most`` seeds would not do (see :func:`rows_decide`).
+        For a pair the interval cannot tell apart, the smallest ``n`` above its seeds (up to
+        ``most``) whose interval would exclude 0; for a pair already separated, the smallest
+        ``n`` from 2 that would have done (at most its own seeds). None with one seed (no
+        spread known), for D = 0, or when even ``most`` seeds would not do (see
+        :func:`rows_decide`).
 
     Example::
 
-        seeds_to_separate(paired_difference(a, b))   # e.g. 8
+        rng = np.random.default_rng(0)
+        a, b = rng.random((3, 1000)) < 0.75, rng.random((3, 1000)) < 0.70
+        seeds_to_separate(paired_difference(a, b))   # 3: D = 0.046, interval [0.005, 0.086]
     """
     d = abs(pair.difference)
     if pair.seed_sd is None or not d > 0.0 or not math.isfinite(d):
         return None
-    for n in range(2, most + 1):
+    for n in range(pair.seeds + 1 if pair.cannot_tell else 2, most + 1):
         if half_width(pair.seed_sd, n, pair.row_var, pair.rows)[0] < d:
             return n
     return None
@@ -178,7 +185,7 @@ def rows_decide(pair: PairedDifference) -> bool:
 
     Example::
 
-        rows_decide(paired_difference(a, b))   # True: one row of 4 differs
+        rows_decide(paired_difference(a, b))   # True: 4 test rows are too few for 0.25
     """
     half = half_width(None, pair.seeds, pair.row_var, pair.rows)[0]
     return half >= abs(pair.difference)
