@@ -24,6 +24,7 @@ from stabq.compare.paired import (
     half_width,
     pack_correct,
     paired_difference,
+    paired_runs,
     rows_decide,
     seeds_to_separate,
     unpack_correct,
@@ -327,16 +328,22 @@ def test_a_method_under_two_names_differs_by_exactly_zero_end_to_end(twins):
         fsq, twin = runs["fsq", seed]["test_correct"], runs["fsq-twin", seed]["test_correct"]
         assert fsq.dtype == bool and np.array_equal(fsq, twin)
         assert fsq.mean() == runs["fsq", seed]["test_accuracy"]
-    twin = next(r for r in twins.rows if r["method"] == "fsq-twin")
-    assert twin["to_best"] == 0.0 and twin["to_best_low"] == twin["to_best_high"] == 0.0
+    by = [[r for r in twins.records if r["method"] == m] for m in ("fsq-twin", "fsq")]
+    d, pair = paired_runs(*by)
+    assert d == 0.0 and (pair.difference, pair.low, pair.high) == (0.0, 0.0, 0.0)
+    assert pair.cannot_tell and pair.seeds == 2 and pair.rows == 1000
 
 
 @pytest.mark.outcome  # which methods are healthy depends on how training ends
 def test_the_verdict_cannot_tell_the_twins_apart_end_to_end(twins):
+    twin = next(r for r in twins.rows if r["method"] == "fsq-twin")
+    assert twin["to_best"] == 0.0 and twin["to_best_low"] == twin["to_best_high"] == 0.0
     assert twins.verdict.startswith("mnist1d favours fsq: ")
     assert "fsq-twin is within the uncertainty of fsq over 2 seeds" in twins.verdict
+    assert "contains 0); fsq-twin does not differ at all;" in twins.verdict
 
 
+@pytest.mark.outcome  # far apart on every kernel path, but the best is a training outcome
 def test_a_one_code_bottleneck_is_separated_end_to_end(twins):
     """One code: the head sees the same input for every row, ~10% against ~45%."""
     rows = {r["method"]: r for r in twins.rows}
