@@ -184,23 +184,21 @@ def within_uncertainty(
     if not others or any(r.get("to_best_low") is None for r in others):
         return ""
     seeds = best["seeds"]
-    over = (
-        f"over {seeds} seeds"
-        if seeds > 1
-        else "on 1 seed (the interval covers the test rows only, not training randomness)"
-    )
+    over = f"over {seeds} seeds" if seeds > 1 else "on 1 seed"
+    note = "; with 1 seed it covers the test rows only, not training randomness"
+    note = note if seeds == 1 else ""
     close = [r for r in others if r["to_best_low"] <= 0.0 <= r["to_best_high"]]
     if not close:
         who = others[0]["method"] if len(others) == 1 else f"the other {len(others)}"
         verb = "is" if len(others) == 1 else "are"
         return (
             f"{who} {verb} below it beyond the uncertainty {over} "
-            "(95% interval of the paired difference excludes 0)"
+            f"(95% interval of the paired difference excludes 0{note})"
         )
     verb = "is" if len(close) == 1 else "are"
     words = [
         f"{_names([r['method'] for r in close])} {verb} within the uncertainty of "
-        f"{best['method']} {over} (95% interval of the paired difference contains 0)"
+        f"{best['method']} {over} (95% interval of the paired difference contains 0{note})"
     ]
     return "; ".join(words + (_what_would_separate(close) if seeds > 1 else []))
 
