@@ -44,8 +44,10 @@ def test_rows_summarise_the_runs(small):
     assert fsq["accuracy"] == pytest.approx(sum(accs) / 2)
     assert fsq["accuracy_sd"] == pytest.approx(float(np.std(accs, ddof=1)))
     none = next(row for row in small.rows if row["method"] == "none")
-    assert fsq["gap"] == pytest.approx(fsq["accuracy"] - none["accuracy"])
-    assert none["gap"] is None and none["usage"] is None
+    assert fsq["gap"] == pytest.approx(fsq["accuracy"] - none["accuracy"])  # the same seeds
+    assert fsq["gap_low"] <= fsq["gap"] <= fsq["gap_high"]  # stabq.compare.paired
+    assert none["gap"] is None and none["gap_low"] is None and none["usage"] is None
+    assert all(r["test_correct"].shape == (1000,) for r in small.records)
     assert fsq["max_loss"] == max(max(h["max_loss"] for h in r["history"]) for r in runs)
     assert sum(runs[0]["code_counts"][0]) == 1000  # every test input counted once
 
@@ -100,7 +102,9 @@ def test_report_files(small, tmp_path):
     ]  # fmt: skip
     payload = json.loads((out / "results.json").read_text())
     assert payload["verdict"] == small.verdict and len(payload["runs"]) == 6
-    assert (out / "results.csv").read_text().splitlines()[0].startswith("method,seeds,accuracy")
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("method,seeds,accuracy,accuracy_sd,gap,gap_low,gap_high,to_best,")
+    assert all(isinstance(r["test_correct"], str) for r in payload["runs"])  # packed bits
     md = (out / "report.md").read_text()
     assert format_table(small.rows, markdown=True) in md and "![loss](loss.png)" in md
 

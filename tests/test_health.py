@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -225,10 +226,13 @@ def test_verdict_line_says_why():
 def test_table_report_and_json_show_cells_for_grids_and_dead_codes_for_codebooks(tmp_path):
     rows, runs = rows_and_runs()
     text = format_table(rows)
-    lines = {line.split()[0]: line for line in text.splitlines()[1:6]}
-    assert "768/1000 cells" in lines["fsq"] and "63232" not in text  # 64,000 - 768
-    assert lines["fsq"].split()[8] == "-"  # the dead-codes column of a grid
-    assert "400/512" in lines["vq"] and lines["vq"].split()[7] == "112"
+    header, *body = (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[:6])
+    table = {cells[0]: dict(zip(header, cells, strict=True)) for cells in body}
+    assert table["fsq"]["used / fillable"] == "768/1000 cells" and "63232" not in text
+    assert table["fsq"]["dead codes"] == "-"  # a grid has none
+    assert table["vq"]["used / fillable"] == "400/512" and table["vq"]["dead codes"] == "112"
+    assert table["fsq"]["gap [95%]"] == "-4.0"  # no interval: these records keep no rows
+    assert table["fsq"]["vs best [95%]"] == "-" and table["vq"]["vs best [95%]"] == "-3.0"
     why = {line.split()[0]: line for line in text.splitlines()[7:]}
     assert why["vq-ema"].split(None, 1)[1] == (
         "under-used: 26 of 512 codes (5% of what 1,000 test inputs can fill), under 10%"

@@ -89,6 +89,9 @@ def compare_command(
 ) -> None:
     """Train every method on DATA with several seeds and print the comparison table.
 
+    The gap and vs-best columns are paired differences in points with their 95% interval;
+    the last line names the methods the data cannot tell from the best.
+
     Example: stabq compare --data mnist1d --seeds 3 --out runs/compare
     (under torchrun each run is trained on all processes; rank 0 prints and writes)
     --tensorboard DIR writes one TensorBoard run per method and seed: DIR/METHOD/seed-K.

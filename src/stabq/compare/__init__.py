@@ -2,7 +2,8 @@
 
 :mod:`~stabq.compare.methods` says what runs (methods, presets, the plan of a comparison),
 :mod:`~stabq.compare.runs` trains and judges one run, :mod:`~stabq.compare.run` runs a
-whole comparison (:func:`compare`), :mod:`~stabq.compare.scenarios` holds the explode
+whole comparison (:func:`compare`), :mod:`~stabq.compare.paired` says how sure a
+difference between two methods is, :mod:`~stabq.compare.scenarios` holds the explode
 preset's scenarios, and :mod:`~stabq.compare.report` and :mod:`~stabq.compare.plots`
 write what a comparison found.
 """

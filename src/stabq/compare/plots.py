@@ -97,15 +97,7 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     axes[1].legend(fontsize=7, ncol=2)
     paths.append(_save(fig, directory / "health.png"))
 
-    fig, ax = _subplots(figsize=(8, 4))
-    names = [row["method"] for row in comparison.rows]
-    means = [100 * row["accuracy"] for row in comparison.rows]
-    sds = [100 * (row["accuracy_sd"] or 0.0) for row in comparison.rows]  # 1 seed: no bar
-    colours = ["tab:blue" if row["verdict"] in HEALTHY else "tab:red" for row in comparison.rows]
-    ax.bar(names, means, yerr=sds, color=colours, capsize=4)
-    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: not ok or rescued)")
-    ax.tick_params(axis="x", rotation=45)
-    paths.append(_save(fig, directory / "accuracy.png"))
+    paths.append(_save(plot_accuracy(comparison.rows), directory / "accuracy.png"))
 
     quantized = [(n, runs) for n, runs in grouped.items() if runs[0]["code_counts"]]
     if quantized:
@@ -124,10 +116,39 @@ def plot_comparison(comparison: Any, directory: Path) -> list[Path]:
     return paths
 
 
+def plot_accuracy(rows: Sequence[dict[str, Any]]) -> Any:
+    """A figure of two panels: each method's test accuracy (bars, ± sd over seeds), and its
+    gap to the continuous reference with the 95% interval of the paired difference
+    (:mod:`stabq.compare.paired`) around a zero line. Red: not ok or rescued."""
+    fig, (ax, gaps) = _subplots(1, 2, figsize=(13, 4.2))
+    names = [row["method"] for row in rows]
+    means = [100 * row["accuracy"] for row in rows]
+    sds = [100 * (row["accuracy_sd"] or 0.0) for row in rows]  # 1 seed: no bar
+    colours = ["tab:blue" if row["verdict"] in HEALTHY else "tab:red" for row in rows]
+    ax.bar(names, means, yerr=sds, color=colours, capsize=4)
+    ax.set(ylabel="test accuracy %", title="accuracy over seeds (red: not ok or rescued)")
+    gaps.axhline(0.0, color="grey", lw=1)
+    for i, row in enumerate(rows):
+        if row.get("gap") is None:  # the reference itself
+            continue
+        gap, low, high = row["gap"], row.get("gap_low"), row.get("gap_high")
+        below, above = (0.0, 0.0) if low is None or high is None else (gap - low, high - gap)
+        yerr = [[100 * below], [100 * above]]
+        gaps.errorbar([i], [100 * gap], yerr=yerr, fmt="o", color=colours[i], capsize=4)
+    gaps.set_xticks(range(len(names)), names)
+    gaps.set(
+        ylabel="gap to continuous, points",
+        title="gap to continuous, 95% interval of the paired difference",
+    )
+    for axis in (ax, gaps):
+        axis.tick_params(axis="x", rotation=45)
+    return fig
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
 
-__all__ = ["plot_comparison", "plot_history"]
+__all__ = ["plot_accuracy", "plot_comparison", "plot_history"]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stabq.compare.paired import pack_correct
 from stabq.compare.plots import plot_comparison
 from stabq.errors import StabqError
 from stabq.files import atomic_directory, write_text
@@ -23,7 +24,8 @@ COLUMNS = (
     ("method", "method", "{}"),
     ("accuracy", "test acc %", "pct"),
     ("accuracy_sd", "± sd", "pct"),
-    ("gap", "gap", "gap"),
+    ("gap", "gap [95%]", "interval"),
+    ("to_best", "vs best [95%]", "interval"),
     ("codes_used", "used / fillable", "used"),
     ("fill", "fill %", "pct"),
     ("perplexity", "perplexity", "{:.1f}"),
@@ -37,24 +39,36 @@ COLUMNS = (
 WHY = ("reason", "why", "{}")  # markdown and HTML carry it as a column; text lists it below
 
 
-def _cell(value: Any, fmt: str, row: dict[str, Any] | None = None) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """One cell of ``row``: ``key`` shown as ``fmt`` says (``interval``: a difference in
+    points with its 95% interval, ``+0.6 [-1.2, +2.4]``, from ``key_low`` and ``key_high``)."""
+    value = row.get(key)
     if value is None:
         return "-"
     if fmt == "pct":
         return f"{100 * value:.1f}"
-    if fmt == "gap":
-        return f"{100 * value:+.1f}"
+    if fmt == "interval":
+        low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+        shown = f"{100 * value:+.1f}"
+        if low is None or high is None:
+            return shown
+        return f"{shown} [{100 * low:+.1f}, {100 * high:+.1f}]"
     if fmt == "used":
-        return used_cell(row or {})
+        return used_cell(row)
     return fmt.format(value)
 
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """The comparison table as aligned text, each verdict's reason listed below it
-    (or a markdown table with the reason as its last column)."""
+    (or a markdown table with the reason as its last column).
+
+    ``gap`` is the paired difference to the continuous reference and ``vs best`` to the
+    best healthy method, in points, each with its 95% interval in brackets
+    (:mod:`stabq.compare.paired`); ``± sd`` is the spread of the accuracy over seeds.
+    """
     columns = (*COLUMNS, WHY) if markdown else COLUMNS
     header = [label for _, label, _ in columns]
-    body = [[_cell(row.get(key), fmt, row) for key, _, fmt in columns] for row in rows]
+    body = [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -72,7 +86,13 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def write_comparison(comparison: Any, directory: str | Path) -> Path:
-    """results.csv, results.json, report.md, report.html and the plots, written atomically."""
+    """results.csv, results.json, report.md, report.html and the plots, written atomically.
+
+    ``results.json`` holds the rows and every run's record; a run's ``test_correct`` (which
+    test rows it got right) is stored packed, 8 rows a byte, base64
+    (:func:`~stabq.compare.paired.pack_correct`; :func:`~stabq.compare.paired.correct_of`
+    reads it back), so that large test sets do not bloat the file.
+    """
     target = Path(directory)
     with atomic_directory(target, StabqError, "the comparison") as tmp:
         with open(tmp / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -86,7 +106,7 @@ def write_comparison(comparison: Any, directory: str | Path) -> Path:
             "seconds": comparison.seconds,
             "settings": comparison.settings,
             "rows": comparison.rows,
-            "runs": comparison.records,
+            "runs": [_stored(r) for r in comparison.records],
         }
         write_text(tmp / "results.json", json.dumps(payload, indent=1, default=str))
         plots = plot_comparison(comparison, tmp)
@@ -118,6 +138,14 @@ def write_comparison(comparison: Any, directory: str | Path) -> Path:
     return target
 
 
+def _stored(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record as ``results.json`` stores it: ``test_correct`` packed."""
+    correct = record.get("test_correct")
+    if correct is None or isinstance(correct, str):
+        return record
+    return {**record, "test_correct": pack_correct(correct)}
+
+
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
     "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
@@ -133,7 +161,7 @@ def _html_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         cells = []
         for key, _, fmt in columns:
-            text = html.escape(_cell(row.get(key), fmt, row))
+            text = html.escape(_cell(row, key, fmt))
             cls = " class='bad'" if key == "verdict" and row[key] not in HEALTHY else ""
             cells.append(f"<td{cls}>{text}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"

@@ -3,7 +3,9 @@
 ``compare(data)`` trains each method for each seed with the same settings
 (seeds in the same order for every method), evaluates on the held-out part,
 and summarises per method: test accuracy (mean, spread), gap to the continuous
-reference, codebook usage, perplexity, dead codes, the largest loss seen,
+reference and difference to the best healthy method (paired over seeds and test rows,
+with 95% intervals: :mod:`stabq.compare.paired`), codebook usage, perplexity, dead
+codes, the largest loss seen,
 diverged and guard-rescued runs, time, and a health verdict with its reason
 (ok / under-used / collapsed / diverged / rescued: the rules are in
 :mod:`stabq.health`).

@@ -7,6 +7,7 @@ from stabq.health.verdicts import (
     UNDER_USED_BELOW,
     VERDICTS,
     annotate,
+    favoured,
     favoured_line,
     fill_usage,
     is_grid,
@@ -18,6 +19,7 @@ from stabq.health.verdicts import (
 )
 
 __all__ = [
-    "HEALTHY", "UNDER_USED_BELOW", "VERDICTS", "annotate", "favoured_line", "fill_usage",
-    "is_grid", "joint_perplexity", "method_health", "run_figures", "run_verdict", "used_cell",
+    "HEALTHY", "UNDER_USED_BELOW", "VERDICTS", "annotate", "favoured", "favoured_line",
+    "fill_usage", "is_grid", "joint_perplexity", "method_health", "run_figures", "run_verdict",
+    "used_cell",
 ]  # fmt: skip

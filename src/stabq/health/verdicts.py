@@ -211,33 +211,57 @@ def used_cell(row: dict[str, Any]) -> str:
     return cell + (" cells" if row.get("grid") else "")
 
 
-def favoured_line(rows: Sequence[dict[str, Any]], data_name: str, reference: str = "none") -> str:
-    """The comparison's one line: the best healthy method, and why the others were not."""
+def favoured(rows: Sequence[dict[str, Any]], reference: str = "none") -> dict[str, Any] | None:
+    """The row of the best healthy method: the highest mean test accuracy among the
+    quantized methods judged ok or rescued (the first of a tie); None when there is none."""
+    healthy = [r for r in rows if r["method"] != reference and r["verdict"] in HEALTHY]
+    return max(healthy, key=lambda r: r["accuracy"]) if healthy else None
+
+
+def favoured_line(
+    rows: Sequence[dict[str, Any]], data_name: str, reference: str = "none", detail: str = ""
+) -> str:
+    """The comparison's one line: the best healthy method, and why the others were not.
+
+    ``detail``: words to add after the best method's figures (the compare room says there
+    which methods are within the uncertainty of the best).
+    """
     quantized = [r for r in rows if r["method"] != reference]
     healthy = [r for r in quantized if r["verdict"] in HEALTHY]
     passed = [f"{r['method']} {r['verdict']} ({r['reason']})" for r in quantized]
     passed = [p for p, r in zip(passed, quantized, strict=True) if r not in healthy]
     tail = f"; not considered: {'; '.join(passed)}" if passed else ""
-    if not healthy:
+    best = favoured(rows, reference)
+    if best is None:
         return f"{data_name}: no quantized method was judged ok or rescued{tail}."
-    best = max(healthy, key=lambda r: r["accuracy"])
-    gap = "" if best["gap"] is None else f", {100 * best['gap']:+.1f} vs continuous"
+    gap = (
+        "" if best["gap"] is None else f", {100 * best['gap']:+.1f}{_interval(best)} vs continuous"
+    )
     ppl = best.get("effective_codes") or best.get("perplexity") or 0.0
     among = (
         f"the highest test accuracy of the {len(healthy)} methods judged ok or rescued"
         if len(healthy) > 1
         else "the only method judged ok or rescued"
     )
+    detail = f"; {detail}" if detail else ""
     return (
         f"{data_name} favours {best['method']}: {among} ({100 * best['accuracy']:.1f}%{gap}; "
-        f"effective codes {ppl:.0f}){tail}."
+        f"effective codes {ppl:.0f}){detail}{tail}."
     )
+
+
+def _interval(row: dict[str, Any]) -> str:
+    """`` [low, high]`` of a row's gap in points, or nothing when it has no interval."""
+    low, high = row.get("gap_low"), row.get("gap_high")
+    return "" if low is None or high is None else f" [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 __all__ = [
     "UNDER_USED_BELOW",
     "VERDICTS",
     "annotate",
+    "favoured",
+    "favoured_line",
     "fill_usage",
     "is_grid",
     "joint_perplexity",

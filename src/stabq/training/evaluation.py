@@ -79,6 +79,7 @@ def evaluate_model(
     *,
     sync: bool = False,
     keep_indices: bool = False,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``, in one pass
     (:func:`forward_chunks`, on the model's device wherever ``x`` and ``y`` are).
@@ -86,22 +87,27 @@ def evaluate_model(
     Returns ``loss``, ``accuracy`` and the :class:`~stabq.metrics.CodebookUsage` figures
     ``usage``, ``fill``, ``codes_used``, ``perplexity``, ``dead_codes`` (None for a grid)
     and ``entropy_bits``; with ``keep_indices`` also ``indices``, the codes of every row
-    on the CPU (``(N,)`` or ``(N, C)``). ``sync=True`` (distributed): ``(x, y)`` is this
-    rank's share of the rows and the figures are over all ranks' rows; every rank must
+    on the CPU (``(N,)`` or ``(N, C)``); with ``keep_predictions`` also ``predictions``,
+    the predicted class of every row on the CPU (``(N,)``, long). ``sync=True``
+    (distributed): ``(x, y)`` is this rank's share of the rows and the figures are over
+    all ranks' rows (the kept indices and predictions are this rank's); every rank must
     call it.
     """
     usage = CodebookUsage.for_quantizer(model.quantizer)
     usage.sync = sync
-    loss_sum, correct, kept = 0.0, 0, []
+    loss_sum, correct, kept, predicted = 0.0, 0, [], []
     start = 0
     for logits, out in forward_chunks(model, x, batch_size):
         yb = y[start : start + logits.shape[0]].to(logits.device)
         start += logits.shape[0]
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
-        correct += int((logits.argmax(-1) == yb).sum())
+        guess = logits.argmax(-1)
+        correct += int((guess == yb).sum())
         usage.update(out.indices)
         if keep_indices:
             kept.append(out.indices.cpu())
+        if keep_predictions:
+            predicted.append(guess.cpu())
     health = usage.compute()
     totals = torch.tensor([loss_sum, correct, x.shape[0]], dtype=torch.float64)
     if sync:
@@ -111,6 +117,9 @@ def evaluate_model(
     figures.update({k: health[k] for k in HEALTH_FIGURES})
     if keep_indices:
         figures["indices"] = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    if keep_predictions:
+        empty = torch.zeros(0, dtype=torch.long)
+        figures["predictions"] = torch.cat(predicted) if predicted else empty
     return figures
 
 
