@@ -32,9 +32,13 @@ def _methods_help() -> str:
 def _preset_help() -> str:
     from stabq.compare.methods import PRESETS
 
+    def length(spec: dict) -> str:
+        if spec["patience"] is None:
+            return f"{spec['epochs']} epochs"
+        return f"until no better for {spec['patience']} epochs, at most {spec['epochs']}"
+
     shown = ", ".join(
-        f"{name} ({spec['seeds']} seeds x {spec['epochs']} epochs)"
-        for name, spec in PRESETS.items()
+        f"{name} ({spec['seeds']} seeds, {length(spec)})" for name, spec in PRESETS.items()
     )
     return (
         f"{shown}. stress: lr 3e-2 with guards off, where VQ-EMA collapses; explode: SGD "
@@ -58,7 +62,21 @@ def compare_command(
         int | None, typer.Option(help="Seeds per method (default: preset's).", metavar="N")
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs per run (default: preset's).", metavar="N")
+        int | None,
+        typer.Option(
+            help="Epochs per run, a fixed length; with --patience, the ceiling (default: "
+            "the preset's).",
+            metavar="N",
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="Train each run until its validation accuracy has not improved for N epochs "
+            "(the rate drops 10x twice first), then take its best epoch (default: the "
+            "preset's).",
+            metavar="N",
+        ),
     ] = None,
     preset: Annotated[str, typer.Option(help=_preset_help(), metavar="NAME")] = "default",
     lr: Annotated[
@@ -118,6 +136,7 @@ def compare_command(
                 data, methods, seeds, epochs, preset, on_run=progress.update,
                 progress=progress.epoch_bars, encoder=encoder, test_data=test_data,
                 tensorboard=tensorboard, options=options, on_start=progress.start,
+                patience=patience,
             )  # fmt: skip
         if out is not None and is_main():
             write_comparison(result, out)

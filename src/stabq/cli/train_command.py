@@ -37,6 +37,7 @@ class TrainOptions:
     option: list[str] | None
     val_data: str | None
     epochs: int
+    patience: int | None
     batch_size: int
     lr: float
     seed: int
@@ -78,7 +79,17 @@ def train(
     val_data: Annotated[
         str | None, typer.Option(help="Validation data (default: 10% of --data).")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 100,
+    epochs: Annotated[
+        int, typer.Option(help="Passes over the training data; with --patience, the ceiling.")
+    ] = 100,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="Train until the validation accuracy has not improved for N epochs (the "
+            "rate drops 10x twice first), then keep the best epoch.",
+            metavar="N",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of weights, batches and splits.")] = 0,
@@ -159,7 +170,8 @@ def _config(options: TrainOptions, device: str, quiet: bool) -> Any:
 
     seeded = options.init_from is not None
     return TrainConfig(
-        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+        epochs=options.epochs, patience=options.patience, batch_size=options.batch_size,
+        lr=options.lr, seed=options.seed,
         device=device, guards=options.guards, two_stage=options.two_stage or seeded,
         stage1_epochs=0 if seeded else options.stage1_epochs,
         freeze_projector=options.freeze_projector, ramp_epochs=options.ramp_epochs,
@@ -230,10 +242,18 @@ def _train(
     distributed.barrier()  # every rank leaves together, after rank 0 has saved
     if not quiet and distributed.is_main():
         last = result.final
+        if result.best_epoch is not None:
+            last = result.history[result.best_epoch - 1]
+        best = (
+            ""
+            if result.best_epoch is None
+            else (f", best of {len(result.history)} epochs: {result.best_epoch}")
+        )
         typer.echo(
             f"{options.quantizer}: val accuracy {last['val_accuracy']:.4f}, "
             f"fill {last['fill']:.3f}, perplexity {last['perplexity']:.1f}, "
-            f"{len(result.guard_events)} guard events, {result.seconds:.1f} s -> {options.out}"
+            f"{len(result.guard_events)} guard events, {result.seconds:.1f} s{best} -> "
+            f"{options.out}"
         )
 
 
@@ -251,7 +271,8 @@ def _resumed_options(
     typed = {k: v for k, v in given.items() if typed_in(k)}
     recorded = resume_arguments(resume, typed)
     # a run recorded before --encoder existed used the MLP
-    values = {k: recorded.get(k, "mlp") if k == "encoder" else recorded[k] for k in RUN_OPTIONS}
+    earlier = {"encoder": "mlp", "patience": None}  # options a run may predate
+    values = {k: recorded[k] if k in recorded else earlier[k] for k in RUN_OPTIONS}
     trusted = trust_encoder or run_started_here(resume, values["encoder"])
     require_trusted(
         values["encoder"], f"--resume {resume}", trusted=trusted, how=CLI_HINT, doing="resuming"

@@ -11,7 +11,10 @@ from stabq.compare.scenarios import EXPLODE_CONFIG, STABQ_PRESETS, explode_runs
 from stabq.errors import ConfigError
 from stabq.training.config import TrainConfig
 
-RUN_SET = ("seed", "two_stage", "epochs", "progress")  # set by compare for each run
+RUN_SET = ("seed", "two_stage", "epochs", "patience", "progress")  # set by compare for each run
+# how default and quick train each run: until the validation accuracy stops improving
+# (stabq.training.stopping), at most 150 epochs
+UNTIL_BEST = {"epochs": 150, "patience": 5}
 
 
 @dataclass(frozen=True)
@@ -59,20 +62,28 @@ DEFAULT_METHODS = [
 STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq", *NEWER]
 QUICK_METHODS = ["none", "vq-ema", "vq", "rvq", "fsq", "gumbel"]
 PRESETS: dict[str, dict[str, Any]] = {
-    # finishes in a few minutes on 2 cores for mnist1d
-    "default": {"methods": DEFAULT_METHODS, "seeds": 2, "epochs": 40, "config": {}},
+    # each run until it stops improving
+    "default": {"methods": DEFAULT_METHODS, "seeds": 2, **UNTIL_BEST, "config": {}},
     # the first look (make demo): the baseline that collapses, the main repairs, 2 seeds
-    "quick": {"methods": QUICK_METHODS, "seeds": 2, "epochs": 20, "config": {}},
-    # vanilla VQ-EMA's failure: a high learning rate, 512 codes, no guards anywhere
+    "quick": {"methods": QUICK_METHODS, "seeds": 2, **UNTIL_BEST, "config": {}},
+    # vanilla VQ-EMA's failure: a high learning rate, 512 codes, no guards anywhere; the
+    # failures of fixed-length runs, so stress and explode keep their fixed length
     "stress": {
         "methods": STRESS_METHODS,
         "seeds": 3,
         "epochs": 20,
+        "patience": None,
         "config": {"lr": 3e-2, "guards": False, "warmup_epochs": 0.0},
     },
     # the user's explosion (stabq.scenarios): each scenario's baseline with the stabq
     # presets under SGD momentum 0.9, lr 1e-2, guards off; then the baselines guarded
-    "explode": {"methods": STABQ_PRESETS, "seeds": 3, "epochs": 10, "config": EXPLODE_CONFIG},
+    "explode": {
+        "methods": STABQ_PRESETS,
+        "seeds": 3,
+        "epochs": 10,
+        "patience": None,
+        "config": EXPLODE_CONFIG,
+    },
 }
 
 
@@ -114,7 +125,7 @@ def planned_runs(
 ) -> int:
     """How many runs :func:`compare` trains for these arguments (``explode`` trains each
     scenario's baseline twice more: guards off, then on). Raises as compare does."""
-    chosen, seeds, _ = plan(preset, methods, seeds, None, None, None)
+    chosen, seeds, _ = plan(preset, methods, seeds, None, None, None, None)
     return explode_runs(len(chosen), seeds) if preset == "explode" else len(chosen) * seeds
 
 
@@ -125,10 +136,15 @@ def plan(
     epochs: int | None,
     progress: bool | None,
     options: Mapping[str, Any] | None,
+    patience: int | None = None,
 ) -> tuple[list[Method], int, TrainConfig]:
     """The methods, seeds and training options of a comparison, checked (a one-line
     :class:`ConfigError` for an unknown preset, method or option, a method named twice,
-    seeds < 1, or an option compare sets for each run)."""
+    seeds < 1, or an option compare sets for each run).
+
+    ``epochs`` alone is a fixed length; ``patience`` trains until the validation accuracy
+    stops improving, with ``epochs`` (else the preset's) as the ceiling; neither: the
+    preset's way."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: allowed: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
@@ -141,14 +157,17 @@ def plan(
     if taken:
         raise ConfigError(
             f"--option {taken[0]}: compare sets it for each run (seeds run 0, 1, ...; "
-            "two-stage is a method; epochs and progress have options of their own)"
+            "two-stage is a method; epochs, patience and progress have options of their own)"
         )
+    if patience is None and epochs is None:
+        patience = spec["patience"]
     epochs = spec["epochs"] if epochs is None else epochs
-    run = {**spec["config"], **options, "epochs": epochs, "progress": progress}
+    run = {**spec["config"], **options, "epochs": epochs, "patience": patience}
+    run["progress"] = progress
     return chosen, seeds, TrainConfig.from_dict(run)
 
 
 __all__ = [
-    "DEFAULT_METHODS", "METHODS", "PRESETS", "QUICK_METHODS", "STRESS_METHODS", "Method",
-    "plan", "planned_runs", "resolve_methods",
+    "DEFAULT_METHODS", "METHODS", "PRESETS", "QUICK_METHODS", "STRESS_METHODS", "UNTIL_BEST",
+    "Method", "plan", "planned_runs", "resolve_methods",
 ]  # fmt: skip

@@ -33,6 +33,7 @@ COLUMNS = (
     ("max_loss", "max loss", "{:.3g}"),
     ("diverged", "diverged", "{}"),
     ("rescued", "rescued", "{}"),
+    ("epochs", "epochs", "{:g}"),
     ("seconds", "s / run", "{:.1f}"),
     ("verdict", "verdict", "{}"),
 )

@@ -79,6 +79,7 @@ def compare(
     tensorboard: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
     on_start: Callable[[int], None] | None = None,
+    patience: int | None = None,
 ) -> Comparison:
     """Train every method on ``data`` for ``seeds`` seeds and compare them.
 
@@ -88,7 +89,9 @@ def compare(
             torch ``Dataset``.
         methods: names of :data:`METHODS` (a list or ``"a,b"``); default the preset's.
         seeds: runs per method (seeds 0, 1, ...); default the preset's.
-        epochs: epochs per run; default the preset's.
+        epochs: epochs per run, a fixed length; with ``patience``, the ceiling. Default:
+            the preset's (default and quick: until the validation accuracy stops
+            improving, at most 150 epochs; see :mod:`stabq.training.stopping`).
         preset: ``default``, ``stress`` or ``explode`` (:data:`PRESETS`): methods, seeds,
             epochs and training options unless given.
         on_run: called with each run's record as it ends.
@@ -104,6 +107,8 @@ def compare(
         options: training options (:class:`~stabq.TrainConfig` fields such as ``lr``,
             ``batch_size``, ``optimizer``), over the preset's; ``explode``'s scenarios
             keep their own optimiser, rate and guards, the failure they reproduce.
+        patience: train each run until its validation accuracy has not improved for this
+            many epochs (after two 10x rate drops), then go back to its best epoch.
     Returns:
         A :class:`Comparison`: per-run records, per-method rows and the verdict line.
     Raises:
@@ -115,7 +120,7 @@ def compare(
         result = compare("mnist1d", methods="none,fsq,vq", seeds=1, epochs=5, options={"lr": 1e-3})
         print(result.verdict)
     """
-    chosen, seeds, config = plan(preset, methods, seeds, epochs, progress, options)
+    chosen, seeds, config = plan(preset, methods, seeds, epochs, progress, options, patience)
     check_encoder(encoder)
     if tensorboard is not None:
         check_log_dir(tensorboard)

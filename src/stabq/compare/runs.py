@@ -64,10 +64,12 @@ def run_one(
         with epoch_writer(tensorboard) as on_epoch:
             result = train(model, train_set, config=run_config, on_epoch=on_epoch)
         history, events = result.history, len(result.guard_events)
+        record["best_epoch"] = result.best_epoch
     except TrainingError as err:
         history, events = [], 0
         record.update(diverged=True, error=str(err))
     record["seconds"] = time.perf_counter() - started
+    record["epochs"] = len(history)  # trained (with patience: until it stopped improving)
     tx, ty = on_device(test_set.x, "cpu"), torch.from_numpy(test_set.y)
     figures = evaluate_model(model, tx, ty, keep_indices=True, keep_predictions=True)
     indices = figures.pop("indices")
@@ -135,6 +137,7 @@ def summarise(
             "diverged": sum(r["diverged"] for r in runs),
             "rescued": sum(r["guard_events"] > 0 for r in runs),
             "seconds": statistics.mean(r["seconds"] for r in runs),
+            "epochs": statistics.median(r.get("epochs", len(r.get("history", []))) for r in runs),
         }
         row.update(health.method_health(runs, num_classes, quantized))
         rows.append(row)
