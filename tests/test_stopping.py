@@ -26,10 +26,8 @@ def replay(figures, patience, drops, ceiling, monitor="val_accuracy"):
     for epoch, (acc, loss) in enumerate(figures, start=1):
         scales.append(scale)  # the rate this epoch trained at
         lower = loss < best_loss - THRESHOLD * abs(best_loss) or best_loss == math.inf
-        if monitor == "val_loss":
-            better = lower
-        else:
-            better = acc > best_acc or (acc == best_acc and lower)
+        by_accuracy = acc > best_acc or (acc == best_acc and lower)
+        better = lower if monitor == "val_loss" else by_accuracy
         if better:
             best_acc, best_loss, best_epoch, wait = acc, loss, epoch, 0
         else:
@@ -178,9 +176,8 @@ def test_compare_trains_until_best_unless_a_fixed_length_is_asked():
 
 @pytest.mark.outcome
 def test_a_run_that_stops_early_resumes_bitwise(blobs, tmp_path):
-    from test_checkpoint import Stop, assert_bitwise_equal, crash_at, same_history
-
     from stabq.distributed import steps_per_epoch
+    from test_checkpoint import Stop, assert_bitwise_equal, crash_at, same_history
 
     config = TrainConfig(
         epochs=18, patience=1, lr_drops=1, two_stage=True, stage1_epochs=9, batch_size=64,
