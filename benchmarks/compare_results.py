@@ -1,0 +1,59 @@
+"""Keep a measured comparison in ``benchmarks/results/``, with the command and the machine.
+
+    python benchmarks/compare_results.py OUT_DIR NAME --command "stabq compare ..." \\
+        [--threads 1] [--note "..."]
+
+``OUT_DIR`` is a comparison's ``--out`` directory. Its ``results.json`` is kept whole, less
+each run's code frequencies (a grid's run holds 64,000 counts) and with each epoch's
+history row cut to the figures the docs read; the rows, the verdict, the settings and
+each run's packed correct test rows (the paired intervals) stay as they were. Written to
+``benchmarks/results/compare-NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+HISTORY_KEYS = ("epoch", "stage", "train_loss", "val_loss", "val_accuracy", "lr", "stage_end")
+
+
+def trimmed(results: dict) -> dict:
+    """``results`` with code frequencies dropped and history rows cut to HISTORY_KEYS."""
+    runs = []
+    for run in results["runs"]:
+        run = {k: v for k, v in run.items() if k != "code_counts"}
+        run["history"] = [{k: row.get(k) for k in HISTORY_KEYS} for row in run["history"]]
+        runs.append(run)
+    return {**results, "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--command", required=True)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    results = json.loads((args.out_dir / "results.json").read_text())
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "cores": __import__("os").cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    document = {"command": args.command, "machine": machine, "note": args.note,
+                **trimmed(results)}  # fmt: skip
+    target = Path(__file__).parent / "results" / f"compare-{args.name}.json"
+    target.write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n")
+    print(f"{target}: {target.stat().st_size:,} bytes")
+
+
+if __name__ == "__main__":
+    main()
