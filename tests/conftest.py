@@ -3,6 +3,10 @@
 ``STABQ_TEST_THREADS`` (default 1) sets torch's and faiss's threads, so that the
 training-outcome tests (marked ``outcome``) can be run on another thread count
 too: ``make test-portable`` runs them on two threads and on other CPU kernel paths.
+
+``STABQ_DERANDOMIZE=1`` (``.ci/run`` sets it) makes every hypothesis test draw the same
+examples on every run, so that a clean clone's verdict does not depend on the draw; a run
+without it explores new examples each time, as development should.
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ import os
 import faiss
 import pytest
 import torch
+from hypothesis import settings
 
 THREADS = int(os.environ.get("STABQ_TEST_THREADS", "1"))
+if os.environ.get("STABQ_DERANDOMIZE") == "1":
+    settings.register_profile("derandomized", derandomize=True, database=None)
+    settings.load_profile("derandomized")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import stabq.datasets as datasets_module
@@ -335,12 +335,17 @@ def test_standardizer_matches_hand_computation():
 
 
 @given(st.integers(1, 20), st.integers(1, 6), st.integers(0, 2**32 - 1))
+@example(n=2, d=4, seed=6785)  # two close values: a std of 3.5e-3 on values near 5
 @settings(max_examples=30, deadline=None)
 def test_standardized_columns_have_mean_0_and_std_1_or_0(n, d, seed):
     x = np.random.default_rng(seed).normal(5, 3, (n, d)).astype(np.float32)
-    out = Standardizer.fit(x).transform(x)
-    np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
-    assert np.all((np.abs(out.std(0) - 1) < 1e-3) | (out.std(0) < 1e-4))
+    scaler = Standardizer.fit(x)
+    out = scaler.transform(x)
+    # mean and std are kept in float32: the mean's rounding, up to eps/2 of the values'
+    # size, comes out divided by the std (a column of close values magnifies it)
+    rounding = 4 * np.finfo(np.float32).eps * np.abs(x).max(0) / scaler.std + 1e-6
+    assert np.all(np.abs(out.mean(0)) <= rounding)
+    assert np.all((np.abs(out.std(0) - 1) < 1e-3 + rounding) | (out.std(0) < 1e-4))
 
 
 def test_standardizer_json_round_trip_is_exact():
