@@ -6,6 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# test processes (pytest-xdist), one a core; each runs torch on one thread (tests/conftest.py)
+WORKERS ?= 2
+XDIST  := -n $(WORKERS) --dist loadfile
 
 .PHONY: demo test test-portable lint format bench clean
 
@@ -26,14 +29,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # The tests whose verdict depends on how a training run ends (marker `outcome`), again on
 # other CPU kernel paths (ATen and the inductor both follow ATEN_CPU_CAPABILITY) and on two
 # threads instead of one: a verdict that holds on this processor must hold on any.
 test-portable: $(STAMP)
-	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m outcome -p no:cacheprovider
-	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m outcome -p no:cacheprovider
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m outcome -p no:cacheprovider $(XDIST)
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m outcome -p no:cacheprovider $(XDIST)
+	# one process: two of two threads each would oversubscribe the cores
 	STABQ_TEST_THREADS=2 $(BIN)/python -m pytest -q -m outcome -p no:cacheprovider
 
 lint: $(STAMP)
