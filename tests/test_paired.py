@@ -372,3 +372,17 @@ def test_the_accuracy_plot_draws_each_gap_with_its_interval(twins):
     vq = next(r for r in twins.rows if r["method"] == "vq-1")
     colours = [c.lines[0].get_color() for c in gaps.containers]
     assert colours[-1] == "tab:red" and vq["verdict"] == "collapsed"
+
+
+def test_a_failed_method_s_wide_interval_does_not_flatten_the_healthy_ones():
+    rows = [
+        {"method": "none", "verdict": "ok", "accuracy": 0.9, "accuracy_sd": 0.01, "gap": None},
+        {"method": "fsq", "verdict": "ok", "accuracy": 0.91, "accuracy_sd": 0.01,
+         "gap": 0.01, "gap_low": -0.02, "gap_high": 0.04},
+        {"method": "vq-ema", "verdict": "collapsed", "accuracy": 0.7, "accuracy_sd": 0.3,
+         "gap": -0.2, "gap_low": -0.85, "gap_high": 0.46},
+    ]  # fmt: skip
+    _, gaps = plot_accuracy(rows).axes
+    low, high = gaps.get_ylim()
+    assert (low, high) == (-3.0, 5.0)  # fsq's [-2, +4] and 0, a point of margin each side
+    assert sorted(t.get_text() for t in gaps.texts) == ["+46", "-85"]  # the cut ends

@@ -135,6 +135,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]]) -> Any:
         below, above = (0.0, 0.0) if low is None or high is None else (gap - low, high - gap)
         yerr = [[100 * below], [100 * above]]
         gaps.errorbar([i], [100 * gap], yerr=yerr, fmt="o", color=colours[i], capsize=4)
+    _clip_to_healthy(gaps, rows)
     gaps.set_xticks(range(len(names)), names)
     gaps.set(
         ylabel="gap to continuous, points",
@@ -143,6 +144,24 @@ def plot_accuracy(rows: Sequence[dict[str, Any]]) -> Any:
     for axis in (ax, gaps):
         axis.tick_params(axis="x", rotation=45)
     return fig
+
+
+def _clip_to_healthy(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Keep the gap panel on the healthy methods' intervals: a failed method's interval
+    (vq-ema's can span 130 points) is cut at the panel's edge, its end written there."""
+    ends = [0.0]
+    for row in rows:
+        if row.get("gap") is not None and row["verdict"] in HEALTHY:
+            ends += [100 * (row.get(k) if row.get(k) is not None else row["gap"])
+                     for k in ("gap_low", "gap_high")]  # fmt: skip
+    pad = max(1.0, 0.15 * (max(ends) - min(ends)))
+    low, high = min(ends) - pad, max(ends) + pad
+    for i, row in enumerate(rows):
+        for key, edge, va in (("gap_low", low, "bottom"), ("gap_high", high, "top")):
+            value = row.get(key)
+            if value is not None and not low <= 100 * value <= high:
+                ax.annotate(f"{100 * value:+.0f}", (i, edge), ha="center", va=va, fontsize=7)
+    ax.set_ylim(low, high)
 
 
 def _save(fig: Any, path: Path) -> Path:
