@@ -6,11 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# the docs extra (mkdocs and its plugins), installed by `make docs` only
+DOCS_STAMP := $(VENV)/.installed-docs
 # test processes (pytest-xdist), one a core; each runs torch on one thread (tests/conftest.py)
 WORKERS ?= 2
 XDIST  := -n $(WORKERS) --dist loadfile
 
-.PHONY: demo test test-portable lint format bench clean
+.PHONY: demo test test-portable lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV): the CPU build of torch, then stabq and its extras (about a minute)"
@@ -52,5 +54,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quantizers.py
 	$(BIN)/python benchmarks/presets.py
 
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+# the site in site/: strict, so a broken link or anchor, or a docstring the API reference
+# cannot read, fails; the API page comes from the docstrings, the CLI page from the typer
+# app (docs/hooks/cli.py)
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .hypothesis .ruff_cache

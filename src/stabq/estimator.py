@@ -49,8 +49,12 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         dropout: dropout after each hidden layer.
         bottleneck_dim: size of the features handed to the quantizer.
         quantizer_options: dict of options passed to the preset (``{"levels": [8, 5, 5]}``).
-        epochs, batch_size, lr, weight_decay, two_stage, val_fraction: training
-            options (see :class:`stabq.training.TrainConfig`).
+        epochs: a training option (see :class:`stabq.training.TrainConfig`).
+        batch_size: a training option (see :class:`stabq.training.TrainConfig`).
+        lr: a training option (see :class:`stabq.training.TrainConfig`).
+        weight_decay: a training option (see :class:`stabq.training.TrainConfig`).
+        two_stage: a training option (see :class:`stabq.training.TrainConfig`).
+        val_fraction: a training option (see :class:`stabq.training.TrainConfig`).
         random_state: None, an int or a ``numpy.random.RandomState``; seeds the
             weights, the batch order and the validation split.
         device: torch device to train and predict on (``"cpu"``, ``"cuda"``, ``"auto"``).

@@ -118,7 +118,10 @@ class CodebookHealth(pl.Callback):
         every_n_steps: log training figures this often (default: the trainer's
             ``log_every_n_steps``).
         prefix: the first part of every logged name.
-        window, check_every, warn, **monitor_kwargs: for each :class:`CollapseMonitor`
+        window: for each :class:`CollapseMonitor`.
+        check_every: for each :class:`CollapseMonitor`.
+        warn: for each :class:`CollapseMonitor`.
+        **monitor_kwargs: for each :class:`CollapseMonitor`
             (``unannealed_steps=`` and the other thresholds).
     """
 

@@ -231,7 +231,7 @@ def swap_quantizers(
     classes: Iterable[type | str] = (),
     returns: str | Sequence[str] | None = None,
     missing_ok: bool = False,
-    **overrides,
+    **overrides: Any,
 ) -> SwapReport:
     """Replace every quantizer in ``model``, in place, by the stabq ``preset``.
 
