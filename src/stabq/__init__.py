@@ -69,7 +69,7 @@ MOVED_MODULES = {
     "demo": "stabq.quantizers.demo",
 }
 # names that left their module when it moved: the torch side of stabq.rows (the trainer's
-# batches) now lives in stabq.training.batches, the file readers' message helpers in
+# batches) now lives in stabq.training.batches, the file readers' message functions in
 # stabq.data.labeled; the old module still answers to them
 MOVED_NAMES = {
     "rows": ("stabq.training.batches", ("RowReader", "as_labeled_data", "on_device")),

@@ -1,9 +1,9 @@
-"""The few torch.distributed helpers everything uses.
+"""The few torch.distributed functions everything uses.
 
 stabq runs under PyTorch's own engine: ``torchrun`` starts the processes and
 sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``; :func:`init_from_env` joins the process group they describe.
-Every helper here is a no-op (returns its input unchanged) when no process
+Every function here is a no-op (returns its input unchanged) when no process
 group of more than one rank is initialised, and that is checked at each call,
 not at construction: a module built before ``init_process_group`` still syncs.
 
