@@ -30,10 +30,10 @@ WAYS = {
 }
 
 
-def one(encoder: str, method: str, seed: int, way: str, patience: int) -> dict:
-    """Train one run; its test accuracy, epochs, best epoch and seconds."""
-    train_set = load_data("mnist1d", "train")
-    test_set = load_data("mnist1d", "test", classes=train_set.classes)
+def one(data: tuple, encoder: str, method: str, seed: int, way: str, patience: int) -> dict:
+    """Train one run on ``data`` (train and test parts); its test accuracy, epochs, best
+    epoch and seconds."""
+    train_set, test_set = data
     spec = dict(WAYS[way])
     spec["patience"] = patience if spec["patience"] else None
     torch.manual_seed(seed)
@@ -61,12 +61,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    train_set = load_data("mnist1d", "train")
+    data = (train_set, load_data("mnist1d", "test", classes=train_set.classes))
     runs = []
     for encoder in args.encoders.split(","):
         for method in args.methods.split(","):
             for seed in range(args.seeds):
                 for way in WAYS:
-                    runs.append(one(encoder, method, seed, way, args.patience))
+                    runs.append(one(data, encoder, method, seed, way, args.patience))
                     r = runs[-1]
                     print(f"{encoder} {method} seed {seed} {way}: {100 * r['test_accuracy']:.1f}% "
                           f"in {r['epochs']} epochs, {r['seconds']:.0f} s", flush=True)  # fmt: skip
