@@ -97,6 +97,30 @@ def machine(device: str) -> str:
     return f"{device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def provenance(command: str, threads: int | None = None) -> dict:
+    """Where and when a result was measured: the command, the commit, the date (UTC), the
+    processor, its cores, the torch threads (``threads`` when the runs set their own),
+    torch's version and its CPU kernel path. The benchmark pages print these with each table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)  # fmt: skip
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"],
+                           capture_output=True, text=True)  # fmt: skip
+    commit = git.stdout.strip() or None
+    if commit and dirty.stdout.strip():
+        commit += "+changes"
+    return {
+        "command": command,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "processor": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A markdown table: ``columns`` are (header, key, format); missing values print '-'."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]

@@ -1,7 +1,7 @@
 """The same training on 1 and on 2 processes (torchrun, gloo, CPU), timed side by side.
 
     python benchmarks/distributed.py [--data mnist1d] [--quantizer vq] [--epochs 20]
-                                     [--batch-size 256] [--repeats 3]
+                                     [--batch-size 256] [--repeats 3] [--json FILE]
 
 Both runs use the same global batch, so they take the same steps and learn the
 same model (up to dropout and float rounding); 2 processes each compute half of
@@ -14,6 +14,7 @@ so a change in the machine's other load hits both.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import provenance  # noqa: E402
 
 
 def run_once(nproc: int, args: argparse.Namespace, out: Path) -> tuple[float, float, str]:
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
     args = parser.parse_args()
     times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,10 +67,19 @@ def main() -> None:
     print("| processes | training s (median) | wall s (median) | speedup (training) |")
     print("|---|---|---|---|")
     base = statistics.median(t for t, _ in times[1])
+    rows = []
     for nproc, runs in times.items():
         train_s = statistics.median(t for t, _ in runs)
         wall = statistics.median(w for _, w in runs)
+        rows.append({"processes": nproc, "train_s": train_s, "wall_s": wall,
+                     "speedup": base / train_s, "runs": runs})  # fmt: skip
         print(f"| {nproc} | {train_s:.1f} | {wall:.1f} | {base / train_s:.2f}x |")
+    if args.json is not None:
+        command = " ".join(["python benchmarks/distributed.py", *sys.argv[1:]])
+        settings = {"data": args.data, "quantizer": args.quantizer, "epochs": args.epochs,
+                    "batch_size": args.batch_size, "repeats": args.repeats}  # fmt: skip
+        document = {**provenance(command, threads=1), **settings, "rows": rows}
+        args.json.write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":
