@@ -130,10 +130,11 @@ def _settings(document: dict) -> str:
     length = f"{s['epochs']} epochs"
     if s.get("patience"):
         length = f"each run until it stops improving (patience {s['patience']}, at most {length})"
-    clip = "no gradient clipping" if s.get("grad_clip") is None else f"clipping {s['grad_clip']:g}"
+    clip = s.get("grad_clip")
+    clip = "no gradient clipping" if clip is None else f"gradient clipping at {clip:g}"
     return (
         f"`{document['data']}`, preset `{document['preset']}`, encoder `{s['encoder']}`, "
-        f"{s['seeds']} seeds, {length}, {s['optimizer']} at lr {s['lr']:g}, {clip}, "
+        f"{s['seeds']} seeds, {length}, `{s['optimizer']}` at lr {s['lr']:g}, {clip}, "
         f"guards {'on' if s['guards'] else 'off'}; {_minutes(document['seconds'])} of "
         f"comparison."
     )
