@@ -62,7 +62,7 @@ def provenance_of(document: dict) -> dict:
 
 def threads_text(threads: int | None) -> str:
     if threads is None:
-        return "torch's default threads"
+        return "its default threads"
     return f"{threads} thread" if threads == 1 else f"{threads} threads"
 
 
