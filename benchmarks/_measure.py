@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,19 @@ def machine(device: str) -> str:
     else:
         where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return f"{device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# settings of the environment that change what a benchmark measures
+ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def command_line(script: str | None = None, args: list[str] | None = None) -> str:
+    """A benchmark's command as a user would type it from the repository root, with the
+    environment settings above that are set (``ATEN_CPU_CAPABILITY=avx2 python ...``):
+    ``script`` (this one's name) with ``args`` (this process's arguments) by default."""
+    env = [f"{name}={os.environ[name]}" for name in ENVIRONMENT if name in os.environ]
+    script = f"benchmarks/{script or os.path.basename(sys.argv[0])}"
+    return shlex.join([*env, "python", script, *(sys.argv[1:] if args is None else args)])
 
 
 def provenance(command: str, threads: int | None = None) -> dict:

@@ -9,7 +9,8 @@ this prints, for every preset and attack, the median test accuracy over seeds
 and kernel paths, its range, the median gap to the clean run, how many runs
 stopped with a TrainingError and the guard events per run. Each kernel path
 runs in its own process (``ATEN_CPU_CAPABILITY``), torch on one thread; the
-paths run two at a time.
+paths run two at a time. ``--json`` writes every run with the provenance
+(``_measure.provenance``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import on_kernel_paths
+from _measure import command_line, on_kernel_paths, provenance
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -112,7 +113,9 @@ def main() -> None:
     )
     print(table(records))
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
+        settings = {"seeds": args.seeds, "paths": paths}
+        document = {**provenance(command_line(), threads=1), **settings, "runs": records}
+        Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

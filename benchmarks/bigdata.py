@@ -12,7 +12,9 @@ Reported per size: the process's peak resident memory (VmHWM: ``ru_maxrss`` of
 the child, which starts from this small process), the cgroup's
 ``max_usage_in_bytes`` (it counts the page cache the reads fill, which the
 kernel reclaims at the limit), its ``failcnt`` and the wall time. Files are
-deleted afterwards. Needs root on a cgroup v1 machine.
+deleted afterwards. Needs root on a cgroup v1 machine. The provenance
+(``_measure.provenance``) is read after the runs: torch is not imported before them, so
+this process stays small.
 
     python benchmarks/bigdata.py --sizes-gib 1,2,4 --limit-mib 640 --dir /tmp/stabq-bigdata
 """
@@ -112,9 +114,12 @@ def main() -> None:
         results.append(record)
         print(json.dumps(record), flush=True)
         shutil.rmtree(args.dir, ignore_errors=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _measure import command_line, provenance  # imports torch: after the runs
+
     report = {
         "benchmark": "bigdata",
-        "command": " ".join(["python", *sys.argv]),
+        **provenance(command_line()),
         "machine": {
             "cpus": os.cpu_count(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),

@@ -1,4 +1,4 @@
-"""Keep a measured comparison in ``benchmarks/results/``, with the command and the machine.
+"""Keep a measured comparison in ``benchmarks/results/``, with its command and provenance.
 
     python benchmarks/compare_results.py OUT_DIR NAME --command "stabq compare ..." \\
         [--threads 1] [--note "..."]
@@ -7,17 +7,20 @@
 each run's code frequencies (a grid's run holds 64,000 counts) and with each epoch's
 history row cut to the figures the docs read; the rows, the verdict, the settings and
 each run's packed correct test rows (the paired intervals) stay as they were. Written to
-``benchmarks/results/compare-NAME.json``.
+``benchmarks/results/compare-NAME.json``, with :func:`_measure.provenance` (the command,
+the commit, the date, the processor, the threads: ``--threads`` when the comparison set
+its own, else torch's default here) so the benchmark pages can say where it came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import provenance
 
 HISTORY_KEYS = ("epoch", "stage", "train_loss", "val_loss", "val_accuracy", "lr", "stage_end")
 
@@ -41,14 +44,7 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     results = json.loads((args.out_dir / "results.json").read_text())
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    document = {"command": args.command, "machine": machine, "note": args.note,
+    document = {**provenance(args.command, args.threads), "note": args.note,
                 **trimmed(results)}  # fmt: skip
     target = Path(__file__).parent / "results" / f"compare-{args.name}.json"
     target.write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n")

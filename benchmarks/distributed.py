@@ -28,7 +28,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import provenance  # noqa: E402
+from _measure import command_line, provenance  # noqa: E402
 
 
 def run_once(nproc: int, args: argparse.Namespace, out: Path) -> tuple[float, float, str]:
@@ -75,10 +75,9 @@ def main() -> None:
                      "speedup": base / train_s, "runs": runs})  # fmt: skip
         print(f"| {nproc} | {train_s:.1f} | {wall:.1f} | {base / train_s:.2f}x |")
     if args.json is not None:
-        command = " ".join(["python benchmarks/distributed.py", *sys.argv[1:]])
         settings = {"data": args.data, "quantizer": args.quantizer, "epochs": args.epochs,
                     "batch_size": args.batch_size, "repeats": args.repeats}  # fmt: skip
-        document = {**provenance(command, threads=1), **settings, "rows": rows}
+        document = {**provenance(command_line(), threads=1), **settings, "rows": rows}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import alternate, machine, markdown
+from _measure import alternate, command_line, machine, markdown, provenance
 
 LEVELS = [8, 8, 8, 5, 5, 5]
 SIZES = (256, 1024, 4096, 8192, 16384, 65536, 262144)  # rows of len(LEVELS)
@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args()
     report = {
+        **provenance(command_line()),
         "machine": machine("cpu"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "repeats": args.repeats,
         "rows": [measure(rows, args.repeats) for rows in SIZES],
     }

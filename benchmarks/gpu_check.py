@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 sys.path.insert(0, str(Path(__file__).parent))
 import quantizers as bench
 import stabq
-from _measure import alternate, machine, markdown
+from _measure import alternate, command_line, machine, markdown, provenance
 from gpu_cli_runs import compare_run, start_smoke_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("highest")  # no TF32: the CPU reference is fp32
     repeats, presets = (2 if args.quick else 7), stabq.preset_names()
     report: dict[str, Any] = {
+        **provenance(command_line("gpu_check.py", argv)),
         "device": str(device), "machine": machine(device.type),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "stabq": stabq.__version__,

@@ -8,6 +8,7 @@ Torch runs on one thread so the timings do not depend on what else runs.
 ``--paths`` repeats every run on each CPU kernel path (``ATEN_CPU_CAPABILITY``),
 each in its own process, two at a time (so the seconds are then under load), and
 adds each preset's lowest accuracy and its gap to ``none`` on every path and seed.
+``--json`` writes the runs with their provenance (``_measure.provenance``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from _measure import on_kernel_paths
+from _measure import command_line, on_kernel_paths, provenance
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data
 from stabq.training.loop import evaluate_model
@@ -127,8 +128,10 @@ def main() -> None:
         print()
         print(spread(rows))
     if args.json:
+        settings = {"data": args.data, "seeds": args.seeds, "epochs": args.epochs}
+        document = {**provenance(command_line(), threads=1), **settings, "presets": rows}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            f.write(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import alternate, elapsed_ms, machine, markdown, peak_mib
+from _measure import alternate, command_line, elapsed_ms, machine, markdown, peak_mib, provenance
 
 LEVELS = [8, 8, 8, 5, 5, 5]
 RFSQ_LEVELS = [8, 5, 5, 5]
@@ -319,7 +320,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     check_correctness(args.device)
-    report: dict = {"machine": machine(args.device), "repeats": args.repeats}
+    peer = f"vector-quantize-pytorch {version('vector-quantize-pytorch')}"
+    report: dict = {**provenance(command_line()), "machine": machine(args.device),
+                    "peer": peer, "repeats": args.repeats}  # fmt: skip
     rows = ROWS
     if args.rows:
         rows = [row for row in ROWS if row.name.startswith(tuple(args.rows.split(",")))]

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import command_line, provenance
 from stabq import BottleneckClassifier, TrainConfig, train
 from stabq.data import load_data
 from stabq.training import evaluate_model
@@ -86,14 +89,9 @@ def main() -> None:
                 epochs = statistics.median(r["epochs"] for r in mine)
                 print(f"| {encoder} | {method} | {way} | {100 * acc:.1f} | {epochs:g} |")
     if args.json:
-        machine = {
-            "processor": platform.processor() or platform.machine(),
-            "threads": 1,
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        }
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "patience": args.patience, "runs": runs}, f, indent=1)
+        document = {**provenance(command_line(), threads=1), "patience": args.patience}
+        document["runs"] = runs
+        Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import machine, markdown, peak_mib
+from _measure import command_line, machine, markdown, peak_mib, provenance
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data, train_val_split
 
@@ -106,7 +106,8 @@ def main() -> None:
         row["slowdown"] = base[row["encoder"]] / row["samples_per_s"]
         if not args.no_memory and not row["compiled"]:
             row["peak_mib"] = peak_mib(make_epoch, args.data, row["preset"], row["encoder"], "cpu")
-    report = {"machine": machine("cpu"), "data": args.data, "epochs": args.epochs, "rows": rows}
+    report = {**provenance(command_line(), args.threads), "machine": machine("cpu")}
+    report.update(data=args.data, epochs=args.epochs, repeats=args.repeats, rows=rows)
     print(f"\n{report['machine']}, {args.data}, {args.epochs} epochs, median of {args.repeats}\n")
     print(markdown(rows, COLUMNS))
     if args.json:

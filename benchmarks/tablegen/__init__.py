@@ -1,0 +1,47 @@
+"""The renderers of ``benchmarks/tables.py``: one per kind of generated block.
+
+A block on a benchmark page is named ``KIND:STEM[,STEM...]``, the results it reads being
+``benchmarks/results/STEM.json``; the older pages' blocks are ``stopping`` and
+``compare-NAME``, rendered as those pages have always shown them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tablegen import index, quality, runs, speed
+
+ONE: dict[str, Callable[[str], str]] = {
+    "presets": quality.presets,
+    "stopping": quality.stopping,
+    "compare": quality.compare,
+    "quantizers": speed.quantizers,
+    "sweep": speed.sweep,
+    "search-memory": speed.search_memory,
+    "train": speed.train,
+    "train-compile": speed.train_compile,
+    "attacks": runs.attacks,
+    "presets-paths": runs.presets_paths,
+}
+SEVERAL: dict[str, Callable[[list[str]], str]] = {
+    "bigdata": runs.bigdata,
+    "distributed": runs.distributed,
+    "fsq-paths": runs.fsq_paths,
+}
+NONE: dict[str, Callable[[], str]] = {"results": index.results, "machine": index.machine}
+
+
+def render(name: str) -> str:
+    """The text of the block named ``name``."""
+    if name == "stopping":
+        return quality.stopping_old()
+    if name.startswith("compare-"):
+        return quality.compare_old(name)
+    kind, _, argument = name.partition(":")
+    if kind in ONE and argument and "," not in argument:
+        return ONE[kind](argument)
+    if kind in SEVERAL and argument:
+        return SEVERAL[kind](argument.split(","))
+    if kind in NONE and argument == "all":
+        return NONE[kind]()
+    raise SystemExit(f"benchmarks/tables.py: unknown generated block {name!r}")

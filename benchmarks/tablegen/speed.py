@@ -1,0 +1,116 @@
+"""Speed tables: the quantizers against vector-quantize-pytorch (``benchmarks/quantizers.py``)
+and training throughput (``benchmarks/train.py``)."""
+
+from __future__ import annotations
+
+import statistics
+
+from tablegen.common import load, num, sources, span, table
+
+# (header, key, format) of the quantizer tables; a column no row has is left out
+QUANTIZER_COLUMNS = (
+    ("row", "name", "{}"),
+    ("stabq ms", "stabq_ms", "{:.1f}"),
+    ("peer ms", "peer_ms", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("user: stabq ms", "stabq_user_ms", "{:.1f}"),
+    ("user: peer ms", "peer_user_ms", "{:.1f}"),
+    ("user: speedup", "user_speedup", "{:.2f}x"),
+    ("floor ms", "floor_ms", "{:.2f}"),
+    ("stabq / floor", "floor_ratio", "{:.2f}x"),
+    ("stabq MiB", "stabq_peak_mib", "{:.1f}"),
+    ("peer MiB", "peer_peak_mib", "{:.1f}"),
+)
+
+
+def _quantizer_table(rows: list[dict]) -> str:
+    columns = [c for c in QUANTIZER_COLUMNS if any(c[1] in row for row in rows)]
+    body = [[num(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
+    return table([header for header, _, _ in columns], body)
+
+
+def _ratios(rows: list[dict], key: str) -> str:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return span(values, "{:.2f}x") if values else "-"
+
+
+def quantizers(stem: str) -> str:
+    """Each row's step, stabq against the peer both ways, its floor and peak memory."""
+    document = load(stem)
+    rows = document["rows"]
+    peered = [row for row in rows if row.get("peer_ms") is not None]
+    summary = (
+        f"Median of {document['repeats']} steps a cell. Peer time over stabq's: "
+        f"{_ratios(rows, 'speedup')} with the fixed gradient"
+    )
+    if any("user_speedup" in row for row in rows):
+        summary += f", {_ratios(rows, 'user_speedup')} user-style"
+    summary += f", over the {len(peered)} rows the peer has.\n"
+    return f"{_quantizer_table(rows)}\n{summary}\n{sources([stem])}"
+
+
+def sweep(stem: str) -> str:
+    """The size sweep a ``--sweep`` run holds."""
+    document = load(stem)
+    rows = document["sweep"]
+    skipped = [row["name"] for row in rows if row.get("peer_ms") is None]
+    summary = "Median of 3 steps a cell (the sweep's own count)."
+    if skipped:
+        summary += f" The peer is not run on {', '.join(skipped)}."
+    return f"{_quantizer_table(rows)}\n{summary}\n\n{sources([stem])}"
+
+
+def search_memory(stem: str) -> str:
+    """The extra memory of one large nearest-code search, against its stated bound."""
+    search = load(stem)["search_memory"]
+    text = (
+        f"Nearest-code search alone at {search['inputs']:,} inputs x {search['codes']:,} codes "
+        f"x {search['dim']} dims: {search['search_ms']:.0f} ms and {search['extra_mib']:.1f} MiB "
+        f"of extra memory (the rise of the peak resident set in a fresh process), against "
+        f"the stated bound of {search['bound_mib']:.1f} MiB. The unchunked distance matrix "
+        f"would need {search['unchunked_mib']:,.0f} MiB.\n"
+    )
+    return f"{text}\n{sources([stem])}"
+
+
+def train(stem: str) -> str:
+    """Samples a second per encoder and preset, against the continuous model."""
+    document = load(stem)
+    rows = [row for row in document["rows"] if not row.get("compiled")]
+    body = [[row.get("encoder", "mlp"), f"`{row['preset']}`", f"{row['samples_per_s']:,.0f}",
+             f"{row['slowdown']:.2f}x", num(row.get("peak_mib"), "{:.1f}")]
+            for row in rows]  # fmt: skip
+    header = ["encoder", "preset", "samples/s", "continuous / this", "peak MiB (1 epoch)"]
+    lines = []
+    for encoder in dict.fromkeys(row.get("encoder", "mlp") for row in rows):
+        mine = [r for r in rows if r.get("encoder", "mlp") == encoder and r["preset"] != "none"]
+        slowest = max(mine, key=lambda r: r["slowdown"])
+        ratios = span([r["slowdown"] for r in mine], "{:.2f}x")
+        lines.append(
+            f"behind `{encoder}` a bottleneck takes {ratios} the continuous model's time per "
+            f"sample (the slowest: `{slowest['preset']}`)"
+        )
+    summary = f"{document['data']}, {document['epochs']} epochs a run: {'; '.join(lines)}.\n"
+    return f"{table(header, body)}\n{summary}\n{sources([stem])}"
+
+
+def train_compile(stem: str) -> str:
+    """Each preset eager and with ``TrainConfig(compile=True)``, side by side."""
+    document = load(stem)
+    rows = document["rows"]
+    eager = {r["preset"]: r for r in rows if not r["compiled"]}
+    compiled = {r["preset"]: r for r in rows if r["compiled"]}
+    body, ratios = [], []
+    for preset, row in eager.items():
+        other = compiled.get(preset)
+        ratio = other["samples_per_s"] / row["samples_per_s"] if other else None
+        ratios += [] if ratio is None else [100 * ratio]
+        rate = None if other is None else other["samples_per_s"]
+        body.append([f"`{preset}`", f"{row['samples_per_s']:,.0f}", num(rate, "{:,.0f}"),
+                     num(ratio, "{:.2f}x")])  # fmt: skip
+    header = ["preset", "eager samples/s", "compiled samples/s", "compiled / eager"]
+    summary = (
+        f"Compiled, the presets trained at {span(ratios, '{:.0f}%')} of their eager rate "
+        f"(median {statistics.median(ratios):.0f}%).\n"
+    )
+    return f"{table(header, body)}\n{summary}\n{sources([stem])}"
