@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tablegen import index, quality, runs, speed
+from tablegen import index, quality, runs, speed, summary
 
 ONE: dict[str, Callable[[str], str]] = {
     "presets": quality.presets,
@@ -27,6 +27,7 @@ SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,
     "distributed": runs.distributed,
     "fsq-paths": runs.fsq_paths,
+    "summary": summary.summary,
 }
 NONE: dict[str, Callable[[], str]] = {"results": index.results, "machine": index.machine}
 
