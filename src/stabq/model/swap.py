@@ -259,7 +259,7 @@ def swap_quantizers(
             original without ``dim``, or one of ``classes`` whose outputs cannot be
             told apart (pass ``returns=``). Nothing is replaced then.
 
-    Example:
+    Examples:
         >>> swap_quantizers(model, "fsq", classes=[MyVQ])  # doctest: +SKIP
         >>> q, loss, indices = model.vq(z)  # MyVQ's order, stabq's FSQ inside
     """
