@@ -105,6 +105,12 @@ class Swap:
         dim: its input size.
         quantizer: the new stabq quantizer (inside its adapter, if any).
         returns: what it returns, for a class of `classes=`; else None.
+
+    Examples:
+        >>> import torch, stabq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), stabq.VectorQuantizer(16, 64))
+        >>> print(stabq.swap_quantizers(model, "rfsq")[0])
+        1: stabq.VectorQuantizer -> rfsq (dim 16)
     """
 
     path: str  # dotted path in the model, as ``model.get_submodule`` takes it

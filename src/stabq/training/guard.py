@@ -264,11 +264,11 @@ class StabilityGuard(BestEpoch):
         return True
 
     def hold(self) -> tuple[dict, dict]:
-        """A copy of the weights, buffers and optimiser state, for :meth:`put_back`."""
+        """A copy of the weights, buffers and optimiser state, for `put_back`."""
         return self._copy()
 
     def put_back(self, state: tuple[dict, dict]) -> None:
-        """Return to a state that :meth:`hold` gave (the rates stay the current ones)."""
+        """Return to a state that `hold` gave (the rates stay the current ones)."""
         self._restore(state)
 
     def check(self, loss: float, feature_norm: float) -> str | None:
@@ -382,7 +382,7 @@ class StabilityGuard(BestEpoch):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take back what :meth:`state_dict` gave (snapshot tensors on the model's device)."""
+        """Take back what `state_dict` gave (snapshot tensors on the model's device)."""
         self.losses = deque(state["losses"], maxlen=self.window)
         self.norms = deque(state["norms"], maxlen=self.window)
         self.inputs = deque(state["inputs"], maxlen=self.window)
