@@ -155,8 +155,8 @@ def compare(
         A `Comparison`: per-run records, per-method rows and the verdict line.
 
     Raises:
-        ConfigError: an unknown preset, method or option, a method named twice, seeds
-            < 1, an option compare sets for each run (`seed`, `epochs`, ...), or a
+        ConfigError: an unknown preset, method or option, a method named twice, fewer
+            than 1 seed, an option compare sets for each run (`seed`, `epochs`, ...), or a
             TensorBoard directory that cannot be written.
         DataError: data stabq cannot train on, or test data that does not fit it.
 

@@ -48,8 +48,8 @@ class TrainConfig:
             no clipping.
         optimizer: `"adamw"` or `"sgd"`.
         momentum: SGD's momentum, a number in [0, 1); unused by AdamW.
-        seed: seeds the weights, the batch order and the validation split (an integer
-            >= 0).
+        seed: an integer >= 0 that seeds the weights, the batch order and the
+            validation split.
         device: `"auto"` (CUDA when available, else the CPU), `"cpu"`, `"cuda"`,
             `"cuda:N"` or `"mps"`; `stabq.train` refuses a device this machine lacks.
         compile: run the quantizer through `torch.compile` (it stays compiled after
