@@ -1,9 +1,19 @@
 """stabq: stable discrete bottlenecks for classifiers.
 
-FSQ, a repaired VQ, residual VQ, Gumbel-Softmax, product quantization,
-SimVQ, residual FSQ and lookup-free (LFQ, BSQ) quantization behind one
-interface (``q, indices, loss = quantizer(x)``), with codebook health metrics.
-See README.md.
+One interface for FSQ, a repaired VQ, residual VQ, Gumbel-Softmax, product quantization,
+SimVQ, residual FSQ and lookup-free quantization (LFQ, BSQ): ``build_quantizer(preset,
+dim)`` gives a module whose forward returns ``quantized, indices, loss``. Around it:
+``BottleneckClassifier`` (a classifier with a discrete bottleneck), ``train`` with its
+``TrainConfig`` and ``StabilityGuard``, the codebook health of ``CodebookUsage`` and
+``CollapseMonitor``, ``compare`` (every method on your data), ``save_model`` and
+``load``, ``swap_quantizers`` (stabq presets in a vector-quantize-pytorch model),
+``stabq.estimator.DiscreteBottleneckClassifier`` (scikit-learn), the Lightning callbacks
+and TensorBoard writer of ``stabq.integrations``, and the ``stabq`` command. Every error
+raised on purpose is a ``StabqError``.
+
+The documentation (guides, the API reference built from these docstrings, the command
+line, the benchmarks) is the site that ``make docs`` builds from the repository's
+``docs`` folder into ``site``; ``help(stabq.build_quantizer)`` shows the same docstrings.
 
 The package is grouped by idea: ``stabq.quantizers``, ``stabq.data``, ``stabq.model``,
 ``stabq.health``, ``stabq.training``, ``stabq.compare``, ``stabq.integrations`` and

@@ -1,16 +1,8 @@
-"""The few torch.distributed functions everything uses.
-
-stabq runs under PyTorch's own engine: ``torchrun`` starts the processes and
-sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; :func:`init_from_env` joins the process group they describe.
-Every function here is a no-op (returns its input unchanged) when no process
-group of more than one rank is initialised, and that is checked at each call,
-not at construction: a module built before ``init_process_group`` still syncs.
-
-The rule that keeps collectives from hanging: every rank calls them in the same
-order. The codebook and the trainer only ever decide whether to enter one from
-values that are already identical on every rank (all-reduced sums, a mask
-broadcast from rank 0, the same step count), never from a rank's own batch size.
+"""The few torch.distributed functions everything uses, each a no-op (its input back)
+without a process group of more than one rank, checked at each call: a module built
+before ``init_process_group`` still syncs. Collectives never hang because every rank
+calls them in the same order: the codebook and the trainer enter one only on values
+identical on every rank, never on a rank's own batch size.
 """
 
 from __future__ import annotations
@@ -45,7 +37,14 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """True on rank 0, the one rank that writes files, logs and progress bars."""
+    """True on rank 0 (`rank()`; `world_size()` ranks), the one rank that writes files,
+    logs and progress bars; True in a plain process.
+
+    Examples:
+        >>> from stabq import distributed
+        >>> distributed.is_main(), distributed.rank(), distributed.world_size()
+        (True, 0, 1)
+    """
     return rank() == 0
 
 
@@ -55,10 +54,18 @@ def backend() -> str:
 
 
 def init_from_env() -> bool:
-    """Join the process group ``torchrun`` describes in the environment.
+    """Join the process group `torchrun` describes in the environment (`RANK`,
+    `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`): gloo for CPU tensors, plus
+    NCCL for CUDA tensors on a GPU machine, where each process takes GPU `LOCAL_RANK`.
 
-    Does nothing (returns False) unless ``WORLD_SIZE`` > 1 and no group exists
-    yet. On a GPU machine each process takes the GPU ``LOCAL_RANK``.
+    Returns:
+        True when it joined a group; False (doing nothing) unless `WORLD_SIZE` > 1 and
+            no group exists yet.
+
+    Examples:
+        >>> from stabq import distributed
+        >>> distributed.init_from_env()  # a plain process: WORLD_SIZE is not set
+        False
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
@@ -72,7 +79,17 @@ def init_from_env() -> bool:
 
 @contextmanager
 def process_group_from_env() -> Iterator[bool]:
-    """``with process_group_from_env() as started:`` join torchrun's group, leave it after."""
+    """A context manager: join torchrun's group (as `init_from_env`), leave it at the end.
+
+    Yields:
+        True when it joined a group (destroyed when the block ends).
+
+    Examples:
+        >>> from stabq import distributed
+        >>> with distributed.process_group_from_env() as started:
+        ...     print(started, distributed.world_size())
+        False 1
+    """
     started = init_from_env()
     try:
         yield started
@@ -101,11 +118,8 @@ def all_reduce_sum_(*tensors: Tensor) -> None:
 
 
 def sum_statistics_(counts: Tensor, sums: Tensor) -> bool:
-    """All-reduce a codebook's per-code ``counts`` and ``sums`` in place.
-
-    Returns whether any rank assigned anything (identical on every rank), so
-    a batch empty everywhere leaves the EMA alone as it does in one process.
-    """
+    """All-reduce a codebook's per-code ``counts`` and ``sums`` in place; whether any rank
+    assigned anything (identical on every rank: an empty batch leaves the EMA alone)."""
     if not is_distributed():
         return True
     all_reduce_sum_(counts, sums)
@@ -132,10 +146,9 @@ class _SumOverRanks(torch.autograd.Function):
 def sum_over_ranks(t: Tensor) -> Tensor:
     """``t`` summed over all ranks, differentiably (``t`` itself without a process group).
 
-    Every rank must call it, in the same order, and call backward through it if
-    any rank does. Under DistributedDataParallel (which averages the gradients)
-    a loss term ``f(sum_over_ranks(s) / N)`` that every rank adds with weight 1
-    gets one process's gradient for ``f`` of the joined batch's mean.
+    Every rank must call it, in the same order, and call backward through it if any rank
+    does. Under DistributedDataParallel (which averages the gradients) a loss term
+    ``f(sum_over_ranks(s) / N)`` every rank adds with weight 1 gets one process's gradient.
     """
     return _SumOverRanks.apply(t) if is_distributed() else t
 
@@ -153,13 +166,11 @@ def sum_rows_over_ranks(sums: Tensor, rows: int, sync: bool = True) -> tuple[Ten
 def batch_norm(norm: nn.BatchNorm1d, z: Tensor) -> Tensor:
     """``norm(z)`` for ``z`` ``(n, d)``, in distributed training on all ranks' rows together.
 
-    As :class:`torch.nn.SyncBatchNorm`, on any device and for any per-rank ``n``
-    (0 included): the mean and the biased variance (two passes, differentiable)
-    are those of the joined batch, the running statistics take the same step on
-    every rank, and fewer than 2 rows over all ranks are normalised by the
-    running statistics (one value has no variance). Outside training or without
-    a process group it is ``norm(z)``.
-    """
+    As :class:`torch.nn.SyncBatchNorm`, on any device and for any per-rank ``n`` (0
+    included): the mean and the biased variance (two passes, differentiable) are those of
+    the joined batch, the running statistics take the same step on every rank, and fewer
+    than 2 rows over all ranks are normalised by the running statistics. Outside training
+    or without a process group it is ``norm(z)``."""
     if not (norm.training and is_distributed()):
         return norm(z)
     total, rows = sum_rows_over_ranks(z.sum(0), z.shape[0])
@@ -193,9 +204,7 @@ def broadcast_(*tensors: Tensor, src: int = 0) -> None:
 
 def gather_rows(x: Tensor, dim: int = 1) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order; sizes may differ (0 too).
-
-    The same tensor comes back on every rank: the union of the ranks' batches.
-    """
+    The same tensor comes back on every rank: the union of the ranks' batches."""
     if not is_distributed():
         return x
     sizes = torch.tensor([x.shape[dim]], device=x.device)
@@ -246,14 +255,29 @@ def _empty_like(batch):
 
 
 def even_batches(batches: Iterable, empty=None) -> Iterator:
-    """This rank's batches, then empty ones until every rank's are done: equal step counts.
+    """This rank's batches, then empty ones until every rank's are done: equal step counts,
+    for a loop of your own where ranks hold different numbers of batches.
 
-    For a loop of your own where ranks hold different numbers of batches: each
-    step all-reduces one flag, and a rank that has run out yields a 0-row
-    batch (``empty``, or its last batch cut to ``[:0]``), so every rank enters
-    the quantizers' and DDP's collectives equally often. Weigh a loss by the
-    rows of the step over all ranks (an empty batch then adds zero).
-    Without a process group it yields ``batches`` unchanged.
+    Each step all-reduces one flag; a rank that has run out yields a 0-row batch, so every
+    rank enters the collectives equally often. Weigh a loss by the step's rows over all
+    ranks (an empty batch then adds zero).
+
+    Args:
+        batches: this rank's batches (tensors, or tuples or lists of them).
+        empty (Any): the batch to yield once they run out; default None: the last batch cut
+            to `[:0]`.
+
+    Yields:
+        The batches, then empty ones (without a process group, `batches` unchanged).
+
+    Raises:
+        ConfigError: a rank without any batch and no `empty`, or a batch not cut to 0 rows.
+
+    Examples:
+        >>> import torch
+        >>> from stabq import distributed
+        >>> [x.shape[0] for x, y in distributed.even_batches([(torch.ones(4, 2), torch.ones(4))])]
+        [4]
     """
     done, last = object(), None
     iterator = iter(batches)
@@ -283,16 +307,13 @@ def shard_batches(
 ) -> tuple[Tensor, int]:
     """This rank's share of an epoch's ``order`` and its per-rank batch size.
 
-    ``batch_size`` is the global batch ``B``; each of ``W`` ranks takes
-    ``b = ceil(B / W)`` rows a step. ``order`` (length ``n``) is padded by
-    wrapping round to ``m * W`` entries, ``m = ceil(n / W)`` (as
-    DistributedSampler pads); step ``i`` takes the global batch
-    ``padded[i*W*b : (i+1)*W*b]`` and rank ``r`` its ``r``-th contiguous
-    ``1/W``. So every rank runs ``ceil(m / b)`` steps of equal, non-empty
-    batches, and the ranks' batches, joined in rank order, are the batch one
-    process would take. With one rank this is ``(order, batch_size)`` unchanged.
-    ``world`` and ``rank_`` default to this process's.
-    """
+    ``batch_size`` is the global batch ``B``; each of ``W`` ranks takes ``b = ceil(B / W)``
+    rows a step. ``order`` (length ``n``) is padded by wrapping round to ``m * W`` entries,
+    ``m = ceil(n / W)`` (as DistributedSampler pads); step ``i`` takes the global batch
+    ``padded[i*W*b : (i+1)*W*b]`` and rank ``r`` its ``r``-th contiguous ``1/W``. So every
+    rank runs ``ceil(m / b)`` steps of equal, non-empty batches, and the ranks' batches,
+    joined in rank order, are the batch one process would take. With one rank this is
+    ``(order, batch_size)``; ``world`` and ``rank_`` default to this process's."""
     w = world_size() if world is None else world
     r = rank() if rank_ is None else rank_
     if w == 1 or order.shape[0] == 0:
@@ -334,11 +355,9 @@ class _WithFeatures(nn.Module):
 def training_forward(model: nn.Module, device: torch.device, all_used: bool = True) -> Callable:
     """``model.forward_with_features``, wrapped in DistributedDataParallel when distributed.
 
-    Buffers are not broadcast from rank 0 at each step: the quantizers keep
-    their codebooks identical themselves. Parameters frozen at the time of the
-    call are left out, so call it again after freezing; ``all_used=False``
-    (quantization switched off, its projections idle) lets DDP skip unused ones.
-    """
+    Buffers are not broadcast from rank 0 at each step: the quantizers keep their codebooks
+    identical themselves. Parameters frozen at the time of the call are left out, so call it
+    again after freezing; ``all_used=False`` (quantization off) lets DDP skip unused ones."""
     if not is_distributed():
         return model.forward_with_features
     ids = None

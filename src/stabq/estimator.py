@@ -37,34 +37,60 @@ MIN_ROWS_TO_SPLIT = 10  # fewer rows (or a class of one row): validate on the tr
 
 
 class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
-    """A classifier with a discrete bottleneck: projector MLP -> quantizer -> head MLP.
+    """A scikit-learn classifier and transformer with a discrete bottleneck, over numpy arrays.
+
+    `fit` trains a `BottleneckClassifier` (encoder, quantizer, head MLP) with
+    `stabq.train`; `predict_proba` gives the softmax of its logits, `predict` the most
+    likely label, and `transform` the discrete codes. It follows scikit-learn's
+    conventions: the constructor only stores its arguments, everything learned ends in
+    `_`, and the same `random_state` gives the same model. Import it from
+    `stabq.estimator` (or as `stabq.DiscreteBottleneckClassifier`): scikit-learn is
+    imported then, not with `stabq`.
 
     Args:
-        quantizer: a preset name (``fsq``, ``rvq``, ``vq``, ``vq-ema``, ``gumbel``,
-            ``pq``, ``fsq-plain``, ``none``; see ``stabq.preset_names()``).
-        encoder: ``mlp`` (``X`` of shape ``(n, d)``), ``cnn1d`` (``(n, L)`` or
-            ``(n, C, L)``), ``cnn2d`` (``(n, C, H, W)``) or ``"package.module:factory"``
-            (see :mod:`stabq.encoders`).
-        hidden: width of the projector's and the head's hidden layers.
-        dropout: dropout after each hidden layer.
+        quantizer: a preset name of `stabq.preset_names()`.
+        encoder: `"mlp"` (`X` of shape `(n, d)`), `"cnn1d"` (`(n, L)` or `(n, C, L)`),
+            `"cnn2d"` (`(n, C, H, W)`) or `"package.module:factory"`.
+        hidden: width of the encoder's and the head's hidden layers.
+        dropout: dropout after each hidden layer, in [0, 1).
         bottleneck_dim: size of the features handed to the quantizer.
-        quantizer_options: dict of options passed to the preset (``{"levels": [8, 5, 5]}``).
-        epochs: a training option (see :class:`stabq.training.TrainConfig`).
-        batch_size: a training option (see :class:`stabq.training.TrainConfig`).
-        lr: a training option (see :class:`stabq.training.TrainConfig`).
-        weight_decay: a training option (see :class:`stabq.training.TrainConfig`).
-        two_stage: a training option (see :class:`stabq.training.TrainConfig`).
-        val_fraction: a training option (see :class:`stabq.training.TrainConfig`).
-        random_state: None, an int or a ``numpy.random.RandomState``; seeds the
-            weights, the batch order and the validation split.
-        device: torch device to train and predict on (``"cpu"``, ``"cuda"``, ``"auto"``).
+        quantizer_options: a dict of options of the preset (`{"levels": [8, 5, 5]}`),
+            or None.
+        epochs: epochs to train (`TrainConfig.epochs`).
+        batch_size: rows a step (`TrainConfig.batch_size`).
+        lr: the peak learning rate (`TrainConfig.lr`).
+        weight_decay: AdamW's weight decay (`TrainConfig.weight_decay`).
+        two_stage: two-stage training (`TrainConfig.two_stage`).
+        val_fraction: the share of rows held out for validation (`TrainConfig`); with
+            fewer than 10 rows, or a class of one row, it validates on the training rows.
+        random_state: None, an int or a `numpy.random.RandomState`; seeds the weights,
+            the batch order and the validation split.
+        device: the torch device to train and predict on (`"cpu"`, `"cuda"`, `"auto"`).
         verbose: show a progress bar while training.
 
-    Attributes (after ``fit``):
-        classes_: ``(n_classes,)`` the sorted distinct labels.
-        n_features_in_: number of features seen in ``fit``.
-        model_: the trained :class:`stabq.model.BottleneckClassifier` (eval mode).
-        history_: list of per-epoch dicts (losses, accuracy, usage, perplexity, ...).
+    Attributes:
+        classes_: `(n_classes,)` the sorted distinct labels (set by `fit`).
+        n_features_in_: the number of features seen in `fit`.
+        model_: the trained `BottleneckClassifier`, in eval mode.
+        history_: the per-epoch rows of training (`TrainResult.history`).
+
+    Raises:
+        DataError: (at `fit`, `predict`, ...) input scikit-learn or stabq cannot use:
+            not numbers, not finite, the wrong number of features, fewer than 2 classes.
+        ConfigError: (at `fit`) `quantizer_options` not a dict, or an option the model
+            refuses; (at `transform`) the continuous preset `none`, which has no codes.
+
+    Examples:
+        >>> import numpy as np
+        >>> from stabq.estimator import DiscreteBottleneckClassifier
+        >>> X = np.random.default_rng(0).normal(size=(120, 6)).astype("float32")
+        >>> y = np.where(X[:, 0] > 0, "up", "down")
+        >>> clf = DiscreteBottleneckClassifier("rvq", hidden=32, bottleneck_dim=16, epochs=2,
+        ...                                    random_state=0).fit(X, y)
+        >>> clf.classes_.tolist(), clf.predict(X[:3]).shape, clf.transform(X[:3]).shape
+        (['down', 'up'], (3,), (3, 4))
+        >>> clf.predict_proba(X[:3]).dtype
+        dtype('float64')
     """
 
     def __init__(
@@ -107,10 +133,16 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         return tags
 
     def fit(self, X: Any, y: Any) -> DiscreteBottleneckClassifier:
-        """Train on features ``X`` ``(n, d)`` (numbers, finite) and labels ``y`` ``(n,)``.
+        """Train on features and labels; returns `self`.
 
-        Labels may be any type scikit-learn allows (ints, strings, ...); there
-        must be at least 2 classes. Returns ``self``.
+        Args:
+            X: `(n, d)` finite numbers (`(n, ...)` for the CNN encoders).
+            y: `(n,)` labels of any type scikit-learn allows (ints, strings, ...), at
+                least 2 classes.
+
+        Raises:
+            DataError: `X` or `y` that cannot be used, or a single class.
+            ConfigError: `quantizer_options` not a dict, or a model option refused.
         """
         X, y = self._validate(X, y, fit=True, dtype=np.float32)
         self.classes_, y_ids = np.unique(y, return_inverse=True)
@@ -190,26 +222,47 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         return torch.cat([out.indices if codes else logits for logits, out in chunks])
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Logits ``(n, n_classes)`` float64; for 2 classes ``(n,)``: the margin of ``classes_[1]``
-        (its logit minus that of ``classes_[0]``)."""
+        """Logits `(n, n_classes)` float64; for 2 classes `(n,)`, the margin of `classes_[1]`
+        (its logit minus that of `classes_[0]`).
+
+        Args:
+            X: features, as at `fit`.
+        """
         logits = self._run(X)
         if logits.shape[1] == 2:
             logits = logits[:, 1] - logits[:, 0]
         return logits.cpu().numpy()
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``(n, n_classes)`` float64, columns in the order of ``classes_``."""
+        """Class probabilities `(n, n_classes)` float64, columns in the order of `classes_`.
+
+        Args:
+            X: features, as at `fit`.
+        """
         return torch.softmax(self._run(X), dim=-1).cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted labels ``(n,)``, taken from ``classes_``."""
+        """Predicted labels `(n,)`, taken from `classes_`.
+
+        Args:
+            X: features, as at `fit`.
+        """
         ids = self._run(X).argmax(dim=-1).cpu().numpy()
         return self.classes_[ids]
 
     def transform(self, X: Any) -> np.ndarray:
-        """Discrete codes ``(n, num_codebooks)`` int64: one column for FSQ, VQ and Gumbel,
-        one per codebook for RVQ and PQ. ``model_.logits_from_indices(codes)`` decodes them
-        (squeeze the last axis first for a single-codebook quantizer)."""
+        """The discrete codes of `X`: `(n, num_codebooks)` int64.
+
+        One column for a single codebook (FSQ, VQ, Gumbel, ...), one per codebook for
+        RVQ, PQ and residual FSQ. `model_.logits_from_indices(codes)` decodes them
+        (squeeze the last axis first for a single-codebook quantizer).
+
+        Args:
+            X: features, as at `fit`.
+
+        Raises:
+            ConfigError: the preset is `none`, which has no codes.
+        """
         check_is_fitted(self)
         if isinstance(self.model_.quantizer, Identity):
             raise ConfigError(

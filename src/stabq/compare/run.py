@@ -50,7 +50,29 @@ from stabq.training.config import TrainConfig
 
 @dataclass
 class Comparison:
-    """What :func:`compare` returns: per-run records, per-method rows and the verdict."""
+    """What `stabq.compare` returns: per-run records, per-method rows and the verdict.
+
+    Attributes:
+        data: the data's name (a built-in's or a file's, or the source of arrays).
+        preset: the preset compared under.
+        num_classes: classes in the training data.
+        records: one dict a run: `method`, `seed`, `test_accuracy`, `test_usage`,
+            `test_perplexity`, `max_loss`, `diverged`, `guard_events`, `history`, ...
+        rows: one dict a method (a scenario's method for `explode`): `accuracy`,
+            `accuracy_sd`, `gap` to the continuous reference and its interval, `usage`,
+            `fill`, `perplexity`, `dead_codes`, `verdict`, `reason`, ...
+        verdict: one line: the method the data favours among the healthy ones, and why.
+        seconds: the comparison's time.
+        settings: the seeds, the encoder and the training options every run used.
+
+    Examples:
+        >>> import numpy as np, stabq
+        >>> x = np.random.default_rng(1).normal(size=(80, 4)).astype("float32")
+        >>> result = stabq.compare((x, (x[:, 1] > 0).astype("int64")), methods="fsq",
+        ...                        seeds=1, epochs=1, progress=False)
+        >>> result.preset, result.num_classes, result.settings["seeds"]
+        ('default', 2, 1)
+    """
 
     data: str
     preset: str
@@ -81,44 +103,72 @@ def compare(
     on_start: Callable[[int], None] | None = None,
     patience: int | None = None,
 ) -> Comparison:
-    """Train every method on ``data`` for ``seeds`` seeds and compare them.
+    """Train every method on the same data for each seed, and say which bottleneck it favours.
+
+    Each method (a preset and how it is trained) is trained for each seed with the same
+    settings, seeds in the same order for every method, and evaluated on the held-out
+    test part. Each method's row gives its test accuracy (mean, spread), the gap to the
+    continuous reference (`none`) and the difference to the best healthy method (paired
+    over seeds and test rows, with 95% intervals), codebook usage, perplexity, dead
+    codes, the largest loss seen, diverged and guard-rescued runs, time, and a health
+    verdict with its reason (ok, under-used, collapsed, diverged or rescued).
+
+    The presets: `default` (14 methods, 2 seeds, each run until its validation accuracy
+    stops improving, at most 150 epochs), `quick` (6 methods, the same way), `stress`
+    (vanilla VQ-EMA's failure: lr 3e-2, guards off, 20 epochs, 3 seeds) and `explode`
+    (the losses of 1e10 and more: each scenario's baseline and the chosen methods under
+    SGD with the guards off, then each baseline again guarded; rows carry `scenario` and
+    `guards`, the verdict has a line per scenario).
 
     Args:
-        data: a built-in name or a file (as ``--data``), or what :func:`stabq.train`
-            takes: arrays ``(x, y)``, :class:`~stabq.data.LabeledData` or a map-style
-            torch ``Dataset``.
-        methods: names of :data:`METHODS` (a list or ``"a,b"``); default the preset's.
-        seeds: runs per method (seeds 0, 1, ...); default the preset's.
-        epochs: epochs per run, a fixed length; with ``patience``, the ceiling. Default:
-            the preset's (default and quick: until the validation accuracy stops
-            improving, at most 150 epochs; see :mod:`stabq.training.stopping`).
-        preset: ``default``, ``stress`` or ``explode`` (:data:`PRESETS`): methods, seeds,
-            epochs and training options unless given.
+        data: a built-in name (`mnist1d`, `digits`, `synthetic`) or a data file (`.npz`,
+            `.pt`, `.safetensors`, `.csv`, `.parquet`, `.npy`), or what `stabq.train`
+            takes: arrays `(x, y)`, a `stabq.data.LabeledData` or a map-style torch
+            `Dataset`.
+        methods: method names, a list or a comma-separated string (`"none,fsq,vq"`);
+            default None: the preset's. The names: the presets of `build_quantizer`,
+            `fsq-2stage` and `vq-2stage` (two-stage training), `vq-1024`, and the
+            explode preset's baselines `vq-ema-sum` and `vq-ema-tutorial`.
+        seeds: runs per method (seeds 0, 1, ...), an integer >= 1; default the preset's.
+        epochs: epochs per run, a fixed length; with `patience`, the ceiling. Default
+            None: the preset's.
+        preset: `"default"`, `"quick"`, `"stress"` or `"explode"`: the methods, seeds,
+            epochs and training options not given.
         on_run: called with each run's record as it ends.
+        progress: progress bars (None: when the output is a terminal).
+        encoder: every method's encoder: `"mlp"`, `"cnn1d"`, `"cnn2d"`,
+            `"package.module:factory"` or a module instance (copied and re-initialised
+            for every run).
+        test_data: the test set, in the forms of `data`; default None: a built-in's test
+            part, else a stratified 20% of `data` (fixed seed).
+        tensorboard: a directory for TensorBoard events (needs `stabq[tensorboard]`),
+            one run per method and seed, `tensorboard/<method>/seed-<k>`.
+        options: training options (`TrainConfig` fields such as `lr`, `batch_size`,
+            `optimizer`) over the preset's; `explode`'s scenarios keep their own
+            optimiser, rate and guards, the failure they reproduce.
         on_start: called with the number of runs once the data is loaded and checked,
             before the first run.
-        progress: progress bars (None: when the output is a terminal).
-        encoder: every method's encoder (:mod:`stabq.encoders`; a module instance is
-            copied and re-initialised for every run).
-        test_data: the test set, as ``data``; default a built-in's test part, else a
-            stratified 20% of ``data`` (fixed seed).
-        tensorboard: a directory for TensorBoard events (needs ``stabq[tensorboard]``),
-            one run per method and seed, ``tensorboard/<method>/seed-<k>``.
-        options: training options (:class:`~stabq.TrainConfig` fields such as ``lr``,
-            ``batch_size``, ``optimizer``), over the preset's; ``explode``'s scenarios
-            keep their own optimiser, rate and guards, the failure they reproduce.
         patience: train each run until its validation accuracy has not improved for this
             many epochs (after two 10x rate drops), then go back to its best epoch.
+
     Returns:
-        A :class:`Comparison`: per-run records, per-method rows and the verdict line.
+        A `Comparison`: per-run records, per-method rows and the verdict line.
+
     Raises:
-        ConfigError: an unknown preset, method or option, a method named twice, seeds < 1.
-        DataError: data stabq cannot train on.
+        ConfigError: an unknown preset, method or option, a method named twice, fewer
+            than 1 seed, an option compare sets for each run (`seed`, `epochs`, ...), or a
+            TensorBoard directory that cannot be written.
+        DataError: data stabq cannot train on, or test data that does not fit it.
 
-    Example::
-
-        result = compare("mnist1d", methods="none,fsq,vq", seeds=1, epochs=5, options={"lr": 1e-3})
-        print(result.verdict)
+    Examples:
+        >>> import numpy as np, stabq
+        >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+        >>> y = (x[:, 0] > 0).astype("int64")
+        >>> result = stabq.compare((x, y), methods="none,fsq", seeds=1, epochs=1, progress=False)
+        >>> [row["method"] for row in result.rows], len(result.records)
+        (['none', 'fsq'], 2)
+        >>> result.verdict.startswith("arrays")
+        True
     """
     chosen, seeds, config = plan(preset, methods, seeds, epochs, progress, options, patience)
     check_encoder(encoder)

@@ -1,27 +1,13 @@
 """Labeled data and its checks: the bottom of :mod:`stabq.data`, depending on nothing but
 :mod:`stabq.errors` and numpy.
 
-``load_data(spec)`` (:mod:`stabq.data.load`) takes a built-in name (``mnist1d``, ``digits``,
-``digits:images``, ``synthetic[:DIM]``, generated locally) or a file (``.npz``,
-``.pt``, ``.safetensors``, ``.csv``, ``.parquet``) and returns :class:`LabeledData`:
-
-    x        (n, ...) float32, finite, C-contiguous: feature rows (n, d), sequences
-             (n, L) or (n, C, L), images (n, C, H, W); uint8 values are scaled to [0, 1]
-    y        (n,)   int64 class ids in [0, len(classes))
-    classes  class names, id i <-> classes[i]
-
-Tables (``.csv``, ``.parquet``) are always feature rows.
-
-Files are read by :mod:`stabq.data.readers`; every check of what they hold lives
-here (:func:`from_arrays` for data sets, :func:`validate_features` for what a
-model is fed, :func:`require_classes`, :func:`with_classes` and
-:func:`require_fit` for what training and a saved model need), for the CLI,
-the Python API and the estimator alike. Every problem is a one-line
-:class:`DataError` that starts with the source and says what and where.
-Rows are counted from 0; in CSV and Parquet files as "data row N", the
-header not counted. Labels are class names: integer labels keep their values
-as names (``7`` is class ``"7"``), so a label is "out of range" only against
-given classes (a saved model's, the training data's).
+Files are read by :mod:`stabq.data.readers` (:func:`stabq.data.load_data` says which);
+every check of what they hold lives here (:func:`from_arrays` for data sets,
+:func:`validate_features` for what a model is fed, :func:`require_classes`,
+:func:`with_classes` and :func:`require_fit` for what training and a saved model need),
+for the CLI, the Python API and the estimator alike. Every problem is a one-line
+:class:`DataError` that starts with the source and says what and where. Rows are
+counted from 0; in CSV and Parquet files as "data row N", the header not counted.
 """
 
 from __future__ import annotations
@@ -69,7 +55,26 @@ def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
 
 @dataclass(eq=False)
 class LabeledData:
-    """Inputs ``x`` ``(n, ...)`` float32 and class ids ``y`` ``(n,)`` int64 named by ``classes``."""
+    """Checked data: inputs and class ids with the names of the classes.
+
+    Labels are class names: integer labels keep their values as names (`7` is class
+    `"7"`), so a label is "out of range" only against given classes.
+
+    Attributes:
+        x: `(n, ...)` float32, finite, C-contiguous: feature rows `(n, d)`, sequences
+            `(n, L)` or `(n, C, L)`, images `(n, C, H, W)` (uint8 values scaled to
+            [0, 1]); tables are always feature rows.
+        y: `(n,)` int64 class ids in `[0, len(classes))`.
+        classes: the class names, id `i` <-> `classes[i]`.
+        source: where the data came from, for messages (a file, `"mnist1d:train"`).
+
+    Examples:
+        >>> import numpy as np
+        >>> from stabq.data import from_arrays
+        >>> data = from_arrays(np.zeros((4, 3)), np.array(["b", "a", "b", "a"]))
+        >>> data.classes, data.y.tolist(), data.input_shape, len(data)
+        (['a', 'b'], [1, 0, 1, 0], (3,), 4)
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -88,6 +93,7 @@ class LabeledData:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes."""
         return len(self.classes)
 
     def __len__(self) -> int:
@@ -208,11 +214,23 @@ def encode_labels(
 def from_arrays(
     x: Any, y: Any, classes: list[str] | None = None, source: str = "arrays"
 ) -> LabeledData:
-    """Validate features ``x`` ``(n, d)`` and labels ``y`` ``(n,)`` into :class:`LabeledData`.
+    """Check arrays of features and labels into `LabeledData`.
 
-    ``x``: numbers, finite. ``y``: integers or strings (whole floats count as
-    integers). With ``classes``, label ``v`` gets the id of ``str(v)`` there;
-    without, the classes are the sorted distinct labels.
+    Args:
+        x: `(n, ...)` finite numbers (a numpy array, a torch tensor, nested lists).
+        y: `(n,)` labels, integers or strings (whole floats count as integers).
+        classes: class names: label `v` gets the id of `str(v)` there; default None:
+            the sorted distinct labels.
+        source: the name messages give the data.
+
+    Raises:
+        DataError: shapes that do not match, values that are not finite numbers, or
+            labels outside `classes`; the message names the first bad row.
+
+    Examples:
+        >>> from stabq.data import from_arrays
+        >>> from_arrays([[0.0, 1.0], [2.0, 3.0]], [7, 3]).classes
+        ['3', '7']
     """
     return build_labeled(as_numpy(x, source, "x"), as_numpy(y, source, "y"), classes, source)
 

@@ -1,23 +1,6 @@
-"""Early, plain-worded warnings of codebook collapse, loss blow-up and FSQ saturation.
-
-``CollapseMonitor(module)`` hooks the forward of any module that returns code
-indices and keeps its last ``window`` forward calls ("steps"). Every
-``check_every`` steps it tests, over that window, for a codebook of ``K`` codes
-with counts ``n_k``:
-
-    collapse     m <= collapse_codes, m the fewest codes with the largest counts
-                 that carry top_fraction of all assignments
-    loss_growth  median aux loss of the last check_every steps > loss_growth times
-                 the lowest such median seen so far (a non-finite loss warns at once)
-    saturation   (FSQ) the fraction of per-dimension levels at 0 or L_i - 1 is
-                 >= saturation; code k has level (k // prod_{j<i} L_j) % L_i in dim i
-    tau_not_annealed  (Gumbel) tau is still tau_start after unannealed_steps training
-                 forwards: nothing anneals it (:mod:`stabq.monitor_tau`)
-
-Each condition warns once when it starts to hold and again only after it has
-cleared. Usage figures are :class:`~stabq.metrics.CodebookUsage`'s over the
-window's counts; like it, indices of -1 are ignored. The monitor sees only this
-process's forward calls.
+"""Early, plain-worded warnings of codebook collapse, loss blow-up and FSQ saturation
+(:class:`CollapseMonitor` says what it tests); the mechanisms it also names are in
+:mod:`stabq.health.mechanisms`, the Gumbel temperature's check in :mod:`stabq.health.tau`.
 """
 
 from __future__ import annotations
@@ -64,34 +47,65 @@ class _Step(NamedTuple):
 
 
 class CollapseMonitor:
-    """Watches a quantizer through a forward hook and warns when it starts to fail.
+    """Watch a quantizer through a forward hook and warn, in plain words, when it starts to fail.
+
+    It keeps the last `window` forward calls ("steps") and every `check_every` steps
+    tests, over them: collapse (at most `collapse_codes` codes carry `top_fraction` of
+    the assignments), loss growth (the median auxiliary loss of the last `check_every`
+    steps above `loss_growth` x the lowest such median so far; a non-finite loss warns
+    at once), FSQ saturation (a `saturation` share of the per-dimension levels at a
+    bound) and a Gumbel temperature that nothing anneals; it also names mechanisms
+    behind a blow-up (codes lagging or blown up, a sum-reduced loss, fp16 overflow).
+    Each condition alerts once when it starts to hold, and again only after it cleared.
+    Usage figures are `CodebookUsage`'s over the window. It sees only this process's
+    forward calls.
 
     Args:
-        module: any module returning code indices (see :func:`read_output`):
-            stabq's quantizers, vector-quantize-pytorch's VectorQuantize /
-            ResidualVQ / FSQ, a ``BottleneckClassifier`` or your own. Attached
-            at once; ``detach()`` or a ``with`` block ends it.
-        codebook_size: codes per codebook; default ``module.codebook_size``.
-        num_codebooks: size of the indices' trailing codebook axis; default from
-            the module (stabq ``num_codebooks`` with ``multi_codebook``,
-            vector-quantize-pytorch ``num_quantizers``), else 1.
-        levels: FSQ levels, to measure saturation; default ``module.levels`` or
-            ``module._levels`` when their product is ``codebook_size``.
-        window: steps (forward calls) the figures cover.
-        check_every: steps between checks.
-        min_samples: assignments per codebook in the window before collapse
-            and saturation are judged.
+        module: any module returning code indices: stabq's quantizers,
+            vector-quantize-pytorch's VectorQuantize / ResidualVQ / FSQ, a
+            `BottleneckClassifier` or your own. Attached at once; `detach()` or a
+            `with` block ends it.
+        codebook_size: codes per codebook; default `module.codebook_size`.
+        num_codebooks: size of the indices' trailing codebook axis; default from the
+            module (stabq `num_codebooks` with `multi_codebook`, vector-quantize-pytorch
+            `num_quantizers`), else 1.
+        levels: FSQ levels, to measure saturation; default `module.levels` or
+            `module._levels` when their product is `codebook_size`.
+        window: steps (forward calls) the figures cover, an integer >= 1.
+        check_every: steps between checks, an integer >= 1.
+        min_samples: assignments per codebook in the window before collapse and
+            saturation are judged.
         top_fraction: share of assignments that defines the codes "carrying" them.
-        collapse_codes: collapse when at most this many codes carry
-            ``top_fraction``; default 1% of the codebook, at least 2, at most 10.
-            A classifier may honestly use about one code per class.
+        collapse_codes: collapse when at most this many codes carry `top_fraction`;
+            default 1% of the codebook, at least 2, at most 10 (a classifier may
+            honestly use about one code per class).
         loss_growth: warn when the aux loss exceeds this multiple of its lowest level.
         saturation: warn when this fraction of FSQ values sits at a bound level.
-        unannealed_steps: warn when a Gumbel quantizer's tau is still its
-            ``tau_start`` after this many training forwards.
-        callback: called with each :class:`Alert`.
-        warn: also issue each alert as a :class:`CollapseWarning`.
+        unannealed_steps: warn when a Gumbel quantizer's tau is still its `tau_start`
+            after this many training forwards.
+        callback: called with each `Alert`.
+        warn: also issue each alert as a `CollapseWarning`.
         training_only: record only forward calls in training mode.
+
+    Raises:
+        ConfigError: `module` is not an `nn.Module`, its codebook size cannot be found,
+            or an option is out of range.
+        ShapeError: (at a forward) indices that do not fit `num_codebooks` or are >=
+            `codebook_size`.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.VectorQuantizer(8, codebook_size=64)
+        >>> alerts = []
+        >>> monitor = stabq.CollapseMonitor(q, check_every=5, min_samples=16, warn=False,
+        ...                                 callback=alerts.append)
+        >>> for _ in range(5):
+        ...     _ = q(torch.zeros(32, 8))  # every input alike: one code takes them all
+        >>> print(alerts[0])
+        collapse: 1 of 64 codes carry 95% of assignments (perplexity 1.0) over the last 5 steps
+        >>> monitor.report()["top_codes"]
+        1
+        >>> monitor.detach()
     """
 
     def __init__(
@@ -183,7 +197,12 @@ class CollapseMonitor:
         self._tau = TauWatch(target(self.module), self.unannealed_steps)
 
     def observe(self, *, task_loss: Tensor | float) -> None:
-        """The task (classification) loss of the latest step, quoted by ``loss_reduction``."""
+        """Give the task (classification) loss of the latest step, which the
+        `loss_reduction` alert quotes.
+
+        Args:
+            task_loss: that loss, a number or 0-dim tensor.
+        """
         self.mechanisms.task_loss = float(torch.as_tensor(task_loss).detach())
 
     def holding(self) -> list[str]:
@@ -202,7 +221,11 @@ class CollapseMonitor:
                 "tau_steps": self._tau.count}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take back what :meth:`state_dict` gave."""
+        """Take back what `state_dict` gave.
+
+        Args:
+            state: a dict from `state_dict`.
+        """
         self.reset()
         for bins, is_counts, *scalars in state["steps"]:
             tensors = [None if v is None else torch.tensor(v) for v in scalars]
@@ -281,17 +304,16 @@ class CollapseMonitor:
     # -- figures and checks -------------------------------------------------------
 
     def report(self) -> dict:
-        """The current figures.
+        """The current figures, as a dict.
 
-        Over the window: ``usage``, ``perplexity``, ``entropy_bits``,
-        ``dead_codes``, ``samples`` and ``per_codebook`` as
-        :meth:`CodebookUsage.compute` gives them, ``top_codes`` (fewest codes
-        carrying ``top_fraction``; the lowest over codebooks, and per codebook)
-        and ``saturation`` (FSQ; else None). Over the last ``check_every``
-        steps: ``loss`` (median), ``input_norm`` (mean L2 norm of the first
-        input's rows). ``loss_baseline`` is the lowest such loss median seen,
-        ``loss_growth`` = loss / max(baseline, LOSS_FLOOR). Also ``step`` and
-        ``window_steps``; figures with nothing to measure are None.
+        Over the window: `usage`, `fill`, `codes_used`, `perplexity`, `entropy_bits`,
+        `dead_codes`, `samples` and `per_codebook` as `CodebookUsage.compute` gives
+        them, `top_codes` (fewest codes carrying `top_fraction`; the lowest over
+        codebooks, and per codebook) and `saturation` (FSQ; else None). Over the last
+        `check_every` steps: `loss` (median), `input_norm` (mean L2 norm of the first
+        input's rows). `loss_baseline` is the lowest such loss median seen,
+        `loss_growth` = loss / max(baseline, 1e-8). Also `step` and `window_steps`;
+        figures with nothing to measure are None.
         """
         steps = list(self._steps)
         counts = self._tally(steps)

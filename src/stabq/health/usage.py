@@ -37,20 +37,45 @@ from stabq.errors import ShapeError, check, is_int
 
 
 class CodebookUsage:
-    """Running tally of code assignments: ``update(indices)``, then ``compute()``.
+    """Count which codes a quantizer uses, and say how many and how evenly.
 
-    ``indices`` are ``(...,)`` for one codebook or ``(..., num_codebooks)``;
-    entries of -1 (quantization disabled) are ignored. Under torch.distributed
-    ``compute()`` counts over all ranks, so every rank must call it (``sync=False``:
-    this rank's counts alone). ``grid=True`` for a quantizer whose codes are cells of a
-    fixed grid: its ``dead_codes`` are None (:meth:`for_quantizer` sets it).
+    One definition behind every health figure stabq shows (training progress,
+    `metrics.jsonl`, `stabq evaluate`, the comparison, TensorBoard, the Lightning
+    callbacks, `CollapseMonitor`). For one codebook of `K` codes whose counts over `N`
+    inputs are `n_k` (`p_k = n_k / N`):
 
-    Example::
+    - `codes_used` = the codes with `n_k > 0`; `usage` = `codes_used / K`;
+    - `fill` = `codes_used / min(K, N)` (0 for no inputs), the share of what `N`
+      inputs can reach: the figure to judge usage by (1,000 inputs can show at most
+      1,000 of FSQ's 64,000 cells, so its `usage` is at most 0.016 on them while its
+      `fill` can reach 1);
+    - `entropy_bits` = `-sum p_k log2 p_k`; `perplexity` = `2^entropy_bits` (1 when one
+      code takes everything, `K` when uniform, 0 for no inputs);
+    - `dead_codes` = `K - codes_used` for a learned codebook; None for a grid (FSQ,
+      LFQ, residual FSQ), whose cells are not learned and cannot die.
 
-        usage = CodebookUsage(codebook_size=4)
-        usage.update(torch.tensor([0, 0, 1, 1]))
-        usage.compute()["fill"]        # 0.5: 2 of the 4 codes 4 inputs can reach
-        usage.compute()["dead_codes"]  # 2.0
+    Collapse shows as a perplexity near 1 and a fill near `1 / min(K, N)`. With several
+    codebooks (RVQ layers, PQ subspaces) each is measured on its own; the top-level
+    figures are their means.
+
+    Args:
+        codebook_size: codes per codebook `K`, an integer >= 1.
+        num_codebooks: codebooks; indices then end in an axis of this size.
+        sync: under torch.distributed, `compute` counts over all ranks, so every rank
+            must call it; False: this rank's counts alone.
+        grid: the codes are cells of a fixed grid: `dead_codes` is None
+            (`for_quantizer` sets it from the quantizer).
+
+    Raises:
+        ConfigError: `codebook_size` or `num_codebooks` is not an integer >= 1.
+
+    Examples:
+        >>> import torch, stabq
+        >>> usage = stabq.CodebookUsage(codebook_size=4)
+        >>> usage.update(torch.tensor([0, 0, 1, 1]))
+        >>> figures = usage.compute()
+        >>> figures["fill"], figures["perplexity"], figures["dead_codes"]
+        (0.5, 2.0, 2.0)
     """
 
     def __init__(
@@ -72,8 +97,11 @@ class CodebookUsage:
 
     @classmethod
     def for_quantizer(cls, quantizer) -> CodebookUsage:
-        """A tally sized for ``quantizer`` (its ``codebook_size`` and ``num_codebooks``; a
-        grid's when ``quantizer.grid``)."""
+        """A tally sized for a quantizer: its `codebook_size`, `num_codebooks` and `grid`.
+
+        Args:
+            quantizer (Quantizer): a stabq quantizer (or a module with those attributes).
+        """
         grid = bool(getattr(quantizer, "grid", False))
         return cls(max(1, quantizer.codebook_size), quantizer.num_codebooks, grid=grid)
 
@@ -82,7 +110,15 @@ class CodebookUsage:
         self.counts.zero_()
 
     def update(self, indices: Tensor) -> None:
-        """Count the codes in ``indices``."""
+        """Count the codes in `indices`; entries of -1 (quantization off) are left out.
+
+        Args:
+            indices: integer `(...,)`, or `(..., num_codebooks)` with several codebooks.
+
+        Raises:
+            ShapeError: float indices, a trailing axis other than `num_codebooks`, or an
+                index >= `codebook_size`.
+        """
         c, k = self.num_codebooks, self.codebook_size
         check(
             not indices.is_floating_point(),
@@ -107,10 +143,14 @@ class CodebookUsage:
         self.counts += bins.view(c, k)
 
     def compute(self) -> dict:
-        """The figures of the module docstring, means over codebooks: ``usage``, ``fill``,
-        ``codes_used``, ``perplexity``, ``entropy_bits``, ``dead_codes`` (None for a grid);
-        ``samples`` (N), ``fillable`` (min(K, N)), ``grid``, and ``per_codebook`` (a list of
-        the per-codebook figures)."""
+        """The figures, means over codebooks.
+
+        Returns:
+            A dict: `usage`, `fill`, `codes_used`, `perplexity`, `entropy_bits`,
+                `dead_codes` (None for a grid), `samples` (`N`), `fillable`
+                (`min(K, N)`), `grid`, and `per_codebook` (a list of each codebook's
+                figures).
+        """
         counts = self.counts.clone()
         if self.sync:
             distributed.all_reduce_sum_(counts)

@@ -2,26 +2,27 @@
 
     trainer = lightning.Trainer(callbacks=[CodebookHealth(), GuardCallback()])
 
-``CodebookHealth`` finds the quantizers in the LightningModule (stabq's, or
-vector-quantize-pytorch's ``VectorQuantize`` / ``ResidualVQ`` / ``FSQ`` and
-kin), watches each with a :class:`stabq.CollapseMonitor` and logs its figures
-through ``pl_module.log``, so any Lightning logger gets them:
-``codebook/<module>/<figure>`` every ``log_every_n_steps`` training steps (over
-the monitor's window) and ``val_codebook/<module>/<figure>`` per validation
-epoch (over all validation rows, on every rank). Figures (as :mod:`stabq.metrics`
-defines them): usage, fill, codes_used, perplexity, dead_codes (not for grids),
-entropy_bits, top_codes, aux_loss, feature_norm, saturation (FSQ), and
-``<figure>/<k>`` per codebook when there are several. Each monitor's alerts
-(collapse, saturation, a Gumbel temperature that nothing anneals, ...) come as
-:class:`stabq.CollapseWarning` once each.
+`CodebookHealth` finds the quantizers in the LightningModule (stabq's, or
+vector-quantize-pytorch's `VectorQuantize`, `ResidualVQ`, `FSQ` and kin), watches each
+with a `stabq.CollapseMonitor` and logs its figures through `pl_module.log`, so any
+Lightning logger gets them: `codebook/<module>/<figure>` every `log_every_n_steps`
+training steps (over the monitor's window) and `val_codebook/<module>/<figure>` per
+validation epoch (over all validation rows, on every rank). The figures, as
+`stabq.CodebookUsage` defines them: usage, fill, codes_used, perplexity, dead_codes
+(not for grids), entropy_bits, top_codes, aux_loss, feature_norm, saturation (FSQ), and
+`<figure>/<k>` per codebook when there are several. Each monitor's alerts (collapse,
+saturation, a Gumbel temperature that nothing anneals, ...) come as
+`stabq.CollapseWarning`, once each.
 
-``GuardCallback`` runs :class:`stabq.StabilityGuard` under automatic
-optimisation: a batch that ``admit`` refuses leaves no trace (its gradients are
-dropped and the state before it is put back), a non-finite gradient is never
-stepped, and a step whose loss or feature norm is bad is undone afterwards at a
-lower rate (``review``). Its rate scale applies only while the optimiser steps,
-so schedulers keep owning the rate. It logs ``guard/events`` and ``guard/lr_scale``.
-Needs the ``lightning`` package: ``pip install 'stabq[lightning]'``.
+`GuardCallback` runs `stabq.StabilityGuard` under automatic optimisation: a batch that
+`admit` refuses leaves no trace (its gradients are dropped and the state before it is
+put back), a non-finite gradient is never stepped, and a step whose loss or feature
+norm is bad is undone afterwards at a lower rate (`review`). Its rate scale applies
+only while the optimiser steps, so schedulers keep owning the rate. It logs
+`guard/events` and `guard/lr_scale`.
+
+Needs the `lightning` package: `pip install 'stabq[lightning]'`; without it, importing
+this module raises a `ConfigError` saying so.
 """
 
 from __future__ import annotations
@@ -64,7 +65,22 @@ PER_CODEBOOK = ("usage", "fill", "perplexity", "dead_codes", "entropy_bits")
 
 
 def is_quantizer(module: nn.Module) -> bool:
-    """stabq's quantizers (not the continuous ``Identity``) and vector-quantize-pytorch's."""
+    """Whether a module is a quantizer the callbacks watch.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True for stabq's quantizers (not the continuous `Identity`) and
+            vector-quantize-pytorch's `VectorQuantize`, `ResidualVQ`, `FSQ`,
+            `ResidualFSQ`, `LFQ` and `SimVQ`.
+
+    Examples:
+        >>> import stabq
+        >>> from stabq.integrations.lightning import is_quantizer
+        >>> is_quantizer(stabq.build_quantizer("fsq", 8)), is_quantizer(stabq.Identity(8))
+        (True, False)
+    """
     if isinstance(module, Quantizer):
         return module.codebook_size >= 1
     kind = type(module)
@@ -72,7 +88,25 @@ def is_quantizer(module: nn.Module) -> bool:
 
 
 def find_quantizers(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Module]:
-    """The outermost quantizers of ``model`` by module path (``names`` picks some)."""
+    """The outermost quantizers of a model (not those inside another), by module path.
+
+    Args:
+        model: the model to search.
+        names: module paths to pick among those found; default None: all.
+
+    Returns:
+        A dict from module path to quantizer (`"quantizer"` for the model itself).
+
+    Raises:
+        ConfigError: no quantizer found, or a name in `names` that is not one.
+
+    Examples:
+        >>> import stabq
+        >>> from stabq.integrations.lightning import find_quantizers
+        >>> model = stabq.BottleneckClassifier(8, 2, "rvq", hidden=16, bottleneck_dim=8)
+        >>> list(find_quantizers(model))
+        ['quantizer']
+    """
     found: dict[str, nn.Module] = {}
 
     def walk(path: str, module: nn.Module) -> None:
@@ -111,18 +145,28 @@ def _figures(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 class CodebookHealth(pl.Callback):
-    """Logs each quantizer's codebook health during training and validation.
+    """A Lightning callback that logs each quantizer's codebook health, training and validation.
 
     Args:
-        modules: module paths of the quantizers to watch (default: all found).
-        every_n_steps: log training figures this often (default: the trainer's
-            ``log_every_n_steps``).
+        modules: module paths of the quantizers to watch (default None: all found).
+        every_n_steps: log training figures this often (default None: the trainer's
+            `log_every_n_steps`).
         prefix: the first part of every logged name.
-        window: for each :class:`CollapseMonitor`.
-        check_every: for each :class:`CollapseMonitor`.
-        warn: for each :class:`CollapseMonitor`.
-        **monitor_kwargs: for each :class:`CollapseMonitor`
-            (``unannealed_steps=`` and the other thresholds).
+        window: steps the training figures cover (each `CollapseMonitor`'s).
+        check_every: steps between the monitors' checks.
+        warn: issue the monitors' alerts as `CollapseWarning`s.
+        **monitor_kwargs (Any): more options of each `CollapseMonitor`
+            (`unannealed_steps=` and the other thresholds).
+
+    Raises:
+        ConfigError: (when the trainer sets it up) no quantizer found, or a name in
+            `modules` that is not one.
+
+    Examples:
+        >>> from stabq.integrations.lightning import CodebookHealth
+        >>> health = CodebookHealth(every_n_steps=10, window=100)
+        >>> health.monitor_kwargs["window"], health.prefix  # lightning.Trainer(callbacks=[health])
+        (100, 'codebook')
     """
 
     def __init__(
@@ -194,7 +238,24 @@ class CodebookHealth(pl.Callback):
 
 
 def first_tensor(batch: Any) -> Tensor:
-    """The inputs of a batch: the batch itself, its first item, or its ``"x"``/``"input"``."""
+    """The inputs of a batch, as `GuardCallback` reads them by default.
+
+    Args:
+        batch: a tensor, a sequence whose first item is a tensor, or a mapping with
+            `"x"`, `"input"` or `"inputs"`.
+
+    Returns:
+        The batch itself, its first item, or that entry.
+
+    Raises:
+        ConfigError: none of these forms.
+
+    Examples:
+        >>> import torch
+        >>> from stabq.integrations.lightning import first_tensor
+        >>> first_tensor((torch.zeros(4, 3), torch.ones(4))).shape
+        torch.Size([4, 3])
+    """
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
@@ -210,11 +271,23 @@ def first_tensor(batch: Any) -> Tensor:
 
 
 class GuardCallback(pl.Callback):
-    """:class:`stabq.StabilityGuard` under automatic optimisation (one optimiser).
+    """A Lightning callback that runs `stabq.StabilityGuard` under automatic optimisation.
+
+    One optimiser, `accumulate_grad_batches=1`. The guard is made when fitting starts.
 
     Args:
-        input: picks the inputs out of a batch (default :func:`first_tensor`).
-        **guard_kwargs: the guard's thresholds (``spike_factor``, ``window``, ...).
+        input: picks the inputs out of a batch (default None: `first_tensor`).
+        **guard_kwargs (Any): the guard's options (`spike_factor`, `window`, ...).
+
+    Raises:
+        ConfigError: (when fitting starts) manual optimisation, several optimisers or
+            `accumulate_grad_batches` other than 1; a batch whose inputs cannot be found.
+
+    Examples:
+        >>> from stabq.integrations.lightning import GuardCallback
+        >>> guard = GuardCallback(spike_factor=20.0, window=100)
+        >>> guard.guard is None  # lightning.Trainer(callbacks=[guard]) makes it at fit
+        True
     """
 
     def __init__(self, input: Callable[[Any], Tensor] | None = None, **guard_kwargs: Any) -> None:

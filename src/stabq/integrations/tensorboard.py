@@ -1,21 +1,20 @@
 """Per-epoch history rows as TensorBoard scalars: one run directory, global step = epoch.
 
-A row is what :func:`stabq.train` appends to its history and hands to
-``on_epoch`` (``metrics.jsonl`` holds the same rows). Each numeric figure
-becomes the scalar of the tag :data:`TAGS` names (``train_loss`` ->
-``train/loss``, ``usage`` -> ``codebook/usage``...); a figure not listed there
-goes to ``other/<key>``, so none is dropped. Booleans are written as 0 or 1;
-``None`` (``tau`` of a quantizer without a temperature) and text are skipped.
+A row is what `stabq.train` appends to its history and hands to `on_epoch`
+(`metrics.jsonl` holds the same rows). Each numeric figure becomes the scalar of the tag
+`TAGS` names (`train_loss` -> `train/loss`, `usage` -> `codebook/usage`...); a figure
+not listed there goes to `other/<key>`, so none is dropped. Booleans are written as 0
+or 1; None (`tau` of a quantizer without a temperature) and text are skipped.
 TensorBoard stores every scalar as a float32.
 
-A writer starts by telling TensorBoard's readers to drop this directory's
-earlier events from the first epoch it has to write (``purge_step``, a
-``SessionLog.START`` event), then writes the rows it is given as ``history``
-that the directory does not already hold: a resumed run continues where its
-events stop, with no step twice, and a fresh run in a used directory replaces
-the old run's events instead of mixing with them.
+A writer starts by telling TensorBoard's readers to drop this directory's earlier events
+from the first epoch it has to write, then writes the rows it is given as `history` that
+the directory does not already hold: a resumed run continues where its events stop,
+with no step twice, and a fresh run in a used directory replaces the old run's events
+instead of mixing with them.
 
-Usage from Python (``tensorboard`` is imported only here, when a writer opens)::
+Needs the `tensorboard` package (`pip install 'stabq[tensorboard]'`), imported only when
+a writer opens:
 
     with TensorBoardWriter("runs/tb/fsq") as board:
         stabq.train(model, data, on_epoch=board)
@@ -62,11 +61,25 @@ TAGS: dict[str, str] = {
     "quantized": "schedule/quantized",
     "seconds": "time/epoch_seconds",
 }
+"""The tag of each history figure; a figure not here goes to `other/<key>`."""
 STEP = "epoch"  # the row's key that is the global step, not a scalar
 
 
 def scalars(row: Mapping[str, Any]) -> dict[str, float]:
-    """The TensorBoard tags and values of one history row (booleans as 0.0 / 1.0)."""
+    """The TensorBoard tags and values of one history row.
+
+    Args:
+        row: a history row (its `epoch` is the step, not a scalar).
+
+    Returns:
+        A dict from tag to float: numbers as they are, booleans as 0.0 or 1.0; None and
+            text left out.
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import scalars
+        >>> scalars({"epoch": 3, "train_loss": 0.5, "quantized": True, "tau": None, "x": 2})
+        {'train/loss': 0.5, 'schedule/quantized': 1.0, 'other/x': 2.0}
+    """
     found = {}
     for key, value in row.items():
         if key == STEP or value is None or not isinstance(value, bool | int | float | np.number):
@@ -76,7 +89,20 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def require_tensorboard() -> type:
-    """torch's ``SummaryWriter``; without the ``tensorboard`` package, a one-line ConfigError."""
+    """torch's `SummaryWriter` class, once the `tensorboard` package is found.
+
+    Returns:
+        `torch.utils.tensorboard.SummaryWriter`.
+
+    Raises:
+        ConfigError: the `tensorboard` package is not installed (one line, saying how to
+            install it).
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import require_tensorboard
+        >>> require_tensorboard().__name__
+        'SummaryWriter'
+    """
     try:
         import tensorboard  # noqa: F401  (the package the extra installs; torch's writer needs it)
         from torch.utils.tensorboard import SummaryWriter
@@ -88,12 +114,24 @@ def require_tensorboard() -> type:
 
 
 def check_log_dir(log_dir: str | Path, *, outside: str | Path | None = None) -> Path:
-    """Refuse, before any training, a ``log_dir`` that cannot take event files.
+    """Refuse, before any training, a directory that cannot take event files.
 
-    It must be a directory or a new path with no file among its parents, where
-    this process may write, and not ``outside`` (the directory a model or a
-    report replaces when it is saved) or inside it. Also checks that
-    tensorboard is installed. Returns ``log_dir`` as a Path.
+    Args:
+        log_dir: a directory, or a new path with no file among its parents, where this
+            process may write.
+        outside: a directory `log_dir` must not be or lie in (the directory a model or a
+            report replaces when it is saved); None: no such check.
+
+    Returns:
+        `log_dir` as a `Path`.
+
+    Raises:
+        ConfigError: tensorboard is not installed, or `log_dir` cannot take events.
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import check_log_dir
+        >>> check_log_dir("runs/tb/fsq").as_posix()
+        'runs/tb/fsq'
     """
     require_tensorboard()
     log_dir = Path(log_dir)
@@ -155,12 +193,26 @@ def _wait_for_a_later_second(log_dir: Path) -> None:
 
 
 class TensorBoardWriter:
-    """Writes history rows to TensorBoard event files in ``log_dir``, each flushed at once.
+    """Write history rows to TensorBoard event files, each flushed at once: an `on_epoch`
+    callback for `stabq.train`.
 
-    ``history``: the rows a resumed run restored; those ``log_dir`` lacks are
-    written first. Call the writer (or :meth:`write`) with each new row; it is
-    an ``on_epoch`` callback for :func:`stabq.train`. Close it, or use it as a
-    context manager.
+    Call the writer (or `write`) with each new row; close it, or use it as a context
+    manager.
+
+    Args:
+        log_dir: the run's event directory.
+        history: the rows a resumed run restored; those `log_dir` lacks are written
+            first.
+
+    Raises:
+        ConfigError: tensorboard is not installed, or the events cannot be written.
+
+    Examples:
+        >>> import tempfile
+        >>> from stabq.integrations.tensorboard import TensorBoardWriter
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     with TensorBoardWriter(folder) as board:
+        ...         board({"epoch": 1, "train_loss": 0.7, "usage": 0.4})
     """
 
     def __init__(self, log_dir: str | Path, history: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -179,7 +231,14 @@ class TensorBoardWriter:
                 self.write(row)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        """Add every scalar of ``row`` at step ``row['epoch']`` and flush them to disk."""
+        """Add every scalar of a row at its epoch's step and flush them to disk.
+
+        Args:
+            row: a history row, with its `epoch`.
+
+        Raises:
+            ConfigError: the events cannot be written.
+        """
         step = int(row[STEP])
         try:
             for tag, value in scalars(row).items():
@@ -212,10 +271,22 @@ class TensorBoardWriter:
 def epoch_writer(
     log_dir: str | Path | None, history: Iterable[Mapping[str, Any]] = ()
 ) -> Iterator[Callable[[Mapping[str, Any]], None] | None]:
-    """An ``on_epoch`` callback writing to ``log_dir``, closed when the block ends.
+    """A context manager giving an `on_epoch` callback that writes to `log_dir`, closed
+    when the block ends.
 
-    None when ``log_dir`` is None, and on every rank but 0 of a distributed run
-    (rank 0 alone writes).
+    Args:
+        log_dir: the run's event directory; None: no events.
+        history: the rows a resumed run restored, as `TensorBoardWriter` takes them.
+
+    Yields:
+        The `TensorBoardWriter`; None when `log_dir` is None, and on every rank but 0 of
+            a distributed run (rank 0 alone writes).
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import epoch_writer
+        >>> with epoch_writer(None) as on_epoch:
+        ...     print(on_epoch)
+        None
     """
     if log_dir is None or not distributed.is_main():
         yield None
@@ -227,9 +298,27 @@ def epoch_writer(
 def for_train_run(
     log_dir: str | Path | None, out: str | Path, resume: str | Path | None = None
 ) -> tuple[Path | None, list[dict[str, Any]]]:
-    """``stabq train``'s events directory, checked, and the rows a writer there must hold
-    before the run goes on: none for a new run; for ``--resume``, the history of the
-    checkpoint, and without ``log_dir`` the directory the interrupted run wrote to, if any.
+    """`stabq train`'s events directory, checked, and the rows a writer there must hold
+    before the run goes on.
+
+    Args:
+        log_dir: the `--tensorboard` directory; None: none given.
+        out: the model directory (`--out`), which `log_dir` must not be or lie in.
+        resume: the `--resume` checkpoint directory; None: a new run.
+
+    Returns:
+        `(directory or None, rows)`: for a new run `log_dir` and no rows; for a resumed
+            one, the checkpoint's history, and without `log_dir` the directory the
+            interrupted run wrote to, if any.
+
+    Raises:
+        ConfigError: a directory that cannot take events.
+        CheckpointError: a `resume` directory without a readable checkpoint.
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import for_train_run
+        >>> for_train_run(None, "runs/fsq")
+        (None, [])
     """
     if resume is None:
         return (None if log_dir is None else check_log_dir(log_dir, outside=out)), []
@@ -244,7 +333,18 @@ def for_train_run(
 
 
 def run_dir(log_dir: str | Path, method: str, seed: int) -> Path:
-    """Where :func:`stabq.compare` writes one run: ``log_dir/<method>/seed-<seed>``."""
+    """Where `stabq.compare` writes one run's events: `log_dir/<method>/seed-<seed>`.
+
+    Args:
+        log_dir: the comparison's `tensorboard` directory.
+        method: the method's name.
+        seed: the run's seed.
+
+    Examples:
+        >>> from stabq.integrations.tensorboard import run_dir
+        >>> run_dir("runs/tb", "fsq", 1).as_posix()
+        'runs/tb/fsq/seed-1'
+    """
     return Path(log_dir) / method / f"seed-{seed}"
 
 

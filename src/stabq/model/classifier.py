@@ -42,22 +42,39 @@ def _shape(input_shape: object) -> tuple[int, ...]:
 
 
 class BottleneckClassifier(nn.Module):
-    """A classifier with a discrete bottleneck in front of its head.
+    """A classifier with a discrete bottleneck: standardise, encoder, quantizer, head MLP.
+
+    `x (n, *input_shape)` is standardised (`(x - mean) / std`, statistics set by
+    `stabq.train`), encoded to `z (n, bottleneck_dim)`, quantized, and the head (an MLP
+    with one hidden layer, so it can read any cell of a small code grid) gives the
+    logits. `forward(x)` returns `(logits (n, num_classes), QuantizerOutput)`.
 
     Args:
-        input_shape: one input row's shape: an int for feature rows (``input_dim``
-            is the same argument by its old name), ``(L,)`` or ``(C, L)`` for
-            sequences, ``(C, H, W)`` for images.
-        num_classes: number of classes (>= 2).
-        quantizer: a preset name (see ``stabq.preset_names()``).
-        hidden: width of the MLPs' hidden layers (the CNNs use ``hidden // 8`` channels).
-        dropout: dropout after each hidden layer.
+        input_shape: one input row's shape: an int for feature rows, `(L,)` or
+            `(C, L)` for sequences, `(C, H, W)` for images.
+        num_classes: number of classes, an integer >= 2.
+        quantizer: a preset name of `build_quantizer` (default `"fsq"`).
+        hidden: width of the MLPs' hidden layers (the CNNs use `hidden // 8` channels).
+        dropout: dropout after each hidden layer, in [0, 1).
         bottleneck_dim: size of the features handed to the quantizer.
-        encoder: ``mlp``, ``cnn1d``, ``cnn2d``, ``"package.module:factory"`` (a callable
-            ``(input_shape, out_dim) -> nn.Module``) or an ``nn.Module``.
-        **quantizer_kwargs: options passed to the preset (``levels=...``, ...).
+        encoder: `"mlp"` (feature rows), `"cnn1d"`, `"cnn2d"`,
+            `"package.module:factory"` (a callable `(input_shape, out_dim) -> nn.Module`)
+            or an `nn.Module` (such a model cannot be saved).
+        input_dim: `input_shape` by its old name, for feature rows; give one of the two.
+        **quantizer_kwargs (Any): options of the preset (`levels=...`, ...).
 
-    ``forward(x)`` takes ``(n, *input_shape)`` and returns ``(logits, QuantizerOutput)``.
+    Raises:
+        ConfigError: neither or both of `input_shape` and `input_dim`, a size or option
+            out of range, an unknown encoder or preset, or a preset option it lacks.
+
+    Examples:
+        >>> import torch, stabq
+        >>> model = stabq.BottleneckClassifier(20, 3, "vq", hidden=64, bottleneck_dim=32)
+        >>> logits, out = model(torch.randn(5, 20))
+        >>> logits.shape, out.indices.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+        >>> model.logits_from_indices(out.indices).shape  # from stored codes
+        torch.Size([5, 3])
     """
 
     def __init__(
@@ -137,6 +154,7 @@ class BottleneckClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes the head scores."""
         return self.arch["num_classes"]
 
     def config(self) -> dict[str, Any]:
@@ -145,8 +163,18 @@ class BottleneckClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BottleneckClassifier:
-        """Build an untrained model from :meth:`config`'s output (a factory encoder is
-        imported again; configs from before ``input_shape`` give ``input_dim``)."""
+        """Build an untrained model from `config()`'s output.
+
+        A factory encoder is imported again; configs from before `input_shape` give
+        `input_dim`.
+
+        Args:
+            config: the dict `config()` returned (or a saved model's `model` section).
+
+        Raises:
+            ConfigError: a key missing, an encoder given as a module instance, or an
+                argument the constructor refuses.
+        """
         shape = config.get("input_shape", config.get("input_dim"))
         try:
             kwargs = {"num_classes": config["num_classes"], "quantizer": config["quantizer"]}
@@ -166,8 +194,16 @@ class BottleneckClassifier(nn.Module):
         return cls(shape, **kwargs, **extra)
 
     def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
-        """Standardise inputs as ``(x - mean) / std`` from now on (both of ``stats_shape``:
-        ``(input_dim,)`` for feature rows, one value a channel for the CNNs)."""
+        """Standardise inputs as `(x - mean) / std` from now on.
+
+        Args:
+            mean: of `stats_shape`: `(input_dim,)` for feature rows, one value a channel
+                for the CNNs.
+            std: of the same shape, > 0 everywhere.
+
+        Raises:
+            ShapeError: shapes other than `stats_shape`, or a `std` that is not > 0.
+        """
         mean, std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
         if mean.numel() == std.numel() == math.prod(self.stats_shape):
             mean, std = mean.reshape(self.stats_shape), std.reshape(self.stats_shape)
@@ -182,10 +218,14 @@ class BottleneckClassifier(nn.Module):
         self.feature_std.copy_(std)
 
     def take_continuous_weights(self, other: BottleneckClassifier) -> None:
-        """Copy ``other``'s feature statistics, projector and head (for ``--init-from``).
+        """Copy another model's feature statistics, encoder and head (for `--init-from`).
 
-        ``other`` is typically a model trained with ``quantizer="none"``: its
-        projector and head fit this model's wherever the sizes agree.
+        Args:
+            other: typically a model trained with `quantizer="none"`, built with the same
+                input shape, encoder, `hidden`, `bottleneck_dim` and classes.
+
+        Raises:
+            ShapeError: the encoder's or head's shapes differ.
         """
         for part in ("projector", "head"):
             mine, theirs = getattr(self, part).state_dict(), getattr(other, part).state_dict()
@@ -202,7 +242,14 @@ class BottleneckClassifier(nn.Module):
         self.set_feature_stats(other.feature_mean, other.feature_std)
 
     def features(self, x: Tensor) -> Tensor:
-        """Continuous bottleneck features ``(n, bottleneck_dim)``: what the quantizer sees."""
+        """Continuous bottleneck features `(n, bottleneck_dim)`: what the quantizer sees.
+
+        Args:
+            x: inputs `(n, *input_shape)`.
+
+        Raises:
+            ShapeError: `x` does not have the model's input shape.
+        """
         if tuple(x.shape[1:]) != self.input_shape or x.dim() < 2:
             wanted = (
                 f"{self.input_shape[0]} features"
@@ -214,11 +261,26 @@ class BottleneckClassifier(nn.Module):
         return self.projector((x - self.feature_mean) / self.feature_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput]:
+        """Classify `x`.
+
+        Args:
+            x: inputs `(n, *input_shape)`.
+
+        Returns:
+            `(logits (n, num_classes), QuantizerOutput)`.
+
+        Raises:
+            ShapeError: `x` does not have the model's input shape.
+        """
         logits, out, _ = self.forward_with_features(x)
         return logits, out
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, QuantizerOutput, Tensor]:
-        """``(logits, QuantizerOutput, z)`` with ``z`` the continuous bottleneck features."""
+        """`(logits, QuantizerOutput, z)`, `z` the continuous bottleneck features.
+
+        Args:
+            x: inputs `(n, *input_shape)`.
+        """
         z = self.features(x)
         out = self.quantizer(z)
         h = out.quantized
@@ -227,5 +289,9 @@ class BottleneckClassifier(nn.Module):
         return self.head(h), out, z
 
     def logits_from_indices(self, indices: Tensor) -> Tensor:
-        """The head's logits for stored codes: ``head(quantizer.indices_to_codes(indices))``."""
+        """The head's logits `(n, num_classes)` for stored codes.
+
+        Args:
+            indices: codes as the quantizer gave them, `(n,)` or `(n, num_codebooks)`.
+        """
         return self.head(self.quantizer.indices_to_codes(indices))

@@ -72,10 +72,38 @@ def save_model(
     history: list[dict[str, Any]] | None = None,
     train_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically (replacing an earlier model there).
+    """Save a model to a directory: `model.safetensors`, `config.json`, and its history.
 
-    This process remembers, in memory only, that it wrote this ``config.json`` there:
-    :func:`load` of it needs no ``trust_encoder``, even for a user's factory encoder.
+    Nothing is pickled: the weights are safetensors, everything else JSON, each file
+    checksummed so that `load` refuses an altered one. The save is atomic: the directory
+    is built under a temporary name beside the target, then renamed into place,
+    replacing an earlier model there; a crash leaves the old model or the new one. This
+    process remembers, in memory only, that it wrote this `config.json` there: `load`
+    of it needs no `trust_encoder`, even for a factory encoder of the user's.
+
+    Args:
+        model: the model to save (its encoder built-in or a `"package.module:factory"`).
+        directory: the model directory to write.
+        classes: the class names, one per class, in the order of the logits.
+        history: per-epoch rows (`TrainResult.history`), written to `metrics.jsonl` and
+            plotted to `training.png`; None: neither.
+        train_config: the training options to record (`TrainConfig.to_dict()`).
+
+    Returns:
+        The directory, as a `Path`.
+
+    Raises:
+        StabqError: `classes` does not hold one name per class.
+        ConfigError: the encoder is a module instance, which only pickle could save.
+        ModelFileError: the directory cannot be written.
+
+    Examples:
+        >>> import tempfile, stabq
+        >>> model = stabq.BottleneckClassifier(4, 2, "fsq", hidden=16, bottleneck_dim=8)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = stabq.save_model(model, f"{folder}/fsq", classes=["no", "yes"])
+        ...     print(sorted(p.name for p in path.iterdir()))
+        ['config.json', 'model.safetensors']
     """
     target = Path(directory)
     if len(classes) != model.num_classes:
@@ -153,29 +181,36 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], bytes]:
 
 
 def load(directory: str | Path, *, trust_encoder: bool = False) -> BottleneckClassifier:
-    """Rebuild a saved model (in eval mode); its class names are ``model.classes``.
+    """Load a model saved by `save_model` or `stabq train`, in eval mode.
+
+    Before any module is built, the sizes in `config.json` are checked against the
+    tensor shapes the weights' header declares, so a crafted config cannot make it
+    allocate what the weights do not hold; the checksums must match.
 
     Args:
-        directory: a model directory written by :func:`save_model` or ``stabq train``.
-        trust_encoder: allow a model whose encoder is a user factory
-            (``package.module:factory``): loading imports that module and runs it, so
+        directory: the model directory.
+        trust_encoder: allow a model whose encoder is a factory of the user's
+            (`package.module:factory`): loading imports that module and runs it, so
             pass True only for a model from a source you trust. Not needed for the
-            built-in encoders, nor for a model this process saved itself
-            (:mod:`stabq.model.trust`).
+            built-in encoders, nor for a model this process saved itself.
 
-    Before any module is built, the sizes in ``config.json`` are checked against the
-    tensor shapes the weights' header declares (:mod:`stabq.model.weights_check`), so a
-    crafted config cannot make it allocate what the weights do not hold.
+    Returns:
+        The `BottleneckClassifier`, in eval mode; its class names are `model.classes`.
 
     Raises:
-        UntrustedEncoderError: a user factory and neither ``trust_encoder`` nor this
+        UntrustedEncoderError: a factory encoder, and neither `trust_encoder` nor this
             process's own save; raised before anything is imported.
-        ModelFileError: a missing, altered, inconsistent or newer model.
+        ModelFileError: a missing, altered, inconsistent or newer model (or an
+            unfinished training run's directory).
 
-    Example::
-
-        model = stabq.load("runs/fsq")
-        logits, out = model(x)
+    Examples:
+        >>> import tempfile, torch, stabq
+        >>> model = stabq.BottleneckClassifier(4, 2, "fsq", hidden=16, bottleneck_dim=8)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     loaded = stabq.load(stabq.save_model(model, folder, classes=["no", "yes"]))
+        >>> loaded.classes, loaded.training
+        (['no', 'yes'], False)
+        >>> logits, out = loaded(torch.randn(3, 4))
     """
     directory = Path(directory)
     config, raw = _read_config(directory)

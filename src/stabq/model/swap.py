@@ -1,40 +1,9 @@
-"""Swap the quantizers of a user's model for stabq presets, in one line.
+"""Swap the quantizers of a user's model for stabq presets, in one line
+(:func:`swap_quantizers`; its docstring says what each replacement returns).
 
-``swap_quantizers(model, "fsq")`` finds vector-quantize-pytorch's
-``VectorQuantize``, ``ResidualVQ`` and ``FSQ``, stabq's own quantizers, and any
-class named in ``classes``, and replaces each in place by
-``build_quantizer(preset, dim)`` for the same input size. The replacement
-returns what the module it replaces returned, in the same layout, so the
-user's forward and training code run unchanged:
-
-| original               | the replacement returns                                  |
-|------------------------|----------------------------------------------------------|
-| vqp ``FSQ``            | ``(out, indices)``, indices int32                        |
-| vqp ``VectorQuantize`` | ``(quantized, indices, loss)``, int64, loss 0-dim        |
-| vqp ``ResidualVQ``     | ``(quantized, indices, losses)``, ``(..., C)``, ``(1,)`` |
-| stabq ``Quantizer``    | the new preset itself: a ``QuantizerOutput``             |
-| a class in ``classes`` | what it returned, in its order (see below)                |
-
-For a class in ``classes``, ``returns=`` names its outputs in order (from
-quantized, indices, loss, perplexity; one name for a bare tensor). Without it,
-a deep copy of the original runs once, in eval mode and without gradients, on a
-``(2, dim)`` input, and each output is told by its type: ``quantized`` a float
-of the input's shape, ``loss`` a float of one element, ``indices`` integers.
-The replacement returns the same container (tuple, list, named tuple or bare
-tensor) in the same order, the loss of the original's shape (``()`` or
-``(1,)``) and the indices of its integer dtype. A copy that fails, or outputs
-that are not one each of some of these, are a one-line ConfigError asking for
-``returns=``. ``perplexity`` (only by ``returns=``: it looks like a loss) is
-``exp`` of the entropy of the batch's codes.
-
-``quantized`` has the input's shape. Indices have the original's layout (the
-input's shape without its feature axis) and carry the preset's codebooks: a
-trailing axis of ``num_codebooks`` for multi-codebook presets (``rvq``, ``pq``),
-and always for a ResidualVQ, whose callers index layers. A ResidualVQ's
-per-layer losses become one entry, their total. Each adapter holds the stabq
-quantizer as ``.quantizer``, so ``CodebookUsage``, ``CollapseMonitor`` and
-``indices_to_codes`` work on it. vector-quantize-pytorch is never imported
-here: a model can only hold its modules once the user has imported it.
+The adapters below give a stabq quantizer the input layout and the return values of the
+module it replaces. vector-quantize-pytorch is never imported here: a model can only hold
+its modules once the user has imported it.
 """
 
 from __future__ import annotations
@@ -127,7 +96,22 @@ class SwappedCustom(SwappedQuantizer):
 
 @dataclass(frozen=True)
 class Swap:
-    """One replacement: where, what it was, what it is now."""
+    """One replacement of `swap_quantizers`: where, what it was, what it is now.
+
+    Attributes:
+        path: the dotted path in the model, as `model.get_submodule` takes it.
+        old_class: the class replaced, e.g. `"vector_quantize_pytorch.FSQ"`.
+        preset: the preset that replaced it.
+        dim: its input size.
+        quantizer: the new stabq quantizer (inside its adapter, if any).
+        returns: what it returns, for a class of `classes=`; else None.
+
+    Examples:
+        >>> import torch, stabq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), stabq.VectorQuantizer(16, 64))
+        >>> print(stabq.swap_quantizers(model, "rfsq")[0])
+        1: stabq.VectorQuantizer -> rfsq (dim 16)
+    """
 
     path: str  # dotted path in the model, as ``model.get_submodule`` takes it
     old_class: str  # e.g. "vector_quantize_pytorch.FSQ"
@@ -143,7 +127,19 @@ class Swap:
 
 @dataclass(frozen=True)
 class SwapReport:
-    """What :func:`swap_quantizers` replaced: iterable, ``len``, indexable, printable."""
+    """What `swap_quantizers` replaced: iterable, `len`, indexable, printable.
+
+    Attributes:
+        swaps: one `Swap` a replaced path (`path`, `old_class`, `preset`, `dim`, the new
+            `quantizer`, and `returns`, the layout of a class of `classes=`).
+
+    Examples:
+        >>> import torch, stabq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), stabq.VectorQuantizer(16, 64))
+        >>> report = stabq.swap_quantizers(model, "pq")
+        >>> len(report), report[0].path, report[0].old_class, report[0].quantizer is model[1]
+        (1, '1', 'stabq.VectorQuantizer', True)
+    """
 
     swaps: tuple[Swap, ...]
 
@@ -233,35 +229,70 @@ def swap_quantizers(
     missing_ok: bool = False,
     **overrides: Any,
 ) -> SwapReport:
-    """Replace every quantizer in ``model``, in place, by the stabq ``preset``.
+    """Replace every quantizer in a model, in place, by a stabq preset.
+
+    Found anywhere in `model`: vector-quantize-pytorch's `VectorQuantize`, `ResidualVQ`
+    and `FSQ`, stabq's own quantizers, and the classes named in `classes`. Each is
+    replaced by `build_quantizer(preset, dim)` for its input size, behind an adapter
+    that returns what the module it replaces returned, in the same layout, so the
+    model's forward and training code run unchanged:
+
+    - vector-quantize-pytorch `FSQ`: `(out, indices)`, indices int32;
+    - `VectorQuantize`: `(quantized, indices, loss)`, int64 indices, a 0-dim loss;
+    - `ResidualVQ`: `(quantized, indices, losses)`, indices `(..., C)` (a trailing
+      axis of the preset's codebooks, even of 1), the layers' losses as one entry `(1,)`;
+    - a stabq `Quantizer`: the new preset itself, returning a `QuantizerOutput`;
+    - a class of `classes`: the same container (tuple, list, named tuple or bare
+      tensor) in the same order, the loss in the original's shape (`()` or `(1,)`),
+      indices in its integer dtype; `perplexity` is `exp` of the entropy of the batch's
+      codes.
+
+    `quantized` has the input's shape (channels-first where the original was); indices
+    have the input's shape without its feature axis, plus the preset's codebook axis
+    for `rvq` and `pq`. Each adapter holds the stabq quantizer as `.quantizer`, for
+    `CodebookUsage`, `CollapseMonitor` and `indices_to_codes`.
 
     Args:
-        model: the user's model; its quantizers are found anywhere inside it
-            (not inside one another: a ResidualVQ's layers go with it).
-        preset: a name of :func:`stabq.preset_names` (``fsq`` by default).
-        classes: more quantizer classes to replace, as classes or class names;
-            each must have an integer ``dim`` (its input size), and its
-            replacement returns what it returned, in its order (module docstring).
-        returns: what the classes of ``classes`` return, in order: a name or a
-            tuple of names from ``quantized``, ``indices``, ``loss``,
-            ``perplexity`` (e.g. ``("quantized", "loss", "indices")``); by default
-            found by running a copy of each once.
+        model: the model; its quantizers are found anywhere inside it (not inside one
+            another: a ResidualVQ's layers go with it).
+        preset: a name of `stabq.preset_names()` (`"fsq"` by default).
+        classes: more quantizer classes to replace, as classes or class names; each must
+            have an integer `dim` (its input size).
+        returns: what the classes of `classes` return, in order: a name or a tuple of
+            names from `quantized`, `indices`, `loss`, `perplexity` (e.g.
+            `("quantized", "loss", "indices")`); by default a copy of each runs once, in
+            eval mode, on a `(2, dim)` input, and each output is told by its type.
         missing_ok: return an empty report, not an error, when nothing matches.
-        **overrides: options of the preset (``levels=...``), as for
-            :func:`stabq.build_quantizer`.
+        **overrides (Any): options of the preset (`levels=...`), as for
+            `build_quantizer`.
 
     Returns:
-        A :class:`SwapReport`, one :class:`Swap` a replaced path. A module
-        reachable by several paths is replaced by one new module at all of them.
+        A `SwapReport`, one `Swap` a replaced path. A module reachable by several paths
+            is replaced by one new module at all of them.
 
     Raises:
-        ConfigError: one line: an unknown preset or option, nothing to swap, an
-            original without ``dim``, or one of ``classes`` whose outputs cannot be
-            told apart (pass ``returns=``). Nothing is replaced then.
+        ConfigError: an unknown preset or option, nothing to swap, an original without
+            `dim`, or one of `classes` whose outputs cannot be told apart (pass
+            `returns=`). Nothing is replaced then.
 
-    Example:
-        >>> swap_quantizers(model, "fsq", classes=[MyVQ])  # doctest: +SKIP
-        >>> q, loss, indices = model.vq(z)  # MyVQ's order, stabq's FSQ inside
+    Examples:
+        >>> import torch, stabq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), stabq.VectorQuantizer(16, 64))
+        >>> print(stabq.swap_quantizers(model, "fsq"))
+        swapped 1 quantizer:
+          1: stabq.VectorQuantizer -> fsq (dim 16)
+        >>> class MyVQ(torch.nn.Module):  # returns (quantized, loss, indices)
+        ...     def __init__(self, dim):
+        ...         super().__init__()
+        ...         self.dim = dim
+        ...     def forward(self, z):
+        ...         return z, z.new_zeros(()), z.new_zeros(z.shape[:-1], dtype=torch.long)
+        >>> holder = torch.nn.Module()
+        >>> holder.vq = MyVQ(16)
+        >>> report = stabq.swap_quantizers(holder, "rvq", classes=[MyVQ])
+        >>> quantized, loss, indices = holder.vq(torch.randn(4, 16))
+        >>> quantized.shape, loss.shape, indices.shape
+        (torch.Size([4, 16]), torch.Size([]), torch.Size([4, 4]))
     """
     if preset not in PRESETS:
         build_quantizer(preset, 1)  # raises its one-line error naming the presets

@@ -19,12 +19,25 @@ from stabq.quantizers.codebook import Codebook
 
 
 class QuantizerOutput(NamedTuple):
-    """What every quantizer returns.
+    """What every quantizer's forward returns: a named tuple `(quantized, indices, loss)`.
 
-    quantized: ``(..., dim)``, straight-through (soft for Gumbel in training).
-    indices:   ``(...,)`` int64, or ``(..., num_codebooks)`` for RVQ and PQ;
-               -1 where quantization is disabled.
-    loss:      0-dim auxiliary loss (commitment etc.); zero where there is none.
+    Attributes:
+        quantized: `(..., dim)`, the input's shape and dtype: the codes, with the
+            gradient passed on to the input (straight through, or by the rotation
+            trick; Gumbel's soft mixture of codes in training); the input itself where
+            quantization is off.
+        indices: `(...,)` int64, or `(..., num_codebooks)` for a quantizer with several
+            codebooks (`ResidualVQ`, `ProductQuantizer`, `ResidualFSQ`, `LFQ` with
+            `num_codebooks > 1`); -1 where quantization is off (always for `Identity`).
+        loss: 0-dim float32 auxiliary loss (commitment, entropy, diversity, ...) to add
+            to the task loss; 0 where the quantizer has none.
+
+    Examples:
+        >>> import torch, stabq
+        >>> out = stabq.build_quantizer("pq", 64)(torch.randn(10, 3, 64))
+        >>> out.quantized.shape, out.indices.shape, out.loss.shape
+        (torch.Size([10, 3, 64]), torch.Size([10, 3, 8]), torch.Size([]))
+        >>> quantized, indices, loss = out  # a tuple too
     """
 
     quantized: Tensor
@@ -33,20 +46,34 @@ class QuantizerOutput(NamedTuple):
 
 
 class Quantizer(nn.Module):
-    """Base class: shape and dtype handling, pass-through, the shared attributes.
+    """The interface every stabq quantizer shares (an `nn.Module`; build one by preset).
 
-    Attributes every subclass sets: ``dim`` (input and output feature size),
-    ``codebook_size`` (codes per codebook), ``num_codebooks``.
-    ``grid`` (class attribute, default False) is True where the codes are the
-    cells of a fixed grid (FSQ, and LFQ/BSQ-like quantizers): nothing is learned
-    per code, so an unvisited cell is not a dead code (:mod:`stabq.health`).
-    ``quantization_enabled`` (default True) switches to a continuous
-    pass-through that returns ``x`` unchanged and indices of -1.
+    `quantizer(x)` maps `x (..., dim)` of any float dtype and leading shape to a
+    `QuantizerOutput`; an empty batch (a 0 among the leading dims) gives empty
+    `quantized` and `indices` and a zero loss. The math runs in the module's own float
+    dtype (codebooks and projections stay float32 under half-precision input) and the
+    result comes back in the input's. Subclasses implement `_quantize` on `(n, dim)`.
 
-    Any float dtype and leading shape is accepted, an empty batch (a 0 among
-    the leading dims) too: it gives empty ``quantized`` and ``indices`` and a
-    zero loss. Anything else (not a float tensor, a last dim other than
-    ``dim``) is a :class:`ShapeError`.
+    Attributes:
+        dim: the input and output feature size.
+        codebook_size: codes per codebook (0 for `Identity`).
+        num_codebooks: codebooks (layers, subspaces) per row; 1 for most quantizers.
+        multi_codebook: True where `indices` keep a trailing axis of `num_codebooks`
+            (`ResidualVQ`, `ProductQuantizer`, `ResidualFSQ`, even of 1).
+        grid: True where the codes are the cells of a fixed grid (`FSQ`, `ResidualFSQ`,
+            `LFQ`): nothing is learned per code, so an unvisited cell is no dead code.
+        quantization_enabled: True by default; False makes the forward a continuous
+            pass-through that returns `x` unchanged and indices of -1 (the first stage
+            of two-stage training).
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.build_quantizer("vq", 16)
+        >>> isinstance(q, stabq.Quantizer), q.dim, q.codebook_size, q.num_codebooks
+        (True, 16, 512, 1)
+        >>> q.quantization_enabled = False
+        >>> q(torch.randn(4, 16)).indices
+        tensor([-1, -1, -1, -1])
     """
 
     dim: int
@@ -65,7 +92,12 @@ class Quantizer(nn.Module):
         return (self.num_codebooks,) if self.multi_codebook else ()
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype the math runs in: the module's float dtype, else float32 or float64."""
+        """The dtype the math runs in: the module's float dtype, else float32 or float64.
+
+        Args:
+            x: the input; its dtype decides only for a module without float tensors
+                (float64 for float64 input, else float32).
+        """
         for t in self.parameters():
             if t.is_floating_point():
                 return t.dtype
@@ -75,6 +107,19 @@ class Quantizer(nn.Module):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def forward(self, x: Tensor) -> QuantizerOutput:
+        """Quantize `x`.
+
+        Args:
+            x: `(..., dim)`, any floating-point dtype.
+
+        Returns:
+            `QuantizerOutput(quantized (..., dim), indices (...,) or (..., num_codebooks)
+                int64, loss 0-dim)`.
+
+        Raises:
+            ShapeError: `x` is not a floating-point tensor, or its last dimension is not
+                `dim`.
+        """
         name = type(self).__name__
         if not isinstance(x, Tensor) or not x.is_floating_point():
             found = x.dtype if isinstance(x, Tensor) else type(x).__name__
@@ -103,15 +148,23 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1], for quantizers with a schedule (Gumbel's tau)."""
+        """Tell the quantizer how far training is; only a schedule uses it (Gumbel's tau).
+
+        Args:
+            progress: the share of training done, in [0, 1]; `stabq.train` calls this
+                every step.
+        """
 
     @torch.no_grad()
     def init_from_features(self, x: Tensor) -> None:
-        """Re-initialise every codebook by k-means on features ``x`` ``(n, dim)``.
+        """Re-initialise every codebook by k-means on features `x`.
 
         Used between the stages of two-stage training. Codebooks are seeded on
         what they see in one training-mode pass (each RVQ layer on its own
         residuals); quantizers without a codebook only update running statistics.
+
+        Args:
+            x: features `(n, dim)`, e.g. the encoder's output on training rows.
         """
         for module in self.modules():
             if isinstance(module, Codebook):
@@ -126,7 +179,19 @@ class Quantizer(nn.Module):
             self.quantization_enabled = was_enabled
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """Decode indices ``(...,)`` or ``(..., num_codebooks)`` to ``(..., dim)``."""
+        """Decode stored indices back to the quantized features.
+
+        Args:
+            indices: integer `(...,)`, or `(..., num_codebooks)` for a quantizer with
+                several codebooks, each in `[0, codebook_size)`.
+
+        Returns:
+            `(..., dim)` in the module's float dtype: what the forward's `quantized` was.
+
+        Raises:
+            ShapeError: indices that are not integers, of the wrong trailing shape, or
+                out of range; `Identity` has no codes to decode.
+        """
         raise NotImplementedError
 
     def _check_indices(self, indices: Tensor) -> Tensor:
@@ -155,7 +220,22 @@ class Quantizer(nn.Module):
 
 
 class Identity(Quantizer):
-    """The continuous reference (preset ``none``): passes ``x`` through, indices -1."""
+    """The continuous reference (preset `none`): passes `x` through, indices -1, loss 0.
+
+    Args:
+        dim: the feature size, an integer >= 1.
+
+    Raises:
+        ConfigError: `dim` is not an integer >= 1.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.Identity(4)
+        >>> x = torch.randn(2, 4)
+        >>> out = q(x)
+        >>> torch.equal(out.quantized, x), out.indices, float(out.loss)
+        (True, tensor([-1, -1]), 0.0)
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -8,14 +8,7 @@ Each of ``d = len(levels)`` dimensions is bounded and rounded to ``L_i`` levels:
     code   = r / (L // 2)                                 (in [-1, 1])
     index  = sum_i (r_i + L_i // 2) * prod_{j<i} L_j        (mixed radix)
 
-Rounding passes gradients straight through. The implicit codebook has
-``prod(levels)`` codes; there is nothing to collapse, but the bound can
-saturate: when the projection grows until every ``|z|`` sits far out on the
-tanh, every input lands on a corner code and the gradient vanishes.
-``pre_norm=True`` standardises each dimension over the batch before the bound
-(running statistics at eval), which keeps ``z`` where tanh is not flat.
-The codes and indices equal vector-quantize-pytorch's ``FSQ`` for the same
-levels and input (with ``pre_norm=False``).
+Rounding passes gradients straight through; :class:`FSQ` says why ``pre_norm`` exists.
 """
 
 from __future__ import annotations
@@ -114,26 +107,21 @@ def _use_sigmoid(z: Tensor, tiled: _Tiled) -> bool:
 class _BoundRound(torch.autograd.Function):
     """``r = round(tanh(z + shift) * half_l - offset)``, its index, ``codes = r / half_width``.
 
-    Rounding passes gradients straight through, so
-    ``d codes / dz = half_l / half_width * (1 - tanh(z + shift)^2)``. ``z`` is
-    ``(n / g, g d)`` (rows packed ``g`` at a time), every constant ``(g d,)``.
-
-    The tanh form takes five elementwise passes over two buffers: ``y = tanh(z + shift)``,
-    kept for backward, and ``r``, turned into the codes in place once its index is read.
-    Backward is two passes, ``grad (1 - y^2)`` then ``* slope``: keeping ``y`` rather than
-    ``z`` computes tanh once (the peer keeps it too).
+    Rounding passes gradients straight through, so ``d codes / dz = half_l / half_width *
+    (1 - tanh(z + shift)^2)``. ``z`` is ``(n / g, g d)`` (rows packed ``g`` at a time),
+    every constant ``(g d,)``. The tanh form takes five elementwise passes over two buffers:
+    ``y = tanh(z + shift)``, kept for backward, and ``r``, turned into the codes in place
+    once its index is read. Backward is two passes, ``grad (1 - y^2)`` then ``* slope``:
+    keeping ``y`` rather than ``z`` computes tanh once (the peer keeps it too).
 
     The sigmoid form (``sigmoid=True``) uses ``tanh(a) = 2 sigmoid(2a) - 1``: ``s =
     sigmoid(2 (z + shift))``, ``b = 2 half_l s - half_l - offset``. Its ``b`` is within
     ``window`` of the tanh form's, so it rounds the same wherever ``b`` is farther than
     ``window`` from a tie; the few rows that are not are computed again by the tanh form.
-    The codes and indices are therefore the tanh form's. Backward is
-    ``grad s (1 - s) * 4 slope`` (the same derivative, ``1 - tanh^2 = 4 s (1 - s)``), equal
-    to the tanh form's within a few ulp of ``slope``.
-
+    The codes and indices are therefore the tanh form's. Backward is ``grad s (1 - s) * 4
+    slope`` (``1 - tanh^2 = 4 s (1 - s)``), within a few ulp of ``slope`` of the tanh form's.
     The gradient is written over what forward kept (``y`` or ``s``: into a buffer just read,
-    measured three times as fast as into a fresh one) unless the graph is kept
-    (``retain_graph``, ``create_graph``).
+    measured three times as fast as into a fresh one) unless the graph is kept.
     """
 
     @staticmethod
@@ -190,13 +178,11 @@ def fsq_bound_round(
 
     ``sigmoid`` picks :class:`_BoundRound`'s form (None: the sigmoid form for float32 on
     CPU with avx2 or avx512 kernels from :data:`SIGMOID_MIN_ELEMENTS` elements); the codes
-    and indices are the same.
-
-    Rows are packed ``g`` at a time into ``(n / g, g d)`` so that the
-    per-dimension constants broadcast over a wide last dimension: a broadcast
-    over ``(n, 6)`` measured about twice as slow on CPU (torch 2.13). The
-    tiled constants and the index basis are kept in ``cache`` (keyed by
-    device, dtype and ``g``): a dozen small tensor operations fewer per call.
+    and indices are the same. Rows are packed ``g`` at a time into ``(n / g, g d)`` so that
+    the per-dimension constants broadcast over a wide last dimension: a broadcast over
+    ``(n, 6)`` measured about twice as slow on CPU (torch 2.13). The tiled constants and the
+    index basis are kept in ``cache`` (keyed by device, dtype and ``g``): a dozen small
+    tensor operations fewer per call.
     """
     n, d = z.shape
     g = _row_group(n)
@@ -242,11 +228,9 @@ _EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
 
 
 def fsq_level_indices_to_index(level_idx: Tensor, levels: Tensor) -> Tensor:
-    """Mixed-radix index of per-dimension level indices ``(..., d)`` in ``[0, L_i)``.
-
-    Float input is reduced by one matrix-vector product where the float type
-    holds every index exactly (up to 2^24 codes in float32), else in int64.
-    """
+    """Mixed-radix index of per-dimension level indices ``(..., d)`` in ``[0, L_i)``: for
+    float input one matrix-vector product where the float type holds every index exactly
+    (up to 2^24 codes in float32), else in int64."""
     basis = _mixed_radix_basis(levels)
     size = int(basis[-1]) * int(levels[-1])
     if level_idx.is_floating_point() and size <= _EXACT_INTEGERS.get(level_idx.dtype, 0):
@@ -306,14 +290,37 @@ def pre_normalise(norm: nn.BatchNorm1d | None, z: Tensor) -> Tensor:
 
 
 class FSQ(Quantizer):
-    """Finite scalar quantization over ``levels``, with optional projections.
+    """Finite scalar quantization (Mentzer et al. 2023): each code dimension bounded by
+    tanh and rounded to one of its levels; the codes are a fixed grid, nothing to collapse.
+
+    The bound can saturate instead: when the projection grows until every input sits far
+    out on the tanh, every input lands on a corner code and the gradient vanishes;
+    `pre_norm=True` prevents it. Rounding passes gradients straight through; there is
+    no auxiliary loss. With `pre_norm=False` the codes and indices equal
+    vector-quantize-pytorch's `FSQ` for the same levels and input.
 
     Args:
-        levels: levels per code dimension, each >= 2; ``prod(levels)`` codes.
-        dim: input size; when it differs from ``len(levels)``, Linear layers
-            project ``dim -> len(levels)`` before and back after quantizing.
-        pre_norm: standardise each code dimension over the batch before the
-            bound (BatchNorm without affine), so tanh cannot saturate.
+        levels: levels per code dimension, each an integer >= 2; `prod(levels)` codes
+            (fewer than 2**62). `recommended_levels` gives the paper's choices.
+        dim: input size (default None: `len(levels)`); when it differs from
+            `len(levels)`, Linear layers project `dim -> len(levels)` before and back
+            after quantizing.
+        pre_norm: standardise each code dimension over the batch before the bound
+            (BatchNorm without affine; running statistics at eval), so tanh cannot
+            saturate. Default False.
+
+    Raises:
+        ConfigError: `levels` empty or not integers >= 2, too many codes, or `dim` not
+            an integer >= 1.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.FSQ([8, 5, 5, 5], dim=32, pre_norm=True)
+        >>> out = q(torch.randn(16, 32))
+        >>> q.codebook_size, out.indices.shape, out.indices.dtype
+        (1000, torch.Size([16]), torch.int64)
+        >>> q.indices_to_codes(out.indices).shape
+        torch.Size([16, 32])
     """
 
     grid = True  # prod(levels) fixed cells: health reports occupied cells, not dead codes
@@ -368,7 +375,8 @@ class FSQ(Quantizer):
         return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """Codes ``(..., len(levels))`` on the level grid to int64 indices ``(...,)``."""
+        """Grid codes `(..., len(levels))` (before `project_out`) to int64 indices `(...,)`;
+        a last dimension other than `len(levels)` is a ShapeError."""
         check(
             codes.shape[-1:] == (len(self.levels),),
             f"FSQ.codes_to_indices: codes of shape {tuple(codes.shape)} must end in "
@@ -378,14 +386,14 @@ class FSQ(Quantizer):
         return fsq_codes_to_indices(codes, self._levels)
 
     def indices_to_level_codes(self, indices: Tensor) -> Tensor:
-        """Indices ``(...,)`` to codes ``(..., len(levels))`` in [-1, 1], before projection."""
+        """Indices `(...,)` to grid codes `(..., len(levels))` in [-1, 1], before projection."""
         flat = self._check_indices(indices)
         dtype = self.compute_dtype(flat.float())
         codes = fsq_indices_to_codes(flat, self._levels, dtype)
         return codes.reshape(*indices.shape, len(self.levels))
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """Indices ``(...,)`` to ``(..., dim)``: the level codes through ``project_out``."""
+        """Indices `(...,)` to `(..., dim)`: the grid codes through `project_out`."""
         return self.project_out(self.indices_to_level_codes(indices))
 
     def extra_repr(self) -> str:

@@ -148,16 +148,45 @@ def diversity_loss(logits: Tensor, sync: bool = False) -> Tensor:
 
 
 class GumbelQuantizer(Quantizer):
-    """Learned logits over ``codebook_size`` codes, sampled by Gumbel-Softmax.
+    """Gumbel-Softmax quantization (Jang et al. 2017): learned logits over learned codes.
 
-    Args (beyond the module docstring's): ``anneal_steps``: anneal ``tau`` from
-    ``tau_start`` to ``tau_end`` over this many training steps of its own count,
-    for a loop that never calls ``set_progress`` (an integer >= 1; default None:
-    ``tau`` moves only by ``set_progress``). A ``set_progress`` call takes over
-    from the count for good.
+    In training the output is `softmax((logits + g) / tau) @ codes` with Gumbel noise
+    `g`; in eval the code of the largest logit. `tau` anneals exponentially from
+    `tau_start` to `tau_end` with training progress `p`:
+    `tau = tau_start^(1 - p) * tau_end^p`. `stabq.train` sets `p` every step
+    (`set_progress`); a loop of your own calls `set_progress` or passes `anneal_steps`.
 
-    Example:
-        >>> q = GumbelQuantizer(16, 32, anneal_steps=1000)  # tau 5.0 -> 0.1 over 1000 steps
+    Args:
+        dim: input size, an integer >= 1.
+        codebook_size: number of codes `K`, an integer >= 1.
+        tau_start: the temperature at progress 0, a finite number > 0.
+        tau_end: the temperature at progress 1, a finite number > 0.
+        hard: sample one-hot in training too, with straight-through gradients.
+        kl_weight: weight of `KL(softmax(logits) || uniform)`, which pushes towards
+            using every code (a number >= 0).
+        pre_norm: standardise each input dimension over the batch first (BatchNorm
+            without affine; every rank's rows in distributed training) and start the
+            logits at unit variance, so the Gumbel noise does not drown them.
+        diversity_weight: weight `w` of wav2vec 2.0's diversity loss
+            `w (K - exp H(pbar)) / K`, `pbar` the batch mean of `softmax(logits)`: 0
+            when the batch uses every code evenly, near `w` when it uses one (>= 0).
+        anneal_steps: anneal `tau` over this many training steps of the quantizer's own
+            count, for a loop that never calls `set_progress` (an integer >= 1; default
+            None: `tau` moves only by `set_progress`). A `set_progress` call takes over
+            from the count for good; the count is saved with the weights.
+
+    Raises:
+        ConfigError: an option outside the range given above.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.GumbelQuantizer(16, 32, anneal_steps=1000)  # 5.0 -> 0.1 in 1000 steps
+        >>> out = q(torch.randn(8, 16))
+        >>> out.indices.shape, round(q.tau, 3)
+        (torch.Size([8]), 4.98)
+        >>> q.set_progress(1.0)
+        >>> q.tau
+        0.1
     """
 
     def __init__(
@@ -214,8 +243,15 @@ class GumbelQuantizer(Quantizer):
         return annealed_tau(self.tau_start, self.tau_end, self.progress)
 
     def set_progress(self, progress: float) -> None:
-        """Set training progress ``p`` in [0, 1], which sets ``tau`` (from now on, whatever
-        ``anneal_steps`` says)."""
+        """Set training progress `p`, which sets `tau` (from now on, whatever
+        `anneal_steps` says).
+
+        Args:
+            progress: a number in [0, 1].
+
+        Raises:
+            ConfigError: `progress` is not a number in [0, 1].
+        """
         check(
             isinstance(progress, float | int) and 0.0 <= progress <= 1.0,
             f"GumbelQuantizer.set_progress: progress={progress!r}, allowed is a number in [0, 1]",

@@ -85,19 +85,39 @@ def _entropies(logits: Tensor, sync: bool) -> tuple[Tensor, Tensor, float]:
 
 
 class LFQ(Quantizer):
-    """Each of ``num_codebooks x bits`` dimensions quantized to a sign; ``2^bits`` codes a codebook.
+    """Lookup-free quantization (Yu et al. 2023): each dimension quantized to its sign.
+
+    `num_codebooks x bits` dimensions, each `+s` or `-s`: `2**bits` codes a codebook,
+    none stored, so nothing to collapse. `spherical=True` is binary spherical
+    quantization (BSQ, Zhao et al. 2024): inputs and codes on the sphere of radius `s`.
+    The loss is `entropy_weight * (H_sample + gamma * (bits ln 2 - H_codebook)) +
+    commitment_weight * mean |z - sg(code)|^2` (entropies in nats, per codebook, the
+    codebook entropy from the batch's per-bit marginals), averaged over codebooks: >= 0.
 
     Args:
-        dim: input size; Linear projections ``dim -> num_codebooks * bits`` and
-            back when they differ.
-        bits: bits per codebook ``d`` (default ``dim // num_codebooks``), at most 62.
-        num_codebooks: ``C``; indices are ``(..., C)`` when ``C > 1``.
-        entropy_weight: weight of the entropy penalty.
-        diversity_gamma: ``gamma``, weight of the codebook entropy in the penalty.
-        commitment_weight: weight of ``|z - sg(code)|^2``.
-        inv_temperature: ``tau`` of the code distribution ``softmax(2 tau z.c)``.
-        codebook_scale: ``s``, the code values' magnitude.
-        spherical: BSQ: inputs and codes on the sphere of radius ``s``.
+        dim: input size, an integer >= 1; Linear projections
+            `dim -> num_codebooks * bits` and back when they differ.
+        bits: bits per codebook `d`, 1 to 62 (default None: `dim // num_codebooks`).
+        num_codebooks: `C`, an integer >= 1; indices are `(..., C)` when `C > 1`.
+        entropy_weight: weight of the entropy penalty, a number >= 0.
+        diversity_gamma: `gamma`, the weight of the codebook entropy in the penalty, a
+            number >= 0.
+        commitment_weight: weight of `|z - sg(code)|^2`, a number >= 0.
+        inv_temperature: `tau` of the code distribution `softmax(2 tau z.c)` the
+            entropies are measured on, a number >= 0.
+        codebook_scale: `s`, the code values' magnitude, a number > 0.
+        spherical: BSQ: inputs and codes on the sphere of radius `s`.
+
+    Raises:
+        ConfigError: an option outside the range given above, or `bits=None` with a
+            `dim` that `num_codebooks` does not divide.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.LFQ(32, bits=10)
+        >>> out = q(torch.randn(8, 32))
+        >>> q.codebook_size, out.indices.shape, out.loss.dim()
+        (1024, torch.Size([8]), 0)
     """
 
     grid = True  # fixed cells (levels or signs): health reports occupied cells, not dead codes

@@ -24,11 +24,35 @@ from stabq.quantizers.codebook import Codebook, commitment_loss, estimate
 
 
 class ProductQuantizer(Quantizer):
-    """``num_subspaces`` independent EMA codebooks of ``2**bits`` codes each.
+    """Product quantization (Jégou et al. 2011): `num_subspaces` slices, each its own codebook.
 
-    Takes VectorQuantizer's codebook options (``decay``, ``commitment_weight``,
-    ``kmeans_init``, ``kmeans_iters``, ``dead_code_threshold``,
-    ``rotation_trick``); distances are Euclidean, as in Faiss.
+    `x (n, dim)` is cut into `M = num_subspaces` slices of `dim / M` values; slice `m`
+    is quantized by its own codebook of `2**bits` codes, in Euclidean distance. The
+    centroids' layout `(M, 2**bits, dim / M)` is Faiss's: `to_faiss` and `from_faiss`
+    move trained codebooks across, and the indices equal
+    `faiss.ProductQuantizer.compute_codes` (unpacked) for the same centroids.
+
+    Args:
+        dim: input size, an integer >= 1 that `num_subspaces` divides.
+        num_subspaces: `M`, an integer >= 1; indices are `(..., M)`.
+        bits: bits per subspace code, 1 to 16: `2**bits` codes a codebook.
+        decay: EMA decay of the codebooks, in [0, 1); None trains them by gradient.
+        commitment_weight: `beta` of the commitment loss, a number >= 0.
+        kmeans_init: initialise each codebook by k-means on the first training batch.
+        kmeans_iters: Lloyd iterations of that initialisation, an integer >= 1.
+        dead_code_threshold: replace codes that fewer inputs than this reached over the
+            EMA horizon (as `VectorQuantizer`; 0: never).
+        rotation_trick: pass gradients by the rotation trick rather than straight through.
+
+    Raises:
+        ConfigError: an option outside the range given above.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.ProductQuantizer(32, num_subspaces=4, bits=6)
+        >>> out = q(torch.randn(100, 32))
+        >>> out.indices.shape, q.centroids.shape
+        (torch.Size([100, 4]), torch.Size([4, 64, 8]))
     """
 
     multi_codebook = True
@@ -97,7 +121,7 @@ class ProductQuantizer(Quantizer):
         return self.codebook.embed.detach()
 
     def to_faiss(self):  # -> faiss.ProductQuantizer
-        """A trained ``faiss.ProductQuantizer`` holding these centroids."""
+        """A trained `faiss.ProductQuantizer` holding these centroids (float32)."""
         import faiss
 
         pq = faiss.ProductQuantizer(self.dim, self.num_codebooks, self.bits)
@@ -107,10 +131,18 @@ class ProductQuantizer(Quantizer):
 
     @classmethod
     def from_faiss(cls, pq, **codebook_options) -> ProductQuantizer:
-        """Build a ProductQuantizer from a trained ``faiss.ProductQuantizer``.
+        """Build a ProductQuantizer from a trained `faiss.ProductQuantizer`.
 
-        ``codebook_options`` are passed on (``decay``, ``dead_code_threshold``...);
-        the codes are taken as initialised, so no k-means runs on them again.
+        The codes count as initialised, so no k-means runs on them again.
+
+        Args:
+            pq (faiss.ProductQuantizer): a trained quantizer; its `d`, `M` and `nbits`
+                give `dim`, `num_subspaces` and `bits`.
+            **codebook_options (Any): further options of the constructor (`decay`,
+                `dead_code_threshold`, ...).
+
+        Raises:
+            ConfigError: the faiss quantizer holds no trained centroids.
         """
         import faiss
 

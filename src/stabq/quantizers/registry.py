@@ -1,24 +1,5 @@
-"""Quantizers by preset name, and the FSQ paper's recommended levels.
-
-| preset      | what it builds                                                        |
-|-------------|-----------------------------------------------------------------------|
-| ``fsq``       | FSQ [8,8,8,5,5,5] (64,000 codes) with ``pre_norm=True``               |
-| ``fsq-plain`` | textbook FSQ [8,8,8,5,5,5], no normalisation (can saturate tanh)      |
-| ``rvq``       | residual VQ 4 x 256, k-means init, dead codes under 2 replaced        |
-| ``vq-ema``    | vanilla VQ-EMA, 512 codes: the baseline that collapses                |
-| ``vq``        | VQ 512 codes, k-means init, dead codes at 2, 32-dim cosine codebook,  |
-|             | EMA decay 0.95                                                        |
-| ``gumbel``    | Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1, ``pre_norm=True``,      |
-|             | diversity loss 1.0 (wav2vec 2.0's)                                    |
-| ``pq``        | product quantization, 8 subspaces x 256 codes, k-means init, dead     |
-|             | codes under 2 replaced (as ``rvq``)                                   |
-| ``simvq``     | SimVQ 1024 codes: frozen random basis times one learned linear layer, |
-|             | rotation trick                                                        |
-| ``rfsq``      | residual FSQ [8,5,5,5] (1,000 codes) x 4 layers, ``pre_norm=True``    |
-| ``lfq``       | lookup-free quantization, 16 bits (65,536 codes), entropy penalty 0.1,|
-|             | commitment 0.25                                                       |
-| ``bsq``       | ``lfq`` on the unit sphere (binary spherical quantization)            |
-| ``none``      | continuous pass-through (the reference)                               |
+"""Quantizers by preset name (:func:`build_quantizer`, whose docstring lists the presets),
+and the FSQ paper's recommended levels (:func:`recommended_levels`).
 """
 
 from __future__ import annotations
@@ -47,7 +28,29 @@ FSQ_LEVELS = {
 
 
 def recommended_levels(codebook_size: int) -> list[int]:
-    """FSQ levels for about ``codebook_size`` codes (Mentzer et al. 2023, table 1)."""
+    """FSQ levels for about `codebook_size` codes, as the FSQ paper recommends them.
+
+    The levels of Mentzer et al. 2023, table 1: their product is near `codebook_size`
+    (240, 1,000, 4,375, 15,360 and 64,000 codes).
+
+    Args:
+        codebook_size: the codebook size wanted: one of 256, 1024, 4096, 16384 and
+            65536 (2^8, 2^10, 2^12, 2^14, 2^16).
+
+    Returns:
+        A new list of levels per code dimension, for `FSQ(levels)` or `levels=` of the
+        `fsq`, `fsq-plain` and `rfsq` presets.
+
+    Raises:
+        ConfigError: `codebook_size` is not one of the five sizes.
+
+    Examples:
+        >>> import stabq
+        >>> stabq.recommended_levels(2**10)
+        [8, 5, 5, 5]
+        >>> stabq.FSQ(stabq.recommended_levels(2**10), dim=64).codebook_size
+        1000
+    """
     check(
         is_int(codebook_size) and codebook_size in FSQ_LEVELS,
         f"recommended_levels: codebook_size={codebook_size!r}, allowed is one of "
@@ -119,12 +122,79 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
 
 
 def preset_names() -> list[str]:
-    """The preset names :func:`build_quantizer` accepts."""
+    """The names of the quantizer presets, in the order `build_quantizer` lists them.
+
+    Returns:
+        A new list of the preset names `build_quantizer`, `BottleneckClassifier`,
+        `swap_quantizers` and the command line's `--quantizer` accept.
+
+    Examples:
+        >>> import stabq
+        >>> print(", ".join(stabq.preset_names()))
+        fsq, fsq-plain, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
+    """
     return list(PRESETS)
 
 
 def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
-    """Build the preset ``name`` for inputs of size ``dim``; ``overrides`` replace its options."""
+    """Build the quantizer preset `name` for features of size `dim`.
+
+    A preset is a quantizer class with chosen options; `overrides` replace them or set
+    others of that class (any argument of its constructor but `dim`). The presets, as
+    `stabq.preset_names()` lists them:
+
+    - `fsq`: `FSQ` with levels [8, 8, 8, 5, 5, 5] (64,000 codes) and `pre_norm=True`,
+      so the bound cannot saturate.
+    - `fsq-plain`: textbook `FSQ` with the same levels, without normalisation (it can
+      saturate).
+    - `rvq`: `ResidualVQ`, 4 layers of 256 codes, k-means init, dead codes (under 2
+      uses over the EMA horizon) replaced.
+    - `vq-ema`: vanilla `VectorQuantizer`, 512 codes, EMA decay 0.99, no repair: the
+      baseline that collapses.
+    - `vq`: repaired `VectorQuantizer`, 512 codes, k-means init, dead codes replaced,
+      cosine distance, a 32-dim codebook (when `dim` > 32), EMA decay 0.95.
+    - `gumbel`: `GumbelQuantizer`, Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1,
+      `pre_norm=True`, diversity loss weight 1.0 (wav2vec 2.0's).
+    - `pq`: `ProductQuantizer`, 8 subspaces of 256 codes, k-means init, dead codes
+      replaced (as `rvq`); `dim` must be a multiple of 8.
+    - `simvq`: `SimVQ`, 1024 codes: a frozen random basis times one learned linear
+      layer, gradients by the rotation trick.
+    - `rfsq`: `ResidualFSQ`, levels [8, 5, 5, 5] (1,000 codes) x 4 layers,
+      `pre_norm=True`.
+    - `lfq`: lookup-free `LFQ`, 16 bits (65,536 codes), entropy penalty 0.1,
+      commitment 0.25.
+    - `bsq`: `LFQ` with `spherical=True`, 16 bits on the unit sphere (binary spherical
+      quantization), entropy penalty 0.1, no commitment term.
+    - `none`: `Identity`, the continuous pass-through: the reference, with no codes.
+
+    Args:
+        name: a preset name from the list above.
+        dim: the size of the features to quantize (the last dimension of the input),
+            an integer >= 1.
+        **overrides (Any): options of the preset's class, e.g. `levels=[8, 5, 5, 5]` for
+            `fsq`, `codebook_size=1024` for `vq`; a boolean option takes only True or
+            False.
+
+    Returns:
+        A new quantizer module in training mode (a `Quantizer` subclass); its forward
+            maps `x (..., dim)` to a `QuantizerOutput`.
+
+    Raises:
+        ConfigError: `name` is not a preset; an override the preset's class does not
+            take, or a value it does not allow (a string for a boolean option, `pq`
+            with a `dim` that is not a multiple of 8, ...).
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.build_quantizer("fsq", 64)
+        >>> quantized, indices, loss = q(torch.randn(32, 64))
+        >>> quantized.shape, indices.shape, indices.dtype
+        (torch.Size([32, 64]), torch.Size([32]), torch.int64)
+        >>> q.codebook_size
+        64000
+        >>> stabq.build_quantizer("rvq", 64, num_quantizers=2)(torch.randn(8, 64)).indices.shape
+        torch.Size([8, 2])
+    """
     if name not in PRESETS:
         raise ConfigError(f"quantizer={name!r} is not a preset; allowed: {', '.join(PRESETS)}")
     cls, defaults = PRESETS[name]

@@ -57,16 +57,34 @@ def symmetric_round(t: Tensor, levels: Tensor) -> Tensor:
 
 
 class ResidualFSQ(Quantizer):
-    """``num_quantizers`` FSQ layers over ``levels`` on successive, finer residuals.
+    """Residual FSQ: `num_quantizers` FSQ layers over `levels` on successive residuals.
+
+    Layer `i` quantizes what the layers before it left over, on a grid `L` times finer
+    per dimension than layer `i - 1`'s (`L` that dimension's levels); the output is the
+    sum of the layers' codes. Flooring passes gradients straight through; there is no
+    codebook to collapse and no auxiliary loss. With `pre_norm=False` codes and indices
+    equal vector-quantize-pytorch's `ResidualFSQ` (1.32) for the same levels and input.
 
     Args:
-        levels: levels per code dimension, each >= 2; ``prod(levels)`` codes per layer.
-        num_quantizers: layers ``Q``; indices are ``(..., Q)``.
-        dim: input size; Linear projections ``dim -> len(levels)`` and back when
-            it differs from ``len(levels)``.
-        pre_norm: standardise each code dimension over the batch (all ranks' rows
-            in distributed training) before the soft clamp (BatchNorm without
-            affine), so tanh cannot saturate.
+        levels: levels per code dimension, each an integer >= 2; `prod(levels)` codes
+            per layer.
+        num_quantizers: layers `Q`, an integer >= 1; indices are `(..., Q)`.
+        dim: input size (default None: `len(levels)`); Linear projections
+            `dim -> len(levels)` and back when it differs from `len(levels)`.
+        pre_norm: standardise each code dimension over the batch (all ranks' rows in
+            distributed training) before the soft clamp (BatchNorm without affine), so
+            tanh cannot saturate.
+
+    Raises:
+        ConfigError: `levels` empty or not integers >= 2, too many codes, or `dim` or
+            `num_quantizers` not an integer >= 1.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.ResidualFSQ([8, 5, 5, 5], num_quantizers=3, dim=32)
+        >>> out = q(torch.randn(16, 32))
+        >>> q.codebook_size, q.num_codebooks, out.indices.shape
+        (1000, 3, torch.Size([16, 3]))
     """
 
     grid = True  # fixed cells (levels or signs): health reports occupied cells, not dead codes

@@ -27,12 +27,38 @@ from stabq.quantizers.codebook import (
 
 
 class ResidualVQ(Quantizer):
-    """``num_quantizers`` codebooks of ``codebook_size`` codes on successive residuals.
+    """Residual VQ (Zeghidour et al. 2021): `num_quantizers` codebooks on successive residuals.
 
-    Indices are ``(..., num_quantizers)``; the loss is the sum over layers.
-    Takes VectorQuantizer's options except ``cosine`` (residuals of unit
-    vectors are not unit vectors, so cosine distance has no meaning past the
-    first layer).
+    Each codebook quantizes what the ones before it left over; the output is the sum of
+    the chosen codes, with the gradient passed to the input once (straight through, or
+    by the rotation trick). Each layer adds its commitment loss; with k-means init each
+    layer is seeded on the residuals it sees.
+
+    Args:
+        dim: input size, an integer >= 1.
+        num_quantizers: layers `Q`, an integer >= 1; indices are `(..., Q)`.
+        codebook_size: codes per layer, an integer >= 1.
+        codebook_dim: code size (default None: `dim`); Linear projections in and out
+            when it differs from `dim`.
+        decay: EMA decay of the codebooks, in [0, 1); None trains them by gradient.
+        commitment_weight: `beta` of each layer's commitment loss, a number >= 0.
+        kmeans_init: initialise each layer by k-means on the first training batch.
+        kmeans_iters: Lloyd iterations of that initialisation, an integer >= 1.
+        dead_code_threshold: replace codes that fewer inputs than this reached over the
+            EMA horizon (as `VectorQuantizer`; 0: never).
+        cosine: must stay False: residuals of unit vectors are not unit vectors, so
+            cosine distance has no meaning past the first layer.
+        rotation_trick: pass gradients by the rotation trick rather than straight through.
+
+    Raises:
+        ConfigError: an option outside the range given above, or `cosine=True`.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.ResidualVQ(16, num_quantizers=3, codebook_size=32)
+        >>> out = q(torch.randn(64, 16))
+        >>> out.indices.shape, q.indices_to_codes(out.indices).shape
+        (torch.Size([64, 3]), torch.Size([64, 16]))
     """
 
     multi_codebook = True

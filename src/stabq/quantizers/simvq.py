@@ -31,18 +31,32 @@ INITS = ("random", "kmeans")
 
 
 class SimVQ(Quantizer):
-    """``codebook_size`` codes ``C = B W^T``: a frozen basis ``B``, a learned linear map ``W``.
+    """SimVQ (Zhu et al. 2024): codes `C = B W^T`, a frozen basis `B` times a learned `W`.
+
+    The codebook loss reaches every code through `W`, not only the chosen ones, so a
+    code no input picks still moves with those that are picked: none is left behind.
+    The loss is `mean |sg(z) - q|^2 + commitment_weight * mean |z - sg(q)|^2`.
 
     Args:
-        dim: input and code size.
-        codebook_size: number of codes ``K``.
-        commitment_weight: ``beta``, the weight of ``|z - sg(q)|^2`` (the codebook
-            term ``|sg(z) - q|^2`` has weight 1, as in the paper).
-        init: ``"random"`` (Gaussian basis) or ``"kmeans"`` (basis = k-means
-            centroids of the first training batch, ``W = I``).
-        kmeans_iters: Lloyd iterations of that initialisation.
-        rotation_trick: pass gradients to ``z`` by the rotation trick rather
-            than straight through.
+        dim: input and code size, an integer >= 1.
+        codebook_size: number of codes `K`, an integer >= 1.
+        commitment_weight: `beta`, the weight of `|z - sg(q)|^2` (the codebook term
+            `|sg(z) - q|^2` has weight 1, as in the paper), a number >= 0.
+        init: `"random"` (a Gaussian basis, `N(0, 1/dim)`) or `"kmeans"` (the basis is
+            the k-means centroids of the first training batch, `W = I`).
+        kmeans_iters: Lloyd iterations of that initialisation, an integer >= 1.
+        rotation_trick: pass gradients to `z` by the rotation trick rather than straight
+            through.
+
+    Raises:
+        ConfigError: an option outside the range given above.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.SimVQ(16, codebook_size=128)
+        >>> out = q(torch.randn(32, 16))
+        >>> out.indices.shape, q.codebook.shape
+        (torch.Size([32]), torch.Size([128, 16]))
     """
 
     def __init__(

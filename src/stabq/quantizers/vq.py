@@ -29,26 +29,44 @@ from stabq.quantizers.codebook import (
 
 
 class VectorQuantizer(Quantizer):
-    """One codebook of ``codebook_size`` codes.
+    """Vector quantization (van den Oord et al. 2017): the nearest of `codebook_size` codes.
+
+    The defaults are vanilla VQ-EMA (preset `vq-ema`), the baseline that collapses under
+    a classifier's cross-entropy; the repairs (k-means init, dead-code replacement, a
+    32-dim cosine codebook, decay 0.95) are options, which the preset `vq` turns on. The
+    loss is `commitment_weight * mean |z - sg(q)|^2`, plus `mean |sg(z) - q|^2` for a
+    codebook trained by gradient (`decay=None`).
 
     Args:
-        dim: input size.
-        codebook_size: number of codes ``K``.
-        codebook_dim: code size; Linear projections in and out when it differs from ``dim``.
-        decay: EMA decay of the codebook; ``None`` trains it by gradient instead.
-        commitment_weight: ``beta`` of the commitment loss.
+        dim: input size, an integer >= 1.
+        codebook_size: number of codes `K`, an integer >= 1.
+        codebook_dim: code size (default None: `dim`); Linear projections in and out
+            when it differs from `dim`.
+        decay: EMA decay of the codebook, in [0, 1); None trains it by gradient instead.
+        commitment_weight: `beta` of the commitment loss, a number >= 0.
         kmeans_init: initialise the codes by k-means on the first training batch.
-        kmeans_iters: Lloyd iterations of that initialisation.
-        dead_code_threshold: replace codes assigned fewer inputs than this over the EMA
-            horizon of 1 / (1 - decay) batches (0: never).
+        kmeans_iters: Lloyd iterations of that initialisation, an integer >= 1.
+        dead_code_threshold: move a code that fewer inputs than this reached over the
+            EMA horizon of `1 / (1 - decay)` batches onto an input of the current batch
+            (a number >= 0; 0: never).
         cosine: cosine distance (unit-norm inputs and codes).
         rotation_trick: pass gradients by the rotation trick rather than straight through.
-        commitment_reduction: ``"mean"`` over every element, or ``"sum"`` over the whole
-            batch as tutorials write ``beta * ((z - sg(q))**2).sum()`` (reproduces the
-            failure; never use: the loss scales with batch x dim).
-        cluster_size_init: ``"ones"``, or ``"zeros"`` with Laplace smoothing, which makes
-            never-used codes ~1e5 x too large (reproduces the failure; never use; see
-            :class:`~stabq.quantizers.codebook.Codebook`).
+        commitment_reduction: `"mean"` over every element, or `"sum"` over the whole
+            batch as tutorials write `beta * ((z - sg(q))**2).sum()`: it reproduces a
+            failure (the loss scales with batch x dim); never use it otherwise.
+        cluster_size_init: `"ones"`, or `"zeros"` with Laplace smoothing, which makes
+            never-used codes about 1e5 times too large: it reproduces a failure; never
+            use it otherwise.
+
+    Raises:
+        ConfigError: an option outside the range given above.
+
+    Examples:
+        >>> import torch, stabq
+        >>> q = stabq.VectorQuantizer(16, codebook_size=64, kmeans_init=True)
+        >>> quantized, indices, loss = q(torch.randn(128, 16))
+        >>> indices.shape, int(indices.max()) < 64, q.codes.shape
+        (torch.Size([128]), True, torch.Size([64, 16]))
     """
 
     def __init__(

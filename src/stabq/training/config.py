@@ -13,47 +13,90 @@ MONITORS = ("val_accuracy", "val_loss")
 
 @dataclass
 class TrainConfig:
-    """Options of :func:`stabq.train`.
+    """The options of a training run (`stabq.train`), checked when it is built.
 
-    Optimisation: AdamW (``lr``, ``weight_decay``), a cosine schedule with
-    linear warm-up over ``warmup_epochs`` (restarted for stage 2 of two-stage
-    training), ``grad_clip`` on the global gradient norm (``None``: no clipping).
-    ``optimizer="sgd"`` takes plain SGD with ``momentum`` (and ``weight_decay``)
-    instead, as much user code does: the ``explode`` preset of :mod:`stabq.compare`
-    runs every method under it.
+    Optimisation: AdamW (`lr`, `weight_decay`), or plain SGD with `momentum`
+    (`optimizer="sgd"`, as much user code does), a cosine schedule with linear warm-up
+    over `warmup_epochs` (restarted for stage 2 of two-stage training), and `grad_clip`
+    on the global gradient norm.
 
-    Guards (``guards=True``): a batch with non-finite inputs, or standardised
-    inputs above ``feature_spike_factor`` x the recent batches', is skipped; a
-    step whose loss is non-finite or above ``spike_factor`` x the median of the
-    last ``guard_window`` losses, whose bottleneck feature norm is above
-    ``feature_spike_factor`` x its minimum over 10 steps, or whose gradient norm is not
-    finite is undone: the last good weights, buffers and optimiser state come
-    back and the learning rate is scaled by ``lr_backoff`` (it doubles back
-    after every ``guard_window`` clean steps, never to a rate that failed
-    twice); a lost epoch goes back to the best one (see
-    :mod:`stabq.training.guard`). More than ``max_recoveries`` recoveries
-    without a clean epoch between them stop the run with
-    :class:`stabq.errors.TrainingError`.
+    Guards (`guards=True`): a batch with non-finite inputs, or standardised inputs above
+    `feature_spike_factor` x the recent batches', is skipped; a step whose loss is
+    non-finite or above `spike_factor` x the median of the last `guard_window` losses,
+    whose bottleneck feature norm is above `feature_spike_factor` x its minimum over 10
+    steps, or whose gradient norm is not finite is undone: the last good weights,
+    buffers and optimiser state come back and the learning rate is scaled by
+    `lr_backoff` (it doubles back after every `guard_window` clean steps, never to a
+    rate that failed twice); a lost epoch goes back to the best one. More than
+    `max_recoveries` recoveries without a clean epoch between them stop the run with a
+    `TrainingError`.
 
-    Two-stage: ``two_stage=True`` trains ``stage1_epochs`` (default a third of
-    ``epochs``) with quantization off, seeds the codebooks by k-means on the
-    learned features, then trains the remaining epochs quantized;
-    ``stage1_epochs=0`` starts at the seeding (for a model already trained
-    continuously). ``freeze_projector`` keeps the projector fixed in stage 2.
-    ``ramp_epochs`` feeds the head ``mix * quantized + (1 - mix) * continuous``
-    with ``mix`` rising linearly from 0 to 1 over that many epochs of the
-    quantized stage.
+    Length: `epochs` epochs on the cosine schedule, unless `patience` is set: then each
+    stage trains at a constant rate after the warm-up; `patience` epochs without a
+    better `monitor` figure drop the rate 10x and start the count again; once it has
+    dropped `lr_drops` times, `patience` more such epochs end the stage (`epochs` is the
+    ceiling), and the model goes back to its best epoch.
 
-    Length: ``epochs`` epochs on the cosine schedule, unless ``patience`` is set:
-    then each stage trains until it stops improving (:mod:`stabq.training.stopping`):
-    a constant rate after the warm-up, dropped 10x after ``patience`` epochs without
-    a better validation accuracy (``monitor``; the loss breaks ties), ``lr_drops``
-    times, and ``patience`` more such epochs end the stage; ``epochs`` is the ceiling.
-    The model goes back to its best epoch.
+    Attributes:
+        epochs: epochs to train (an integer >= 1); with `patience`, the most.
+        batch_size: rows a step (an integer >= 1); under torch.distributed, the global
+            batch, split over the ranks.
+        lr: the peak learning rate, a finite number > 0.
+        weight_decay: weight decay, a number >= 0.
+        warmup_epochs: epochs of linear warm-up (a number >= 0, fractions allowed).
+        grad_clip: clip the global gradient norm to this (a finite number > 0); None:
+            no clipping.
+        optimizer: `"adamw"` or `"sgd"`.
+        momentum: SGD's momentum, a number in [0, 1); unused by AdamW.
+        seed: an integer >= 0 that seeds the weights, the batch order and the
+            validation split.
+        device: `"auto"` (CUDA when available, else the CPU), `"cpu"`, `"cuda"`,
+            `"cuda:N"` or `"mps"`; `stabq.train` refuses a device this machine lacks.
+        compile: run the quantizer through `torch.compile` (it stays compiled after
+            training).
+        val_fraction: the stratified share of the training data held out for
+            validation when no validation data is given, in (0, 0.9).
+        guards: turn the stability guards on (see above).
+        spike_factor: a loss above this times the recent median is a bad step (> 0).
+        feature_spike_factor: a feature norm above this times its recent minimum is a
+            bad step, an input norm above this times the recent median a skipped batch
+            (> 0).
+        guard_window: the steps the recent loss median covers, and the clean steps
+            after which the rate doubles back (an integer >= 1).
+        max_recoveries: recoveries allowed without a clean epoch between them before
+            the run stops (an integer >= 0).
+        lr_backoff: the factor the rate is scaled by on each recovery, in (0, 1).
+        two_stage: train `stage1_epochs` with quantization off, seed the codebooks by
+            k-means on the learned features, then train the remaining epochs quantized.
+        stage1_epochs: epochs of stage 1, an integer in [0, epochs); default None: a
+            third of `epochs`; 0 starts at the seeding (for a model already trained
+            continuously).
+        freeze_projector: keep the encoder fixed in stage 2.
+        ramp_epochs: over this many epochs of the quantized stage, feed the head
+            `mix * quantized + (1 - mix) * continuous` with `mix` rising linearly from 0
+            to 1 (an integer >= 0; 0: no ramp).
+        progress: show progress bars (None: only when the output is a terminal).
+        patience: train each stage until `monitor` has not improved for this many
+            epochs after its last rate drop (an integer >= 1); None: a fixed length of
+            `epochs` on the cosine schedule.
+        lr_drops: how many 10x rate drops `patience` allows before the stage ends (an
+            integer >= 0).
+        monitor: the figure `patience` watches: `"val_accuracy"` (the validation loss
+            breaks ties) or `"val_loss"`.
 
-    ``compile=True`` runs the quantizer through ``torch.compile`` (it stays
-    compiled after training). ``benchmarks/train.py --compile`` measures whether
-    that pays on the machine at hand.
+    Raises:
+        ConfigError: a field outside the range given above.
+
+    Examples:
+        >>> import stabq
+        >>> config = stabq.TrainConfig(epochs=30, lr=1e-3, two_stage=True)
+        >>> config.first_stage_epochs
+        10
+        >>> stabq.TrainConfig.from_dict({"epochs": 5, "patience": 2}).to_dict()["patience"]
+        2
+        >>> stabq.TrainConfig(lr=0)
+        Traceback (most recent call last):
+        stabq.errors.ConfigError: lr=0, allowed is a finite number > 0
     """
 
     epochs: int = 100
@@ -134,10 +177,19 @@ class TrainConfig:
         return self.epochs // 3 if self.stage1_epochs is None else self.stage1_epochs
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, JSON-serialisable: what `from_dict` takes back."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a mapping of field names (`to_dict`'s output, a JSON file's).
+
+        Args:
+            values: fields by name; those left out keep their defaults.
+
+        Raises:
+            ConfigError: a name that is not a field, or a value outside its range.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -147,7 +199,31 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`stabq.train` returns: the trained model and its per-epoch history."""
+    """What `stabq.train` returns: the trained model and its per-epoch history.
+
+    Attributes:
+        model: the trained `BottleneckClassifier`, in eval mode.
+        history: one dict an epoch, as `metrics_path` and `on_epoch` get them: `epoch`
+            (from 1), `stage`, `quantized`, `train_loss`, `train_ce`, `train_aux`,
+            `val_loss`, `val_accuracy`, the codebook figures `usage`, `fill`,
+            `codes_used`, `perplexity`, `dead_codes` (None for a grid), `entropy_bits`,
+            `tau`, `mix`, `max_feature_norm`, `max_loss`, `lr`, `guard_events` (how many
+            this epoch), `alerts` (the `CollapseMonitor` messages of this epoch),
+            `stage_end` and `seconds`.
+        guard_events: each batch skipped or step undone: `step`, `epoch`, `reason` and
+            the `lr_scale` after it.
+        seconds: the run's training time (a resumed run's included).
+        best_epoch: with `patience`, the epoch the model went back to; else None.
+
+    Examples:
+        >>> import numpy as np, stabq
+        >>> x = np.random.default_rng(0).normal(size=(120, 4)).astype("float32")
+        >>> y = (x[:, 0] > 0).astype("int64")
+        >>> model = stabq.BottleneckClassifier(4, 2, "fsq", hidden=16, bottleneck_dim=8)
+        >>> result = stabq.train(model, (x, y), config=stabq.TrainConfig(epochs=2, progress=False))
+        >>> len(result.history), result.final["epoch"], result.guard_events
+        (2, 2, [])
+    """
 
     model: Any
     history: list[dict[str, Any]] = field(default_factory=list)

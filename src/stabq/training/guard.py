@@ -1,37 +1,5 @@
-"""The stability guard: undo a bad step instead of letting it wreck the run.
-
-A batch is left out, before it touches the model, when its inputs are not
-finite or its largest standardised input norm exceeds ``feature_spike_factor``
-x the median of recent batches' (a poisoned batch is not the optimiser's
-fault: nothing to undo, no lower rate). A step is bad when its loss is not
-finite, or exceeds ``spike_factor`` x the median of the last ``window`` good
-losses (floored at 1.0), or its largest bottleneck feature norm exceeds
-``feature_spike_factor`` x the smallest of the last ``GROWTH_STEPS`` (10:
-features that grow a hundredfold within ten steps are exploding, even if no
-single step jumps; healthy early growth, Gumbel's on mnist1d say, is ~150x
-in 30 steps), or its gradient norm is not finite. The references start from the
-untrained model's figures (``prime``), so the first steps are checked too.
-A bad step restores the last snapshot (weights, buffers such as EMA
-codebooks and running statistics, and the optimiser state) and halves the
-learning rate (``lr_backoff``); every ``window`` clean steps the rate doubles
-back, up to its scheduled value. Snapshots are taken every ``snapshot_every``
-clean steps, after checking every weight is finite.
-
-At the end of each epoch the guard may go back to the best epoch instead
-(:mod:`stabq.training.best_epoch`). After a step failed at an already lowered
-rate, the rate never doubles back above half of it.
-
-In a user's own loop the protocol is two calls (the trainer makes the same ones)::
-
-    if not guard.admit(x):          # a poisoned batch never reaches the model
-        continue
-    loss = ...; loss.backward()
-    guard.step(loss, features=z)    # in place of optimizer.step(): steps, or undoes
-
-The guard's rate scale multiplies each parameter group's rate only while it
-steps, so a learning-rate scheduler keeps owning the rate. Under torch.distributed
-every decision is taken on figures agreed over the ranks (mean loss, largest norms).
-"""
+"""The stability guard (:class:`StabilityGuard` says what it checks and how it recovers);
+at the end of each epoch it may go back to the best epoch (:mod:`~.best_epoch`)."""
 
 from __future__ import annotations
 
@@ -76,20 +44,54 @@ def _finite_state(model: nn.Module) -> bool:
 
 
 class StabilityGuard(BestEpoch):
-    """Watches each step of ``optimizer`` on ``model``: applies it, or undoes it.
+    """Undo a bad optimiser step instead of letting it wreck the run (what `stabq.train` uses).
 
-    ``admit(x)`` says whether a batch may be used; ``step(loss, features=z)`` takes
-    the place of ``optimizer.step()``. ``grad_clip`` (None: no clipping) clips the
-    gradient norm before each step. The rest are the thresholds described above.
+    In a loop of your own: `admit(x)` says whether a batch may be used, and
+    `step(loss, features=z)` takes the place of `optimizer.step()`. A batch is left out
+    when its inputs are not finite or its largest row norm exceeds `feature_spike_factor`
+    x the median of recent batches'. A step is bad when its loss is not finite or above
+    `spike_factor` x the median of the last `window` good losses (floored at 1.0), its
+    largest bottleneck feature norm above `feature_spike_factor` x the smallest of the
+    last 10 steps', or its gradient norm not finite. A bad step puts back the last
+    snapshot (weights, buffers such as EMA codebooks, optimiser state) and scales the
+    rate by `lr_backoff`; every `window` clean steps it doubles back, never above a rate
+    that failed twice. The scale applies only while the guard steps, so a scheduler keeps
+    owning the rate. Under torch.distributed, decisions use figures agreed over the ranks.
+
+    Args:
+        model: the model being trained.
+        optimizer: its optimiser, which the guard steps.
+        enabled: False turns every check off: `admit` takes every batch, `step` steps.
+        spike_factor: a loss above this times the recent median is a bad step.
+        feature_spike_factor: the bound on the feature and input norms' growth.
+        window: the good losses the median covers; clean steps between the rate's doublings.
+        max_recoveries: recoveries allowed without a clean epoch between them; one more
+            raises `TrainingError`.
+        lr_backoff: each recovery scales the rate by this, in (0, 1).
+        snapshot_every: clean steps between snapshots (each once every weight is finite).
+        grad_clip: clip the gradient norm to this before each step; None: no clipping.
+
+    Examples:
+        >>> import torch, stabq
+        >>> model = torch.nn.Linear(4, 2)
+        >>> guard = stabq.StabilityGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> x = torch.randn(8, 4)
+        >>> if guard.admit(x):
+        ...     loss = model(x).pow(2).mean()
+        ...     loss.backward()
+        ...     print(guard.step(loss, features=x))
+        True
+        >>> guard.step(torch.tensor(float("nan")))  # undone: the last snapshot comes back
+        False
+        >>> guard.events[-1]["reason"], guard.lr_scale
+        ('loss is nan', 0.5)
     """
 
     @classmethod
     def from_config(
         cls, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any
     ) -> StabilityGuard:
-        """The guard a :class:`~stabq.TrainConfig` describes: ``guards`` (on or off),
-        ``spike_factor``, ``feature_spike_factor``, ``guard_window``, ``max_recoveries``,
-        ``lr_backoff`` and ``grad_clip``."""
+        """The guard a `TrainConfig` (`config`: guards, thresholds) sets on `model`, `optimizer`."""
         return cls(
             model, optimizer, enabled=config.guards, spike_factor=config.spike_factor,
             feature_spike_factor=config.feature_spike_factor, window=config.guard_window,
@@ -131,8 +133,7 @@ class StabilityGuard(BestEpoch):
         self.undone = 0  # steps undone in the whole run
         self._snapshot: tuple[dict, dict] | None = None
         self._anchor: tuple[dict, dict] | None = None  # the best epoch's state
-        # a CollapseMonitor (stabq.train sets it): its holding alerts explain each event's
-        # reason, and its state goes into checkpoints with the guard's
+        # stabq.train's CollapseMonitor: explains events, checkpointed with the guard
         self.monitor: Any = None
         self.stopping: Any = None  # the plateau's Stopping (stabq.train sets it), likewise
         self.snapshot()
@@ -154,11 +155,14 @@ class StabilityGuard(BestEpoch):
             self._snapshot = self._copy()
 
     def admit(self, x: torch.Tensor, *, step: int | None = None, epoch: int | None = None) -> bool:
-        """Whether the batch ``x`` (rows along dim 0) may be used.
+        """Whether a batch may be used: False (the reason in `events`; nothing undone, the
+        rate stays) when it is not finite or its largest row norm is `feature_spike_factor`
+        x the median of recent batches'.
 
-        False, with the reason in ``events``, when it is not finite or its largest
-        row norm is ``feature_spike_factor`` x the median of recent batches'. A batch
-        left out is not the optimiser's fault: nothing is undone, the rate stays.
+        Args:
+            x: the batch's inputs, rows along dim 0.
+            step: the step to record in an event (default: the guard's own count).
+            epoch: the epoch to record in an event (default: the guard's own).
         """
         if not self.enabled:
             return True
@@ -186,12 +190,19 @@ class StabilityGuard(BestEpoch):
         step: int | None = None,
         epoch: int | None = None,
     ) -> bool:
-        """Apply the optimiser step of this ``loss`` (backward already done), or undo it.
+        """Apply the optimiser step of this loss (backward done): True, or undo it: False.
 
-        ``features`` (..., d): the bottleneck's input, whose largest row norm is
-        checked (or give ``feature_norm``). ``scaler``: a ``torch.amp.GradScaler``
-        (its overflow skips stay its own; ``loss`` is the unscaled loss). ``agreed``:
-        the figures are already agreed over the ranks. Returns True when applied.
+        Args:
+            loss: the step's loss (unscaled under a GradScaler).
+            features: `(..., d)`, the bottleneck's input, whose largest row norm is checked.
+            feature_norm: that norm, given instead of `features`.
+            scaler: a `torch.amp.GradScaler`; its overflow skips stay its own.
+            agreed: the figures are already agreed over the ranks.
+            step: the step to record in an event (default: the guard's own count).
+            epoch: the epoch to record in an event (default: the guard's own).
+
+        Raises:
+            TrainingError: more than `max_recoveries` recoveries without a clean epoch.
         """
         at = self._position(step, epoch)
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -240,11 +251,8 @@ class StabilityGuard(BestEpoch):
         step: int | None = None,
         epoch: int | None = None,
     ) -> bool:
-        """For loops that step on their own (Lightning): after the step, keep it or undo it.
-
-        Undoing puts back the last snapshot at a lower rate, as :meth:`step` does.
-        Returns True when the step is kept.
-        """
+        """For loops that step on their own (Lightning): after the step, keep it (True) or
+        undo it (False: the last snapshot back at a lower rate, as `step` does)."""
         at = self._position(step, epoch)
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         (value,), (feature_norm,) = distributed.mean_and_max([value], [feature_norm])
@@ -256,11 +264,11 @@ class StabilityGuard(BestEpoch):
         return True
 
     def hold(self) -> tuple[dict, dict]:
-        """A copy of the weights, buffers and optimiser state, for :meth:`put_back`."""
+        """A copy of the weights, buffers and optimiser state, for `put_back`."""
         return self._copy()
 
     def put_back(self, state: tuple[dict, dict]) -> None:
-        """Return to a state that :meth:`hold` gave (the rates stay the current ones)."""
+        """Return to a state that `hold` gave (the rates stay the current ones)."""
         self._restore(state)
 
     def check(self, loss: float, feature_norm: float) -> str | None:
@@ -349,12 +357,8 @@ class StabilityGuard(BestEpoch):
         self._restore(to or self._snapshot)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the guard's next decisions depend on, for checkpoints.
-
-        Counters, recent losses and norms, events and the learning-rate scale
-        are plain Python; ``snapshot`` and ``anchor`` (the best epoch's state) are
-        ``(model_state, optimizer_state)`` or None.
-        """
+        """Everything the guard's next decisions depend on, for checkpoints: plain Python,
+        but `snapshot` and `anchor` (the best epoch's), `(model_state, optimizer_state)`."""
         return {
             "lr_ceiling": self.lr_ceiling,
             "epoch_recoveries": self.epoch_recoveries,
@@ -378,7 +382,7 @@ class StabilityGuard(BestEpoch):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take back what :meth:`state_dict` gave (snapshot tensors on the model's device)."""
+        """Take back what `state_dict` gave (snapshot tensors on the model's device)."""
         self.losses = deque(state["losses"], maxlen=self.window)
         self.norms = deque(state["norms"], maxlen=self.window)
         self.inputs = deque(state["inputs"], maxlen=self.window)

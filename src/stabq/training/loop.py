@@ -65,35 +65,67 @@ def train(
     resume: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train_data`` and return the model with its history.
+    """Train a `BottleneckClassifier` with the stability guards, and return it with its history.
 
-    ``train_data`` and ``val``: arrays ``(x, y)``, :class:`LabeledData`, or a map-style
-    torch ``Dataset`` (item ``i`` -> ``(x_i, y_i)``). The rows of a Dataset or of a
-    memory-mapped ``x`` (``np.load(..., mmap_mode="r")``) are never all loaded: each
-    batch is read when its step comes (:mod:`stabq.rows`), so memory is bounded by the
-    batch, and the run equals the run on the same arrays held in memory, bit for bit.
+    The model's inputs are standardised with statistics of `train_data`; each epoch
+    trains on shuffled batches, then measures the validation loss, accuracy and
+    codebook figures. Rows of a Dataset or of a memory-mapped `x`
+    (`np.load(..., mmap_mode="r")`) are never all loaded: each batch is read when its
+    step comes, so memory is bounded by the batch, and the run equals the one on the
+    same arrays in memory, bit for bit. Under torch.distributed (`torchrun`) every rank
+    passes the same data and config: the model is wrapped in DistributedDataParallel,
+    each step's global batch of `config.batch_size` rows is split over the ranks, the
+    guard decides on figures agreed over them, only rank 0 writes files or shows
+    progress, and every rank returns the same history.
 
-    ``val`` defaults to a stratified ``config.val_fraction`` of the training
-    data. Each epoch's figures go to ``metrics_path`` (JSON lines, appended and
-    flushed) and to ``on_epoch``; a row's ``alerts`` are the messages of the
-    :class:`~stabq.CollapseMonitor` alerts (mechanisms included, see
-    :mod:`stabq.mechanisms`) raised in that epoch's training steps, and a guard
-    event's reason ends with ``(while: ...)`` naming those that held when it
-    happened. ``batch_transform(step, x, y)`` may alter
-    each batch before it is used (tests poison batches with it).
+    Args:
+        model: the model to train, in place (its `num_classes` and input shape must fit
+            the data).
+        train_data: arrays `(x, y)` (`x (n, *input_shape)` finite numbers, `y (n,)`
+            integer or string labels, the classes their sorted distinct values), a
+            `stabq.data.LabeledData`, or a map-style torch `Dataset` whose item `i` is
+            `(x_i, y_i)`.
+        val: validation data in the same forms (labels matched to the training
+            classes by name); default None: a stratified `config.val_fraction` of
+            `train_data`.
+        config: the training options; default None: `TrainConfig()`.
+        metrics_path: a file to append each epoch's row to, as JSON lines (flushed at
+            once); None: none.
+        on_epoch: called with each epoch's row (`TrainResult.history` has them all).
+        batch_transform: called as `batch_transform(step, x, y)` on each batch, returning
+            the `(x, y)` to use: to augment or alter batches.
+        fit_feature_stats: set the model's input standardisation from `train_data`
+            (default True); False keeps the statistics it has.
+        checkpoint_dir: a directory to write a checkpoint to before the first epoch and
+            after each one; None: no checkpoints.
+        resume: continue from the checkpoint in `checkpoint_dir`: pass the same model
+            architecture, data and config (they are checked), and the run ends exactly
+            as if it had never stopped.
+        run_info: a JSON-serialisable dict stored in the checkpoints.
 
-    Under torch.distributed (e.g. ``torchrun``) every rank passes the same data
-    and config: the model is wrapped in DistributedDataParallel, each step's
-    global batch of ``config.batch_size`` rows is split over the ranks
-    (:func:`stabq.distributed.shard_batches`), validation rows too, the guard
-    decides on figures averaged over ranks, and only rank 0 writes
-    ``metrics_path`` or shows progress; every rank returns the same history.
+    Returns:
+        A `TrainResult`: the model (in eval mode), its per-epoch history, the guard's
+            events and the time taken.
 
-    ``checkpoint_dir``: write a checkpoint there before the first epoch and
-    after every epoch (see :mod:`stabq.training.checkpoint`; ``run_info`` is
-    stored in it). ``resume=True`` continues from that checkpoint instead: the
-    caller passes the same model architecture, data and config (checked), and
-    the run ends exactly as if it had never stopped.
+    Raises:
+        ConfigError: a device this machine lacks, or a `metrics_path` that cannot be
+            written.
+        DataError: data stabq cannot train on (non-finite values, a single class, rows
+            whose shape or classes do not fit the model).
+        TrainingError: training diverged and the guards could not recover it, or no
+            batch of an epoch could be used.
+        CheckpointError: a checkpoint that cannot be written, or `resume` without a
+            matching checkpoint.
+
+    Examples:
+        >>> import numpy as np, stabq
+        >>> x = np.random.default_rng(0).normal(size=(200, 8)).astype("float32")
+        >>> y = (x[:, 0] > 0).astype("int64")
+        >>> model = stabq.BottleneckClassifier(8, 2, "fsq", hidden=32, bottleneck_dim=16)
+        >>> config = stabq.TrainConfig(epochs=2, batch_size=64, progress=False)
+        >>> result = stabq.train(model, (x, y), config=config)
+        >>> [row["epoch"] for row in result.history], 0 <= result.final["val_accuracy"] <= 1
+        ([1, 2], True)
     """
     config = config or TrainConfig()
     data, val_data = _checked_parts(model, train_data, val, config)
