@@ -230,3 +230,21 @@ def test_the_trainer_drives_the_same_guard_through_admit_and_step(monkeypatch):
     stabq.train(model, (x.numpy(), y.numpy()), config=config)
     steps = 2 * -(-int(512 * (1 - config.val_fraction)) // 64)
     assert calls == {"admit": steps, "step": steps}
+
+
+def test_a_run_the_guard_stops_is_left_at_its_last_good_weights():
+    x, y, model = small_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e38)  # every step explodes
+    guard = StabilityGuard(model, optimizer, max_recoveries=0)
+    with pytest.raises(stabq.TrainingError, match="diverged"):
+        for rows in torch.arange(512).split(16):
+            logits, out, z = model.forward_with_features(x[rows] * 100)
+            loss = F.cross_entropy(logits, y[rows]) + out.loss
+            optimizer.zero_grad()
+            loss.backward()
+            guard.step(loss, features=z)
+    assert guard.events, "the guard never fired"
+    snapshot = guard._snapshot[0]
+    for name, value in weights(model).items():  # the snapshot's, so finite; not the step's
+        assert torch.equal(value, snapshot[name]), name
+        assert not value.is_floating_point() or torch.isfinite(value).all(), name

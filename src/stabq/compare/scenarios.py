@@ -11,8 +11,8 @@ failure shows; the baselines then train again with the guards on
 (:data:`GUARDED`), where each run must be rescued or stopped by a one-line
 :class:`~stabq.errors.TrainingError`, recorded as diverged, never a crash.
 
-Kept only what reproduces on mnist1d with the MLP encoder (3 seeds; figures in
-README, "Why VQ-EMA blows up"): the sum-reduced commitment under SGD with
+Kept only what reproduces on mnist1d with the MLP encoder (3 seeds; figures on
+the stress benchmarks page): the sum-reduced commitment under SGD with
 momentum (alone, and with the tutorial's zero-initialised cluster sizes). Zero
 cluster sizes alone, vanilla VQ-EMA under the same SGD, and the tutorial module
 under Adam at 1e-3 collapse without exploding (largest losses 2.5 to 6e3), so

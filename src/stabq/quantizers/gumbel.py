@@ -17,8 +17,8 @@ loaded with the weights. Without either, ``tau`` stays at ``tau_start``.
 using every code.
 
 Two options keep the codes in use when the logits barely train (SGD at 1e-2, where
-without them the test inputs reached 3 to 8 of the 32 codes; README, "Why VQ-EMA
-blows up"), both on in the ``gumbel`` preset:
+without them the test inputs reached 3 to 8 of the 32 codes; see the changelog),
+both on in the ``gumbel`` preset:
 
 - ``pre_norm=True`` standardises each input dimension over the batch first
   (BatchNorm without affine, running statistics at eval, every rank's rows in

@@ -89,11 +89,11 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "vq-ema": (VectorQuantizer, lambda dim: {"codebook_size": 512}),
     "vq": (VectorQuantizer, _vq_repaired),
     # pre_norm and the diversity loss: without them the explode preset's SGD left the
-    # logits untrained and the test inputs on 3 to 8 codes (README, "Why VQ-EMA blows up")
+    # logits untrained and the test inputs on 3 to 8 codes (the CHANGELOG)
     "gumbel": (GumbelQuantizer, lambda dim: {"pre_norm": True, "diversity_weight": 1.0}),
     # k-means init and dead-code replacement, as rvq: without them every subspace fell onto
     # one code under the explode preset's SGD (perplexity 1.0, 3 seeds), where with them it
-    # kept 57-62% of its codes (README, "Why VQ-EMA blows up")
+    # kept 57-62% of its codes (the CHANGELOG)
     "pq": (
         ProductQuantizer,
         lambda dim: {

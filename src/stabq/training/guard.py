@@ -333,10 +333,8 @@ class StabilityGuard(BestEpoch):
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
 
-    def recover(
-        self, reason: str, step: int, epoch: int, to: tuple[dict, dict] | None = None
-    ) -> None:
-        """Undo back to the last snapshot (or ``to``) at a lower rate, or stop the run."""
+    def recover(self, reason: str, step: int, epoch: int, to: tuple | None = None) -> None:
+        """Undo back to the last snapshot (or ``to``) at a lower rate, or stop the run there."""
         self.recoveries += 1
         self.epoch_recoveries += 1
         self.undone += 1
@@ -348,13 +346,14 @@ class StabilityGuard(BestEpoch):
         self.events.append(
             {"step": step, "epoch": epoch, "reason": reason, "lr_scale": self.lr_scale}
         )
+        if (to or self._snapshot) is not None:  # a run that stops keeps its last good state
+            self._restore(to or self._snapshot)
         if self.recoveries > self.max_recoveries or self._snapshot is None:
             raise TrainingError(
                 f"training diverged at epoch {epoch}, step {step}: {reason}; "
-                f"{self.recoveries - 1} recoveries did not help "
-                f"(try a lower --lr or another --quantizer)"
+                f"{self.recoveries - 1} recoveries did not help (try a lower --lr or another "
+                "--quantizer)"
             )
-        self._restore(to or self._snapshot)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the guard's next decisions depend on, for checkpoints: plain Python,

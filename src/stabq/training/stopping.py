@@ -16,7 +16,7 @@ Why the accuracy first: it is what a comparison reports, and a classifier's
 validation loss turns up (its predictions grow over-confident) long before its
 accuracy stops rising. Stopped at the lowest validation loss, stabq's MLP on mnist1d
 ended 3 to 8 points below the same runs stopped by accuracy (``benchmarks/stopping.py``;
-``docs/measurements.md`` has the table). The loss breaks ties, so that a flat stretch of
+the quality benchmarks page has the table). The loss breaks ties, so that a flat stretch of
 the coarse accuracy still counts as progress while the loss falls.
 
 Why drop the rate before stopping: at a constant rate the weights keep moving around
