@@ -8,8 +8,7 @@ generated -->``; nothing between the markers is written by hand. On the benchmar
 NAME is ``KIND:STEM[,STEM...]`` (``presets:presets-cpu`` reads
 ``results/presets-cpu.json``; ``results:all`` lists every file; the kinds are in
 ``tablegen/__init__.py``), and each table carries its command, commit, date, processor
-and threads. The older pages' ``stopping`` and ``compare-NAME`` blocks are rendered as
-they were.
+and threads. README's ``summary:STEM,...`` block sets several comparisons side by side.
 """
 
 from __future__ import annotations

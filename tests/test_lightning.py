@@ -1,6 +1,6 @@
-"""The Lightning callbacks, run as README writes them, with the real lightning package.
+"""The Lightning callbacks in a LightningModule of a user's, with the real lightning package.
 
-README's module trains 2 epochs on digits with batch 5 poisoned, a CSVLogger, and both
+LOOP's module trains 2 epochs on digits with batch 5 poisoned, a CSVLogger, and both
 callbacks; the logged figures are read back from metrics.csv and checked against a count
 of the codes made here. Variants change one line of the block (asserted to match).
 """
@@ -11,7 +11,6 @@ import contextlib
 import csv
 import io
 import logging
-import re
 import warnings
 from pathlib import Path
 
@@ -22,27 +21,88 @@ import torch
 import stabq
 from stabq.integrations.lightning import GuardCallback, find_quantizers
 
-README = Path(__file__).resolve().parents[1] / "docs" / "own-loop.md"  # the page it is on
 CALLBACKS = "callbacks=[CodebookHealth(), GuardCallback()],"
 
 
-def readme_block() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    (block,) = [b for b in blocks if "GuardCallback()" in b]
-    return block
+LOOP = """\
+import tempfile
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+import stabq
+from stabq.datasets import builtin_arrays
+from stabq.integrations.lightning import CodebookHealth, GuardCallback
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, quantizer: str = "fsq"):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)
+        )
+        self.quantizer = stabq.build_quantizer(quantizer, 32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        q, indices, aux = self.quantizer(self.encoder(x))
+        return self.head(q), aux
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits, aux = self(x)
+        loss = F.cross_entropy(logits, y) + aux
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits, _ = self(x)
+        self.log("val_accuracy", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+x, y, x_val, y_val = (torch.from_numpy(a) for a in builtin_arrays("digits"))
+x, x_val = x / 16, x_val / 16
+x[320:384] = float("nan")  # batch 5 is poisoned
+torch.manual_seed(0)
+model = Classifier("fsq")
+logs = tempfile.mkdtemp()
+trainer = L.Trainer(
+    max_epochs=2,
+    logger=CSVLogger(logs),
+    callbacks=[CodebookHealth(), GuardCallback()],
+    log_every_n_steps=5,
+    default_root_dir=logs,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+trainer.fit(
+    model,
+    DataLoader(TensorDataset(x, y), batch_size=64),
+    DataLoader(TensorDataset(x_val, y_val), batch_size=256),
+)
+print(trainer.logger.log_dir)  # metrics.csv: codebook/quantizer/usage, ..., guard/events
+"""
 
 
 def run(*changes: tuple[str, str]) -> dict:
-    block = readme_block()
+    block = LOOP
     for old, new in changes:
-        assert block.count(old) == 1, f"README's Lightning example no longer has {old!r}"
+        assert block.count(old) == 1, f"LOOP no longer has {old!r}"
         block = block.replace(old, new)
     block = block.replace("trainer.fit(", "codes = record_codes(model)\ntrainer.fit(")
     namespace = {"record_codes": record_codes}
     logging.getLogger("lightning").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(block, str(README), "exec"), namespace)
+        exec(compile(block, "LOOP", "exec"), namespace)
     metrics = Path(namespace["trainer"].logger.log_dir) / "metrics.csv"
     namespace["rows"] = list(csv.DictReader(metrics.open()))
     return namespace

@@ -346,12 +346,12 @@ def test_import_stabq_does_not_import_tensorboard():
     assert json.loads(done.stdout) == []
 
 
-def test_the_readme_commands_run_as_written(tmp_path):
-    """README's TensorBoard lines, each run as written (``stabq`` as this interpreter's
+def test_the_how_to_commands_run_as_written(tmp_path):
+    """The TensorBoard how-to's lines, each run as written (``stabq`` as this interpreter's
     ``-m stabq``), from an empty directory: each run's events hold every epoch once."""
-    readme = (Path(__file__).resolve().parents[1] / "docs" / "own-loop.md").read_text()
-    block = readme[readme.index("#### One run") :]
-    block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash\n") + 8)]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "how-to" / "tensorboard.md").read_text()
+    block = page[page.index("## One run") :]
+    block = block[block.index("```sh\n") + 6 : block.index("```", block.index("```sh\n") + 6)]
     commands = [line.split() for line in block.splitlines() if line.startswith("stabq train")]
     assert len(commands) == 2
     for words in commands:

@@ -1,8 +1,7 @@
 """The renderers of ``benchmarks/tables.py``: one per kind of generated block.
 
 A block on a benchmark page is named ``KIND:STEM[,STEM...]``, the results it reads being
-``benchmarks/results/STEM.json``; the older pages' blocks are ``stopping`` and
-``compare-NAME``, rendered as those pages have always shown them.
+``benchmarks/results/STEM.json``.
 """
 
 from __future__ import annotations
@@ -34,10 +33,6 @@ NONE: dict[str, Callable[[], str]] = {"results": index.results, "machine": index
 
 def render(name: str) -> str:
     """The text of the block named ``name``."""
-    if name == "stopping":
-        return quality.stopping_old()
-    if name.startswith("compare-"):
-        return quality.compare_old(name)
     kind, _, argument = name.partition(":")
     if kind in ONE and argument and "," not in argument:
         return ONE[kind](argument)

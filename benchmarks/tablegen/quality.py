@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from tablegen.common import ROOT, load, pct, provenance_of, sources, span, table
+from tablegen.common import ROOT, load, pct, sources, span, table
 
 RULES = {"accuracy": "validation accuracy (default)", "loss": "validation loss",
          "fixed-40": "none: 40 epochs, cosine"}  # fmt: skip
@@ -64,17 +64,6 @@ def _stopping_table(document: dict) -> str:
     return table(["encoder", "method", "stopped on", "test acc %", "epochs", "seeds"], body)
 
 
-def stopping_old() -> str:
-    """The stopping table as the pages outside the benchmark pages show it."""
-    document = load("stopping-cpu")
-    found = provenance_of(document)
-    return _stopping_table(document) + (
-        f"\n(`python benchmarks/stopping.py --json benchmarks/results/stopping-cpu.json`: "
-        f"patience {document['patience']}, torch {found['torch']} on "
-        f"{found['threads']} thread, {found['cpu_capability']} kernels.)\n"
-    )
-
-
 def stopping(stem: str) -> str:
     """Per encoder, method and rule: mean test accuracy and median epochs over seeds, and
     how far each other rule lands from the default one."""
@@ -113,15 +102,6 @@ def _printed(document: dict) -> str:
 def _minutes(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s"
-
-
-def compare_old(stem: str) -> str:
-    """A kept comparison as the pages outside the benchmark pages show it."""
-    document = load(stem)
-    head = f"`{document['command']}` ({_minutes(document['seconds'])} of comparison"
-    note = document.get("note")
-    head += f"; {note})" if note else ")"
-    return f"{head}:\n\n```text\n{_printed(document)}\n```\n"
 
 
 def _settings(document: dict) -> str:
