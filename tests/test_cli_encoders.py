@@ -202,3 +202,19 @@ def test_init_from_a_continuous_cnn_starts_stage_two_from_its_weights(tmp_path):
                  "--out", tmp_path / "mlp")  # fmt: skip
     assert_user_error(result, "the projector of the model to start from has shapes")
     assert not (tmp_path / "mlp").exists()
+
+
+def test_the_installed_command_finds_a_factory_in_the_working_directory(project, tmp_path):
+    """``stabq`` (the console script, whose path lacks the working directory) trains with a
+    module that sits in the directory it runs in, as ``python -m stabq`` does."""
+    command = Path(sys.executable).parent / "stabq"
+    if not command.is_file():
+        pytest.skip("no stabq console script beside this interpreter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [str(command), "train", "--data", "mnist1d", "--encoder", "my_encoders:make",
+         "--quantizer", "fsq", *SMALL, "--quiet", "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, cwd=project, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert read_config(tmp_path / "m")["model"]["encoder"] == "my_encoders:make"

@@ -208,3 +208,19 @@ def test_the_estimator_takes_an_encoder():
     assert clf.predict(test.x).shape == (len(test),) and clf.transform(test.x).shape[0] == len(test)
     # 10 classes: measured 0.950-0.961 over random_state 0-4 on the default and avx512 paths
     assert clf.score(test.x, test.y) > 0.8
+
+
+def test_a_factory_in_the_working_directory_is_found_as_python_m_would(tmp_path, monkeypatch):
+    """The ``stabq`` command's own path lacks the working directory that ``python -m stabq``
+    has; a factory there is found all the same, and the search path is left as it was."""
+    (tmp_path / "here_nets.py").write_text(
+        "from torch import nn\n\ndef make(input_shape, out_dim):\n"
+        "    return nn.Linear(input_shape[-1], out_dim)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    path = [p for p in sys.path if p not in ("", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", path)
+    monkeypatch.delitem(sys.modules, "here_nets", raising=False)
+    encoder = build_encoder("here_nets:make", (8,), 4, hidden=16, dropout=0.0)
+    assert encoder(torch.zeros(2, 8)).shape == (2, 4)
+    assert sys.path == path

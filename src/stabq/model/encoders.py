@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -136,10 +139,24 @@ def stats_shape(spec: object, input_shape: Shape) -> Shape:
     return (input_shape[0], *([1] * (rank - 1)))
 
 
+def _import(module_name: str) -> ModuleType:
+    """Import ``module_name`` as ``python -m stabq`` would: the working directory is searched
+    too, also from the ``stabq`` command, whose own path does not hold it."""
+    here = os.getcwd()
+    searched = here in sys.path or "" in sys.path
+    if not searched:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if not searched:
+            sys.path.remove(here)
+
+
 def _factory(reference: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = reference.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except Exception as err:  # an import error, or whatever the module raises on import
         raise ConfigError(
             f"encoder {reference!r}: cannot import {module_name!r} ({type(err).__name__}: {err})"
