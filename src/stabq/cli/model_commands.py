@@ -110,7 +110,9 @@ def encode(
 def _check_features(dataset, model, model_dir: Path) -> None:
     from stabq.data.labeled import require_fit
 
-    require_fit(dataset, model.input_shape, model=f"the model in {model_dir}")
+    require_fit(
+        dataset, model.input_shape, model=f"the model in {model_dir}", vocab_size=model.vocab_size
+    )
 
 
 def _save_npy(path: Path, array) -> None:

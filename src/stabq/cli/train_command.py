@@ -184,6 +184,7 @@ def _model(options: TrainOptions, train_set: Any, trust_encoder: bool, resume: A
     the continuous model's weights in it)."""
     import torch
 
+    from stabq.data.ids import vocab_of
     from stabq.model.classifier import BottleneckClassifier
     from stabq.model.encoders import check_encoder, check_input_shape
     from stabq.model.trust import remember_run
@@ -194,7 +195,7 @@ def _model(options: TrainOptions, train_set: Any, trust_encoder: bool, resume: A
     model = BottleneckClassifier(
         train_set.input_shape, train_set.num_classes, quantizer=options.quantizer,
         hidden=options.hidden, bottleneck_dim=options.bottleneck_dim, encoder=options.encoder,
-        **parse_options(options.option or []),
+        vocab_size=vocab_of(train_set), **parse_options(options.option or []),
     )  # fmt: skip
     remember_run(options.out, options.encoder)  # a later --resume OUT here needs no flag
     if options.init_from is not None and resume is None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from stabq.compare import paired
 from stabq.compare.methods import METHODS, Method
+from stabq.data.ids import vocab_of
 from stabq.data.labeled import LabeledData
 from stabq.errors import TrainingError
 from stabq.health import verdicts as health
@@ -55,7 +56,7 @@ def run_one(
     torch.manual_seed(seed)
     model = BottleneckClassifier(
         train_set.input_shape, train_set.num_classes, method.quantizer,
-        encoder=fresh_encoder(encoder), **method.options,
+        encoder=fresh_encoder(encoder), vocab_size=vocab_of(train_set), **method.options,
     )  # fmt: skip
     run_config = TrainConfig(**{**config.to_dict(), "seed": seed, "two_stage": method.two_stage})
     started = time.perf_counter()

@@ -20,24 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from stabq.data.ids import check_ids, is_ids, require_kind
+from stabq.data.messages import Columns, data_error, first_bad, position, where
 from stabq.errors import DataError
 
-Columns = Sequence[str] | None  # a table's column names, for messages; None for arrays
 _SHOWN = 10  # class names shown in a message before "..."
-
-
-def data_error(source: str, message: str) -> DataError:
-    """One line, at most 500 characters: ``"{source}: {message}"``."""
-    text = " ".join(f"{source}: {message}".splitlines())
-    return DataError(text if len(text) <= 500 else text[:497] + "...")
-
-
-def where(row: int, columns: Columns, col: int | None = None) -> str:
-    """``row 3, column 1`` for arrays; ``data row 3 (...), column 'f1'`` for tables."""
-    text = f"row {row}" if columns is None else f"data row {row} (0-based, header excluded)"
-    if col is not None:
-        text += f", column {col}" if columns is None else f", column {columns[col]!r}"
-    return text
 
 
 def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
@@ -63,7 +50,9 @@ class LabeledData:
     Attributes:
         x: `(n, ...)` float32, finite, C-contiguous: feature rows `(n, d)`, sequences
             `(n, L)` or `(n, C, L)`, images `(n, C, H, W)` (uint8 values scaled to
-            [0, 1]); tables are always feature rows.
+            [0, 1]); tables are always feature rows. Or token ids: int64 `(n, L)`, each
+            `>= 0`, from an integer `x` (any width but one byte) of an array file or
+            array: never standardised, never cast to float.
         y: `(n,)` int64 class ids in `[0, len(classes))`.
         classes: the class names, id `i` <-> `classes[i]`.
         source: where the data came from, for messages (a file, `"mnist1d:train"`).
@@ -128,27 +117,24 @@ def check_features(
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Numeric, finite ``x`` as C-contiguous ``dtype`` (its rank and rows are checked before);
-    ``uint8`` values (images) become ``x / 255``. ``rows`` ``(len(x),)``: the row numbers a
+    ``uint8`` values (images) become ``x / 255``; integer ids (:func:`is_ids`, not from a
+    table) stay int64 ids (:func:`check_ids`). ``rows`` ``(len(x),)``: the row numbers a
     message names (a chunk's rows in its file); default ``0, 1, ...``."""
     if x.dtype.kind not in "biuf":
         raise data_error(source, f"features must be numbers, found dtype {x.dtype}")
     if 0 in x.shape[1:]:
         raise data_error(source, f"no feature columns (x has shape {x.shape})")
+    if is_ids(x) and columns is None:
+        return check_ids(x, source, rows=rows)
     if x.dtype == np.uint8:
         return to_features(x, dtype)
     xd = to_features(x, dtype)
     bad = ~np.isfinite(xd)
     if bad.any():
-        bad_rows = bad.reshape(len(bad), -1)
-        row = int(np.flatnonzero(bad_rows.any(axis=1))[0])
-        flat = int(np.flatnonzero(bad_rows[row])[0])
+        row, flat = first_bad(bad)
         named = row if rows is None else int(rows[row])
-        if x.ndim == 2:
-            col, at = flat, where(named, columns, flat)
-        else:
-            col = np.unravel_index(flat, x.shape[1:])
-            at = f"row {named}, position {tuple(int(i) for i in col)}"
-        v = float(x[(row, *np.atleast_1d(col))])
+        at = position(x, row, flat, named, columns)
+        v = float(x.reshape(len(x), -1)[row, flat])
         what = "NaN" if math.isnan(v) else f"{v:+}".title()  # +Inf, -Inf
         what = (
             f"value {v!r} overflows {np.dtype(dtype).name}"
@@ -292,10 +278,13 @@ def require_fit(
     input_shape: int | Sequence[int],
     num_classes: int | None = None,
     model: str = "the model",
+    vocab_size: int | None = None,
 ) -> LabeledData:
     """``data`` if ``model`` (rows of ``input_shape``, an int for feature rows;
-    ``num_classes`` classes, None: any) can take it, else a :class:`DataError` naming the
-    source and the expected and found shape, or the first label too many."""
+    ``num_classes`` classes, None: any; token ids below ``vocab_size``, None: features) can
+    take it, else a :class:`DataError` naming the source and the expected and found shape,
+    the kind of input, the first id out of the vocabulary, or the first label too many."""
+    require_kind(data, model, vocab_size)
     shape = (input_shape,) if isinstance(input_shape, numbers.Integral) else tuple(input_shape)
     if data.input_shape != shape:
         if len(shape) == 1 and data.x.ndim == 2:
@@ -388,7 +377,7 @@ def train_val_split(
 
 __all__ = [
     "Columns", "DataError", "LabeledData", "as_numpy", "build_labeled", "check_features",
-    "check_layout", "data_error", "encode_labels", "from_arrays", "require_classes",
-    "require_fit", "to_features", "train_val_split", "validate_features", "where",
-    "with_classes",
+    "check_ids", "check_layout", "data_error", "encode_labels", "first_bad", "from_arrays",
+    "is_ids", "require_classes", "require_fit", "to_features", "train_val_split",
+    "validate_features", "where", "with_classes",
 ]  # fmt: skip

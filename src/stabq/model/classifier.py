@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from stabq.errors import ConfigError, ShapeError, check, is_int
-from stabq.model.encoders import build_encoder, check_encoder, encoder_name, mlp, stats_shape
+from stabq.model.encoders import (
+    ENCODER_OPTIONS,
+    build_encoder,
+    check_encoder,
+    encoder_name,
+    mlp,
+    stats_shape,
+)
 from stabq.quantizers.base import Quantizer, QuantizerOutput
 from stabq.quantizers.registry import build_quantizer
 
@@ -39,6 +46,46 @@ def _shape(input_shape: object) -> tuple[int, ...]:
         f"of them (one row's shape, e.g. (1, 8, 8))",
     )
     return tuple(int(v) for v in shape)
+
+
+def _id_options(vocab_size: object, pad_id: object, options: object) -> dict[str, Any]:
+    """The config entries of token-id inputs (none for features), checked."""
+    found: dict[str, Any] = {}
+    if vocab_size is not None:
+        check(is_int(vocab_size) and vocab_size >= 2,
+              f"vocab_size={vocab_size!r}, allowed is an integer >= 2 or None")  # fmt: skip
+        check(is_int(pad_id) and 0 <= pad_id < vocab_size,
+              f"pad_id={pad_id!r}, allowed is an id in [0, vocab_size={vocab_size})")  # fmt: skip
+        found.update(vocab_size=int(vocab_size), pad_id=int(pad_id))
+    if options:
+        check(isinstance(options, dict) and all(isinstance(k, str) for k in options),
+              f"encoder_options={options!r}, allowed is a dict of options")  # fmt: skip
+        found["encoder_options"] = dict(options)
+    return found
+
+
+def _encoder_options(encoder: object, given: dict | None, quantizer_kwargs: dict) -> dict | None:
+    """``given`` plus the encoder's own options found among the quantizer's (taken out of
+    ``quantizer_kwargs``): ``--option d_model=32`` reaches the transformer."""
+    own = ENCODER_OPTIONS.get(encoder, ()) if isinstance(encoder, str) else ()
+    moved = {k: quantizer_kwargs.pop(k) for k in own if k in quantizer_kwargs}
+    return {**(given or {}), **moved} or None
+
+
+def check_id_tensor(x: Tensor, vocab_size: int) -> Tensor:
+    """``x`` as int64 token ids if every one lies in ``[0, vocab_size)``, else a
+    :class:`ShapeError` naming the first bad id's row and position (before any lookup)."""
+    check(not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool,
+          f"inputs of dtype {x.dtype}: the model takes token ids (integers in "
+          f"[0, {vocab_size}))", ShapeError)  # fmt: skip
+    bad = (x < 0) | (x >= vocab_size)
+    if bool(bad.any()):
+        row, flat = divmod(int(bad.reshape(-1).nonzero()[0]), bad[0].numel())
+        at = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape[1:])))
+        value = int(x.reshape(len(x), -1)[row, flat])
+        raise ShapeError(f"row {row}, position {at}: token id {value}, allowed is an id in "
+                         f"[0, {vocab_size}), the vocabulary")  # fmt: skip
+    return x.long()
 
 
 class BottleneckClassifier(nn.Module):
@@ -57,10 +104,16 @@ class BottleneckClassifier(nn.Module):
         hidden: width of the MLPs' hidden layers (the CNNs use `hidden // 8` channels).
         dropout: dropout after each hidden layer, in [0, 1).
         bottleneck_dim: size of the features handed to the quantizer.
-        encoder: `"mlp"` (feature rows), `"cnn1d"`, `"cnn2d"`,
-            `"package.module:factory"` (a callable `(input_shape, out_dim) -> nn.Module`)
-            or an `nn.Module` (such a model cannot be saved).
+        encoder: `"mlp"` (feature rows), `"cnn1d"`, `"cnn2d"`, `"transformer"` (token
+            ids `(L,)`), `"package.module:factory"` (a callable
+            `(input_shape, out_dim) -> nn.Module`) or an `nn.Module` (such a model cannot
+            be saved).
         input_dim: `input_shape` by its old name, for feature rows; give one of the two.
+        vocab_size: for inputs of token ids (int64, never standardised): ids run over
+            `[0, vocab_size)`; None (the default) for features.
+        pad_id: the id that pads a sequence after its end (token ids only; default 0).
+        encoder_options: options of the built-in encoder (the transformer's `d_model`,
+            `heads`, `layers`, `ff`).
         **quantizer_kwargs (Any): options of the preset (`levels=...`, ...).
 
     Raises:
@@ -88,6 +141,9 @@ class BottleneckClassifier(nn.Module):
         *,
         encoder: str | nn.Module = "mlp",
         input_dim: int | None = None,
+        vocab_size: int | None = None,
+        pad_id: int = 0,
+        encoder_options: dict[str, Any] | None = None,
         **quantizer_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -97,19 +153,17 @@ class BottleneckClassifier(nn.Module):
             f"input_dim={input_dim!r}",
         )
         shape = _shape(input_shape if input_dim is None else input_dim)
-        for name, value, low in (
-            ("num_classes", num_classes, 2),
-            ("hidden", hidden, 1),
-            ("bottleneck_dim", bottleneck_dim, 1),
-        ):
-            check(
-                is_int(value) and value >= low, f"{name}={value!r}, allowed is an integer >= {low}"
-            )
+        sizes = (("num_classes", num_classes, 2), ("hidden", hidden, 1),
+                 ("bottleneck_dim", bottleneck_dim, 1))  # fmt: skip
+        for name, value, low in sizes:
+            ok = is_int(value) and value >= low
+            check(ok, f"{name}={value!r}, allowed is an integer >= {low}")
         check(
             isinstance(dropout, float | int) and 0 <= dropout < 1,
             f"dropout={dropout!r}, allowed is a number in [0, 1)",
         )
         check_encoder(encoder)
+        encoder_options = _encoder_options(encoder, encoder_options, quantizer_kwargs)
         self.arch = {
             "input_shape": list(shape),
             "num_classes": num_classes,
@@ -122,11 +176,15 @@ class BottleneckClassifier(nn.Module):
         }
         if len(shape) == 1:
             self.arch["input_dim"] = shape[0]  # the name configs had before input_shape
+        self.arch.update(_id_options(vocab_size, pad_id, encoder_options))
         self.stats_shape = stats_shape(encoder, shape)
         self.register_buffer("feature_mean", torch.zeros(self.stats_shape))
         self.register_buffer("feature_std", torch.ones(self.stats_shape))
         # "projector": the name its weights have had in saved models since the first format
-        self.projector = build_encoder(encoder, shape, bottleneck_dim, hidden, dropout)
+        self.projector = build_encoder(
+            encoder, shape, bottleneck_dim, hidden, dropout, vocab_size=vocab_size,
+            pad_id=pad_id, options=encoder_options,
+        )  # fmt: skip
         self.quantizer: Quantizer = build_quantizer(quantizer, bottleneck_dim, **quantizer_kwargs)
         self.head = mlp([bottleneck_dim, hidden, num_classes], dropout)
         self.quantize_mix = 1.0
@@ -136,6 +194,11 @@ class BottleneckClassifier(nn.Module):
     def encoder(self) -> nn.Module:
         """The module that maps inputs to bottleneck features (``projector``, by its old name)."""
         return self.projector
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the model takes (`[0, vocab_size)`), None for features."""
+        return self.arch.get("vocab_size")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -182,7 +245,8 @@ class BottleneckClassifier(nn.Module):
             raise ConfigError(f"model config lacks the key {err.args[0]!r}") from None
         if shape is None:
             raise ConfigError("model config lacks the key 'input_shape'")
-        for key in ("hidden", "dropout", "bottleneck_dim", "encoder"):
+        for key in ("hidden", "dropout", "bottleneck_dim", "encoder", "vocab_size", "pad_id",
+                    "encoder_options"):  # fmt: skip
             if key in config:
                 kwargs[key] = config[key]
         check(
@@ -257,6 +321,8 @@ class BottleneckClassifier(nn.Module):
                 else f"rows of shape {self.input_shape}"
             )
             raise ShapeError(f"input of shape {tuple(x.shape)}: the model expects {wanted}")
+        if self.vocab_size is not None:  # token ids: checked, never standardised
+            return self.projector(check_id_tensor(x, self.vocab_size))
         x = x.to(self.feature_mean.dtype)
         return self.projector((x - self.feature_mean) / self.feature_std)
 

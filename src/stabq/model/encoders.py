@@ -27,11 +27,15 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from stabq.errors import ConfigError, ShapeError
+from stabq.errors import ConfigError, ShapeError, check
 
-BUILTIN_ENCODERS: tuple[str, ...] = ("mlp", "cnn1d", "cnn2d")
-_RANKS = {"mlp": (1,), "cnn1d": (1, 2), "cnn2d": (2, 3)}  # ranks of one input row
-_TAKES = {"mlp": "(N, D)", "cnn1d": "(N, L) or (N, C, L)", "cnn2d": "(N, H, W) or (N, C, H, W)"}
+BUILTIN_ENCODERS: tuple[str, ...] = ("mlp", "cnn1d", "cnn2d", "transformer")
+_RANKS = {"mlp": (1,), "cnn1d": (1, 2), "cnn2d": (2, 3), "transformer": (1,)}  # of one row
+_TAKES = {"mlp": "(N, D)", "cnn1d": "(N, L) or (N, C, L)", "cnn2d": "(N, H, W) or (N, C, H, W)",
+          "transformer": "token ids (N, L)"}  # fmt: skip
+# the transformer's own options: given with the quantizer's (``--option d_model=32``), they
+# go to the encoder
+ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {"transformer": ("d_model", "heads", "layers", "ff")}
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 Shape = tuple[int, ...]
 
@@ -170,15 +174,20 @@ def _factory(reference: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def _check_output(encoder: nn.Module, input_shape: Shape, out_dim: int, name: str) -> None:
-    """One eval-mode pass over two zero rows: the encoder must give ``(2, out_dim)``."""
+def _check_output(
+    encoder: nn.Module, input_shape: Shape, out_dim: int, name: str, pad_id: int | None = None
+) -> None:
+    """One eval-mode pass over two zero rows (rows of ``pad_id`` for token ids): the encoder
+    must give ``(2, out_dim)``."""
     was_training = encoder.training
     encoder.eval()
     try:
         with torch.no_grad():
             probe = next((p for p in encoder.parameters()), None)
             kw = {"dtype": probe.dtype, "device": probe.device} if probe is not None else {}
-            out = encoder(torch.zeros(2, *input_shape, **kw))
+            if pad_id is not None:  # token ids: two rows of padding
+                kw = {"dtype": torch.long, "device": kw.get("device")}
+            out = encoder(torch.full((2, *input_shape), pad_id or 0, **kw))
     except Exception as err:
         raise ShapeError(
             f"encoder {name!r} fails on inputs of shape (N, {', '.join(map(str, input_shape))})"
@@ -195,19 +204,52 @@ def _check_output(encoder: nn.Module, input_shape: Shape, out_dim: int, name: st
         )
 
 
-def build_encoder(
-    spec: str | nn.Module, input_shape: Shape, out_dim: int, hidden: int, dropout: float
+def _builtin(
+    spec: str, input_shape: Shape, out_dim: int, hidden: int, dropout: float, ids: dict
 ) -> nn.Module:
-    """The encoder ``spec`` names, for rows of ``input_shape``, giving ``out_dim`` features."""
-    check_encoder(spec)
-    check_input_shape(spec, input_shape)
+    """A built-in encoder: the transformer takes token ids (``ids``: ``vocab_size``,
+    ``pad_id`` and its options), the others take features."""
+    options = dict(ids.get("options") or {})
+    if spec == "transformer":
+        check(ids.get("vocab_size") is not None, "encoder 'transformer' takes token ids: "
+              "give vocab_size (integer inputs, ids in [0, vocab_size))")  # fmt: skip
+        from stabq.model.transformer import TokenTransformer
+
+        try:
+            return TokenTransformer(ids["vocab_size"], input_shape[0], out_dim,
+                                    pad_id=ids["pad_id"], dropout=dropout, **options)  # fmt: skip
+        except TypeError as err:  # an option it does not have
+            raise ConfigError(f"encoder 'transformer': {err}") from None
+    check(ids.get("vocab_size") is None, f"encoder {spec!r} takes features, not token ids: "
+          "choose --encoder transformer or your own factory for integer inputs")  # fmt: skip
+    check(not options, f"encoder {spec!r} takes no options, found {sorted(options)}")
     if spec == "mlp":
         return mlp([input_shape[0], hidden, hidden, out_dim], dropout)
     channels = max(8, hidden // 8)
     if spec == "cnn1d":
         return CNN1d(input_shape, out_dim, channels, dropout)
-    if spec == "cnn2d":
-        return CNN2d(input_shape, out_dim, channels, dropout)
+    return CNN2d(input_shape, out_dim, channels, dropout)
+
+
+def build_encoder(
+    spec: str | nn.Module,
+    input_shape: Shape,
+    out_dim: int,
+    hidden: int,
+    dropout: float,
+    *,
+    vocab_size: int | None = None,
+    pad_id: int = 0,
+    options: dict | None = None,
+) -> nn.Module:
+    """The encoder ``spec`` names, for rows of ``input_shape``, giving ``out_dim`` features;
+    with ``vocab_size``, for rows of token ids (padded with ``pad_id``)."""
+    check_encoder(spec)
+    check_input_shape(spec, input_shape)
+    ids = {"vocab_size": vocab_size, "pad_id": pad_id, "options": options}
+    if spec in BUILTIN_ENCODERS:
+        return _builtin(spec, input_shape, out_dim, hidden, dropout, ids)
+    check(not options, f"encoder {encoder_name(spec)!r} takes no encoder options")
     if isinstance(spec, nn.Module):
         encoder, name = spec, encoder_name(spec)
     else:
@@ -225,7 +267,7 @@ def build_encoder(
                 f"encoder {spec!r} returned {type(encoder).__name__}, expected an nn.Module"
             )
         name = spec
-    _check_output(encoder, input_shape, out_dim, name)
+    _check_output(encoder, input_shape, out_dim, name, None if vocab_size is None else pad_id)
     return encoder
 
 

@@ -184,7 +184,7 @@ def _checked_parts(
     else:  # class ids follow the training data's classes, by name
         val_data = with_classes(as_labeled_data(val), data.classes)
     for part in (data, val_data):
-        require_fit(part, model.input_shape, model.num_classes)
+        require_fit(part, model.input_shape, model.num_classes, vocab_size=model.vocab_size)
     return data, val_data
 
 
@@ -198,8 +198,8 @@ def _rows_on(
 ) -> Rows:
     """The model standardised for ``data`` (unless told not to) and moved to ``device``
     (compiled if asked), and the rows it trains and validates on, there."""
-    if fit_feature_stats:  # in one pass of chunks when the rows stay in their file
-        stats = scan(data, model.stats_shape)
+    if fit_feature_stats and model.vocab_size is None:  # token ids are never standardised
+        stats = scan(data, model.stats_shape)  # one pass of chunks for rows in their file
         model.set_feature_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
     model.to(device)
     if config.compile:

@@ -1,0 +1,148 @@
+"""Integer inputs stay token ids: never standardised or cast to float on their way to the
+encoder, recorded in the model directory, and checked against its vocabulary, with one line
+naming the file, the row and the position of a bad id."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import stabq
+from bad_input import assert_user_error, cli, listing
+from stabq.data import from_arrays, is_ids, vocab_of
+from stabq.errors import ConfigError, DataError, ShapeError
+from stabq.model.classifier import check_id_tensor
+
+FACTORY = """
+import torch
+from torch import nn
+
+SEEN = []  # the dtype and values each forward receives
+
+
+class Enc(nn.Module):
+    def __init__(self, vocab, out_dim):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.out = nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        SEEN.append((x.dtype, x.detach().clone()))
+        return self.out(self.emb(x).mean(1))
+
+
+def encoder(input_shape, out_dim):
+    return Enc(50, out_dim)
+"""
+SMALL = ["--epochs", "2", "--hidden", "16", "--bottleneck-dim", "8", "--quiet"]
+
+
+def token_file(path, n=200, length=12, vocab=50, seed=0):
+    """Token ids in ``[1, vocab)``, int64 ``(n, length)``; the class is the first token's half."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, vocab, size=(n, length)).astype(np.int64)
+    np.savez(path, x=x, y=(x[:, 0] >= vocab // 2).astype(np.int64))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "tokenc.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_integer_arrays_stay_ids_and_one_byte_ones_stay_images():
+    ids = from_arrays(np.array([[3, 0, 7], [1, 2, 0]], dtype=np.int32), [0, 1])
+    assert ids.x.dtype == np.int64 and ids.x.tolist() == [[3, 0, 7], [1, 2, 0]]
+    assert is_ids(ids.x) and vocab_of(ids) == 8
+    images = from_arrays(np.array([[255, 0]], dtype=np.uint8).repeat(2, 0), [0, 1])
+    assert images.x.dtype == np.float32 and images.x[0].tolist() == [1.0, 0.0]
+    assert vocab_of(images) is None and vocab_of(from_arrays(np.ones((2, 2)), [0, 1])) is None
+
+
+def test_a_negative_id_is_refused_naming_its_row_and_position():
+    x = np.zeros((4, 6), dtype=np.int64)
+    x[2, 5] = -3
+    with pytest.raises(DataError, match=r"^arrays: row 2, position 5: token id -3, allowed is"):
+        from_arrays(x, [0, 1, 0, 1])
+
+
+def test_the_model_checks_ids_before_any_lookup():
+    x = torch.tensor([[1, 2, 3], [4, 9, 0]])
+    assert check_id_tensor(x, 10).dtype == torch.int64
+    with pytest.raises(ShapeError, match=r"^row 1, position \(1,\): token id 12, allowed"):
+        check_id_tensor(torch.tensor([[1, 2, 3], [4, 12, 0]]), 10)
+    with pytest.raises(ShapeError, match="float32: the model takes token ids"):
+        check_id_tensor(x.float(), 10)
+
+
+def test_a_user_embedding_encoder_trains_evaluates_and_encodes_on_ids(project):
+    token_file(project / "tok.npz")
+    assert cli("train", "--data", "tok.npz", "--encoder", "tokenc:encoder", "--quantizer",
+               "fsq", *SMALL, "--out", "m").exit_code == 0  # fmt: skip
+    config = json.loads((project / "m" / "config.json").read_text())["model"]
+    assert (config["vocab_size"], config["pad_id"]) == (50, 0)
+    import tokenc
+
+    dtypes = {dtype for dtype, _ in tokenc.SEEN}
+    assert dtypes == {torch.int64}  # never cast to float
+    seen = torch.cat([x for _, x in tokenc.SEEN if len(x) > 2])  # not the 2-row shape probe
+    data = np.load(project / "tok.npz")["x"]
+    assert set(seen.flatten().tolist()) <= set(data.flatten().tolist())  # never standardised
+    evaluated = cli("evaluate", "m", "--data", "tok.npz", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["rows"] == 200
+    assert cli("encode", "m", "--data", "tok.npz", "--out", "codes.npy").exit_code == 0
+    assert np.load(project / "codes.npy").shape == (200, 1)
+    back = stabq.load(project / "m")
+    assert back.vocab_size == 50 and back.arch == stabq.load(project / "m").arch
+
+
+def test_float_data_for_an_id_model_and_ids_for_a_feature_model_are_one_line(project):
+    token_file(project / "tok.npz")
+    assert cli("train", "--data", "tok.npz", "--encoder", "tokenc:encoder", "--quantizer",
+               "fsq", *SMALL, "--out", "ids").exit_code == 0  # fmt: skip
+    x = np.load(project / "tok.npz")["x"]
+    y = np.load(project / "tok.npz")["y"]
+    np.savez(project / "floats.npz", x=x.astype(np.float32), y=y)
+    before = listing(project)
+    refused = cli("evaluate", "ids", "--data", "floats.npz")
+    assert_user_error(refused, "floats.npz: float32 features, but the model in ids takes token ids")
+    assert_user_error(cli("encode", "ids", "--data", "floats.npz", "--out", "c.npy"),
+                      "float32 features")  # fmt: skip
+    assert listing(project) == before
+    assert cli("train", "--data", "floats.npz", "--quantizer", "fsq", *SMALL,
+               "--out", "feats").exit_code == 0  # fmt: skip
+    refused = cli("evaluate", "feats", "--data", "tok.npz")
+    assert_user_error(refused, "tok.npz: integer token ids, but the model in feats takes")
+
+
+def test_an_id_outside_the_vocabulary_is_refused_naming_file_row_and_position(project):
+    token_file(project / "tok.npz")
+    assert cli("train", "--data", "tok.npz", "--encoder", "tokenc:encoder", "--quantizer",
+               "fsq", *SMALL, "--out", "m").exit_code == 0  # fmt: skip
+    x = np.load(project / "tok.npz")["x"]
+    x[17, 4] = 50  # the vocabulary is [0, 50)
+    np.savez(project / "oov.npz", x=x, y=np.zeros(len(x), np.int64))
+    before = listing(project)
+    refused = cli("evaluate", "m", "--data", "oov.npz")
+    assert_user_error(refused, "oov.npz: row 17, position 4: token id 50, allowed is an id in")
+    assert_user_error(cli("encode", "m", "--data", "oov.npz", "--out", "c.npy"),
+                      "row 17, position 4: token id 50")  # fmt: skip
+    assert listing(project) == before
+
+
+def test_a_feature_encoder_refuses_ids_in_one_line(project):
+    token_file(project / "tok.npz")
+    assert_user_error(cli("train", "--data", "tok.npz", "--quantizer", "fsq", *SMALL,
+                          "--out", "m"), "encoder 'mlp' takes features, not token ids")  # fmt: skip
+    with pytest.raises(ConfigError, match="vocab_size=1, allowed is an integer >= 2"):
+        stabq.BottleneckClassifier(4, 2, encoder="tokenc:encoder", vocab_size=1)
+    with pytest.raises(ConfigError, match=r"pad_id=9, allowed is an id in \[0, vocab_size=5\)"):
+        stabq.BottleneckClassifier(4, 2, encoder="tokenc:encoder", vocab_size=5, pad_id=9)
