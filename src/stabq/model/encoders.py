@@ -29,13 +29,17 @@ from torch import nn
 
 from stabq.errors import ConfigError, ShapeError, check
 
-BUILTIN_ENCODERS: tuple[str, ...] = ("mlp", "cnn1d", "cnn2d", "transformer")
-_RANKS = {"mlp": (1,), "cnn1d": (1, 2), "cnn2d": (2, 3), "transformer": (1,)}  # of one row
+BUILTIN_ENCODERS: tuple[str, ...] = ("mlp", "cnn1d", "cnn2d", "transformer", "bag")
+TOKEN_ENCODERS: tuple[str, ...] = ("transformer", "bag")  # those that take token ids
+_RANKS = {"mlp": (1,), "cnn1d": (1, 2), "cnn2d": (2, 3), "transformer": (1,), "bag": (1,)}
 _TAKES = {"mlp": "(N, D)", "cnn1d": "(N, L) or (N, C, L)", "cnn2d": "(N, H, W) or (N, C, H, W)",
-          "transformer": "token ids (N, L)"}  # fmt: skip
+          "transformer": "token ids (N, L)", "bag": "token ids (N, L)"}  # fmt: skip
 # the transformer's own options: given with the quantizer's (``--option d_model=32``), they
 # go to the encoder
-ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {"transformer": ("d_model", "heads", "layers", "ff")}
+ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "transformer": ("d_model", "heads", "layers", "ff"),
+    "bag": ("d_model",),
+}
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 Shape = tuple[int, ...]
 
@@ -210,16 +214,10 @@ def _builtin(
     """A built-in encoder: the transformer takes token ids (``ids``: ``vocab_size``,
     ``pad_id`` and its options), the others take features."""
     options = dict(ids.get("options") or {})
-    if spec == "transformer":
-        check(ids.get("vocab_size") is not None, "encoder 'transformer' takes token ids: "
-              "give vocab_size (integer inputs, ids in [0, vocab_size))")  # fmt: skip
-        from stabq.model.transformer import TokenTransformer
-
-        try:
-            return TokenTransformer(ids["vocab_size"], input_shape[0], out_dim,
-                                    pad_id=ids["pad_id"], dropout=dropout, **options)  # fmt: skip
-        except TypeError as err:  # an option it does not have
-            raise ConfigError(f"encoder 'transformer': {err}") from None
+    if spec in TOKEN_ENCODERS:
+        check(ids.get("vocab_size") is not None, f"encoder {spec!r} takes token ids: give "
+              "vocab_size (integer inputs, ids in [0, vocab_size))")  # fmt: skip
+        return _token_encoder(spec, input_shape, out_dim, hidden, dropout, ids, options)
     check(ids.get("vocab_size") is None, f"encoder {spec!r} takes features, not token ids: "
           "choose --encoder transformer or your own factory for integer inputs")  # fmt: skip
     check(not options, f"encoder {spec!r} takes no options, found {sorted(options)}")
@@ -229,6 +227,25 @@ def _builtin(
     if spec == "cnn1d":
         return CNN1d(input_shape, out_dim, channels, dropout)
     return CNN2d(input_shape, out_dim, channels, dropout)
+
+
+def _token_encoder(
+    spec: str, input_shape: Shape, out_dim: int, hidden: int, dropout: float, ids: dict,
+    options: dict,
+) -> nn.Module:  # fmt: skip
+    """The transformer or the bag of tokens, for token ids below ``ids["vocab_size"]``."""
+    vocab, pad = ids["vocab_size"], ids["pad_id"]
+    try:
+        if spec == "bag":
+            from stabq.model.bag import TokenBag
+
+            return TokenBag(vocab, out_dim, hidden=hidden, dropout=dropout, pad_id=pad, **options)
+        from stabq.model.transformer import TokenTransformer
+
+        return TokenTransformer(vocab, input_shape[0], out_dim, pad_id=pad, dropout=dropout,
+                                **options)  # fmt: skip
+    except TypeError as err:  # an option it does not have
+        raise ConfigError(f"encoder {spec!r}: {err}") from None
 
 
 def build_encoder(
