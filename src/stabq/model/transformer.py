@@ -136,7 +136,7 @@ class TokenTransformer(nn.Module):
     embedding is replaced by zeros before the layers, so the pad id's embedding weights
     never reach the output. A row made only of padding is an empty sequence: its features
     are zeros before the final linear layer, so its output is that layer's bias (finite:
-    such a row's positions attend to each other, and never all-masked keys).
+    the positions of such a row attend to each other, never to no key at all).
 
     Mean pooling rather than a class token: it needs no extra position (all ``max_len``
     positions hold tokens), it is free of padding by construction (pads are left out of
@@ -151,7 +151,8 @@ class TokenTransformer(nn.Module):
     in training and evaluation, with or without gradients, on every CPU kernel path
     (``ATEN_CPU_CAPABILITY``), and even with dropout, given the same random state. A row's
     output may differ in the last bits when its batch mates change (the layers then run on
-    other shapes).
+    other shapes), and in evaluation under ``torch.no_grad()`` (torch's fused path for the
+    layers) from evaluation with gradients.
 
     Args:
         vocab_size: number of token ids, ``pad_id`` included (at least 2).
