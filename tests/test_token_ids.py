@@ -146,3 +146,56 @@ def test_a_feature_encoder_refuses_ids_in_one_line(project):
         stabq.BottleneckClassifier(4, 2, encoder="tokenc:encoder", vocab_size=1)
     with pytest.raises(ConfigError, match=r"pad_id=9, allowed is an id in \[0, vocab_size=5\)"):
         stabq.BottleneckClassifier(4, 2, encoder="tokenc:encoder", vocab_size=5, pad_id=9)
+
+
+def test_the_builtin_token_encoders_train_on_the_same_file(project):
+    token_file(project / "tok.npz")
+    for encoder in ("transformer", "bag"):
+        trained = cli("train", "--data", "tok.npz", "--encoder", encoder, "--quantizer", "fsq",
+                      *SMALL, "--option", "d_model=16", "--out", encoder)  # fmt: skip
+        assert trained.exit_code == 0, trained.output
+        config = json.loads((project / encoder / "config.json").read_text())["model"]
+        assert config["encoder_options"] == {"d_model": 16} and config["quantizer_kwargs"] == {}
+        assert cli("evaluate", encoder, "--data", "tok.npz").exit_code == 0
+        assert cli("encode", encoder, "--data", "tok.npz", "--out", "c.npy").exit_code == 0
+    back = stabq.load(project / "transformer")
+    assert back.projector.tokens.embedding_dim == 16  # the option reached the encoder
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "rvq"])
+def test_a_classifiers_output_does_not_depend_on_the_padding_after_a_sequence(quantizer):
+    torch.manual_seed(0)
+    model = stabq.BottleneckClassifier(
+        24, 3, quantizer, hidden=16, bottleneck_dim=8, encoder="transformer", vocab_size=30,
+        encoder_options={"d_model": 16, "layers": 1}, dropout=0.0,
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([5, 11, 2, 8])
+    rows = torch.randint(1, 30, (4, 24), generator=g)
+    rows[torch.arange(24) >= lengths[:, None]] = 0
+    with torch.no_grad():
+        full = model(rows)  # padded to 24
+        short = model(rows[:, :11].contiguous())  # padded to the longest row, 11
+        alone = [model(rows[i : i + 1, : int(lengths[i])].contiguous()) for i in range(4)]
+    assert torch.equal(full[0], short[0]) and torch.equal(full[1].indices, short[1].indices)
+    for i, (logits, _) in enumerate(alone):  # each row alone, with no padding at all
+        assert torch.allclose(logits[0], full[0][i], atol=1e-5), i  # other batch mates
+
+
+def test_lengths_in_an_npz_pad_each_row_after_its_end(tmp_path):
+    x = np.arange(1, 13, dtype=np.int64).reshape(3, 4)
+    np.savez(tmp_path / "t.npz", x=x, y=np.array([0, 1, 0]), lengths=np.array([4, 1, 0]))
+    data = stabq.data.load_data(str(tmp_path / "t.npz"))
+    assert data.x.tolist() == [[1, 2, 3, 4], [5, 0, 0, 0], [0, 0, 0, 0]]
+    np.savez(tmp_path / "bad.npz", x=x, y=np.array([0, 1, 0]), lengths=np.array([4, 5, 0]))
+    with pytest.raises(DataError, match="row 1: length 5, allowed is 0 to 4"):
+        stabq.data.load_data(str(tmp_path / "bad.npz"))
+
+
+def test_swap_quantizers_works_behind_a_transformer_encoder():
+    torch.manual_seed(0)
+    model = stabq.BottleneckClassifier(8, 2, "vq-ema", hidden=16, bottleneck_dim=8,
+                                       encoder="transformer", vocab_size=12)  # fmt: skip
+    stabq.swap_quantizers(model, "fsq", classes=[type(model.quantizer)])
+    logits, _ = model(torch.randint(0, 12, (5, 8)))
+    assert logits.shape == (5, 2) and type(model.quantizer).__name__ == "FSQ"

@@ -4,8 +4,10 @@
 for the MLP, sequences of length 40 for ``cnn1d``), ``digits`` (scikit-learn's
 8x8 digits, 64-D, a stratified 80/20 split; ``digits:images`` the same rows as
 ``(1, 8, 8)`` images) and
-``synthetic[:DIM]`` (a 10-class Gaussian mixture, 128-D by default). Each is
-generated once per process and returned as ``(x, y, x_test, y_test)``.
+``synthetic[:DIM]`` (a 10-class Gaussian mixture, 128-D by default) and ``tokens``
+(4,000/1,000 sequences of token ids whose class is the order of three markers:
+:mod:`stabq.data.tokens`). Each is generated once per process and returned as
+``(x, y, x_test, y_test)``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from stabq.errors import DataError
 
-BUILTIN_DATASETS: tuple[str, ...] = ("mnist1d", "digits", "synthetic")
+BUILTIN_DATASETS: tuple[str, ...] = ("mnist1d", "digits", "synthetic", "tokens")
 DIGIT_CLASSES: list[str] = [str(i) for i in range(10)]
 SYNTHETIC_DIM, SYNTHETIC_TRAIN, SYNTHETIC_TEST, SYNTHETIC_SPREAD = 128, 4000, 1000, 3.5
 SPLIT_SEED = 0  # digits' 80/20 split and the synthetic mixture
@@ -67,6 +69,23 @@ def _synthetic(dim: int) -> tuple[np.ndarray, ...]:
     return (x[:cut], y[:cut], x[cut:], y[cut:])
 
 
+@functools.lru_cache(maxsize=1)
+def _tokens() -> tuple[np.ndarray, ...]:
+    from stabq.data.tokens import token_arrays
+
+    return token_arrays(SPLIT_SEED)
+
+
+def builtin_classes(spec: str) -> list[str]:
+    """The class names of a built-in: the order of the markers for ``tokens`` (``"ABC"``,
+    ...), the digits ``"0"`` to ``"9"`` (mnist1d's too) otherwise."""
+    if spec.partition(":")[0] == "tokens":
+        from stabq.data.tokens import TOKEN_CLASSES
+
+        return list(TOKEN_CLASSES)
+    return DIGIT_CLASSES
+
+
 def builtin_arrays(spec: str) -> tuple[np.ndarray, ...] | None:
     """The (x, y, x_test, y_test) of a built-in ``spec``, or None when it names a file."""
     name, _, option = spec.partition(":")
@@ -76,6 +95,8 @@ def builtin_arrays(spec: str) -> tuple[np.ndarray, ...] | None:
         return _mnist1d()
     if name == "digits" and not option:
         return _digits()
+    if name == "tokens" and not option:
+        return _tokens()
     if name == "digits" and option == "images":  # the same rows as 1 x 8 x 8 images
         x_tr, y_tr, x_te, y_te = _digits()
         return (x_tr.reshape(-1, 1, 8, 8), y_tr, x_te.reshape(-1, 1, 8, 8), y_te)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stabq.data.builtin import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays
+from stabq.data.builtin import BUILTIN_DATASETS, DIGIT_CLASSES, builtin_arrays, builtin_classes
 from stabq.data.labeled import LabeledData, build_labeled, data_error
 from stabq.data.readers import FILE_EXTENSIONS, read_file
 from stabq.data.rows import open_npy
@@ -78,7 +78,10 @@ def load_data(
         "train": (x_tr.copy(), y_tr.copy()), "test": (x_te.copy(), y_te.copy()),
         "all": (np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te])),
     }[part]  # fmt: skip
-    return build_labeled(x, y, DIGIT_CLASSES if classes is None else classes, f"{spec}:{part}")
+    names = builtin_classes(spec)
+    if names is not DIGIT_CLASSES:  # labels by name: "ABC", ...
+        y = np.asarray(names)[y]
+    return build_labeled(x, y, names if classes is None else classes, f"{spec}:{part}")
 
 
 __all__ = ["PARTS", "load_data", "load_file"]

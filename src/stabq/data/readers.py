@@ -45,10 +45,32 @@ def _read_npz(path: Path, source: str) -> Raw:
         if not isinstance(obj, np.lib.npyio.NpzFile):
             raise data_error(source, "holds one array, expected an .npz archive with 'x' and 'y'")
         with obj:
-            for key in ("x", "y"):
+            for key in ("x", "y", "lengths"):
                 if key in obj.files:
                     _refuse_objects(obj, key, source)
-            return _from_mapping(obj, source)
+            x, y, columns = _from_mapping(obj, source)
+            if "lengths" in obj.files:
+                x = padded(x, as_numpy(obj["lengths"], source, "lengths"), source)
+            return x, y, columns
+
+
+def padded(x: np.ndarray, lengths: np.ndarray, source: str, pad_id: int = 0) -> np.ndarray:
+    """Token ids ``x`` ``(n, L)`` with every position at or past row ``i``'s length
+    ``lengths[i]`` set to ``pad_id``: variable-length sequences given as one array and
+    their lengths. Lengths that are not ``n`` integers in ``[0, L]`` are a DataError."""
+    if x.ndim != 2 or x.dtype.kind not in "iu":
+        raise data_error(source, f"'lengths' goes with token ids x of shape (n, L), found "
+                         f"{x.dtype} x of shape {x.shape}")  # fmt: skip
+    if lengths.shape != (len(x),) or lengths.dtype.kind not in "iu":
+        raise data_error(source, f"'lengths' must be {len(x)} integers (one a row), found "
+                         f"{lengths.dtype} of shape {lengths.shape}")  # fmt: skip
+    bad = np.flatnonzero((lengths < 0) | (lengths > x.shape[1]))
+    if bad.size:
+        raise data_error(source, f"row {int(bad[0])}: length {int(lengths[bad[0]])}, allowed "
+                         f"is 0 to {x.shape[1]} (the width of x)")  # fmt: skip
+    x = np.array(x, dtype=np.int64)
+    x[np.arange(x.shape[1]) >= lengths[:, None]] = pad_id
+    return x
 
 
 def _refuse_objects(npz: np.lib.npyio.NpzFile, key: str, source: str) -> None:

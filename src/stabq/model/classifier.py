@@ -309,11 +309,15 @@ class BottleneckClassifier(nn.Module):
         """Continuous bottleneck features `(n, bottleneck_dim)`: what the quantizer sees.
 
         Args:
-            x: inputs `(n, *input_shape)`.
+            x: inputs `(n, *input_shape)`; token ids may be shorter, `(n, l <= L)`: they are
+                padded with `pad_id` to the model's length `L`.
 
         Raises:
             ShapeError: `x` does not have the model's input shape.
         """
+        length = self.input_shape[0]
+        if self.vocab_size is not None and x.dim() == 2 and 0 < x.shape[1] < length:
+            x = torch.nn.functional.pad(x, (0, length - x.shape[1]), value=self.arch["pad_id"])
         if tuple(x.shape[1:]) != self.input_shape or x.dim() < 2:
             wanted = (
                 f"{self.input_shape[0]} features"
