@@ -247,10 +247,10 @@ def test_missing_unknown_empty_and_directory_paths(tmp_path):
         tmp_path / "data.txt",
         "unknown data format '.txt': expected a file ending in .npz, .pt, .safetensors, .csv, "
         ".parquet, an x.npy with y.npy beside it or a built-in dataset (mnist1d, digits, "
-        "synthetic, synthetic:DIM)",
+        "synthetic, tokens, synthetic:DIM)",
     )
     expect_error("mnist", "unknown data format '(no extension)'")
-    assert BUILTIN_DATASETS == ("mnist1d", "digits", "synthetic")
+    assert BUILTIN_DATASETS == ("mnist1d", "digits", "synthetic", "tokens")
     (tmp_path / "dir.csv").mkdir()
     expect_error(tmp_path / "dir.csv", "is not a file")
     for ext in EXTENSIONS:

@@ -28,13 +28,15 @@ app = typer.Typer(
 
 T = TypeVar("T")
 DATA_HELP = (
-    "A built-in dataset (mnist1d, digits, digits:images, synthetic, synthetic:DIM) or a file: "
-    ".npz (arrays x, y; x of any rank (N, ...), uint8 images scaled to [0, 1]), .pt / "
-    ".safetensors (tensors x, y), .csv / .parquet (label column 'label', else the last)."
+    "A built-in dataset (mnist1d, digits, digits:images, synthetic, synthetic:DIM, tokens) or "
+    "a file: .npz (arrays x, y, and lengths for padded token ids; x of any rank (N, ...), "
+    "uint8 images scaled to [0, 1], other integers kept as token ids), .pt / .safetensors "
+    "(tensors x, y), .csv / .parquet (label column 'label', else the last)."
 )
 ENCODER_HELP = (
     "mlp (feature rows), cnn1d (sequences (N, L) or (N, C, L)), cnn2d (images (N, C, H, W)), "
-    "or package.module:factory, a callable (input_shape, out_dim) -> torch.nn.Module."
+    "transformer or bag (token ids (N, L)), or package.module:factory, a callable "
+    "(input_shape, out_dim) -> torch.nn.Module."
 )
 EncoderOption = Annotated[str, typer.Option("--encoder", help=ENCODER_HELP, metavar="ENCODER")]
 TRUST_HELP = (
