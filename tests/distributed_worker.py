@@ -90,6 +90,7 @@ TRAIN_ROWS = {
     "trainer-rfsq": 128,
     "trainer-simvq": 128,
     "trainer-lfq": 128,
+    "trainer-transformer": 128,
 }
 # The preset and options of the trainer cases of batch-statistics quantizers (the others use
 # the repaired VQ). These run in float64: in float32 their 12 steps amplify the last-bit
@@ -106,6 +107,9 @@ TRAIN_QUANTIZERS = {
     # not pinned down further)
     "trainer-simvq": ("simvq", {}),
     "trainer-lfq": ("lfq", {}),
+    # attention's key bias has no true gradient (softmax ignores a shift of every score);
+    # AdamW turns float32 rounding there into full-size steps, different for 1 and 2 ranks
+    "trainer-transformer": REPAIRED_VQ,
 }
 
 
@@ -311,11 +315,22 @@ def run_batch_stat_case(name: str, rank: int = 0, world: int = 1) -> dict:
     return {k: v.contiguous() for k, v in {**state, **record}.items()}
 
 
-def trainer_data(rows: int, dtype: type = np.float32) -> tuple:
+def trainer_data(rows: int, dtype: type = np.float32, ids: bool = False) -> tuple:
+    """Rows of 6 features around their class's mean; with ``ids``, rows of 6 token ids in
+    [4, 20) whose first id (1 to 3, the class) and a varied tail of padding tell the class."""
     g = np.random.default_rng(0)
     y = np.arange(rows) % 3
-    x = (g.normal(size=(rows, 6)) + 2.0 * y[:, None]).astype(dtype)
     vy = np.arange(30) % 3
+    if ids:
+
+        def tokens(labels: np.ndarray) -> np.ndarray:
+            x = g.integers(4, 20, size=(len(labels), 6))
+            x[:, 0] = labels + 1
+            x[np.arange(6) >= g.integers(2, 7, size=len(labels))[:, None]] = 0  # padding
+            return x.astype(np.int64)
+
+        return (tokens(y), y), (tokens(vy), vy)
+    x = (g.normal(size=(rows, 6)) + 2.0 * y[:, None]).astype(dtype)
     vx = (g.normal(size=(30, 6)) + 2.0 * vy[:, None]).astype(dtype)
     return (x, y), (vx, vy)
 
@@ -324,9 +339,13 @@ def trainer_model(name: str) -> BottleneckClassifier:
     """The untrained model of a trainer case (seed 0)."""
     quantizer, options = TRAIN_QUANTIZERS.get(name, REPAIRED_VQ)
     torch.manual_seed(0)
+    if name == "trainer-transformer":  # token ids: the transformer encoder
+        options = {**options, "vocab_size": 20,
+                   "encoder_options": {"d_model": 8, "heads": 2, "layers": 1}}  # fmt: skip
+    encoder = {"trainer-cnn1d": "cnn1d", "trainer-transformer": "transformer"}.get(name, "mlp")
     model = BottleneckClassifier(
         6, 3, quantizer=quantizer, hidden=16, bottleneck_dim=8, dropout=0.0, **options,
-        encoder="cnn1d" if name == "trainer-cnn1d" else "mlp",
+        encoder=encoder,
     )  # fmt: skip
     return model.double() if name in TRAIN_QUANTIZERS else model
 
@@ -335,7 +354,7 @@ def run_trainer_case(name: str) -> tuple[dict, list[dict]]:
     """stabq.train with the repaired VQ (or the case's preset, in float64), dropout 0 (so 1 and
     2 processes can agree); the rows are sequences of length 6 for the CNN encoder."""
     dtype = np.float64 if name in TRAIN_QUANTIZERS else np.float32
-    train_set, val_set = trainer_data(TRAIN_ROWS[name], dtype)
+    train_set, val_set = trainer_data(TRAIN_ROWS[name], dtype, ids=name == "trainer-transformer")
     model = trainer_model(name)
     two_stage = name == "trainer-two-stage"  # stage 1 leaves the VQ projections idle
     config = TrainConfig(

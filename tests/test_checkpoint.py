@@ -343,3 +343,29 @@ def test_numpy_and_python_random_states_come_back_on_resume(blobs, tmp_path):
         batch_transform=draw,
     )  # fmt: skip
     assert drawn == expected
+
+
+def test_a_transformer_run_on_token_ids_resumes_bitwise(tmp_path):
+    """Token ids (the built-in tokens task) through the transformer encoder, killed in its
+    second epoch and resumed: the same weights and history as the run never stopped."""
+    tokens = load_data("tokens", "train")
+    data = from_arrays(tokens.x[:600], tokens.y[:600], source="tokens")
+    config = TrainConfig(epochs=3, batch_size=64, seed=3, progress=False)
+
+    def fresh() -> BottleneckClassifier:
+        torch.manual_seed(0)
+        return BottleneckClassifier(
+            32, 6, "vq", hidden=32, bottleneck_dim=16, encoder="transformer", vocab_size=64,
+            encoder_options={"d_model": 16, "layers": 1}, codebook_size=32,
+        )  # fmt: skip
+
+    reference = fresh()
+    expected = train(reference, data, config=config)
+    with pytest.raises(Stop):
+        train(fresh(), data, config=config, batch_transform=crash_at(12, None),
+              checkpoint_dir=tmp_path)  # fmt: skip
+    assert load_checkpoint(tmp_path).epoch == 1
+    final = fresh()
+    result = train(final, data, config=config, checkpoint_dir=tmp_path, resume=True)
+    assert_bitwise_equal(final, reference)
+    assert same_history(result.history, expected.history)

@@ -264,7 +264,15 @@ def test_batch_statistics_over_split_batches_equal_one_process(ranks, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["trainer-even", "trainer-cnn1d", "trainer-rfsq", "trainer-simvq", "trainer-lfq"]
+    "name",
+    [
+        "trainer-even",
+        "trainer-cnn1d",
+        "trainer-rfsq",
+        "trainer-simvq",
+        "trainer-lfq",
+        "trainer-transformer",
+    ],
 )
 def test_trainer_on_two_ranks_equals_one_process(ranks, name):
     """stabq.train (repaired VQ, k-means, dead codes, guards on, dropout 0; the MLP or the
