@@ -26,6 +26,7 @@ class TokenBag(nn.Module):
 
     Examples:
         >>> import torch
+        >>> from stabq.model.bag import TokenBag
         >>> bag = TokenBag(10, 4)
         >>> x = torch.tensor([[3, 1, 2, 0, 0], [2, 3, 1, 0, 0]])  # the same tokens, reordered
         >>> torch.allclose(bag(x)[0], bag(x)[1])
