@@ -199,3 +199,18 @@ def test_swap_quantizers_works_behind_a_transformer_encoder():
     stabq.swap_quantizers(model, "fsq", classes=[type(model.quantizer)])
     logits, _ = model(torch.randint(0, 12, (5, 8)))
     assert logits.shape == (5, 2) and type(model.quantizer).__name__ == "FSQ"
+
+
+def test_the_estimator_takes_integer_x_as_ids_for_a_token_encoder():
+    from stabq.estimator import DiscreteBottleneckClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(1, 20, size=(120, 8))
+    y = np.where(X[:, 0] > 10, "long", "short")
+    clf = DiscreteBottleneckClassifier(encoder="bag", epochs=2, random_state=0).fit(X, y)
+    assert clf.model_.vocab_size == 20
+    assert set(clf.predict(X)) <= {"long", "short"} and clf.transform(X).shape == (120, 1)
+    with pytest.raises(DataError, match="float64 values, but encoder 'bag' takes token ids"):
+        clf.predict(X.astype(np.float64))
+    with pytest.raises(ShapeError, match="token id 25"):  # outside the fitted vocabulary
+        clf.predict(np.full((2, 8), 25))

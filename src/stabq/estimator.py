@@ -25,9 +25,11 @@ from sklearn.utils import Tags, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from stabq.data.ids import is_ids, vocab_of
 from stabq.data.labeled import validate_features
 from stabq.errors import ConfigError, DataError
 from stabq.model.classifier import BottleneckClassifier
+from stabq.model.encoders import TOKEN_ENCODERS
 from stabq.quantizers.base import Identity
 from stabq.training import TrainConfig, train
 from stabq.training.evaluation import forward_chunks
@@ -181,6 +183,7 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
                 hidden=self.hidden,
                 dropout=self.dropout,
                 bottleneck_dim=self.bottleneck_dim,
+                vocab_size=vocab_of(X),
                 **options,
             )
             result = train(model, data, val=val, config=config)
@@ -193,6 +196,9 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
         """``X`` (and at ``fit`` ``y``) as scikit-learn validates them, ``X`` also finite in
         ``dtype``; every problem is a :class:`DataError` (a ``ValueError``)."""
         wide = [np.float64, np.float32]  # no cast to float32 yet: overflow is reported below
+        token = self.encoder in TOKEN_ENCODERS
+        if token:  # token ids stay integers, as given
+            wide = None
         nd = {"allow_nd": self.encoder != "mlp"}  # sequences and images for the CNNs
         try:
             if not fit:
@@ -204,6 +210,9 @@ class DiscreteBottleneckClassifier(ClassifierMixin, TransformerMixin, BaseEstima
             raise
         except ValueError as err:  # scikit-learn's messages, which its own checks match
             raise DataError(" ".join(str(err).split())) from err
+        if token and not is_ids(X):
+            raise DataError(f"X: {X.dtype} values, but encoder {self.encoder!r} takes token "
+                            "ids: give X as integers")  # fmt: skip
         X = validate_features(X, "X", dtype, allow_nd=nd["allow_nd"])
         return (X, y) if fit else X
 
