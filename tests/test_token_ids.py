@@ -214,3 +214,15 @@ def test_the_estimator_takes_integer_x_as_ids_for_a_token_encoder():
         clf.predict(X.astype(np.float64))
     with pytest.raises(ShapeError, match="token id 25"):  # outside the fitted vocabulary
         clf.predict(np.full((2, 8), 25))
+
+
+def test_compare_trains_every_method_on_token_ids_and_checks_the_test_ids(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 30, size=(160, 10))
+    y = (x[:, 0] > 15).astype(np.int64)
+    result = stabq.compare((x, y), methods="none,fsq", seeds=1, epochs=1, progress=False,
+                           encoder="bag", test_data=(x[:40], y[:40]))  # fmt: skip
+    assert [row["method"] for row in result.rows] == ["none", "fsq"]
+    with pytest.raises(DataError, match="token id 30, allowed is an id in"):
+        stabq.compare((x, y), methods="none", seeds=1, epochs=1, progress=False,
+                      encoder="bag", test_data=(np.full((4, 10), 30), y[:4]))  # fmt: skip

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from stabq.compare.methods import Method, plan, planned_runs, resolve_methods
 from stabq.compare.runs import run_one, summarise, verdict
 from stabq.compare.scenarios import GUARDED, SCENARIOS, explode_verdict
+from stabq.data.ids import vocab_of
 from stabq.data.labeled import (
     LabeledData,
     require_classes,
@@ -176,7 +177,8 @@ def compare(
         check_log_dir(tensorboard)
     train_set, test_set = _train_test(data, test_data)
     check_input_shape(encoder, train_set.input_shape, train_set.source)
-    require_fit(test_set, train_set.input_shape, model="the training data")
+    vocab = vocab_of(train_set)  # token ids: the test ids must lie in the training vocabulary
+    require_fit(test_set, train_set.input_shape, model="the training data", vocab_size=vocab)
     name = data if isinstance(data, str) else train_set.source
     settings = {"seeds": seeds, "encoder": encoder_name(encoder), **config.to_dict()}
     if on_start is not None:
