@@ -226,3 +226,23 @@ def test_compare_trains_every_method_on_token_ids_and_checks_the_test_ids(tmp_pa
     with pytest.raises(DataError, match="token id 30, allowed is an id in"):
         stabq.compare((x, y), methods="none", seeds=1, epochs=1, progress=False,
                       encoder="bag", test_data=(np.full((4, 10), 30), y[:4]))  # fmt: skip
+
+
+def test_two_stage_training_and_the_report_work_on_token_ids(tmp_path):
+    from stabq.report import write_comparison
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 30, size=(160, 10))
+    y = (x[:, 0] > 15).astype(np.int64)
+    torch.manual_seed(0)
+    model = stabq.BottleneckClassifier(10, 2, "vq", hidden=16, bottleneck_dim=8,
+                                       encoder="transformer", vocab_size=30,
+                                       encoder_options={"d_model": 16, "layers": 1})  # fmt: skip
+    config = stabq.TrainConfig(epochs=3, two_stage=True, stage1_epochs=1, progress=False)
+    result = stabq.train(model, (x, y), config=config)
+    assert [row["stage"] for row in result.history] == [1, 2, 2]
+    assert result.history[0]["quantized"] is False and result.history[-1]["quantized"] is True
+    compared = stabq.compare((x, y), methods="none,vq-2stage", seeds=1, epochs=2,
+                             progress=False, encoder="bag")  # fmt: skip
+    out = write_comparison(compared, tmp_path / "report")
+    assert (out / "report.html").is_file() and "vq-2stage" in (out / "report.md").read_text()
