@@ -74,7 +74,10 @@ def train(
     encoder: EncoderOption = "mlp",
     option: Annotated[
         list[str] | None,
-        typer.Option(help="Quantizer option KEY=VALUE (repeatable), e.g. levels=[8,5,5,5]."),
+        typer.Option(
+            help="Quantizer option KEY=VALUE (repeatable), e.g. levels=[8,5,5,5]; for the "
+            "transformer or bag encoder also its own (d_model, heads, layers, ff)."
+        ),
     ] = None,
     val_data: Annotated[
         str | None, typer.Option(help="Validation data (default: 10% of --data).")

@@ -51,7 +51,8 @@ def load_data(
             default None: the sorted distinct labels.
 
     Returns:
-        `LabeledData`: `x (n, ...)` float32, `y (n,)` int64 class ids, `classes`.
+        `LabeledData`: `x (n, ...)` float32 (int64 token ids for integer data, and the
+            built-in `tokens`), `y (n,)` int64 class ids, `classes`.
 
     Raises:
         DataError: an empty name, an unknown part, a file missing, unreadable or

@@ -81,7 +81,11 @@ def check_id_tensor(x: Tensor, vocab_size: int) -> Tensor:
     bad = (x < 0) | (x >= vocab_size)
     if bool(bad.any()):
         row, flat = divmod(int(bad.reshape(-1).nonzero()[0]), bad[0].numel())
-        at = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape[1:])))
+        at = (
+            flat
+            if x.dim() == 2
+            else tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape[1:])))
+        )
         value = int(x.reshape(len(x), -1)[row, flat])
         raise ShapeError(f"row {row}, position {at}: token id {value}, allowed is an id in "
                          f"[0, {vocab_size}), the vocabulary")  # fmt: skip
@@ -104,8 +108,8 @@ class BottleneckClassifier(nn.Module):
         hidden: width of the MLPs' hidden layers (the CNNs use `hidden // 8` channels).
         dropout: dropout after each hidden layer, in [0, 1).
         bottleneck_dim: size of the features handed to the quantizer.
-        encoder: `"mlp"` (feature rows), `"cnn1d"`, `"cnn2d"`, `"transformer"` (token
-            ids `(L,)`), `"package.module:factory"` (a callable
+        encoder: `"mlp"` (feature rows), `"cnn1d"`, `"cnn2d"`, `"transformer"` or `"bag"`
+            (token ids `(L,)`), `"package.module:factory"` (a callable
             `(input_shape, out_dim) -> nn.Module`) or an `nn.Module` (such a model cannot
             be saved).
         input_dim: `input_shape` by its old name, for feature rows; give one of the two.
