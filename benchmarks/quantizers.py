@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import alternate, command_line, elapsed_ms, machine, markdown, peak_mib, provenance
+from tablegen.speed import QUANTIZER_COLUMNS as COLUMNS  # the docs' tables show the same
 
 LEVELS = [8, 8, 8, 5, 5, 5]
 RFSQ_LEVELS = [8, 5, 5, 5]
@@ -277,21 +278,6 @@ def search_memory(device: str, n: int = 65536, k: int = 65536, d: int = 128) -> 
         "bound_mib": bound,
         "unchunked_mib": n * k * 4 / 2**20,
     }
-
-
-COLUMNS = [
-    ("row", "name", "{}"),
-    ("stabq ms", "stabq_ms", "{:.1f}"),
-    ("peer ms", "peer_ms", "{:.1f}"),
-    ("speedup", "speedup", "{:.2f}x"),
-    ("user: stabq ms", "stabq_user_ms", "{:.1f}"),
-    ("user: peer ms", "peer_user_ms", "{:.1f}"),
-    ("user: speedup", "user_speedup", "{:.2f}x"),
-    ("floor ms", "floor_ms", "{:.2f}"),
-    ("stabq / floor", "floor_ratio", "{:.2f}x"),
-    ("stabq MiB", "stabq_peak_mib", "{:.1f}"),
-    ("peer MiB", "peer_peak_mib", "{:.1f}"),
-]
 
 
 def measure(rows: list[Row], repeats: int, device: str, memory: bool) -> list[dict]:

@@ -49,6 +49,15 @@ def token_file(path, n=200, length=12, vocab=50, seed=0):
     return path
 
 
+def refused_alike(project, model: str, data: str, message: str) -> None:
+    """``evaluate`` and ``encode`` of ``model`` on ``data``: each one line holding
+    ``message``, exit status 2, and nothing in ``project`` written or changed."""
+    before = listing(project)
+    assert_user_error(cli("evaluate", model, "--data", data), message)
+    assert_user_error(cli("encode", model, "--data", data, "--out", "c.npy"), message)
+    assert listing(project) == before
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     (tmp_path / "tokenc.py").write_text(textwrap.dedent(FACTORY))
@@ -111,12 +120,8 @@ def test_float_data_for_an_id_model_and_ids_for_a_feature_model_are_one_line(pro
     x = np.load(project / "tok.npz")["x"]
     y = np.load(project / "tok.npz")["y"]
     np.savez(project / "floats.npz", x=x.astype(np.float32), y=y)
-    before = listing(project)
-    refused = cli("evaluate", "ids", "--data", "floats.npz")
-    assert_user_error(refused, "floats.npz: float32 features, but the model in ids takes token ids")
-    assert_user_error(cli("encode", "ids", "--data", "floats.npz", "--out", "c.npy"),
-                      "float32 features")  # fmt: skip
-    assert listing(project) == before
+    refused_alike(project, "ids", "floats.npz",
+                  "floats.npz: float32 features, but the model in ids takes token ids")  # fmt: skip
     assert cli("train", "--data", "floats.npz", "--quantizer", "fsq", *SMALL,
                "--out", "feats").exit_code == 0  # fmt: skip
     refused = cli("evaluate", "feats", "--data", "tok.npz")
@@ -130,12 +135,8 @@ def test_an_id_outside_the_vocabulary_is_refused_naming_file_row_and_position(pr
     x = np.load(project / "tok.npz")["x"]
     x[17, 4] = 50  # the vocabulary is [0, 50)
     np.savez(project / "oov.npz", x=x, y=np.zeros(len(x), np.int64))
-    before = listing(project)
-    refused = cli("evaluate", "m", "--data", "oov.npz")
-    assert_user_error(refused, "oov.npz: row 17, position 4: token id 50, allowed is an id in")
-    assert_user_error(cli("encode", "m", "--data", "oov.npz", "--out", "c.npy"),
-                      "row 17, position 4: token id 50")  # fmt: skip
-    assert listing(project) == before
+    refused_alike(project, "m", "oov.npz",
+                  "oov.npz: row 17, position 4: token id 50, allowed is an id in")  # fmt: skip
 
 
 def test_a_feature_encoder_refuses_ids_in_one_line(project):
