@@ -67,7 +67,8 @@ def train(
 ) -> TrainResult:
     """Train a `BottleneckClassifier` with the stability guards, and return it with its history.
 
-    The model's inputs are standardised with statistics of `train_data`; each epoch
+    The model's inputs are standardised with statistics of `train_data` (token ids are
+    not); each epoch
     trains on shuffled batches, then measures the validation loss, accuracy and
     codebook figures. Rows of a Dataset or of a memory-mapped `x`
     (`np.load(..., mmap_mode="r")`) are never all loaded: each batch is read when its
