@@ -55,6 +55,7 @@ from stabq.quantizers import (
     SimVQ,
     VectorQuantizer,
     build_quantizer,
+    preset_caution,
     preset_names,
     recommended_levels,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "build_quantizer",
     "compare",
     "load",
+    "preset_caution",
     "preset_names",
     "recommended_levels",
     "save_model",

@@ -22,6 +22,7 @@ from stabq.health import verdicts as health
 from stabq.health.usage import CodebookUsage
 from stabq.integrations.tensorboard import epoch_writer
 from stabq.model.classifier import BottleneckClassifier
+from stabq.quantizers.registry import preset_caution
 from stabq.training import TrainConfig, evaluate_model, train
 from stabq.training.batches import on_device
 
@@ -112,7 +113,8 @@ def summarise(
     and ``needs_rows``, True when the method cannot be told from the best and the test
     rows alone keep it so (more test rows, not more seeds, would be needed). The
     intervals, ``separate_seeds`` and ``needs_rows`` are None for runs that kept no
-    ``test_correct``.
+    ``test_correct``. ``caution`` is the registry's condition under which not to use the
+    method's preset (:func:`~stabq.quantizers.registry.preset_caution`), or None.
     """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -141,6 +143,7 @@ def summarise(
             "epochs": statistics.median(r.get("epochs", len(r.get("history", []))) for r in runs),
         }
         row.update(health.method_health(runs, num_classes, quantized))
+        row["caution"] = preset_caution(METHODS[name].quantizer) if name in METHODS else None
         rows.append(row)
     best = health.favoured(rows, reference)
     for row in rows if best is not None else []:

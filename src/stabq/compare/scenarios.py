@@ -103,12 +103,17 @@ def explode_verdict(rows: list[dict[str, Any]]) -> str:
             line += f" (largest {top:.3g})"
             healthy = [r for r in others if r.get("verdict", "ok") in HEALTHY]
             line += f", ended healthy: {len(healthy)}/{len(others)}"
-            sick = [f"{r['method']} {r['verdict']}" for r in others if r not in healthy]
+            sick = [f"{r['method']} {r['verdict']}{_known(r)}" for r in others if r not in healthy]
             line += f" ({', '.join(sick)})" if sick else ""
         for r in on:
             line += f"; guards on: {r['rescued']} rescued, {r['diverged']} stopped, of {r['seeds']}"
         lines.append(line + ".")
     return "\n".join(lines)
+
+
+def _known(row: dict[str, Any]) -> str:
+    """`` (known: CONDITION)`` for a row whose preset the registry cautions against."""
+    return f" (known: {row['caution']})" if row.get("caution") else ""
 
 
 def explode_runs(methods: int, seeds: int) -> int:

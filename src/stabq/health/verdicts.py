@@ -228,7 +228,7 @@ def favoured_line(
     """
     quantized = [r for r in rows if r["method"] != reference]
     healthy = [r for r in quantized if r["verdict"] in HEALTHY]
-    passed = [f"{r['method']} {r['verdict']} ({r['reason']})" for r in quantized]
+    passed = [f"{r['method']} {r['verdict']} ({r['reason']}{_caution(r)})" for r in quantized]
     passed = [p for p, r in zip(passed, quantized, strict=True) if r not in healthy]
     tail = f"; not considered: {'; '.join(passed)}" if passed else ""
     best = favoured(rows, reference)
@@ -248,6 +248,11 @@ def favoured_line(
         f"{data_name} favours {best['method']}: {among} ({100 * best['accuracy']:.1f}%{gap}; "
         f"effective codes {ppl:.0f}){detail}{tail}."
     )
+
+
+def _caution(row: dict[str, Any]) -> str:
+    """``; known: CONDITION`` for a row whose preset the registry cautions against, else ``""``."""
+    return f"; known: {row['caution']}" if row.get("caution") else ""
 
 
 def _interval(row: dict[str, Any]) -> str:

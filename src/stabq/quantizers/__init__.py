@@ -6,7 +6,13 @@ from stabq.quantizers.fsq import FSQ
 from stabq.quantizers.gumbel import GumbelQuantizer
 from stabq.quantizers.lfq import LFQ
 from stabq.quantizers.pq import ProductQuantizer
-from stabq.quantizers.registry import PRESETS, build_quantizer, preset_names, recommended_levels
+from stabq.quantizers.registry import (
+    PRESETS,
+    build_quantizer,
+    preset_caution,
+    preset_names,
+    recommended_levels,
+)
 from stabq.quantizers.rfsq import ResidualFSQ
 from stabq.quantizers.rvq import ResidualVQ
 from stabq.quantizers.simvq import SimVQ
@@ -29,6 +35,7 @@ __all__ = [
     "build_quantizer",
     "kmeans",
     "nearest_code",
+    "preset_caution",
     "preset_names",
     "recommended_levels",
 ]

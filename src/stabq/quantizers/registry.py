@@ -214,4 +214,48 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
     return cls(dim=dim, **{**defaults(dim), **overrides})
 
 
-__all__ = ["PRESETS", "build_quantizer", "preset_names", "recommended_levels"]
+# Presets that do not end healthy under every condition stabq measures (the stress and
+# explode comparisons on mnist1d, 3 seeds; the stress benchmarks page), each with the
+# condition under which not to use it. `compare`'s verdict line quotes it.
+CAUTIONS: dict[str, str] = {
+    "vq-ema": "the collapsing baseline, kept to reproduce the failure: not for training a model",
+    "fsq-plain": (
+        "saturates at high learning rates (collapsed at AdamW 3e-2 without guards): "
+        "use fsq, which standardises before the bound"
+    ),
+}
+
+
+def preset_caution(name: str) -> str | None:
+    """When not to use preset `name`, as measured; None for a preset with no such condition.
+
+    Args:
+        name: a preset name (`preset_names()`).
+
+    Returns:
+        One line naming the condition under which the preset does not end healthy and what
+            to use instead, or None.
+
+    Raises:
+        ConfigError: `name` is not a preset.
+
+    Examples:
+        >>> import stabq
+        >>> stabq.preset_caution("fsq") is None
+        True
+        >>> stabq.preset_caution("vq-ema").startswith("the collapsing baseline")
+        True
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"quantizer={name!r} is not a preset; allowed: {', '.join(PRESETS)}")
+    return CAUTIONS.get(name)
+
+
+__all__ = [
+    "CAUTIONS",
+    "PRESETS",
+    "build_quantizer",
+    "preset_caution",
+    "preset_names",
+    "recommended_levels",
+]
