@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from stabq.errors import ConfigError, check, is_int
 from stabq.quantizers.base import Identity, Quantizer
+from stabq.quantizers.fsp import FSP
 from stabq.quantizers.fsq import FSQ
 from stabq.quantizers.gumbel import GumbelQuantizer
 from stabq.quantizers.lfq import LFQ
@@ -77,6 +78,7 @@ def _vq_repaired(dim: int) -> dict:
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
+    "fsp": (FSP, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
     "rvq": (
         ResidualVQ,
         lambda dim: {
@@ -131,7 +133,7 @@ def preset_names() -> list[str]:
     Examples:
         >>> import stabq
         >>> print(", ".join(stabq.preset_names()))
-        fsq, fsq-plain, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
+        fsq, fsq-plain, fsp, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
@@ -147,6 +149,9 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       so the bound cannot saturate.
     - `fsq-plain`: textbook `FSQ` with the same levels, without normalisation (it can
       saturate).
+    - `fsp`: `FSP` (finite scalar perturbation) with levels [8, 8, 8, 5, 5, 5]
+      (64,000 codes), the tanh CDF, every training value perturbed within its bin,
+      the `var_tanh` moment loss.
     - `rvq`: `ResidualVQ`, 4 layers of 256 codes, k-means init, dead codes (under 2
       uses over the EMA horizon) replaced.
     - `vq-ema`: vanilla `VectorQuantizer`, 512 codes, EMA decay 0.99, no repair: the
