@@ -165,18 +165,17 @@ def moment_loss(z: Tensor, vector_norm: str, sync: bool = False) -> Tensor:
     float64) for the preset ``vector_norm`` of :data:`MOMENT_TARGETS`: 0-dim float32, >= 0.
 
     Terms of weight 0 are left out; with fewer than 2 rows (over all ranks when ``sync``)
-    the loss is 0, kept in the graph."""
+    the loss is 0 (under ``sync`` kept in the graph, so that every rank's backward enters
+    the same all-reduces)."""
     targets, weights = MOMENT_TARGETS[vector_norm]
     orders = max((k + 1 for k, w in enumerate(weights) if w), default=0)
     dtype = torch.promote_types(z.dtype, torch.float32)
     bounded = z.clamp(-MOMENT_BOUND, MOMENT_BOUND).to(dtype)
     moments, _ = batch_moments(bounded, orders, sync)
-    if not moments:
-        return (0.0 * bounded.sum()).float()
+    if not moments:  # under sync, kept in the graph: every rank's backward enters the same
+        return (0.0 * bounded.sum()).float() if sync else z.new_zeros((), dtype=torch.float32)
     terms = [
-        ((m - t) ** 2).mean() * w
-        for m, t, w in zip(moments, targets, weights, strict=False)
-        if w
+        ((m - t) ** 2).mean() * w for m, t, w in zip(moments, targets, weights, strict=False) if w
     ]
     return sum(terms[1:], terms[0]).float()
 
