@@ -43,6 +43,7 @@ from stabq.model.classifier import BottleneckClassifier
 from stabq.model.saving import load, save_model
 from stabq.model.swap import SwapReport, swap_quantizers
 from stabq.quantizers import (
+    FSP,
     FSQ,
     LFQ,
     GumbelQuantizer,
@@ -107,6 +108,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "FSP",
     "FSQ",
     "LFQ",
     "Alert",

@@ -21,8 +21,10 @@ its code table ``E`` (:func:`code_table`):
                          over a batch of B rows of d values is beta*B*d x it.
                          Judged on single-codebook modules only (a residual
                          quantizer sums its layers' losses against larger
-                         residuals than the last). The task loss, when given
-                         (:meth:`CollapseMonitor.observe`), is quoted as well.
+                         residuals than the last), and not on FSQ-like grids,
+                         whose loss (FSP's batch moments) is no commitment. The
+                         task loss, when given (:meth:`CollapseMonitor.observe`),
+                         is quoted as well.
     fp16_overflow        x, q or E in float16, or fp16 autocast on: the largest
                          squared row norm of x, q or E >= 65504 (float16's largest
                          finite value: ``|x|^2 - 2 x.e + |e|^2`` overflows), or
@@ -117,7 +119,7 @@ class Mechanisms:
     """The readings of the last ``window`` steps and the five mechanism checks above.
 
     ``bounded``: the codes are an FSQ-like grid (no lag or blow-up checks);
-    ``single``: one codebook (the reduction check applies).
+    ``single``: one codebook (the reduction check applies, unless ``bounded``).
     """
 
     def __init__(self, window: int, *, bounded: bool, single: bool) -> None:
@@ -184,7 +186,7 @@ class Mechanisms:
                 f"a code of norm {sci(q_max)} was chosen: never-used codes have blown up",
                 q_max,
             ))  # fmt: skip
-        if self.single and math.isfinite(a) and a > 0 and mse > 0:
+        if self.single and not self.bounded and math.isfinite(a) and a > 0 and mse > 0:
             verdicts.append(self._reduction(a, a / mse))
         return verdicts
 

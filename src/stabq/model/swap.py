@@ -62,6 +62,14 @@ class SwappedFSQ(SwappedQuantizer):
         return out.quantized, out.indices
 
 
+class SwappedFSP(SwappedQuantizer):
+    """In place of vector-quantize-pytorch's ``FSP``: ``(out, indices, loss, info)``, indices
+    int32 and ``info`` an empty dict (the peer's diagnostics have no stabq counterpart)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:  # type: ignore[override]
+        return (*self.quantize(x), {})  # type: ignore[return-value]
+
+
 class SwappedVectorQuantize(SwappedQuantizer):
     """In place of vector-quantize-pytorch's ``VectorQuantize``: ``(quantized, indices, loss)``."""
 
@@ -162,8 +170,11 @@ def _vqp_kinds() -> dict[type, type[SwappedQuantizer]]:
     vqp = sys.modules.get("vector_quantize_pytorch")
     if vqp is None:
         return {}
-    return {vqp.FSQ: SwappedFSQ, vqp.VectorQuantize: SwappedVectorQuantize,
-            vqp.ResidualVQ: SwappedResidualVQ}  # fmt: skip
+    kinds = {vqp.FSQ: SwappedFSQ, vqp.VectorQuantize: SwappedVectorQuantize,
+             vqp.ResidualVQ: SwappedResidualVQ}  # fmt: skip
+    if hasattr(vqp, "FSP"):  # from vector-quantize-pytorch 1.32
+        kinds[vqp.FSP] = SwappedFSP
+    return kinds
 
 
 def _matches(module: nn.Module, classes: tuple[type | str, ...]) -> bool:
@@ -215,7 +226,7 @@ def _replacement(
             quantizer,
             channels_first=first,
             images_first=kinds[0] is SwappedFSQ,  # vqp's FSQ reads any 4-D+ input channels-first
-            index_dtype=torch.int32 if kinds[0] is SwappedFSQ else torch.long,
+            index_dtype=torch.int32 if kinds[0] in (SwappedFSQ, SwappedFSP) else torch.long,
         )
     return swapped.train(old.training), dim, layout
 
@@ -231,13 +242,15 @@ def swap_quantizers(
 ) -> SwapReport:
     """Replace every quantizer in a model, in place, by a stabq preset.
 
-    Found anywhere in `model`: vector-quantize-pytorch's `VectorQuantize`, `ResidualVQ`
-    and `FSQ`, stabq's own quantizers, and the classes named in `classes`. Each is
+    Found anywhere in `model`: vector-quantize-pytorch's `VectorQuantize`, `ResidualVQ`,
+    `FSQ` and `FSP`, stabq's own quantizers, and the classes named in `classes`. Each is
     replaced by `build_quantizer(preset, dim)` for its input size, behind an adapter
     that returns what the module it replaces returned, in the same layout, so the
     model's forward and training code run unchanged:
 
     - vector-quantize-pytorch `FSQ`: `(out, indices)`, indices int32;
+    - `FSP`: `(out, indices, loss, info)`, indices int32, a 0-dim loss, `info` an empty
+      dict;
     - `VectorQuantize`: `(quantized, indices, loss)`, int64 indices, a 0-dim loss;
     - `ResidualVQ`: `(quantized, indices, losses)`, indices `(..., C)` (a trailing
       axis of the preset's codebooks, even of 1), the layers' losses as one entry `(1,)`;
@@ -318,7 +331,7 @@ def swap_quantizers(
         check(
             missing_ok,
             f"swap_quantizers: no quantizer in {type(model).__name__} (looked for "
-            "vector_quantize_pytorch's VectorQuantize, ResidualVQ and FSQ, stabq quantizers"
+            "vector_quantize_pytorch's VectorQuantize, ResidualVQ, FSQ and FSP, stabq quantizers"
             f"{''.join(', ' + getattr(c, '__name__', c) for c in classes)}); name its class "
             "in classes=, or pass missing_ok=True",
         )
@@ -346,6 +359,7 @@ __all__ = [
     "Swap",
     "SwapReport",
     "SwappedCustom",
+    "SwappedFSP",
     "SwappedFSQ",
     "SwappedQuantizer",
     "SwappedResidualVQ",

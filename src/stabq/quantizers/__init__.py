@@ -2,6 +2,7 @@
 
 from stabq.quantizers.base import Identity, Quantizer, QuantizerOutput
 from stabq.quantizers.codebook import Codebook, kmeans, nearest_code
+from stabq.quantizers.fsp import FSP
 from stabq.quantizers.fsq import FSQ
 from stabq.quantizers.gumbel import GumbelQuantizer
 from stabq.quantizers.lfq import LFQ
@@ -19,6 +20,7 @@ from stabq.quantizers.simvq import SimVQ
 from stabq.quantizers.vq import VectorQuantizer
 
 __all__ = [
+    "FSP",
     "FSQ",
     "LFQ",
     "PRESETS",
