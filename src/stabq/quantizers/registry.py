@@ -74,6 +74,18 @@ def _vq_repaired(dim: int) -> dict:
     }
 
 
+def _diveq(dim: int) -> dict:
+    # `vq`'s repairs but cosine (a learned codebook leaves the sphere)
+    return {
+        "codebook_size": 512,
+        "kmeans_init": True,
+        "dead_code_threshold": 2.0,
+        "codebook_dim": 32 if dim > 32 else None,
+        "decay": 0.95,
+        "directional_reparam": True,
+    }
+
+
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
@@ -88,6 +100,17 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     ),
     "vq-ema": (VectorQuantizer, lambda dim: {"codebook_size": 512}),
     "vq": (VectorQuantizer, _vq_repaired),
+    "diveq": (VectorQuantizer, _diveq),
+    "rvq-diveq": (
+        ResidualVQ,
+        lambda dim: {
+            "num_quantizers": 4,
+            "codebook_size": 256,
+            "kmeans_init": True,
+            "dead_code_threshold": 2.0,
+            "directional_reparam": True,
+        },
+    ),
     # pre_norm and the diversity loss: without them the explode preset's SGD left the
     # logits untrained and the test inputs on 3 to 8 codes (the CHANGELOG)
     "gumbel": (GumbelQuantizer, lambda dim: {"pre_norm": True, "diversity_weight": 1.0}),
@@ -131,7 +154,7 @@ def preset_names() -> list[str]:
     Examples:
         >>> import stabq
         >>> print(", ".join(stabq.preset_names()))
-        fsq, fsq-plain, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
+        fsq, fsq-plain, rvq, vq-ema, vq, diveq, rvq-diveq, gumbel, pq, simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
