@@ -176,6 +176,11 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       baseline that collapses.
     - `vq`: repaired `VectorQuantizer`, 512 codes, k-means init, dead codes replaced,
       cosine distance, a 32-dim codebook (when `dim` > 32), EMA decay 0.95.
+    - `diveq`: `VectorQuantizer` with `directional_reparam=True` (DiVeQ): 512 codes
+      learned by the directional gradient, no loss, k-means init, dead codes (under 2
+      uses over 20 steps) replaced, a 32-dim codebook (when `dim` > 32), no cosine.
+    - `rvq-diveq`: `ResidualVQ` with `directional_reparam=True`, 4 layers of 256 codes
+      learned by DiVeQ on their sum, k-means init, dead codes replaced (as `rvq`).
     - `gumbel`: `GumbelQuantizer`, Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1,
       `pre_norm=True`, diversity loss weight 1.0 (wav2vec 2.0's).
     - `pq`: `ProductQuantizer`, 8 subspaces of 256 codes, k-means init, dead codes
