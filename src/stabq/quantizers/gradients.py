@@ -83,8 +83,16 @@ def directional_reparam(
     """
     error = q - x
     noise = torch.randn(error.shape, generator=generator, dtype=error.dtype, device=error.device)
-    direction = l2norm(error + math.sqrt(variance) * noise).detach()
-    return x + direction * error.norm(dim=-1, keepdim=True)
+    noisy = (error + math.sqrt(variance) * noise).detach()
+    direction = l2norm(noisy / _largest(noisy))
+    error_scale = _largest(error.detach())
+    return x + direction * ((error / error_scale).norm(dim=-1, keepdim=True) * error_scale)
+
+
+def _largest(x: Tensor) -> Tensor:
+    """The largest ``|x_i|`` of each row ``(..., 1)``, at least the smallest normal number:
+    norms of rows scaled by it cannot overflow (rows of 1e30 in float32)."""
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class _ResidualLoss(torch.autograd.Function):

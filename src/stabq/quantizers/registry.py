@@ -75,12 +75,13 @@ def _vq_repaired(dim: int) -> dict:
 
 
 def _diveq(dim: int) -> dict:
-    # `vq`'s repairs but cosine (a learned codebook leaves the sphere)
+    # no cosine (a learned codebook leaves the sphere), no k-means, no projection: measured on
+    # mnist1d with the MLP (20 epochs, 2 seeds) 66.4% against 59.5% with vq's k-means and
+    # 32-dim codebook (k-means seeded on the untrained encoder's first batch: 5 codes used
+    # at epoch 1, a loss of 10.7 at epoch 2); decay 0.99 (a 100-step horizon) 55.4%
     return {
         "codebook_size": 512,
-        "kmeans_init": True,
         "dead_code_threshold": 2.0,
-        "codebook_dim": 32 if dim > 32 else None,
         "decay": 0.95,
         "directional_reparam": True,
     }
@@ -177,8 +178,8 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
     - `vq`: repaired `VectorQuantizer`, 512 codes, k-means init, dead codes replaced,
       cosine distance, a 32-dim codebook (when `dim` > 32), EMA decay 0.95.
     - `diveq`: `VectorQuantizer` with `directional_reparam=True` (DiVeQ): 512 codes
-      learned by the directional gradient, no loss, k-means init, dead codes (under 2
-      uses over 20 steps) replaced, a 32-dim codebook (when `dim` > 32), no cosine.
+      learned by the directional gradient, no loss, dead codes (under 2 uses over 20
+      steps) replaced; no k-means, projection or cosine.
     - `rvq-diveq`: `ResidualVQ` with `directional_reparam=True`, 4 layers of 256 codes
       learned by DiVeQ on their sum, k-means init, dead codes replaced (as `rvq`).
     - `gumbel`: `GumbelQuantizer`, Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1,
