@@ -48,6 +48,9 @@ CODEBOOK_CASES = {
 DDP_CASES = {
     "fsq": lambda: FSQ([5, 5, 5], dim=DIM),
     "gumbel": lambda: GumbelQuantizer(DIM, codebook_size=16),
+    # DiVeQ's noise differs by rank; DDP averages the codebook's gradient
+    "diveq": lambda: VectorQuantizer(DIM, 16, directional_reparam=True, **REPAIRS),
+    "rvq-diveq": lambda: ResidualVQ(DIM, 2, 16, directional_reparam=True, **REPAIRS),
 }
 
 

@@ -26,6 +26,8 @@ def test_presets_are_the_ones_the_design_names():
         "rvq",
         "vq-ema",
         "vq",
+        "diveq",
+        "rvq-diveq",
         "gumbel",
         "pq",
         "simvq",

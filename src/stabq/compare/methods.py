@@ -46,6 +46,8 @@ METHODS: dict[str, Method] = {
         Method("rfsq", "rfsq"),
         Method("lfq", "lfq"),
         Method("bsq", "bsq"),
+        Method("diveq", "diveq"),
+        Method("rvq-diveq", "rvq-diveq"),
         # the explode preset's baselines (stabq.scenarios): they reproduce the failure
         Method("vq-ema-sum", "vq-ema", {"commitment_reduction": "sum"}),
         Method(

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from stabq import distributed
-from stabq.errors import check, is_int
+from stabq.errors import check, check_number, is_int
 from stabq.quantizers.gradients import (  # noqa: F401  (their earlier path)
     REDUCTIONS,
     commitment_loss,
@@ -172,7 +172,8 @@ class Codebook(nn.Module):
     ``(G, N, d)`` as they stood before this batch's update (differentiable
     with respect to the codebook when ``decay=None``), indices ``(G, N)``.
     In training mode it also initialises by k-means on the first batch,
-    applies the EMA update and replaces dead codes.
+    applies the EMA update and replaces dead codes. A learned codebook (``decay=None``)
+    still counts its codes' use, with ``usage_decay``, for dead-code replacement.
 
     ``cluster_size_init``: ``"ones"`` starts every ``N_k`` at 1 with ``S_k = e_k``,
     consistent with the codes. ``"zeros"`` (reproduces the failure; never use) starts
@@ -208,6 +209,10 @@ class Codebook(nn.Module):
         check(
             decay is None or (isinstance(decay, float | int) and 0.0 <= decay < 1.0),
             f"{owner}: decay={decay!r}, allowed is a number in [0, 1) or None (learned codebook)",
+        )
+        check(
+            isinstance(usage_decay, float | int) and 0.0 <= usage_decay < 1.0,
+            f"{owner}: decay={usage_decay!r}, allowed is a number in [0, 1) or None",
         )
         check(
             is_int(kmeans_iters) and kmeans_iters >= 1,
@@ -329,6 +334,32 @@ class Codebook(nn.Module):
             f"decay={self.decay}, kmeans_init={self.kmeans_init}, "
             f"dead_code_threshold={self.dead_code_threshold}, cosine={self.cosine}"
         )
+
+
+def check_directional(
+    owner: str, variance: object, rotation: bool, cosine: bool, dead_code_threshold: object
+) -> float:
+    """Validate the DiVeQ options (``directional_reparam=True``); returns the variance.
+
+    DiVeQ passes gradients its own way (not with the rotation trick) to a codebook
+    learned by gradient (not on the unit sphere, which a gradient step leaves), and a
+    code reached by no input gets no gradient: dead codes must be replaced.
+    """
+    check(
+        not rotation,
+        f"{owner}: rotation_trick=True with directional_reparam=True, allowed is one of them",
+    )
+    check(
+        not cosine,
+        f"{owner}: cosine=True with directional_reparam=True, allowed is False "
+        "(a codebook learned by gradient leaves the unit sphere)",
+    )
+    check(
+        isinstance(dead_code_threshold, float | int) and dead_code_threshold > 0,
+        f"{owner}: dead_code_threshold={dead_code_threshold!r} with directional_reparam=True, "
+        "allowed is a number > 0 (unused codes get no gradient and must be replaced)",
+    )
+    return check_number(owner, "directional_reparam_variance", variance, 0)
 
 
 def projections(dim: int, codebook_dim: int | None, owner: str) -> tuple[nn.Module, nn.Module]:

@@ -3,11 +3,15 @@
 - :func:`straight_through`: value the code, gradient the identity.
 - :func:`rotation_trick` (Fifty et al. 2024): value the code, gradient through the
   rotation and scaling that carry the input onto it.
+- :func:`directional_reparam` (DiVeQ, Vali et al. 2025): value about the code, the input
+  plus the error's length along a noisy, constant direction; gradient to input and code.
 - :func:`commitment_loss`: ``weight |z - sg(c)|^2`` (plus the codebook term for a learned
   codebook), and :func:`residual_commitment_loss`, the same for residual levels in one pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +48,51 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
     rotated = x - 2 * w * (w * x).sum(-1, keepdim=True) + 2 * v * (u * x).sum(-1, keepdim=True)
     out = torch.where(x_norm < eps, x, (q_norm / x_norm.clamp_min(eps)) * rotated)
     return out + (q - out).detach()  # exact value q, gradient of the rotation
+
+
+def directional_reparam(
+    x: Tensor, q: Tensor, variance: float = 5e-3, generator: torch.Generator | None = None
+) -> Tensor:
+    """DiVeQ's quantized value: the input plus the error's length along a noisy direction.
+
+    ``out = x + sg(unit(q - x + sqrt(variance) n)) |q - x|`` with ``n ~ N(0, I)`` and
+    ``sg`` the stop-gradient (Vali et al. 2025, "DiVeQ: differentiable vector
+    quantization using the reparameterization trick"; vector-quantize-pytorch's
+    ``directional_reparam``). ``out`` lies at distance ``|q - x|`` from ``x``, within
+    ``2 sqrt(variance) |n|`` of ``q``, and is ``q`` (up to rounding) at ``variance=0``.
+    The gradient reaches ``x`` (the identity plus ``d|q - x| / dx`` along the direction)
+    and ``q`` (``d|q - x| / dq`` along it), so a codebook learns without a codebook loss.
+    A row with ``q = x`` gives ``out = x``. The noise is drawn even at ``variance=0``.
+
+    Args:
+        x: inputs ``(..., d)``.
+        q: their codes ``(..., d)``, differentiable to learn the codebook.
+        variance: variance of the noise on the direction, a number >= 0.
+        generator: the random generator of the noise (default: torch's global one).
+
+    Returns:
+        ``(..., d)``, the dtype of ``x - q``.
+
+    Examples:
+        >>> import torch
+        >>> x, q = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])
+        >>> directional_reparam(x, q, variance=0.0)
+        tensor([[3., 4.]])
+        >>> float(directional_reparam(x, q).norm())  # |q - x|, whatever the noise
+        5.0
+    """
+    error = q - x
+    noise = torch.randn(error.shape, generator=generator, dtype=error.dtype, device=error.device)
+    noisy = (error + math.sqrt(variance) * noise).detach()
+    direction = l2norm(noisy / _largest(noisy))
+    error_scale = _largest(error.detach())
+    return x + direction * ((error / error_scale).norm(dim=-1, keepdim=True) * error_scale)
+
+
+def _largest(x: Tensor) -> Tensor:
+    """The largest ``|x_i|`` of each row ``(..., 1)``, at least the smallest normal number:
+    norms of rows scaled by it cannot overflow (rows of 1e30 in float32)."""
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class _ResidualLoss(torch.autograd.Function):
@@ -107,6 +156,6 @@ def estimate(z: Tensor, codes: Tensor, rotation: bool) -> Tensor:
 
 
 __all__ = [
-    "REDUCTIONS", "commitment_loss", "estimate", "l2norm", "residual_commitment_loss",
-    "rotation_trick", "straight_through",
+    "REDUCTIONS", "commitment_loss", "directional_reparam", "estimate", "l2norm",
+    "residual_commitment_loss", "rotation_trick", "straight_through",
 ]  # fmt: skip

@@ -75,6 +75,19 @@ def _vq_repaired(dim: int) -> dict:
     }
 
 
+def _diveq(dim: int) -> dict:
+    # no cosine (a learned codebook leaves the sphere), no k-means, no projection: measured on
+    # mnist1d with the MLP (20 epochs, 2 seeds) 66.4% against 59.5% with vq's k-means and
+    # 32-dim codebook (k-means seeded on the untrained encoder's first batch: 5 codes used
+    # at epoch 1, a loss of 10.7 at epoch 2); decay 0.99 (a 100-step horizon) 55.4%
+    return {
+        "codebook_size": 512,
+        "dead_code_threshold": 2.0,
+        "decay": 0.95,
+        "directional_reparam": True,
+    }
+
+
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
@@ -101,6 +114,17 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     ),
     "vq-ema": (VectorQuantizer, lambda dim: {"codebook_size": 512}),
     "vq": (VectorQuantizer, _vq_repaired),
+    "diveq": (VectorQuantizer, _diveq),
+    "rvq-diveq": (
+        ResidualVQ,
+        lambda dim: {
+            "num_quantizers": 4,
+            "codebook_size": 256,
+            "kmeans_init": True,
+            "dead_code_threshold": 2.0,
+            "directional_reparam": True,
+        },
+    ),
     # pre_norm and the diversity loss: without them the explode preset's SGD left the
     # logits untrained and the test inputs on 3 to 8 codes (the CHANGELOG)
     "gumbel": (GumbelQuantizer, lambda dim: {"pre_norm": True, "diversity_weight": 1.0}),
@@ -143,8 +167,10 @@ def preset_names() -> list[str]:
 
     Examples:
         >>> import stabq
-        >>> print(", ".join(stabq.preset_names()))
-        fsq, fsq-plain, fsp, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
+        >>> import textwrap
+        >>> print(textwrap.fill(", ".join(stabq.preset_names()), 70))
+        fsq, fsq-plain, fsp, rvq, vq-ema, vq, diveq, rvq-diveq, gumbel, pq,
+        simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
@@ -169,6 +195,11 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       baseline that collapses.
     - `vq`: repaired `VectorQuantizer`, 512 codes, k-means init, dead codes replaced,
       cosine distance, a 32-dim codebook (when `dim` > 32), EMA decay 0.95.
+    - `diveq`: `VectorQuantizer` with `directional_reparam=True` (DiVeQ): 512 codes
+      learned by the directional gradient, no loss, dead codes (under 2 uses over 20
+      steps) replaced; no k-means, projection or cosine.
+    - `rvq-diveq`: `ResidualVQ` with `directional_reparam=True`, 4 layers of 256 codes
+      learned by DiVeQ on their sum, k-means init, dead codes replaced (as `rvq`).
     - `gumbel`: `GumbelQuantizer`, Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1,
       `pre_norm=True`, diversity loss weight 1.0 (wav2vec 2.0's).
     - `pq`: `ProductQuantizer`, 8 subspaces of 256 codes, k-means init, dead codes

@@ -8,6 +8,9 @@ Each of ``Q`` codebooks quantizes what the previous ones left over::
 The sum passes gradients to ``z`` once (straight through, or by the rotation
 trick); each layer adds its commitment loss ``beta |r_i - sg(c_i)|^2``. With
 k-means initialisation each layer is seeded on the residuals it actually sees.
+With ``directional_reparam`` (DiVeQ) the sum passes through DiVeQ once, in
+training ``z + sg(unit(q - z + sqrt(var) n)) |q - z|``, which trains every layer's
+codebook by gradient, with no loss.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import (
     Codebook,
+    check_directional,
     commitment_loss,
     estimate,
     projections,
     residual_commitment_loss,
 )
+from stabq.quantizers.gradients import directional_reparam as diveq
+from stabq.quantizers.gradients import straight_through
 
 
 class ResidualVQ(Quantizer):
@@ -49,9 +55,16 @@ class ResidualVQ(Quantizer):
         cosine: must stay False: residuals of unit vectors are not unit vectors, so
             cosine distance has no meaning past the first layer.
         rotation_trick: pass gradients by the rotation trick rather than straight through.
+        directional_reparam: DiVeQ on the sum of the codes, `q` (as `VectorQuantizer`):
+            in training the output is `z + sg(unit(q - z + sqrt(var) n)) |q - z|`; every
+            layer's codebook is learned by its gradient whatever `decay` says (`decay`
+            then sets only the dead-code horizon; None: 0.99); no loss. Needs
+            `dead_code_threshold` > 0; not with `rotation_trick`. In evaluation: `q`.
+        directional_reparam_variance: `var`, the variance of the noise, a number >= 0.
 
     Raises:
-        ConfigError: an option outside the range given above, or `cosine=True`.
+        ConfigError: an option outside the range given above, `cosine=True`, or
+            `directional_reparam` with `rotation_trick` or no dead-code replacement.
 
     Examples:
         >>> import torch, stabq
@@ -76,6 +89,8 @@ class ResidualVQ(Quantizer):
         dead_code_threshold: float = 0.0,
         cosine: bool = False,
         rotation_trick: bool = False,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -90,6 +105,14 @@ class ResidualVQ(Quantizer):
         self.num_codebooks = num_quantizers
         self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.rotation_trick = rotation_trick
+        self.directional_reparam = directional_reparam
+        self.directional_reparam_variance = directional_reparam_variance
+        usage_decay = 0.99
+        if directional_reparam:  # the codebooks learn by DiVeQ's gradient; decay: usage only
+            self.directional_reparam_variance = check_directional(
+                name, directional_reparam_variance, rotation_trick, False, dead_code_threshold
+            )
+            decay, usage_decay = None, 0.99 if decay is None else decay
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.layers = nn.ModuleList(
             Codebook(
@@ -99,6 +122,7 @@ class ResidualVQ(Quantizer):
                 kmeans_init=kmeans_init,
                 kmeans_iters=kmeans_iters,
                 dead_code_threshold=dead_code_threshold,
+                usage_decay=usage_decay,
                 owner=name,
             )
             for _ in range(num_quantizers)
@@ -106,12 +130,29 @@ class ResidualVQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self.project_in(x)
+        if self.directional_reparam:
+            return self._quantize_diveq(z)
         if self.layers[0].learned:
             total, indices, loss = self._descend_learned(z)
         else:
             total, indices, loss = self._descend_ema(z)
         quantized = self.project_out(estimate(z, total, self.rotation_trick))
         return quantized, torch.stack(indices, dim=-1), loss
+
+    def _quantize_diveq(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """DiVeQ on the sum of the codes, which keeps its gradient to every codebook."""
+        total = torch.zeros_like(z)
+        indices = []
+        for layer in self.layers:
+            codes, idx = layer((z - total).detach()[None])
+            total = total + codes[0].to(z.dtype)
+            indices.append(idx[0])
+        if self.training:
+            out = diveq(z, total, self.directional_reparam_variance)
+        else:
+            out = straight_through(z, total)
+        loss = z.new_zeros((), dtype=torch.float32)
+        return self.project_out(out), torch.stack(indices, dim=-1), loss
 
     def _descend_ema(self, z: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """EMA codebooks: the descent runs without autograd.

@@ -7,6 +7,10 @@
                           (or by the rotation trick)
     loss = beta |z - sg(q)|^2  (+ |sg(z) - q|^2 for a learned codebook), mean over elements
 
+or, with ``directional_reparam`` (DiVeQ, Vali et al. 2025), in training
+``out = W_out (z + sg(unit(q - z + sqrt(var) n)) |q - z|)``, n ~ N(0, I), a
+codebook learned by that gradient alone and no loss.
+
 The defaults are vanilla VQ-EMA: the baseline that collapses under a
 classifier's cross-entropy. The repairs (k-means init, dead-code replacement,
 a 32-dim cosine codebook) are options; the preset ``vq`` turns them on.
@@ -14,6 +18,7 @@ a 32-dim cosine codebook) are options; the preset ``vq`` turns them on.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from stabq.errors import check, check_int, check_number
@@ -21,11 +26,14 @@ from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import (
     REDUCTIONS,
     Codebook,
+    check_directional,
     commitment_loss,
     estimate,
     l2norm,
     projections,
 )
+from stabq.quantizers.gradients import directional_reparam as diveq
+from stabq.quantizers.gradients import straight_through
 
 
 class VectorQuantizer(Quantizer):
@@ -57,9 +65,18 @@ class VectorQuantizer(Quantizer):
         cluster_size_init: `"ones"`, or `"zeros"` with Laplace smoothing, which makes
             never-used codes about 1e5 times too large: it reproduces a failure; never
             use it otherwise.
+        directional_reparam: DiVeQ (Vali et al. 2025): in training the output is
+            `z + sg(unit(q - z + sqrt(var) n)) |q - z|` with `n ~ N(0, I)`, at distance
+            `|q - z|` from `z` and about `q`; its gradient trains the codebook, so the
+            codebook is learned by gradient whatever `decay` says (`decay` then sets
+            only the horizon over which dead codes are counted; None: 0.99), and there
+            is no loss. Needs `dead_code_threshold` > 0; not with `rotation_trick` or
+            `cosine`. In evaluation the output is `q`.
+        directional_reparam_variance: `var`, the variance of that noise, a number >= 0.
 
     Raises:
-        ConfigError: an option outside the range given above.
+        ConfigError: an option outside the range given above, or `directional_reparam`
+            with `rotation_trick`, `cosine` or no dead-code replacement.
 
     Examples:
         >>> import torch, stabq
@@ -83,6 +100,8 @@ class VectorQuantizer(Quantizer):
         rotation_trick: bool = False,
         commitment_reduction: str = "mean",
         cluster_size_init: str = "ones",
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -98,11 +117,20 @@ class VectorQuantizer(Quantizer):
             f"{', '.join(REDUCTIONS)}",
         )
         self.commitment_reduction = commitment_reduction
+        self.directional_reparam = directional_reparam
+        self.directional_reparam_variance = directional_reparam_variance
+        usage_decay = 0.99
+        if directional_reparam:  # the codebook learns by DiVeQ's gradient; decay: usage only
+            self.directional_reparam_variance = check_directional(
+                name, directional_reparam_variance, rotation_trick, cosine, dead_code_threshold
+            )
+            decay, usage_decay = None, 0.99 if decay is None else decay
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.codebook = Codebook(
             codebook_size,
             codebook_dim or dim,
             decay=decay,
+            usage_decay=usage_decay,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
             dead_code_threshold=dead_code_threshold,
@@ -117,6 +145,12 @@ class VectorQuantizer(Quantizer):
             z = l2norm(z)
         codes, indices = self.codebook(z[None])
         codes, indices = codes[0].to(z.dtype), indices[0]
+        if self.directional_reparam:  # no loss: the codebook learns through the output
+            if self.training:
+                out = diveq(z, codes, self.directional_reparam_variance)
+            else:
+                out = straight_through(z, codes)
+            return self.project_out(out), indices, z.new_zeros((), dtype=torch.float32)
         loss = commitment_loss(
             z, codes, self.commitment_weight, self.codebook.learned, self.commitment_reduction
         )
