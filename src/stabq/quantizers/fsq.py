@@ -8,6 +8,8 @@ Each of ``d = len(levels)`` dimensions is bounded and rounded to ``L_i`` levels:
     code   = r / (L // 2)                                 (in [-1, 1])
     index  = sum_i (r_i + L_i // 2) * prod_{j<i} L_j        (mixed radix)
 
+``bound="distribution"`` (iFSQ) bounds by ``tanh(0.8 z)`` onto ``L`` whole units
+(:func:`~stabq.quantizers.fsq_kernel.fsq_constants`); the codes and indices keep this layout.
 Rounding passes gradients straight through; :class:`FSQ` says why ``pre_norm`` exists.
 """
 
@@ -29,6 +31,8 @@ from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq_kernel import (  # noqa: F401
     _EXACT_INTEGERS,
     BOUND_EPS,
+    BOUNDS,
+    DISTRIBUTION_SCALE,
     SIGMOID_MIN_ELEMENTS,
     _BoundRound,
     _mixed_radix_basis,
@@ -107,8 +111,15 @@ class FSQ(Quantizer):
     The bound can saturate instead: when the projection grows until every input sits far
     out on the tanh, every input lands on a corner code and the gradient vanishes;
     `pre_norm=True` prevents it. Rounding passes gradients straight through; there is
-    no auxiliary loss. With `pre_norm=False` the codes and indices equal
-    vector-quantize-pytorch's `FSQ` for the same levels and input.
+    no auxiliary loss. With `pre_norm=False` and `bound="tanh"` the codes and indices
+    equal vector-quantize-pytorch's `FSQ` for the same levels and input.
+
+    `bound="distribution"` is iFSQ (Lin et al. 2026): `tanh(0.8 z)`, which is
+    `2 sigmoid(1.6 z) - 1` and close to `2 Phi(z) - 1`, so a standard-normal `z` comes
+    out nearly uniform in (-1, 1). stabq spreads that interval over `L` whole rounding
+    units (`b = tanh(0.8 z) L (1 - eps) / 2 - offset`, no shift for even `L`), so that
+    every level takes about `1/L` of such inputs; FSQ's tanh grid gives its two outer
+    levels half a unit each. The codes stay `r / (L // 2)` with the same indices.
 
     Args:
         levels: levels per code dimension, each an integer >= 2; `prod(levels)` codes
@@ -119,10 +130,11 @@ class FSQ(Quantizer):
         pre_norm: standardise each code dimension over the batch before the bound
             (BatchNorm without affine; running statistics at eval), so tanh cannot
             saturate. Default False.
+        bound: `"tanh"` (FSQ, default) or `"distribution"` (iFSQ, see above).
 
     Raises:
-        ConfigError: `levels` empty or not integers >= 2, too many codes, or `dim` not
-            an integer >= 1.
+        ConfigError: `levels` empty or not integers >= 2, too many codes, `dim` not
+            an integer >= 1, or `bound` not one of `"tanh"`, `"distribution"`.
 
     Examples:
         >>> import torch, stabq
@@ -132,12 +144,19 @@ class FSQ(Quantizer):
         (1000, torch.Size([16]), torch.int64)
         >>> q.indices_to_codes(out.indices).shape
         torch.Size([16, 32])
+        >>> iq = stabq.FSQ([5], bound="distribution")
+        >>> iq(torch.tensor([[-3.0], [-0.5], [0.0], [0.5], [3.0]])).indices.tolist()
+        [0, 1, 2, 3, 4]
     """
 
     grid = True  # prod(levels) fixed cells: health reports occupied cells, not dead codes
 
     def __init__(
-        self, levels: Sequence[int], dim: int | None = None, pre_norm: bool = False
+        self,
+        levels: Sequence[int],
+        dim: int | None = None,
+        pre_norm: bool = False,
+        bound: str = "tanh",
     ) -> None:
         super().__init__()
         if isinstance(levels, Sequence) and not isinstance(levels, str):
@@ -161,8 +180,13 @@ class FSQ(Quantizer):
             is_int(dim) and dim >= 1,
             f"FSQ: dim={dim!r}, allowed is an integer >= 1 (or None for len(levels))",
         )
+        check(
+            isinstance(bound, str) and bound in BOUNDS,
+            f"FSQ: bound={bound!r}, allowed is one of {', '.join(map(repr, BOUNDS))}",
+        )
         self.levels = levels
         self.dim = dim
+        self.bound = bound
         self.codebook_size = size
         self.register_buffer("_levels", _levels_tensor(levels), persistent=False)
         self._cache: dict = {}  # fsq_bound_round's constants per device, dtype and packing
@@ -180,9 +204,9 @@ class FSQ(Quantizer):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = self._normalise(self.project_in(x))
         if compiling():  # the fast eager Function's in-place tricks stay out of graphs
-            codes, indices = fsq_bound_round_plain(z, self.levels)
+            codes, indices = fsq_bound_round_plain(z, self.levels, self.bound)
         else:
-            codes, indices = fsq_bound_round(z, self._levels, self._cache)
+            codes, indices = fsq_bound_round(z, self._levels, self._cache, bound=self.bound)
         return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
@@ -208,4 +232,5 @@ class FSQ(Quantizer):
         return self.project_out(self.indices_to_level_codes(indices))
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, dim={self.dim}, pre_norm={self.pre_norm is not None}"
+        pre_norm = self.pre_norm is not None
+        return f"levels={self.levels}, dim={self.dim}, pre_norm={pre_norm}, bound={self.bound!r}"

@@ -2,10 +2,13 @@
 
 Per dimension of ``levels`` (see :func:`fsq_constants`):
 
-    b = tanh(z + shift) * half_l - offset,   r = round(b),   code = r / half_width
+    b = tanh(a z + shift) * half_l - offset,   r = round(b),   code = r / half_width
 
-with the mixed-radix index of ``r``. :class:`~stabq.quantizers.fsq.FSQ` calls
-:func:`fsq_bound_round` (or :func:`fsq_bound_round_plain` while compiling).
+with the mixed-radix index of ``r``; ``a = 1`` for ``bound="tanh"`` and ``a = 0.8`` for
+``bound="distribution"`` (iFSQ, Lin et al. 2026: ``tanh(0.8 z) = 2 sigmoid(1.6 z) - 1``,
+close to ``2 Phi(z) - 1``, so standard-normal ``z`` comes out nearly uniform).
+:class:`~stabq.quantizers.fsq.FSQ` calls :func:`fsq_bound_round`
+(or :func:`fsq_bound_round_plain` while compiling).
 """
 
 from __future__ import annotations
@@ -24,13 +27,27 @@ from stabq.quantizers._graph import graph_kept
 BOUND_EPS = 1e-3
 
 
-def fsq_constants(levels: Tensor) -> Tensor:
+BOUNDS = ("tanh", "distribution")
+DISTRIBUTION_SCALE = 0.8  # iFSQ: 2 sigmoid(1.6 z) - 1 = tanh(0.8 z)
+
+
+def fsq_constants(levels: Tensor, bound: str = "tanh") -> Tensor:
     """Per-dimension constants ``(5, d)`` of ``levels`` (float): ``shift``, ``half_l``,
-    ``-offset``, ``half_width`` and ``slope = half_l / half_width``."""
-    half_l = (levels - 1) * (1 + BOUND_EPS) / 2
+    ``-offset``, ``half_width`` and ``slope = half_l / half_width``.
+
+    ``bound="tanh"`` is FSQ's: ``half_l = (L - 1)(1 + eps) / 2``, and for even ``L``
+    ``shift = atanh(offset / half_l)`` puts ``z = 0`` on level 0; the two outer levels
+    then get half a unit of ``b`` each. ``bound="distribution"`` spreads ``(-1, 1)`` over
+    ``L`` whole units, ``half_l = L (1 - eps) / 2`` with no shift, so that a uniform
+    bounded value uses every level equally."""
     offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    if bound == "distribution":
+        half_l = levels * (1 - BOUND_EPS) / 2
+        shift = torch.zeros_like(half_l)
+    else:
+        half_l = (levels - 1) * (1 + BOUND_EPS) / 2
+        shift = torch.atanh(offset / half_l)
     half_width = (levels // 2).to(half_l.dtype)
-    shift = torch.atanh(offset / half_l)
     return torch.stack([shift, half_l, -offset, half_width, half_l / half_width])
 
 
@@ -64,8 +81,10 @@ class _Tiled(NamedTuple):
     window: float  # |bounded from sigmoid - bounded from tanh| stays below this
 
 
-def _tiled(levels: Tensor, g: int, dtype: torch.dtype, device: torch.device) -> _Tiled:
-    c = fsq_constants(levels.cpu()).to(device, dtype).repeat(1, g)  # float32, like the peer
+def _tiled(
+    levels: Tensor, g: int, dtype: torch.dtype, device: torch.device, bound: str = "tanh"
+) -> _Tiled:
+    c = fsq_constants(levels.cpu(), bound).to(device, dtype).repeat(1, g)  # float32, like the peer
     shift, half_l, neg_offset, half_width, slope = c.unbind(0)
     # float32 errors: sigmoid a few ulp of 1, tanh one, each product and sum one ulp of its
     # result; together under 8 eps (max half_l + 1), measured under 3 eps: 64 eps keeps 8x
@@ -142,7 +161,9 @@ class _BoundRound(torch.autograd.Function):
         return grad_z.mul_(slope), None, None, None
 
 
-def fsq_bound_round_plain(z: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+def fsq_bound_round_plain(
+    z: Tensor, levels: Sequence[int], bound: str = "tanh"
+) -> tuple[Tensor, Tensor]:
     """:func:`fsq_bound_round` in plain differentiable operations: what ``torch.compile`` traces.
 
     ``b = tanh(z + shift) * half_l - offset``, ``r = b + sg(round(b) - b)`` (the sum is
@@ -150,9 +171,12 @@ def fsq_bound_round_plain(z: Tensor, levels: Sequence[int]) -> tuple[Tensor, Ten
     half_width``; indices in int64 from the Python levels. No cache, no in-place
     write, no custom autograd Function and no tensor-to-int read, so the compiled
     graph has no break and nothing that lives between calls; the inductor fuses it anyway.
+    ``bound="distribution"`` scales ``z`` by 0.8 first, as :func:`fsq_bound_round` does.
     """
-    constants = fsq_constants(torch.tensor(list(levels), dtype=torch.int32))
+    constants = fsq_constants(torch.tensor(list(levels), dtype=torch.int32), bound)
     shift, half_l, neg_offset, half_width, _ = constants.to(z.device, z.dtype).unbind(0)
+    if bound == "distribution":
+        z = z * DISTRIBUTION_SCALE
     bounded = torch.tanh(z + shift) * half_l + neg_offset
     r = bounded + (torch.round(bounded) - bounded).detach()
     basis = [math.prod(levels[:i]) for i in range(len(levels))]
@@ -162,7 +186,11 @@ def fsq_bound_round_plain(z: Tensor, levels: Sequence[int]) -> tuple[Tensor, Ten
 
 
 def fsq_bound_round(
-    z: Tensor, levels: Tensor, cache: dict | None = None, sigmoid: bool | None = None
+    z: Tensor,
+    levels: Tensor,
+    cache: dict | None = None,
+    sigmoid: bool | None = None,
+    bound: str = "tanh",
 ) -> tuple[Tensor, Tensor]:
     """Codes ``(n, d)`` in [-1, 1] (straight-through) and their int64 indices ``(n,)``.
 
@@ -172,14 +200,21 @@ def fsq_bound_round(
     the per-dimension constants broadcast over a wide last dimension: a broadcast over
     ``(n, 6)`` measured about twice as slow on CPU (torch 2.13). The tiled constants and the
     index basis are kept in ``cache`` (keyed by device, dtype and ``g``): a dozen small
-    tensor operations fewer per call.
+    tensor operations fewer per call. ``bound="distribution"`` (iFSQ) multiplies ``z`` by
+    0.8 and runs the same kernel on :func:`fsq_constants` of that bound: ``tanh(0.8 z)``
+    in either form, and the gradient gains the factor 0.8 through the product.
     """
     n, d = z.shape
+    if bound == "distribution":
+        z = z * DISTRIBUTION_SCALE
     g = _row_group(n)
-    key = (z.device, z.dtype, g)
+    key = (z.device, z.dtype, g, bound)
     found = cache.get(key) if cache is not None else None
     if found is None:
-        found = (_tiled(levels, g, z.dtype, z.device), _RoundIndex(levels, z.dtype, z.device, g))
+        found = (
+            _tiled(levels, g, z.dtype, z.device, bound),
+            _RoundIndex(levels, z.dtype, z.device, g),
+        )
         if cache is not None:
             cache[key] = found
     tiled, index = found
