@@ -22,6 +22,7 @@ def test_presets_are_the_ones_the_design_names():
     assert set(stabq.preset_names()) == {
         "fsq",
         "fsq-plain",
+        "ifsq",
         "rvq",
         "vq-ema",
         "vq",

@@ -37,6 +37,7 @@ METHODS: dict[str, Method] = {
         Method("rvq", "rvq"),
         Method("fsq", "fsq"),
         Method("fsq-plain", "fsq-plain"),
+        Method("ifsq", "ifsq"),
         Method("gumbel", "gumbel"),
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),

@@ -77,6 +77,10 @@ def _vq_repaired(dim: int) -> dict:
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
+    "ifsq": (
+        FSQ,
+        lambda dim: {"levels": FSQ_LEVELS[2**16], "bound": "distribution", "pre_norm": True},
+    ),
     "rvq": (
         ResidualVQ,
         lambda dim: {
@@ -131,7 +135,7 @@ def preset_names() -> list[str]:
     Examples:
         >>> import stabq
         >>> print(", ".join(stabq.preset_names()))
-        fsq, fsq-plain, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
+        fsq, fsq-plain, ifsq, rvq, vq-ema, vq, gumbel, pq, simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
@@ -147,6 +151,9 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       so the bound cannot saturate.
     - `fsq-plain`: textbook `FSQ` with the same levels, without normalisation (it can
       saturate).
+    - `ifsq`: `FSQ` with the same levels, `bound="distribution"` (iFSQ: `tanh(0.8 z)`
+      over `L` whole rounding units, so every level is used about equally) and
+      `pre_norm=True`.
     - `rvq`: `ResidualVQ`, 4 layers of 256 codes, k-means init, dead codes (under 2
       uses over the EMA horizon) replaced.
     - `vq-ema`: vanilla `VectorQuantizer`, 512 codes, EMA decay 0.99, no repair: the
