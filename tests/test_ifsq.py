@@ -162,10 +162,10 @@ def test_a_bound_not_allowed_is_one_line_naming_it(bound):
 
 def test_the_preset_builds_the_measured_choice():
     q = stabq.build_quantizer("ifsq", 128)
-    assert type(q) is FSQ and q.bound == "distribution" and q.codebook_size == 64_000
-    assert q.levels == [8, 8, 8, 5, 5, 5] and q.pre_norm is not None
+    assert type(q) is FSQ and q.bound == "distribution" and q.codebook_size == 2**16
+    assert q.levels == [16, 16, 16, 16] and q.pre_norm is not None
     monitor = CollapseMonitor(q)
-    assert (monitor.codebook_size, monitor.num_codebooks, monitor.levels) == (64_000, 1, q.levels)
+    assert (monitor.codebook_size, monitor.num_codebooks, monitor.levels) == (2**16, 1, q.levels)
     monitor.detach()
 
 
@@ -184,7 +184,7 @@ def test_the_preset_trains_and_its_usage_counts_its_indices():
     usage.update(out.indices)
     found = usage.compute()["per_codebook"][0]
     distinct = out.indices.unique().numel()
-    assert distinct > 1 and found["usage"] == pytest.approx(distinct / 64_000)
+    assert distinct > 1 and found["usage"] == pytest.approx(distinct / 2**16)
     assert found["dead_codes"] is None  # a grid: no dead codes
 
 

@@ -77,9 +77,12 @@ def _vq_repaired(dim: int) -> dict:
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
+    # 4 bits per dimension (iFSQ's best) and pre_norm: on mnist1d (MLP, 2 seeds) 71.8%
+    # with perplexity 916 and 94% of the test inputs' cells filled, where without pre_norm
+    # 70.4% and 499 (73%), and over fsq's levels 71.5% and 675 (76%); fsq 70.6% and 591
     "ifsq": (
         FSQ,
-        lambda dim: {"levels": FSQ_LEVELS[2**16], "bound": "distribution", "pre_norm": True},
+        lambda dim: {"levels": [16, 16, 16, 16], "bound": "distribution", "pre_norm": True},
     ),
     "rvq": (
         ResidualVQ,
@@ -151,9 +154,9 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       so the bound cannot saturate.
     - `fsq-plain`: textbook `FSQ` with the same levels, without normalisation (it can
       saturate).
-    - `ifsq`: `FSQ` with the same levels, `bound="distribution"` (iFSQ: `tanh(0.8 z)`
-      over `L` whole rounding units, so every level is used about equally) and
-      `pre_norm=True`.
+    - `ifsq`: `FSQ` with levels [16, 16, 16, 16] (65,536 codes, 4 bits per dimension),
+      `bound="distribution"` (iFSQ: `tanh(0.8 z)` over `L` whole rounding units, so every
+      level is used about equally) and `pre_norm=True`.
     - `rvq`: `ResidualVQ`, 4 layers of 256 codes, k-means init, dead codes (under 2
       uses over the EMA horizon) replaced.
     - `vq-ema`: vanilla `VectorQuantizer`, 512 codes, EMA decay 0.99, no repair: the
