@@ -200,3 +200,22 @@ def test_a_peer_fsq_is_swapped_for_the_preset():
     torch.testing.assert_close(
         swapped.quantizer.indices_to_codes(indices), quantized, rtol=0, atol=0
     )
+
+
+def test_while_compiling_the_quantizer_takes_the_plain_path_with_its_bound(monkeypatch):
+    """What torch.compile traces (the plain form, see tests/test_compile.py) rounds and
+    differentiates as the eager kernel for this bound; the eager kernel must not be called."""
+    from stabq.quantizers import fsq
+
+    q = FSQ([16, 8, 5], dim=12, bound="distribution", pre_norm=True).eval()
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(3)) * 3
+    eager_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, want_indices, _ = q(eager_x)
+    monkeypatch.setattr(fsq, "compiling", lambda: True)
+    monkeypatch.setattr(fsq, "fsq_bound_round", None)  # calling it now would fail
+    got, got_indices, _ = q(plain_x)
+    assert torch.equal(got_indices, want_indices)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    torch.testing.assert_close(plain_x.grad, eager_x.grad, rtol=1e-5, atol=1e-6)
