@@ -23,6 +23,7 @@ def test_presets_are_the_ones_the_design_names():
         "fsq",
         "fsq-plain",
         "fsp",
+        "ifsq",
         "rvq",
         "vq-ema",
         "vq",

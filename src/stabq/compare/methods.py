@@ -38,6 +38,7 @@ METHODS: dict[str, Method] = {
         Method("fsq", "fsq"),
         Method("fsq-plain", "fsq-plain"),
         Method("fsp", "fsp"),
+        Method("ifsq", "ifsq"),
         Method("gumbel", "gumbel"),
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),

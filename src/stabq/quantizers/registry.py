@@ -103,6 +103,14 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
             "vector_norm": "var",
         },
     ),
+    # 4 bits per dimension (iFSQ's best) and pre_norm: on mnist1d (MLP, 2 seeds) 71.8%
+    # with perplexity 916 and 94% of the test inputs' cells filled, where without pre_norm
+    # 70.4% and 499 (73%), and over fsq's levels 71.5% and 675 (76%); fsq 70.6% and 591.
+    # tanh over [16] * 4 with pre_norm did as well (72.4%, 887): the levels make the gain
+    "ifsq": (
+        FSQ,
+        lambda dim: {"levels": [16, 16, 16, 16], "bound": "distribution", "pre_norm": True},
+    ),
     "rvq": (
         ResidualVQ,
         lambda dim: {
@@ -169,8 +177,8 @@ def preset_names() -> list[str]:
         >>> import stabq
         >>> import textwrap
         >>> print(textwrap.fill(", ".join(stabq.preset_names()), 70))
-        fsq, fsq-plain, fsp, rvq, vq-ema, vq, diveq, rvq-diveq, gumbel, pq,
-        simvq, rfsq, lfq, bsq, none
+        fsq, fsq-plain, fsp, ifsq, rvq, vq-ema, vq, diveq, rvq-diveq, gumbel,
+        pq, simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
@@ -189,6 +197,9 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
     - `fsp`: `FSP` (finite scalar perturbation) with levels [8, 8, 8, 5, 5, 5]
       (64,000 codes), the normal CDF, half the training values perturbed within their
       bin (`quantize_rate=0.5`), the moment loss `var` (mean 0, variance 1).
+    - `ifsq`: `FSQ` with levels [16, 16, 16, 16] (65,536 codes, 4 bits per dimension),
+      `bound="distribution"` (iFSQ: `tanh(0.8 z)` over `L` whole rounding units, so every
+      level is used about equally) and `pre_norm=True`.
     - `rvq`: `ResidualVQ`, 4 layers of 256 codes, k-means init, dead codes (under 2
       uses over the EMA horizon) replaced.
     - `vq-ema`: vanilla `VectorQuantizer`, 512 codes, EMA decay 0.99, no repair: the
