@@ -41,7 +41,7 @@ from tablegen.speed import QUANTIZER_COLUMNS as COLUMNS  # the docs' tables show
 
 LEVELS = [8, 8, 8, 5, 5, 5]
 RFSQ_LEVELS = [8, 5, 5, 5]
-GRID_KEYS = ("fsq", "fsq-pre", "rfsq", "lfq", "bsq")  # floor: one elementwise pass
+GRID_KEYS = ("fsq", "fsq-pre", "ifsq", "fsp", "rfsq", "lfq", "bsq")  # floor: one elementwise pass
 # bytes of float32 distances the peer builds at once: its search holds several such
 # matrices, and at 4 GiB (262,144 x 4,096) it was killed for memory on a 24 GB machine
 PEER_DISTANCE_LIMIT = 2**30
@@ -80,6 +80,13 @@ ROWS = [
     Row("rfsq 4x[8,5,5,5] over 128", 16384, "rfsq", codes=1000),
     Row("lfq 10 bits over 128", 16384, "lfq"),
     Row("bsq 10 bits over 128", 16384, "bsq"),
+    # DiVeQ: a codebook learned by the directional gradient, dead codes replaced (both sides)
+    Row("diveq 1024x128", 16384, "diveq"),
+    Row("rvq-diveq 4x256x128", 16384, "rvq-diveq", codes=256),
+    Row("fsp 262k", 262144, "fsp", dim=6),
+    # iFSQ's bound and ReinMax: no library ships them; stabq's side alone
+    Row("ifsq 262k (bound='distribution'; peer has none)", 262144, "ifsq", dim=6),
+    Row("gumbel-reinmax 1024x128 (peer has none)", 16384, "gumbel-reinmax"),
 ]
 
 
@@ -112,10 +119,19 @@ def build(row: Row, side: str, device: str) -> torch.nn.Module | None:
             "rfsq": lambda: stabq.ResidualFSQ(RFSQ_LEVELS, 4, dim=row.dim),
             "lfq": lambda: stabq.LFQ(row.dim, k.bit_length() - 1),
             "bsq": lambda: stabq.LFQ(row.dim, k.bit_length() - 1, spherical=True),
+            "diveq": lambda: stabq.VectorQuantizer(
+                row.dim, k, directional_reparam=True, dead_code_threshold=2.0
+            ),
+            "rvq-diveq": lambda: stabq.ResidualVQ(
+                row.dim, 4, k, directional_reparam=True, dead_code_threshold=2.0
+            ),
+            "fsp": lambda: stabq.FSP(LEVELS),
+            "ifsq": lambda: stabq.FSQ(LEVELS, bound="distribution"),
+            "gumbel-reinmax": lambda: stabq.GumbelQuantizer(row.dim, k, estimator="reinmax"),
         }[row.key]()
         return module.to(device).train()
     # LFQ's peer scores all 2^bits codes per input: an (n, K) matrix like a distance one
-    scores_every_code = row.key not in ("fsq", "fsq-pre", "rfsq")
+    scores_every_code = row.key not in ("fsq", "fsq-pre", "fsp", "rfsq")
     if scores_every_code and row.inputs * k * 4 > PEER_DISTANCE_LIMIT:
         return None
     import vector_quantize_pytorch as vqp
@@ -141,6 +157,14 @@ def build(row: Row, side: str, device: str) -> torch.nn.Module | None:
         "rfsq": lambda: vqp.ResidualFSQ(levels=RFSQ_LEVELS, num_quantizers=4, dim=row.dim),
         "lfq": lambda: vqp.LFQ(dim=row.dim, codebook_size=k),
         "bsq": lambda: vqp.LFQ(dim=row.dim, codebook_size=k, spherical=True),
+        # as tests/test_diveq.py and test_fsp.py build the oracles
+        "diveq": lambda: vqp.VectorQuantize(
+            dim=row.dim, codebook_size=k, directional_reparam=True, threshold_ema_dead_code=2
+        ),
+        "rvq-diveq": lambda: vqp.ResidualVQ(
+            dim=row.dim, num_quantizers=4, codebook_size=k, diveq=True, threshold_ema_dead_code=2
+        ),
+        "fsp": lambda: vqp.FSP(LEVELS),
     }.get(row.key)
     return None if factory is None else factory().to(device).train()
 
