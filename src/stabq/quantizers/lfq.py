@@ -3,7 +3,8 @@ binary spherical quantization (Zhao et al. 2024, BSQ).
 
 ``C`` codebooks of ``d`` bits each (``2^d`` codes per codebook, none stored)::
 
-    z  = W_in x, split into (C, d);   spherical: z = s z / |z| per codebook
+    z  = W_in x (pre_norm: standardised per dimension over the batch), split into (C, d)
+                                      spherical: z = s z / |z| per codebook
     b  = [z > 0],   code = s (2b - 1)            spherical: s (2b - 1) / sqrt(d)
     index = sum_i b_i 2^(d-1-i)                  (first dimension most significant)
     out = W_out (code + z - sg(z))              (straight through, exactly the code in value)
@@ -55,6 +56,7 @@ from stabq import distributed
 from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import l2norm
+from stabq.quantizers.fsq import pre_normalise
 
 LOGIT_BOUND = 80.0
 
@@ -107,6 +109,10 @@ class LFQ(Quantizer):
             entropies are measured on, a number >= 0.
         codebook_scale: `s`, the code values' magnitude, a number > 0.
         spherical: BSQ: inputs and codes on the sphere of radius `s`.
+        pre_norm: standardise each projected dimension over the batch before its sign
+            is taken (BatchNorm without affine parameters; running statistics at
+            eval): every bit is centred on its threshold, so that no bit can drift to
+            one sign for every input, and the encoder's scale cannot grow the codes.
 
     Raises:
         ConfigError: an option outside the range given above, or `bits=None` with a
@@ -133,6 +139,7 @@ class LFQ(Quantizer):
         inv_temperature: float = 100.0,
         codebook_scale: float = 1.0,
         spherical: bool = False,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -160,6 +167,7 @@ class LFQ(Quantizer):
         has_projection = dim != codes_dim
         self.project_in = nn.Linear(dim, codes_dim) if has_projection else nn.Identity()
         self.project_out = nn.Linear(codes_dim, dim) if has_projection else nn.Identity()
+        self.pre_norm = nn.BatchNorm1d(codes_dim, affine=False) if pre_norm else None
         self.register_buffer("mask", 2 ** torch.arange(bits - 1, -1, -1), persistent=False)
 
     def _sphere(self, t: Tensor) -> Tensor:
@@ -171,7 +179,7 @@ class LFQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n, c, d = x.shape[0], self.num_codebooks, self.bits
-        raw = self.project_in(x).view(n, c, d)
+        raw = pre_normalise(self.pre_norm, self.project_in(x)).view(n, c, d)
         positive = raw > 0  # signs before the sphere: an overflowing norm cannot zero them
         z = self._sphere(raw)
         codes = self._signs_to_codes(positive, z.dtype)
@@ -201,7 +209,7 @@ class LFQ(Quantizer):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, bits={self.bits}, num_codebooks={self.num_codebooks}, "
-            f"spherical={self.spherical}"
+            f"spherical={self.spherical}, pre_norm={self.pre_norm is not None}"
         )
 
 

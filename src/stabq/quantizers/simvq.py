@@ -15,17 +15,24 @@ with ``W`` reset to the identity, so that training starts from ``C = centroids``
 The k-means runs on the union of all ranks' batches, rank 0's result broadcast
 (as :class:`~stabq.quantizers.codebook.Codebook` does); ``W`` is a parameter, so
 DistributedDataParallel keeps it equal on every rank.
+
+``pre_norm=True`` standardises ``z`` per dimension over the batch first (as FSQ's
+``pre_norm``), and ``identity_transform=True`` starts ``W`` at the identity: with
+``nn.Linear``'s random start ``W`` is nearly singular, and the codebook starts close
+to a subspace of lower dimension.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stabq import distributed
 from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import commitment_loss, estimate, kmeans, nearest_code
+from stabq.quantizers.fsq import pre_normalise
 
 INITS = ("random", "kmeans")
 
@@ -47,6 +54,13 @@ class SimVQ(Quantizer):
         kmeans_iters: Lloyd iterations of that initialisation, an integer >= 1.
         rotation_trick: pass gradients to `z` by the rotation trick rather than straight
             through.
+        pre_norm: standardise each input dimension over the batch first (BatchNorm
+            without affine parameters; running statistics at eval), so that the
+            encoder's scale cannot run away from the codes.
+        identity_transform: start `W` at the identity, so that the codebook starts as
+            the basis itself; otherwise `W` starts as `nn.Linear`'s default, a random
+            matrix whose smallest singular value is near 0 (the codebook starts close
+            to a lower-dimensional subspace). `init="kmeans"` sets `W = I` anyway.
 
     Raises:
         ConfigError: an option outside the range given above.
@@ -67,6 +81,8 @@ class SimVQ(Quantizer):
         init: str = "random",
         kmeans_iters: int = 10,
         rotation_trick: bool = False,
+        pre_norm: bool = False,
+        identity_transform: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -79,6 +95,10 @@ class SimVQ(Quantizer):
         self.rotation_trick = rotation_trick
         self.register_buffer("basis", torch.randn(codebook_size, dim) * dim**-0.5)
         self.transform = nn.Linear(dim, dim, bias=False)
+        if identity_transform:
+            with torch.no_grad():
+                self.transform.weight.copy_(torch.eye(dim))
+        self.pre_norm = nn.BatchNorm1d(dim, affine=False) if pre_norm else None
         self.register_buffer("initted", torch.tensor(init != "kmeans"))
 
     @property
@@ -87,6 +107,7 @@ class SimVQ(Quantizer):
         return self.transform(self.basis)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = pre_normalise(self.pre_norm, x)
         if self.training and not bool(self.initted):
             self.init_basis(x)
         codebook = self.codebook
@@ -112,8 +133,12 @@ class SimVQ(Quantizer):
 
     @torch.no_grad()
     def init_from_features(self, x: Tensor) -> None:
-        """Re-initialise by k-means on features ``x`` ``(..., dim)`` (two-stage training)."""
-        self.init_basis(x.reshape(-1, self.dim).to(self.basis.dtype))
+        """Re-initialise by k-means on features ``x`` ``(..., dim)`` (two-stage training);
+        with ``pre_norm``, standardised by their own statistics, as a training batch is."""
+        rows = x.reshape(-1, self.dim).to(self.basis.dtype)
+        if self.pre_norm is not None and rows.shape[0] > 1:
+            rows = F.batch_norm(rows, None, None, training=True, eps=self.pre_norm.eps)
+        self.init_basis(rows)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Indices ``(...,)`` to codes ``(..., dim)`` of the implicit codebook."""
@@ -123,7 +148,7 @@ class SimVQ(Quantizer):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, init={self.init!r}, "
-            f"rotation_trick={self.rotation_trick}"
+            f"rotation_trick={self.rotation_trick}, pre_norm={self.pre_norm is not None}"
         )
 
 
