@@ -26,6 +26,7 @@ def test_presets_are_the_ones_the_design_names():
         "vq-ema",
         "vq",
         "gumbel",
+        "gumbel-reinmax",
         "pq",
         "simvq",
         "rfsq",

@@ -38,6 +38,7 @@ METHODS: dict[str, Method] = {
         Method("fsq", "fsq"),
         Method("fsq-plain", "fsq-plain"),
         Method("gumbel", "gumbel"),
+        Method("gumbel-reinmax", "gumbel-reinmax"),
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),
         Method("vq-2stage", "vq", two_stage=True),
