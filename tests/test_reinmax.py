@@ -235,6 +235,15 @@ def test_diversity_loss_is_the_gumbel_presets_and_syncs_in_distributed_training(
     torch.testing.assert_close(sums[0][:-1], logits.softmax(-1).sum(0))
 
 
+@pytest.mark.parametrize("k", [6, 7, 32, 45])
+def test_the_diversity_loss_is_never_negative_at_even_use(k):
+    # exp H(pbar) rounds to a little above K for these K (e.g. -2.4e-7 at 32 without the clamp)
+    assert float(diversity_loss(torch.zeros(3, k))) == 0.0
+    q = stabq.build_quantizer("gumbel-reinmax", 4, codebook_size=k)
+    torch.nn.init.zeros_(q.to_logits.weight)
+    assert float(q(torch.randn(3, 4)).loss.detach()) == 0.0
+
+
 def test_a_few_training_steps_stay_finite_and_train_the_logits():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 12)).astype(np.float32)

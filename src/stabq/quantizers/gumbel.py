@@ -159,16 +159,17 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
 
 
 def diversity_loss(logits: Tensor, sync: bool = False) -> Tensor:
-    """``(K - exp H(pbar)) / K`` for ``logits`` ``(n, K)``, ``pbar = mean_n softmax(logits)``,
-    ``H`` the entropy in nats; 0 for no rows. ``sync``: ``pbar`` over every rank's rows (one
-    differentiable all-reduce, which every rank must enter, rows or none)."""
+    """``(K - exp H(pbar)) / K``, at least 0, for ``logits`` ``(n, K)``, ``pbar = mean_n
+    softmax(logits)``, ``H`` the entropy in nats; 0 for no rows. ``sync``: ``pbar`` over
+    every rank's rows (one differentiable all-reduce, which every rank must enter, rows or
+    none)."""
     k = logits.shape[-1]
     sums, rows = distributed.sum_rows_over_ranks(logits.softmax(-1).sum(0), logits.shape[0], sync)
     if rows == 0:
         return logits.new_zeros(()) + 0.0 * sums.sum()  # keeps the graph on every rank
     pbar = sums / rows
     entropy = -(pbar * pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()).sum()
-    return (k - entropy.exp()) / k
+    return (k - entropy.exp()).clamp_min(0.0) / k  # exp H rounds above K at even use
 
 
 class GumbelQuantizer(Quantizer):

@@ -95,8 +95,8 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
         GumbelQuantizer,
         lambda dim: {
             "estimator": "reinmax",
-            "tau_start": 1.0,
-            "tau_end": 1.0,
+            "tau_start": 16.0,
+            "tau_end": 16.0,
             "pre_norm": True,
             "diversity_weight": 1.0,
         },
@@ -167,7 +167,7 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       `pre_norm=True`, diversity loss weight 1.0 (wav2vec 2.0's).
     - `gumbel-reinmax`: `GumbelQuantizer` with `estimator="reinmax"`: a one-hot
       Gumbel-max sample of 32 codes with ReinMax's second-order straight-through
-      gradient, tau 1.0, `pre_norm=True`, diversity loss weight 1.0.
+      gradient, tau 16 (fixed), `pre_norm=True`, diversity loss weight 1.0.
     - `pq`: `ProductQuantizer`, 8 subspaces of 256 codes, k-means init, dead codes
       replaced (as `rvq`); `dim` must be a multiple of 8.
     - `simvq`: `SimVQ`, 1024 codes: a frozen random basis times one learned linear
