@@ -199,7 +199,7 @@ def test_the_preset_builds_what_the_table_says():
     assert type(q) is GumbelQuantizer and q.estimator == "reinmax" and q.codebook_size == 32
     assert q.pre_norm is not None and q.diversity_weight == 1.0 and q.kl_weight == 0.0
     q.set_progress(1.0)
-    assert q.tau == 1.0 and "estimator='reinmax'" in repr(q)
+    assert q.tau == 16.0 and "estimator='reinmax'" in repr(q)
     assert stabq.build_quantizer("gumbel", 16).estimator == "softmax"
     monitor = CollapseMonitor(q)
     assert (monitor.codebook_size, monitor.num_codebooks, monitor.levels) == (32, 1, None)

@@ -176,7 +176,8 @@ class GumbelQuantizer(Quantizer):
     """Gumbel-Softmax quantization (Jang et al. 2017): learned logits over learned codes.
 
     In training the output is `softmax((logits + g) / tau) @ codes` with Gumbel noise
-    `g`; in eval the code of the largest logit. `tau` anneals exponentially from
+    `g` (with `estimator="reinmax"`, the code of `argmax(logits + g)`); in eval the code
+    of the largest logit. `tau` anneals exponentially from
     `tau_start` to `tau_end` with training progress `p`:
     `tau = tau_start^(1 - p) * tau_end^p`. `stabq.train` sets `p` every step
     (`set_progress`); a loop of your own calls `set_progress` or passes `anneal_steps`.
