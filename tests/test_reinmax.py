@@ -283,3 +283,13 @@ def test_compiled_reinmax_equals_eager():
     q = GumbelQuantizer(4, 8, estimator="reinmax", anneal_steps=10)
     quantized, indices, _ = torch.compile(q, backend="aot_eager")(torch.randn(30, 4))
     assert torch.equal(quantized, q.embed[indices].detach()) and int(q.anneal_step) == 1
+
+
+@pytest.mark.parametrize("name", ["gumbel", "gumbel-reinmax"])
+def test_the_noise_compiles_for_a_batch_size_that_varies(name):
+    q = stabq.build_quantizer(name, 4)
+    compiled = torch.compile(q, backend="aot_eager", dynamic=True)
+    for rows in (7, 12):  # a symbolic batch size (torch.rand with it failed to trace)
+        quantized, indices, loss = compiled(torch.randn(rows, 4))
+        assert quantized.shape == (rows, 4) and indices.shape == (rows,)
+        assert torch.isfinite(loss)

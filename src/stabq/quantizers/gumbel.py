@@ -76,7 +76,10 @@ def gumbel_from_uniform(u: Tensor) -> Tensor:
 
 def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Standard Gumbel(0, 1) noise, a fresh tensor of ``like``'s shape, dtype and device."""
-    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if generator is None:  # rand_like: torch.compile traces it for a batch size it varies
+        u = torch.rand_like(like, memory_format=torch.contiguous_format)
+    else:
+        u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     return gumbel_from_uniform(u)
 
 
