@@ -30,6 +30,7 @@ def test_presets_are_the_ones_the_design_names():
         "diveq",
         "rvq-diveq",
         "gumbel",
+        "gumbel-reinmax",
         "pq",
         "simvq",
         "rfsq",

@@ -40,6 +40,7 @@ METHODS: dict[str, Method] = {
         Method("fsp", "fsp"),
         Method("ifsq", "ifsq"),
         Method("gumbel", "gumbel"),
+        Method("gumbel-reinmax", "gumbel-reinmax"),
         Method("pq", "pq"),
         Method("fsq-2stage", "fsq", two_stage=True),
         Method("vq-2stage", "vq", two_stage=True),

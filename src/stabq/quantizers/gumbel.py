@@ -13,6 +13,10 @@ the quantizer's own count of training steps (training-mode forwards that
 quantize, with gradients on), kept in the ``anneal_step`` buffer, saved and
 loaded with the weights. Without either, ``tau`` stays at ``tau_start``.
 ``hard=True`` samples one-hot in training too, with straight-through gradients.
+``estimator="reinmax"`` samples one-hot ``D = one_hot(argmax(logits + g))`` (a draw of
+``softmax(logits)``) with ReinMax's second-order gradient (Liu et al. 2023,
+:mod:`stabq.quantizers.reinmax`), ``tau`` then the temperature of its
+``softmax(logits / tau)`` only.
 ``kl_weight`` adds ``KL(softmax(logits) || uniform)``, which pushes towards
 using every code.
 
@@ -49,6 +53,9 @@ from stabq.errors import check, check_int, check_number
 from stabq.quantizers._graph import compiling, graph_kept
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import pre_normalise
+from stabq.quantizers.reinmax import reinmax, reinmax_at
+
+ESTIMATORS = ("softmax", "reinmax")
 
 
 def annealed_tau(tau_start: float, tau_end: float, progress: float) -> float:
@@ -69,7 +76,10 @@ def gumbel_from_uniform(u: Tensor) -> Tensor:
 
 def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Standard Gumbel(0, 1) noise, a fresh tensor of ``like``'s shape, dtype and device."""
-    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if generator is None:  # rand_like: torch.compile traces it for a batch size it varies
+        u = torch.rand_like(like, memory_format=torch.contiguous_format)
+    else:
+        u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     return gumbel_from_uniform(u)
 
 
@@ -100,6 +110,23 @@ class _NoisySoftmax(torch.autograd.Function):
         else:
             grad_h = torch._softmax_backward_data(grad, y, -1, y.dtype)
         return grad_h.div_(ctx.tau), None, None, None
+
+
+def gumbel_reinmax(
+    logits: Tensor, tau: float | Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """One-hot Gumbel-max sample over the last dim of ``logits`` ``(n, K)``, shape ``(n, K)``,
+    with ReinMax's gradient (``stabq.quantizers.reinmax.reinmax``).
+
+    The sample is ``one_hot(argmax(logits + g))``, ``g = gumbel_noise(logits)``: a draw of
+    ``softmax(logits)``, whatever ``tau``; ``tau`` enters the gradient only.
+    """
+    with torch.no_grad():
+        index = gumbel_noise(logits, generator).add_(logits).argmax(-1, keepdim=True)
+    if not compiling():
+        return reinmax_at(logits, index, tau)
+    sample = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+    return reinmax(logits, sample.scatter_(-1, index, 1.0), tau)  # plain ops when compiled
 
 
 def _sample(logits: Tensor, tau: float | Tensor, hard: bool, generator, reuse: bool) -> Tensor:
@@ -135,23 +162,25 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
 
 
 def diversity_loss(logits: Tensor, sync: bool = False) -> Tensor:
-    """``(K - exp H(pbar)) / K`` for ``logits`` ``(n, K)``, ``pbar = mean_n softmax(logits)``,
-    ``H`` the entropy in nats; 0 for no rows. ``sync``: ``pbar`` over every rank's rows (one
-    differentiable all-reduce, which every rank must enter, rows or none)."""
+    """``(K - exp H(pbar)) / K``, at least 0, for ``logits`` ``(n, K)``, ``pbar = mean_n
+    softmax(logits)``, ``H`` the entropy in nats; 0 for no rows. ``sync``: ``pbar`` over
+    every rank's rows (one differentiable all-reduce, which every rank must enter, rows or
+    none)."""
     k = logits.shape[-1]
     sums, rows = distributed.sum_rows_over_ranks(logits.softmax(-1).sum(0), logits.shape[0], sync)
     if rows == 0:
         return logits.new_zeros(()) + 0.0 * sums.sum()  # keeps the graph on every rank
     pbar = sums / rows
     entropy = -(pbar * pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()).sum()
-    return (k - entropy.exp()) / k
+    return (k - entropy.exp()).clamp_min(0.0) / k  # exp H rounds above K at even use
 
 
 class GumbelQuantizer(Quantizer):
     """Gumbel-Softmax quantization (Jang et al. 2017): learned logits over learned codes.
 
     In training the output is `softmax((logits + g) / tau) @ codes` with Gumbel noise
-    `g`; in eval the code of the largest logit. `tau` anneals exponentially from
+    `g` (with `estimator="reinmax"`, the code of `argmax(logits + g)`); in eval the code
+    of the largest logit. `tau` anneals exponentially from
     `tau_start` to `tau_end` with training progress `p`:
     `tau = tau_start^(1 - p) * tau_end^p`. `stabq.train` sets `p` every step
     (`set_progress`); a loop of your own calls `set_progress` or passes `anneal_steps`.
@@ -174,6 +203,10 @@ class GumbelQuantizer(Quantizer):
             count, for a loop that never calls `set_progress` (an integer >= 1; default
             None: `tau` moves only by `set_progress`). A `set_progress` call takes over
             from the count for good; the count is saved with the weights.
+        estimator: the training gradient: `"softmax"` (the Gumbel-Softmax above, `hard`
+            as set) or `"reinmax"` (a one-hot Gumbel-max sample forward, whatever `hard`
+            says, and ReinMax's second-order straight-through gradient backward, `tau`
+            the temperature of its `softmax(logits / tau)`; Liu et al. 2023).
 
     Raises:
         ConfigError: an option outside the range given above.
@@ -200,6 +233,7 @@ class GumbelQuantizer(Quantizer):
         pre_norm: bool = False,
         diversity_weight: float = 0.0,
         anneal_steps: int | None = None,
+        estimator: str = "softmax",
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -210,6 +244,11 @@ class GumbelQuantizer(Quantizer):
                 isinstance(value, float | int) and value > 0 and math.isfinite(value),
                 f"{name}: {arg}={value!r}, allowed is a finite number > 0",
             )
+        check(
+            estimator in ESTIMATORS,
+            f"{name}: estimator={estimator!r}, allowed is one of {', '.join(ESTIMATORS)}",
+        )
+        self.estimator = estimator
         self.dim = dim
         self.codebook_size = codebook_size
         self.tau_start, self.tau_end = float(tau_start), float(tau_end)
@@ -288,8 +327,10 @@ class GumbelQuantizer(Quantizer):
         logits = self.to_logits(pre_normalise(self.pre_norm, x)).float()
         if self.training:
             tau = self._counted_tau() if self.counting else self.tau
-            # the weights feed only the product below, which is done with them in backward
-            weights = _sample(logits, tau, self.hard, None, reuse=True)
+            if self.estimator == "reinmax":
+                weights = gumbel_reinmax(logits, tau)
+            else:  # the weights feed only the product below, done with them in backward
+                weights = _sample(logits, tau, self.hard, None, reuse=True)
             indices = weights.detach().argmax(-1)
         else:
             indices = logits.argmax(-1)
@@ -311,6 +352,7 @@ class GumbelQuantizer(Quantizer):
             f"({self.tau_start} -> {self.tau_end}), hard={self.hard}, kl_weight={self.kl_weight}, "
             f"pre_norm={self.pre_norm is not None}, diversity_weight={self.diversity_weight}"
             + ("" if self.anneal_steps is None else f", anneal_steps={self.anneal_steps}")
+            + ("" if self.estimator == "softmax" else f", estimator={self.estimator!r}")
         )
 
 
@@ -320,5 +362,6 @@ __all__ = [
     "diversity_loss",
     "gumbel_from_uniform",
     "gumbel_noise",
+    "gumbel_reinmax",
     "gumbel_softmax",
 ]

@@ -136,6 +136,16 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     # pre_norm and the diversity loss: without them the explode preset's SGD left the
     # logits untrained and the test inputs on 3 to 8 codes (the CHANGELOG)
     "gumbel": (GumbelQuantizer, lambda dim: {"pre_norm": True, "diversity_weight": 1.0}),
+    "gumbel-reinmax": (
+        GumbelQuantizer,
+        lambda dim: {
+            "estimator": "reinmax",
+            "tau_start": 16.0,
+            "tau_end": 16.0,
+            "pre_norm": True,
+            "diversity_weight": 1.0,
+        },
+    ),
     # k-means init and dead-code replacement, as rvq: without them every subspace fell onto
     # one code under the explode preset's SGD (perplexity 1.0, 3 seeds), where with them it
     # kept 57-62% of its codes (the CHANGELOG)
@@ -207,7 +217,7 @@ def preset_names() -> list[str]:
         >>> import textwrap
         >>> print(textwrap.fill(", ".join(stabq.preset_names()), 70))
         fsq, fsq-plain, fsp, ifsq, rvq, vq-ema, vq, diveq, rvq-diveq, gumbel,
-        pq, simvq, rfsq, lfq, bsq, none
+        gumbel-reinmax, pq, simvq, rfsq, lfq, bsq, none
     """
     return list(PRESETS)
 
@@ -242,6 +252,9 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
       learned by DiVeQ on their sum, k-means init, dead codes replaced (as `rvq`).
     - `gumbel`: `GumbelQuantizer`, Gumbel-Softmax over 32 codes, tau 5.0 -> 0.1,
       `pre_norm=True`, diversity loss weight 1.0 (wav2vec 2.0's).
+    - `gumbel-reinmax`: `GumbelQuantizer` with `estimator="reinmax"`: a one-hot
+      Gumbel-max sample of 32 codes with ReinMax's second-order straight-through
+      gradient, tau 16 (fixed), `pre_norm=True`, diversity loss weight 1.0.
     - `pq`: `ProductQuantizer`, 8 subspaces of 256 codes, k-means init, dead codes
       replaced (as `rvq`); `dim` must be a multiple of 8.
     - `simvq`: `SimVQ`, 1024 codes: a frozen random basis times one learned linear
