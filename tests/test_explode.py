@@ -138,7 +138,7 @@ def mnist1d():
 @pytest.mark.outcome
 def test_stabq_presets_hold_under_the_scenarios_optimiser(mnist1d):
     config = TrainConfig(epochs=1, progress=False, **EXPLODE_CONFIG)
-    for name in STABQ_PRESETS:
+    for name in [n for n in STABQ_PRESETS if n != "vq-ema"]:  # vq-ema: the baseline
         record = run_one(METHODS[name], 0, *mnist1d, config)
         assert not record["diverged"] and record["max_loss"] < 100, (name, record["max_loss"])
 

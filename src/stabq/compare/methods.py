@@ -59,12 +59,14 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
-NEWER = ["simvq", "rfsq", "lfq", "bsq"]  # the field's newer quantizers, in every preset
+# the field's newer quantizers: in the default preset beside the classic ones
+NEWER = ["simvq", "rfsq", "lfq", "bsq", "diveq", "rvq-diveq", "fsp", "ifsq", "gumbel-reinmax"]
 DEFAULT_METHODS = [
     "none", "vq-ema", "vq", "rvq", "fsq", "gumbel", "pq", "fsq-2stage", "vq-2stage", "vq-1024",
     *NEWER,
 ]  # fmt: skip
-STRESS_METHODS = ["none", "vq-ema", "vq", "fsq", "fsq-plain", "rvq", *NEWER]
+# every preset build_quantizer lists, so that each is judged under a high learning rate
+STRESS_METHODS = ["none", *STABQ_PRESETS]
 QUICK_METHODS = ["none", "vq-ema", "vq", "rvq", "fsq", "gumbel"]
 PRESETS: dict[str, dict[str, Any]] = {
     # each run until it stops improving

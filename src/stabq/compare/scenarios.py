@@ -4,12 +4,12 @@ Each :class:`Scenario` names the mechanism that blows the baseline up, the
 baseline method that has it (a VQ-EMA written as user code and tutorials write
 it; options documented "reproduces the failure; never use"), the training
 options every method in it shares, and the stabq repair that answers it. Every
-stabq preset (``fsq``, ``rvq``, ``vq``, ``pq``, ``gumbel``, and the newer ``simvq``,
-``rfsq``, ``lfq``, ``bsq``) trains under the
-same optimiser and rate, with the guards off (no clipping either) so that a
-failure shows; the baselines then train again with the guards on
-(:data:`GUARDED`), where each run must be rescued or stopped by a one-line
-:class:`~stabq.errors.TrainingError`, recorded as diverged, never a crash.
+stabq preset (:data:`STABQ_PRESETS`: each that ``build_quantizer`` lists but ``none``,
+the collapsing baseline ``vq-ema`` included) trains under the same optimiser and rate,
+with the guards off (no clipping either) so that a failure shows; the baselines then
+train again with the guards on (:data:`GUARDED`), where each run must be rescued or
+stopped by a one-line :class:`~stabq.errors.TrainingError`, recorded as diverged, never
+a crash.
 
 Kept only what reproduces on mnist1d with the MLP encoder (3 seeds; figures on
 the stress benchmarks page): the sum-reduced commitment under SGD with
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabq.health.verdicts import HEALTHY
+from stabq.quantizers.registry import preset_names
 
 # SGD as user loops write it: momentum 0.9, lr 1e-2, no clipping, no warm-up, no guards
 EXPLODE_CONFIG: dict[str, Any] = {
@@ -37,7 +38,8 @@ EXPLODE_CONFIG: dict[str, Any] = {
     "warmup_epochs": 0.0,
 }
 GUARDED: dict[str, Any] = {"guards": True}  # the checks and undo; clipping stays off
-STABQ_PRESETS = ["fsq", "rvq", "vq", "pq", "gumbel", "simvq", "rfsq", "lfq", "bsq"]
+# every preset build_quantizer lists but the continuous `none`, each a method of its name
+STABQ_PRESETS = [name for name in preset_names() if name != "none"]
 LOSS_LIMIT = 1e10  # a baseline whose largest loss reaches this (or is non-finite) exploded
 HEALTHY_LOSS = 100.0  # a stabq preset keeps its largest loss under this
 
