@@ -1,7 +1,7 @@
 """Keep a measured comparison in ``benchmarks/results/``, with its command and provenance.
 
     python benchmarks/compare_results.py OUT_DIR NAME --command "stabq compare ..." \\
-        [--threads 1] [--note "..."]
+        [--threads 1] [--note "..."] [--also OTHER_OUT_DIR --classes 10]
 
 ``OUT_DIR`` is a comparison's ``--out`` directory. Its ``results.json`` is kept whole, less
 each run's code frequencies (a grid's run holds 64,000 counts) and with each epoch's
@@ -10,6 +10,11 @@ each run's packed correct test rows (the paired intervals) stay as they were. Wr
 ``benchmarks/results/compare-NAME.json``, with :func:`_measure.provenance` (the command,
 the commit, the date, the processor, the threads: ``--threads`` when the comparison set
 its own, else torch's default here) so the benchmark pages can say where it came from.
+
+``--also`` adds the runs of another comparison of the same data, preset, seeds and
+training options (methods run later, say): runs do not depend on which other methods ran,
+each seeded alone, so the rows and the verdict are summarised again over all the runs, as
+one comparison of every method would give them. The settings must agree, or it refuses.
 """
 
 from __future__ import annotations
@@ -35,6 +40,27 @@ def trimmed(results: dict) -> dict:
     return {**results, "runs": runs}
 
 
+def merged(first: dict, others: list[dict], classes: int | None) -> dict:
+    """``first`` with the runs of ``others`` added, its rows and verdict summarised anew."""
+    from stabq.compare.runs import summarise, verdict
+
+    if classes is None:
+        sys.exit("compare_results.py: --also needs --classes (the data's number of classes)")
+    for other in others:
+        same = {k: other[k] == first[k] for k in ("data", "preset", "settings")}
+        if not all(same.values()):
+            sys.exit(
+                f"compare_results.py: --also differs in {[k for k, v in same.items() if not v]}"
+            )
+    runs = first["runs"] + [run for other in others for run in other["runs"]]
+    order = list(dict.fromkeys(run["method"] for run in runs))
+    runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
+    rows = summarise(runs, classes)
+    seconds = first["seconds"] + sum(other["seconds"] for other in others)
+    return {**first, "verdict": verdict(rows, first["data"]), "seconds": seconds,
+            "rows": rows, "runs": runs}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -42,8 +68,13 @@ def main() -> None:
     parser.add_argument("--command", required=True)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--note", default="")
+    parser.add_argument("--also", type=Path, action="append", default=[])
+    parser.add_argument("--classes", type=int, default=None)
     args = parser.parse_args()
     results = json.loads((args.out_dir / "results.json").read_text())
+    if args.also:
+        results = merged(results, [json.loads((d / "results.json").read_text()) for d in args.also],
+                         args.classes)  # fmt: skip
     document = {**provenance(args.command, args.threads), "note": args.note,
                 **trimmed(results)}  # fmt: skip
     target = Path(__file__).parent / "results" / f"compare-{args.name}.json"
