@@ -4,6 +4,7 @@ weights, by properties of its bins, perturbation and moment loss, and through th
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 
@@ -112,10 +113,8 @@ def test_the_moment_loss_stays_finite_for_huge_values():
         assert math.isfinite(float(loss)) and float(loss) >= 0
 
 
-def test_synced_moments_over_two_ranks_equal_one_process_on_the_joined_batch(monkeypatch):
+def on_two_ranks(monkeypatch, halves, loss_of):
     """Two threads stand in for two ranks: the fake all-reduce sums what both put in."""
-    z = torch.randn(13, 4, generator=torch.Generator().manual_seed(6)) * 2 + 1
-    halves = [z[:5], z[5:]]
     barrier, slots, local = threading.Barrier(2), [None, None], threading.local()
 
     def summed(t):
@@ -130,16 +129,52 @@ def test_synced_moments_over_two_ranks_equal_one_process_on_the_joined_batch(mon
 
     def rank(r):
         local.rank = r
-        found[r] = fsp_math.moment_loss(halves[r], "kurt", sync=True)
+        found[r] = loss_of(halves[r], sync=True)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return found
+
+
+def test_synced_moments_over_two_ranks_equal_one_process_on_the_joined_batch(monkeypatch):
+    z = torch.randn(13, 4, generator=torch.Generator().manual_seed(6)) * 2 + 1
+    found = on_two_ranks(
+        monkeypatch, [z[:5], z[5:]], lambda h, sync: fsp_math.moment_loss(h, "kurt", sync)
+    )
     expected = fsp_math.moment_loss(z, "kurt")
     for loss in found:
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_pre_norm_standardises_over_the_batch_in_training_and_by_running_stats_at_eval():
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(4)) * 4 + 2
+    q = FSP([8, 5, 5], activation="normal", quantize_rate=1.0, pre_norm=True)
+    plain = FSP([8, 5, 5], activation="normal", quantize_rate=1.0)
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    torch.testing.assert_close(q(x).quantized, plain((x - mean) / (var + 1e-5).sqrt()).quantized)
+    running_mean, running_var = 0.1 * mean, 0.9 + 0.1 * x.var(0)
+    q, plain = q.eval(), plain.eval()
+    standardised = (x - running_mean) / (running_var + 1e-5).sqrt()
+    assert torch.equal(q(x).indices, plain(standardised).indices)
+
+
+def test_pre_norm_over_two_ranks_equals_one_process_on_the_joined_batch(monkeypatch):
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(8)) * 3 + 1
+    torch.manual_seed(0)
+    joined = FSP([8, 5, 5], dim=6, activation="normal", quantize_rate=1.0, pre_norm=True)
+    ranks = [copy.deepcopy(joined), copy.deepcopy(joined)]
+    expected = joined(x)
+    monkeypatch.setattr(fsp_math.distributed, "is_distributed", lambda: True)
+    halves = [x[:5], x[5:]]
+    found = on_two_ranks(monkeypatch, halves, lambda h, sync: ranks[int(len(h) != 5)](h))
+    torch.testing.assert_close(torch.cat([f.quantized for f in found]), expected.quantized)
+    assert torch.equal(torch.cat([f.indices for f in found]), expected.indices)
+    for rank, f in zip(ranks, found, strict=True):
+        torch.testing.assert_close(f.loss, expected.loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rank.pre_norm.running_var, joined.pre_norm.running_var)
 
 
 VARIANTS = {
@@ -148,6 +183,8 @@ VARIANTS = {
     "laplace-inverse-kurt": lambda: FSP([3, 7], activation="laplace", inverse_activation=True,
                                         quantize_rate=0.5, vector_norm="kurt"),
     "sigmoid-proj": lambda: FSP([6, 6], dim=6, activation="sigmoid", vector_norm="var_sigmoid"),
+    "normal-pre-norm": lambda: FSP([8, 5, 5], dim=6, activation="normal", quantize_rate=0.5,
+                                   vector_norm="var", pre_norm=True),
 }  # fmt: skip
 
 
@@ -265,6 +302,7 @@ def test_training_output_is_perturbed_within_half_a_bin_and_indices_stay_the_bin
         ({"quantize_rate": "0.5"}, "quantize_rate='0.5'"),
         ({"vector_norm": "l2"}, "vector_norm='l2', allowed is one of none, var, kurt"),
         ({"inverse_activation": "yes"}, "inverse_activation='yes', allowed is true or false"),
+        ({"pre_norm": 1}, "pre_norm=1, allowed is true or false"),
     ],
 )
 def test_bad_options_are_one_line_config_errors(options, fragment):
@@ -277,7 +315,8 @@ def test_the_preset_builds_what_the_table_says_and_the_monitor_reads_its_levels(
     q = stabq.build_quantizer("fsp", 128)
     assert type(q) is FSP and q.codebook_size == 64000 and q.grid
     assert (q.levels, q.activation, q.quantize_rate) == ([8, 8, 8, 5, 5, 5], "normal", 0.5)
-    assert (q.inverse_activation, q.vector_norm) == (False, "var")
+    assert (q.inverse_activation, q.vector_norm, q.pre_norm.affine) == (False, "var", False)
+    q = stabq.build_quantizer("fsp", 128, pre_norm=False)  # can saturate: the monitor says so
     monitor = CollapseMonitor(q, check_every=10)
     assert (monitor.codebook_size, monitor.num_codebooks, monitor.levels) == (
         64000, 1, [8, 8, 8, 5, 5, 5],

@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from stabq import distributed
 from stabq.errors import check, is_int
 from stabq.quantizers.base import Quantizer
-from stabq.quantizers.fsq import fsq_indices_to_levels, fsq_level_indices_to_index
+from stabq.quantizers.fsq import (
+    fsq_indices_to_levels,
+    fsq_level_indices_to_index,
+    grid_dtype,
+    pre_normalise,
+)
 
 UNIFORM_STD = 0.28867513459481287  # sqrt(1 / 12), the standard deviation of U(0, 1)
 _SQRT2 = math.sqrt(2.0)
@@ -239,11 +244,14 @@ class FSP(Quantizer):
             activations), `"var"` (variance 1, for `"normal"`), `"var_sigmoid"` (3.29),
             `"var_laplace"` (2), `"kurt"` (variance 1, skewness 0 weight 0.06, excess
             kurtosis 0 weight 0.05) or `"none"`.
+        pre_norm: standardise each code dimension over the batch before the CDF (BatchNorm
+            without affine, running statistics at eval; every rank's rows together), as
+            `FSQ`'s option. Default False.
 
     Raises:
         ConfigError: `levels` empty or not integers >= 2, too many codes, `dim` not an
-            integer >= 1, an unknown `activation` or `vector_norm`, or `quantize_rate`
-            outside [0, 1].
+            integer >= 1, an unknown `activation` or `vector_norm`, `quantize_rate`
+            outside [0, 1], or `pre_norm` not a boolean.
 
     Examples:
         >>> import torch, stabq
@@ -267,6 +275,7 @@ class FSP(Quantizer):
         quantize_rate: float = 0.0,
         inverse_activation: bool = False,
         vector_norm: str = "var_tanh",
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         levels = _check_options(levels, activation, quantize_rate, vector_norm)
@@ -279,6 +288,7 @@ class FSP(Quantizer):
             isinstance(inverse_activation, bool),
             f"FSP: inverse_activation={inverse_activation!r}, allowed is true or false",
         )
+        check(isinstance(pre_norm, bool), f"FSP: pre_norm={pre_norm!r}, allowed is true or false")
         self.levels, self.dim, self.codebook_size = levels, dim, math.prod(levels)
         self.activation, self.quantize_rate = activation, float(quantize_rate)
         self.inverse_activation, self.vector_norm = inverse_activation, vector_norm
@@ -286,9 +296,13 @@ class FSP(Quantizer):
         has_projection = dim != len(levels)
         self.project_in = nn.Linear(dim, len(levels)) if has_projection else nn.Identity()
         self.project_out = nn.Linear(len(levels), dim) if has_projection else nn.Identity()
+        self.pre_norm = nn.BatchNorm1d(len(levels), affine=False) if pre_norm else None
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        return grid_dtype(self.project_in, self.pre_norm, x)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = self.project_in(x)
+        z = pre_normalise(self.pre_norm, self.project_in(x))
         loss = moment_loss(z, self.vector_norm, self.training and distributed.is_distributed())
         act = CDFS[self.activation][0](z)
         level_idx, midpoints = fsp_bins(act, self._levels)
@@ -321,7 +335,7 @@ class FSP(Quantizer):
         return (
             f"levels={self.levels}, dim={self.dim}, activation={self.activation!r}, "
             f"quantize_rate={self.quantize_rate}, inverse_activation={self.inverse_activation}, "
-            f"vector_norm={self.vector_norm!r}"
+            f"vector_norm={self.vector_norm!r}, pre_norm={self.pre_norm is not None}"
         )
 
 
