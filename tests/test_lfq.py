@@ -10,7 +10,7 @@ import torch
 from vector_quantize_pytorch import LFQ as PeerLFQ
 
 from stabq import LFQ, ConfigError
-from stabq.quantizers.lfq import bit_entropies
+from stabq.quantizers.lfq import bit_entropies, correlation_penalty
 
 CASES = [(4, 1, None), (5, 2, 16), (3, 1, 8)]  # (bits, num_codebooks, dim)
 
@@ -144,3 +144,40 @@ def test_bad_arguments_name_the_value():
         LFQ(10, num_codebooks=3)
     with pytest.raises(ConfigError, match="bits=63, allowed is at most 62"):
         LFQ(8, 63)
+
+
+def reference_correlation_penalty(z: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal Pearson correlation, written out in float64."""
+    r = torch.corrcoef(z.double().T)
+    d = z.shape[1]
+    return (r.pow(2).sum() - d) / (d * (d - 1))
+
+
+def test_correlation_penalty_equals_the_pearson_correlations():
+    torch.manual_seed(0)
+    z = torch.randn(50, 6) @ torch.randn(6, 6)  # correlated columns
+    want = reference_correlation_penalty(z)
+    torch.testing.assert_close(correlation_penalty(z).double(), want, rtol=1e-5, atol=1e-7)
+    copies = torch.cat([z[:, :1]] * 4, 1)  # every pair correlates fully: 1
+    torch.testing.assert_close(correlation_penalty(copies), torch.tensor(1.0))
+    assert float(correlation_penalty(z[:1])) == 0.0 and float(correlation_penalty(z[:, :1])) == 0
+
+
+@pytest.mark.parametrize("spherical", [False, True], ids=["lfq", "bsq"])
+def test_decorrelation_weight_adds_the_projection_penalty(spherical):
+    torch.manual_seed(0)
+    plain = LFQ(12, 4, 2, pre_norm=True, spherical=spherical)
+    q = LFQ(12, 4, 2, pre_norm=True, spherical=spherical, decorrelation_weight=0.5)
+    q.load_state_dict(plain.state_dict())
+    x = torch.randn(40, 12)
+    z = q.project_in(x).detach()
+    z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)  # pre_norm's
+    want = plain(x).loss.double() + 0.5 * reference_correlation_penalty(z)
+    torch.testing.assert_close(q(x).loss.double(), want, rtol=1e-5, atol=1e-6)
+    q(x).loss.backward()  # the penalty reaches the projection
+    assert q.project_in.weight.grad.abs().sum() > 0
+
+
+def test_decorrelation_weight_must_be_a_number_at_least_zero():
+    with pytest.raises(ConfigError, match="decorrelation_weight=-1"):
+        LFQ(8, 8, decorrelation_weight=-1)

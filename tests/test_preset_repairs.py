@@ -1,5 +1,6 @@
 """The options behind the simvq, lfq and bsq presets: SimVQ's `pre_norm` and
-`identity_transform`, LFQ's `pre_norm`, against computations written out here."""
+`identity_transform`, LFQ's `pre_norm` and `decorrelation_weight`, against computations
+written out here."""
 
 from __future__ import annotations
 
@@ -96,12 +97,27 @@ def test_every_bit_of_a_standardised_batch_takes_both_signs():
     assert bool((bits.sum(0) > 0).all()) and bool((bits.sum(0) < 64).all())
 
 
+def test_decorrelation_pushes_bits_that_move_together_apart():
+    # Two projected values that are the same up to noise: one step on the penalty alone
+    # lowers their correlation (the codebook entropy would see two balanced bits).
+    torch.manual_seed(0)
+    q = LFQ(2, 2, pre_norm=True, entropy_weight=0.0, decorrelation_weight=1.0)
+    x = torch.randn(256, 1) @ torch.ones(1, 2) + 0.1 * torch.randn(256, 2)
+    x.requires_grad_(True)
+    before = float(torch.corrcoef(x.detach().T)[0, 1])
+    q(x).loss.backward()
+    after = float(torch.corrcoef((x - 100 * x.grad).detach().T)[0, 1])  # one descent step
+    assert before > 0.98 and after < before - 0.05
+
+
 def test_presets_carry_the_repairs():
     simvq = stabq.build_quantizer("simvq", DIM)
     assert simvq.pre_norm is not None and torch.equal(simvq.transform.weight, torch.eye(DIM))
     lfq = stabq.build_quantizer("lfq", DIM)
     assert lfq.pre_norm is not None and lfq.inv_temperature == 1.0
-    assert stabq.build_quantizer("bsq", DIM).pre_norm is not None
+    bsq = stabq.build_quantizer("bsq", DIM)
+    assert bsq.pre_norm is not None and bsq.spherical
+    assert lfq.decorrelation_weight == bsq.decorrelation_weight == 1.0
     assert "pre_norm=True" in repr(simvq) and "pre_norm=True" in repr(lfq)
 
 

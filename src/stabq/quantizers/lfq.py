@@ -28,7 +28,10 @@ the time; it does not see bits that move together. The loss is
 
 averaged over codebooks: the peer's ``H_sample - gamma H_codebook`` plus the
 constant ``gamma d ln 2``, so that it is >= 0 like every stabq loss (same gradients;
-the gap is clamped at 0 against rounding).
+the gap is clamped at 0 against rounding). ``decorrelation_weight`` adds what the
+codebook term misses: ``decorrelation_weight sum_{i != j} r_ij^2 / (D (D - 1))``,
+``r`` the batch's correlations between the ``D = C d`` values whose signs are taken
+(after ``pre_norm``, before the sphere), an option the peer lacks.
 Logits are clamped to +-80, where ``sigmoid`` is flat in float32.
 
 Distributed training: ``pbar`` is the mean over every rank's rows, from one
@@ -37,8 +40,10 @@ differentiable all-reduce of the per-bit sums and the row count
 batch's, the same on every rank (a rank without rows carries it too). Under
 DistributedDataParallel, which averages the gradients, its gradient is one
 process's on the joined batch; ``H_sample`` and the commitment stay this rank's
-means. So ranks with equal shares of a batch get one process's loss and
-gradients on the whole batch; with unequal shares, weigh each rank's loss by
+means; the decorrelation term's correlations are the global batch's too (two
+more all-reduces: the column sums, then the centred cross products). So ranks
+with equal shares of a batch get one process's loss and gradients on the whole
+batch; with unequal shares, weigh each rank's loss by
 its share of the rows (times the world size), as :func:`stabq.distributed.even_batches`
 says. In eval mode the statistics are this rank's own: no collective, so
 evaluating on one rank alone cannot wait for the others.
@@ -86,6 +91,27 @@ def _entropies(logits: Tensor, sync: bool) -> tuple[Tensor, Tensor, float]:
     return sample, marginal.sum(-1), rows
 
 
+def correlation_penalty(z: Tensor, sync: bool = False) -> Tensor:
+    """Mean squared off-diagonal correlation of ``z`` ``(n, D)``'s columns over the batch.
+
+    ``sum_{i != j} r_ij^2 / (D (D - 1))``, ``r`` the Pearson correlations (biased
+    covariances; a constant column correlates with nothing): 0-dim float32 in [0, 1],
+    0 for fewer than 2 rows or columns. ``sync=True``: over every rank's rows, in two
+    differentiable all-reduces, and every rank must call it.
+    """
+    d = z.shape[1]
+    z = z.float()
+    sums, rows = distributed.sum_rows_over_ranks(z.sum(0), z.shape[0], sync)
+    centred = z - sums / max(rows, 1.0)
+    cov = centred.T @ centred
+    cov = distributed.sum_over_ranks(cov) if sync else cov
+    if rows < 2 or d < 2:
+        return 0.0 * cov.sum()  # in the graph on every rank alike
+    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    corr = cov / (std[:, None] * std[None, :])
+    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (d * (d - 1))
+
+
 class LFQ(Quantizer):
     """Lookup-free quantization (Yu et al. 2023): each dimension quantized to its sign.
 
@@ -94,7 +120,9 @@ class LFQ(Quantizer):
     quantization (BSQ, Zhao et al. 2024): inputs and codes on the sphere of radius `s`.
     The loss is `entropy_weight * (H_sample + gamma * (bits ln 2 - H_codebook)) +
     commitment_weight * mean |z - sg(code)|^2` (entropies in nats, per codebook, the
-    codebook entropy from the batch's per-bit marginals), averaged over codebooks: >= 0.
+    codebook entropy from the batch's per-bit marginals), averaged over codebooks, plus
+    `decorrelation_weight` times the mean squared off-diagonal correlation of the
+    values whose signs are taken: >= 0.
 
     Args:
         dim: input size, an integer >= 1; Linear projections
@@ -113,6 +141,10 @@ class LFQ(Quantizer):
             is taken (BatchNorm without affine parameters; running statistics at
             eval): every bit is centred on its threshold, so that no bit can drift to
             one sign for every input, and the encoder's scale cannot grow the codes.
+        decorrelation_weight: weight of the mean squared correlation between the
+            values whose signs are taken (all codebooks' together, over the batch), a
+            number >= 0 (default 0: off, as the peer): the codebook entropy asks each bit
+            to be used half the time, this term asks the bits not to move together.
 
     Raises:
         ConfigError: an option outside the range given above, or `bits=None` with a
@@ -140,6 +172,7 @@ class LFQ(Quantizer):
         codebook_scale: float = 1.0,
         spherical: bool = False,
         pre_norm: bool = False,
+        decorrelation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -161,6 +194,9 @@ class LFQ(Quantizer):
         self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.inv_temperature = check_number(name, "inv_temperature", inv_temperature, 0)
         self.codebook_scale = check_number(name, "codebook_scale", codebook_scale, 0)
+        self.decorrelation_weight = check_number(
+            name, "decorrelation_weight", decorrelation_weight, 0
+        )
         check(codebook_scale > 0, f"{name}: codebook_scale={codebook_scale!r}, allowed is > 0")
         self.spherical = spherical
         codes_dim = num_codebooks * bits
@@ -179,7 +215,8 @@ class LFQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n, c, d = x.shape[0], self.num_codebooks, self.bits
-        raw = pre_normalise(self.pre_norm, self.project_in(x)).view(n, c, d)
+        flat = pre_normalise(self.pre_norm, self.project_in(x))
+        raw = flat.view(n, c, d)
         positive = raw > 0  # signs before the sphere: an overflowing norm cannot zero them
         z = self._sphere(raw)
         codes = self._signs_to_codes(positive, z.dtype)
@@ -195,6 +232,8 @@ class LFQ(Quantizer):
                 loss = self.entropy_weight * (sample + self.diversity_gamma * gap).mean().float()
             if self.commitment_weight > 0 and n:  # 0 * inf would be NaN on huge inputs
                 loss = loss + self.commitment_weight * F.mse_loss(z, codes.detach()).float()
+            if self.decorrelation_weight > 0:
+                loss = loss + self.decorrelation_weight * correlation_penalty(flat, sync)
         return out, indices if self.multi_codebook else indices[:, 0], loss
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:

@@ -187,8 +187,11 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     # pre_norm centres every bit on its threshold: without it the bits drifted to one sign
     # at AdamW 3e-2 without guards (perplexity 2.0, 16.3%, 3 seeds); inv_temperature 1
     # keeps the entropy penalty's gradient alive (at 100 it saturates for |z| > 0.01).
-    # With both: 45.9%, perplexity 19.7, but 6.1% fill (under-used) there; explode 41.6%
-    # (24.0%, under-used, before); default preset 69.2% +- 2.0 against 66.1% +- 6.6
+    # With both: 45.9%, perplexity 19.7, but 6.1% fill (under-used) there: the bits were
+    # balanced but moved together. decorrelation_weight 1 penalises their correlation:
+    # 46.9% +- 0.5, fill 44.9%, perplexity 312 (0.1: 1 of 3 collapsed); explode 43.1%, fill
+    # 90.9% (41.6%, 18.4% before); default preset 71.4% +- 2.5,
+    # fill 64.1% (69.2% +- 2.0, 14.1% before; 3 seeds each)
     "lfq": (
         LFQ,
         lambda dim: {
@@ -196,12 +199,23 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
             "commitment_weight": 0.25,
             "pre_norm": True,
             "inv_temperature": 1.0,
+            "decorrelation_weight": 1.0,
         },
     ),
     # pre_norm as lfq: without it 1 of 3 seeds collapsed at AdamW 3e-2 (2 of 3 under the
-    # explode preset's SGD); with it 47.5% and 13% fill at 3e-2, 1 of 3 collapsed under SGD;
-    # default preset 69.7% +- 1.3 against 67.1% +- 0.4
-    "bsq": (LFQ, lambda dim: {"bits": 16, "spherical": True, "pre_norm": True}),
+    # explode preset's SGD); with it 1 of 3 still collapsed under SGD (perplexity 4.8).
+    # decorrelation_weight 1 as lfq: explode 26.7% +- 2.8, fill 96.7%, 3 of 3 ok (17.5%
+    # +- 4.4 before); AdamW 3e-2 49.5%, fill 56.9% (47.5%, 13.1%); default 70.0% +- 2.1,
+    # fill 66.8% (69.7% +- 1.3, 24.2%)
+    "bsq": (
+        LFQ,
+        lambda dim: {
+            "bits": 16,
+            "spherical": True,
+            "pre_norm": True,
+            "decorrelation_weight": 1.0,
+        },
+    ),
     "none": (Identity, lambda dim: {}),
 }
 
@@ -266,9 +280,10 @@ def build_quantizer(name: str, dim: int, **overrides) -> Quantizer:
     - `rfsq`: `ResidualFSQ`, levels [8, 5, 5, 5] (1,000 codes) x 4 layers,
       `pre_norm=True`.
     - `lfq`: lookup-free `LFQ`, 16 bits (65,536 codes), `pre_norm=True`, entropy
-      penalty 0.1 at inverse temperature 1, commitment 0.25.
+      penalty 0.1 at inverse temperature 1, commitment 0.25, decorrelation 1.
     - `bsq`: `LFQ` with `spherical=True`, 16 bits on the unit sphere (binary spherical
-      quantization), `pre_norm=True`, entropy penalty 0.1, no commitment term.
+      quantization), `pre_norm=True`, entropy penalty 0.1, decorrelation 1, no
+      commitment term.
     - `none`: `Identity`, the continuous pass-through: the reference, with no codes.
 
     Args:
