@@ -182,6 +182,7 @@ def test_bad_options_are_refused(options):
 def test_the_preset_builds_counts_and_trains(name, cls, codebooks):
     q = stabq.build_quantizer(name, 128)
     assert type(q) is cls and q.directional_reparam and q.num_codebooks == codebooks
+    assert isinstance(q.pre_norm, nn.BatchNorm1d) and not q.pre_norm.affine  # stress
     monitor = CollapseMonitor(q)
     assert (monitor.codebook_size, monitor.num_codebooks) == (q.codebook_size, codebooks)
     monitor.detach()
