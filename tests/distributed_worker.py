@@ -51,6 +51,13 @@ DDP_CASES = {
     # DiVeQ's noise differs by rank; DDP averages the codebook's gradient
     "diveq": lambda: VectorQuantizer(DIM, 16, directional_reparam=True, **REPAIRS),
     "rvq-diveq": lambda: ResidualVQ(DIM, 2, 16, directional_reparam=True, **REPAIRS),
+    # pre_norm's running statistics: every rank's rows together
+    "diveq-prenorm": lambda: VectorQuantizer(
+        DIM, 16, directional_reparam=True, pre_norm=True, **REPAIRS
+    ),
+    "rvq-diveq-prenorm": lambda: ResidualVQ(
+        DIM, 2, 16, directional_reparam=True, pre_norm=True, **REPAIRS
+    ),
 }
 
 

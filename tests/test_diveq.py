@@ -182,6 +182,7 @@ def test_bad_options_are_refused(options):
 def test_the_preset_builds_counts_and_trains(name, cls, codebooks):
     q = stabq.build_quantizer(name, 128)
     assert type(q) is cls and q.directional_reparam and q.num_codebooks == codebooks
+    assert isinstance(q.pre_norm, nn.BatchNorm1d) and not q.pre_norm.affine  # stress
     monitor = CollapseMonitor(q)
     assert (monitor.codebook_size, monitor.num_codebooks) == (q.codebook_size, codebooks)
     monitor.detach()
@@ -216,3 +217,70 @@ def test_swap_a_peer_vector_quantize_for_diveq_and_train_its_codebook():
     assert quantized.shape == x.shape and indices.shape == (4, 10)
     (quantized.square().sum() + loss.sum()).backward()
     assert x.grad.abs().sum() > 0 and q.codebook.embed.grad.abs().sum() > 0
+
+
+def standardised(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Reference of ``pre_norm``: ``(x - mean) / sqrt(var + 1e-5)`` in float64."""
+    return ((x.double() - mean.double()) / (var.double() + 1e-5).sqrt()).float()
+
+
+def pre_norm_pair(cls, **options) -> tuple[nn.Module, nn.Module]:
+    """The module with ``pre_norm=True`` and the same module without, sharing codebooks."""
+    torch.manual_seed(0)
+    normed = cls(DIM, codebook_size=K, pre_norm=True, **options)
+    plain = cls(DIM, codebook_size=K, **options)
+    plain.load_state_dict(normed.state_dict(), strict=False)
+    return normed, plain
+
+
+@pytest.mark.parametrize(("cls", "options"), [
+    (stabq.VectorQuantizer, {"directional_reparam": True, "dead_code_threshold": 2.0}),
+    (stabq.ResidualVQ, {"directional_reparam": True, "dead_code_threshold": 2.0}),
+    (stabq.VectorQuantizer, {"kmeans_init": True, "dead_code_threshold": 2.0}),
+    (stabq.ResidualVQ, {"num_quantizers": 2, "kmeans_init": True}),
+])  # fmt: skip
+def test_pre_norm_quantizes_the_batch_standardised_and_evaluates_with_running_statistics(
+    cls, options
+):
+    normed, plain = pre_norm_pair(cls, **options)
+    x = torch.randn(200, DIM) * torch.linspace(0.1, 500, DIM) + 30
+    mean, var = x.double().mean(0), x.double().var(0, unbiased=False)
+    torch.manual_seed(3)  # k-means seeds, dead codes and DiVeQ's noise drawn alike
+    out = normed(x)
+    torch.manual_seed(3)
+    ref = plain(standardised(x, mean, var))
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.quantized, ref.quantized, rtol=1e-4, atol=1e-4)
+    assert out.quantized.norm(dim=-1).mean() < 3 * DIM**0.5  # the codes' scale, not x's
+    running_mean, running_var = 0.1 * mean, 0.9 + 0.1 * x.double().var(0)
+    stats = normed.pre_norm.running_mean, normed.pre_norm.running_var  # float32 sums
+    torch.testing.assert_close(stats[0].double(), running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[1].double(), running_var, rtol=1e-5, atol=1e-5)
+    normed.eval(), plain.eval()
+    test = torch.randn(7, DIM) * 40
+    out, ref = normed(test), plain(standardised(test, running_mean, running_var))
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.quantized, ref.quantized, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.quantized, normed.indices_to_codes(out.indices))
+
+
+@pytest.mark.parametrize("cls", [stabq.VectorQuantizer, stabq.ResidualVQ])
+def test_pre_norm_makes_the_codes_blind_to_the_encoders_scale(cls):
+    """The failure it repairs: features 1000x larger reach the same codes."""
+    options = {"directional_reparam": True, "dead_code_threshold": 2.0, "pre_norm": True}
+    x = torch.randn(64, DIM)
+    chosen = []
+    for scale in (1.0, 1000.0):
+        torch.manual_seed(0)
+        q = cls(DIM, codebook_size=K, **options)
+        chosen.append(q(x * scale).indices)
+    assert torch.equal(*chosen) and chosen[0].unique().numel() > 10
+    one = cls(DIM, codebook_size=K, **options)(x[:1])  # one row: running statistics
+    assert torch.isfinite(one.quantized).all()
+
+
+@pytest.mark.parametrize("cls", [stabq.VectorQuantizer, stabq.ResidualVQ])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_pre_norm_must_be_a_bool(cls, value):
+    with pytest.raises(ConfigError, match=f"{cls.__name__}: pre_norm="):
+        cls(DIM, codebook_size=K, pre_norm=value)

@@ -362,6 +362,15 @@ def check_directional(
     return check_number(owner, "directional_reparam_variance", variance, 0)
 
 
+def batch_norm(owner: str, pre_norm: object, dim: int) -> nn.BatchNorm1d | None:
+    """The ``pre_norm`` option's BatchNorm without affine over ``dim``, or None when off."""
+    check(
+        isinstance(pre_norm, bool),
+        f"{owner}: pre_norm={pre_norm!r}, allowed is True or False",
+    )
+    return nn.BatchNorm1d(dim, affine=False) if pre_norm else None
+
+
 def projections(dim: int, codebook_dim: int | None, owner: str) -> tuple[nn.Module, nn.Module]:
     """Linear ``dim -> codebook_dim`` and back, or identities when the sizes agree."""
     check(

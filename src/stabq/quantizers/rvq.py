@@ -8,6 +8,7 @@ Each of ``Q`` codebooks quantizes what the previous ones left over::
 The sum passes gradients to ``z`` once (straight through, or by the rotation
 trick); each layer adds its commitment loss ``beta |r_i - sg(c_i)|^2``. With
 k-means initialisation each layer is seeded on the residuals it actually sees.
+``pre_norm`` standardises ``z`` per dimension first (BatchNorm without affine).
 With ``directional_reparam`` (DiVeQ) the sum passes through DiVeQ once, in
 training ``z + sg(unit(q - z + sqrt(var) n)) |q - z|``, which trains every layer's
 codebook by gradient, with no loss.
@@ -22,12 +23,14 @@ from stabq.errors import check, check_int, check_number
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import (
     Codebook,
+    batch_norm,
     check_directional,
     commitment_loss,
     estimate,
     projections,
     residual_commitment_loss,
 )
+from stabq.quantizers.fsq import pre_normalise
 from stabq.quantizers.gradients import directional_reparam as diveq
 from stabq.quantizers.gradients import straight_through
 
@@ -61,10 +64,14 @@ class ResidualVQ(Quantizer):
             then sets only the dead-code horizon; None: 0.99); no loss. Needs
             `dead_code_threshold` > 0; not with `rotation_trick`. In evaluation: `q`.
         directional_reparam_variance: `var`, the variance of the noise, a number >= 0.
+        pre_norm: standardise each code dimension over the batch before the first
+            layer (as `VectorQuantizer`): the codebooks need not follow the encoder's
+            scale; the output is in that standardised scale. True or False.
 
     Raises:
-        ConfigError: an option outside the range given above, `cosine=True`, or
-            `directional_reparam` with `rotation_trick` or no dead-code replacement.
+        ConfigError: an option outside the range given above, `cosine=True`, `pre_norm`
+            not a bool, or `directional_reparam` with `rotation_trick` or no dead-code
+            replacement.
 
     Examples:
         >>> import torch, stabq
@@ -91,6 +98,7 @@ class ResidualVQ(Quantizer):
         rotation_trick: bool = False,
         directional_reparam: bool = False,
         directional_reparam_variance: float = 5e-3,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -114,6 +122,7 @@ class ResidualVQ(Quantizer):
             )
             decay, usage_decay = None, 0.99 if decay is None else decay
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
+        self.pre_norm = batch_norm(name, pre_norm, codebook_dim or dim)
         self.layers = nn.ModuleList(
             Codebook(
                 codebook_size,
@@ -129,7 +138,7 @@ class ResidualVQ(Quantizer):
         )
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = self.project_in(x)
+        z = pre_normalise(self.pre_norm, self.project_in(x))
         if self.directional_reparam:
             return self._quantize_diveq(z)
         if self.layers[0].learned:

@@ -1,6 +1,7 @@
 """Vector quantization: nearest code of one codebook (van den Oord et al. 2017).
 
     z = W_in x            (optional low-dim codebook, ``codebook_dim``)
+    z = BN(z)             (``pre_norm``: standardised per dimension, no affine)
     z = z / |z|           (``cosine``: codes and inputs on the unit sphere)
     k = argmin_k |z - e_k|^2,   q = e_k
     out = W_out q         with the gradient of q passed to z straight through
@@ -26,12 +27,14 @@ from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import (
     REDUCTIONS,
     Codebook,
+    batch_norm,
     check_directional,
     commitment_loss,
     estimate,
     l2norm,
     projections,
 )
+from stabq.quantizers.fsq import pre_normalise
 from stabq.quantizers.gradients import directional_reparam as diveq
 from stabq.quantizers.gradients import straight_through
 
@@ -73,10 +76,16 @@ class VectorQuantizer(Quantizer):
             is no loss. Needs `dead_code_threshold` > 0; not with `rotation_trick` or
             `cosine`. In evaluation the output is `q`.
         directional_reparam_variance: `var`, the variance of that noise, a number >= 0.
+        pre_norm: standardise each code dimension over the batch before the search
+            (BatchNorm without affine, after the input projection; running statistics
+            at eval or for a single row, every rank's rows in distributed training):
+            the codes then need not follow the encoder's scale, whatever it grows to,
+            and the quantized output is in that standardised scale. True or False.
 
     Raises:
-        ConfigError: an option outside the range given above, or `directional_reparam`
-            with `rotation_trick`, `cosine` or no dead-code replacement.
+        ConfigError: an option outside the range given above, `pre_norm` not a bool, or
+            `directional_reparam` with `rotation_trick`, `cosine` or no dead-code
+            replacement.
 
     Examples:
         >>> import torch, stabq
@@ -102,6 +111,7 @@ class VectorQuantizer(Quantizer):
         cluster_size_init: str = "ones",
         directional_reparam: bool = False,
         directional_reparam_variance: float = 5e-3,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -126,6 +136,7 @@ class VectorQuantizer(Quantizer):
             )
             decay, usage_decay = None, 0.99 if decay is None else decay
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
+        self.pre_norm = batch_norm(name, pre_norm, codebook_dim or dim)
         self.codebook = Codebook(
             codebook_size,
             codebook_dim or dim,
@@ -140,7 +151,7 @@ class VectorQuantizer(Quantizer):
         )
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = self.project_in(x)
+        z = pre_normalise(self.pre_norm, self.project_in(x))
         if self.cosine:
             z = l2norm(z)
         codes, indices = self.codebook(z[None])
