@@ -25,6 +25,7 @@ from stabq.health import (
     method_health,
     run_verdict,
 )
+from stabq.quantizers.registry import CAUTIONS
 from stabq.report import format_table, write_comparison
 
 CLASSES = 10
@@ -63,6 +64,39 @@ def run(
 
 
 # --- the rules, their precedence and their boundaries ------------------------------------------
+
+
+def at_chance(record: dict, accuracy: float, loss: float) -> dict:
+    """``record`` with test accuracy ``accuracy`` and a last epoch's training loss ``loss``."""
+    history = [*record["history"][:-1], {**record["history"][-1], "train_loss": loss}]
+    return {**record, "test_accuracy": accuracy, "history": history}
+
+
+def test_a_run_that_learned_nothing_is_stalled_however_its_codes_spread():
+    chance = math.log(CLASSES)  # cross-entropy of a uniform guess
+    assert run_verdict(at_chance(run(), 0.093, chance), CLASSES) == "stalled"
+    # before collapsed and under-used, after diverged; the continuous model too
+    assert run_verdict(at_chance(run(effective=3.0), 0.1, chance), CLASSES) == "stalled"
+    few = counts_with(26, 512, 1000)
+    assert run_verdict(at_chance(run(counts=few), 0.1, chance), CLASSES) == "stalled"
+    assert run_verdict(at_chance(run(diverged=True), 0.1, chance), CLASSES) == "diverged"
+    assert run_verdict(at_chance(run(), 0.1, chance), CLASSES, quantized=False) == "stalled"
+    # both boundaries are inclusive; either condition alone is not enough
+    assert run_verdict(at_chance(run(), 0.15, 0.9 * chance), CLASSES) == "stalled"
+    assert run_verdict(at_chance(run(), 0.151, chance), CLASSES) == "ok"
+    assert run_verdict(at_chance(run(), 0.1, 0.89 * chance), CLASSES) == "ok"
+    assert run_verdict(at_chance(run(), 0.1, float("nan")), CLASSES) == "ok"
+    assert run_verdict({**run(), "test_accuracy": 0.1, "history": []}, CLASSES) == "ok"
+
+
+def test_the_stalled_reason_gives_the_accuracy_and_the_loss_against_chance():
+    runs = [at_chance(run(), 0.09, 2.31), at_chance(run(), 0.11, 2.29), run()]
+    row = method_health(runs, CLASSES)
+    assert row["verdict"] == "stalled" and not row["collapsed"]
+    assert row["reason"] == (
+        "test accuracy 10.0% (chance 10.0%), last training loss 2.30 against ln 10 = 2.30: "
+        "learned nothing; in 2 of 3 runs"
+    )
 
 
 def test_each_verdict():
@@ -216,8 +250,9 @@ def test_verdict_line_says_why():
     assert verdict(rows, "mnist1d") == (
         "mnist1d favours fsq: the highest test accuracy of the 2 methods judged ok or rescued "
         "(69.0%, -4.0 vs continuous; effective codes 650); not considered: vq-ema under-used "
-        "(26 of 512 codes (5% of what 1,000 test inputs can fill), under 10%); fsq-plain "
-        "collapsed (perplexity 1.0 < 10 classes: fewer effective codes than classes)."
+        "(26 of 512 codes (5% of what 1,000 test inputs can fill), under 10%; known: "
+        f"{CAUTIONS['vq-ema']}); fsq-plain collapsed (perplexity 1.0 < 10 classes: fewer "
+        f"effective codes than classes; known: {CAUTIONS['fsq-plain']})."
     )
     none_healthy = [r for r in rows if r["verdict"] not in ("ok",) or r["method"] == "none"]
     assert verdict(none_healthy, "d").startswith("d: no quantized method was judged ok")
@@ -263,7 +298,7 @@ def test_cli_compare_json_carries_verdicts_and_reasons(tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads((tmp_path / "rep" / "results.json").read_text())
     rows = {r["method"]: r for r in payload["rows"]}
-    allowed = {"ok", "under-used", "collapsed", "diverged", "rescued"}
+    allowed = {"ok", "under-used", "collapsed", "stalled", "diverged", "rescued"}
     assert all(r["verdict"] in allowed and r["reason"] for r in rows.values())
     assert rows["fsq"]["grid"] is True and rows["fsq"]["dead_codes"] is None
     assert rows["vq-ema"]["grid"] is False and rows["vq-ema"]["dead_codes"] is not None

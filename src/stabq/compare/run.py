@@ -7,7 +7,7 @@ reference and difference to the best healthy method (paired over seeds and test 
 with 95% intervals: :mod:`stabq.compare.paired`), codebook usage, perplexity, dead
 codes, the largest loss seen,
 diverged and guard-rescued runs, time, and a health verdict with its reason
-(ok / under-used / collapsed / diverged / rescued: the rules are in
+(ok / rescued / under-used / collapsed / stalled / diverged: the rules are in
 :mod:`stabq.health`).
 
 The ``stress`` preset reproduces the conditions under which vanilla VQ-EMA
@@ -112,7 +112,7 @@ def compare(
     continuous reference (`none`) and the difference to the best healthy method (paired
     over seeds and test rows, with 95% intervals), codebook usage, perplexity, dead
     codes, the largest loss seen, diverged and guard-rescued runs, time, and a health
-    verdict with its reason (ok, under-used, collapsed, diverged or rescued).
+    verdict with its reason (ok, rescued, under-used, collapsed, stalled or diverged).
 
     The presets: `default` (14 methods, 2 seeds, each run until its validation accuracy
     stops improving, at most 150 epochs), `quick` (6 methods, the same way), `stress`

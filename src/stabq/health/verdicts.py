@@ -1,4 +1,4 @@
-"""Health verdicts: ok / under-used / collapsed / diverged / rescued, each with its reason.
+"""Health verdicts: ok / rescued / under-used / collapsed / stalled / diverged, with reasons.
 
 A comparison judges each method from its runs (one per seed). Per run, with
 ``K`` codes per codebook, ``C`` codebooks and ``N`` test inputs:
@@ -19,6 +19,10 @@ The verdict of a run, in order of precedence (the first that holds):
 
     diverged    the run ended in a TrainingError, or its loss, accuracy or weights are
                 not finite
+    stalled     test accuracy <= STALLED_ACCURACY / number of classes (1.5 x chance for
+                balanced classes) and the last epoch's training loss >= STALLED_LOSS x
+                ln(number of classes) (cross-entropy at chance): the model learned
+                nothing, however many codes it spreads its inputs over
     collapsed   effective < number of classes: fewer effective codes than classes
                 cannot separate them (the joint code, so that PQ's eight small
                 subspaces are not called collapsed when their product separates)
@@ -47,7 +51,9 @@ from torch import Tensor, nn
 from stabq.health.usage import codebook_figures
 
 UNDER_USED_BELOW = 0.10  # fill under this (strictly) is under-used; exactly 10% is not
-VERDICTS = ("diverged", "collapsed", "under-used", "rescued", "ok")  # highest precedence first
+STALLED_ACCURACY = 1.5  # stalled: test accuracy at most this many times 1 / classes ...
+STALLED_LOSS = 0.9  # ... and the last training loss at least this share of ln(classes)
+VERDICTS = ("diverged", "stalled", "collapsed", "under-used", "rescued", "ok")  # worst first
 HEALTHY = ("ok", "rescued")  # verdicts a method may be favoured with
 
 
@@ -123,10 +129,24 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def stalled(run: dict[str, Any], num_classes: int) -> bool:
+    """Whether a run learned nothing: test accuracy at most :data:`STALLED_ACCURACY` /
+    classes and its last epoch's training loss at least :data:`STALLED_LOSS` x ln(classes).
+    False for a run without a history or with fewer than 2 classes."""
+    history = run.get("history") or []
+    loss = history[-1].get("train_loss") if history else None
+    if num_classes < 2 or loss is None or not math.isfinite(loss):
+        return False
+    low = run["test_accuracy"] <= STALLED_ACCURACY / num_classes
+    return low and loss >= STALLED_LOSS * math.log(num_classes)
+
+
 def run_verdict(run: dict[str, Any], num_classes: int, quantized: bool = True) -> str:
     """The verdict of one run (see the module docstring for the rules)."""
     if run["diverged"]:
         return "diverged"
+    if stalled(run, num_classes):
+        return "stalled"
     if quantized:
         figures = run_figures(run)
         if figures["effective"] < num_classes:
@@ -167,7 +187,8 @@ def method_health(
     reason = _reason(worst, chosen, num_classes, quantized)
     if len(chosen) < len(runs):
         reason += f"; in {len(chosen)} of {len(runs)} runs"
-    return {**row, "verdict": worst, "reason": reason, "collapsed": worst in VERDICTS[:2]}
+    collapsed = worst in ("diverged", "collapsed")
+    return {**row, "verdict": worst, "reason": reason, "collapsed": collapsed}
 
 
 def _reason(verdict: str, runs: Sequence[dict[str, Any]], classes: int, quantized: bool) -> str:
@@ -177,6 +198,14 @@ def _reason(verdict: str, runs: Sequence[dict[str, Any]], classes: int, quantize
         return (errors[0].splitlines()[0] if errors else "loss, accuracy or weights non-finite")[
             :120
         ]
+    if verdict == "stalled":
+        accuracy = statistics.mean(r["test_accuracy"] for r in runs)
+        loss = statistics.mean(r["history"][-1]["train_loss"] for r in runs)
+        return (
+            f"test accuracy {100 * accuracy:.1f}% (chance {100 / classes:.1f}%), last "
+            f"training loss {loss:.2f} against ln {classes} = {math.log(classes):.2f}: "
+            "learned nothing"
+        )
     events = statistics.mean(r.get("guard_events", 0) for r in runs)
     if not quantized:
         return f"{events:g} guard events, ended finite" if verdict == "rescued" else "ended finite"
@@ -262,6 +291,8 @@ def _interval(row: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "STALLED_ACCURACY",
+    "STALLED_LOSS",
     "UNDER_USED_BELOW",
     "VERDICTS",
     "annotate",
@@ -272,5 +303,6 @@ __all__ = [
     "joint_perplexity",
     "method_health",
     "run_verdict",
+    "stalled",
     "used_cell",
 ]
