@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from stabq.errors import ShapeError, check, check_int, check_number
 from stabq.health.alerts import Alert, CollapseWarning
+from stabq.health.grid_mechanisms import grid_levels, normalises
 from stabq.health.mechanisms import Mechanisms
 from stabq.health.probe import (
     caller_level,
@@ -55,7 +56,8 @@ class CollapseMonitor:
     steps above `loss_growth` x the lowest such median so far; a non-finite loss warns
     at once), FSQ saturation (a `saturation` share of the per-dimension levels at a
     bound) and a Gumbel temperature that nothing anneals; it also names mechanisms
-    behind a blow-up (codes lagging or blown up, a sum-reduced loss, fp16 overflow).
+    (codes lagging or blown up, a sum-reduced loss, fp16 overflow; grid dimensions
+    stuck at one level or moving together; a SimVQ map near singular).
     Each condition alerts once when it starts to hold, and again only after it cleared.
     Usage figures are `CodebookUsage`'s over the window. It sees only this process's
     forward calls.
@@ -154,8 +156,9 @@ class CollapseMonitor:
         self.alerts: list[Alert] = []
         self._handle = None
         self.mechanisms = Mechanisms(
-            self.window, bounded=self.levels is not None, single=self.num_codebooks == 1
-        )
+            self.window, bounded=self.grid, single=self.num_codebooks == 1,
+            normalised=normalises(q), books=self.num_codebooks, min_samples=self.min_samples,
+            levels=grid_levels(q, self.codebook_size, self.levels, self.grid))  # fmt: skip
         self.reset()
         self.attach()
 
