@@ -5,18 +5,21 @@ the ``D = C x d`` dimensions of ``C`` codebooks of ``d`` dimensions are read fro
 indices alone (mixed radix; LFQ's ``2**bits`` codes are ``bits`` dimensions of 2
 levels, its signs). Over the monitor's window, and per batch:
 
-    one_sided            a dimension whose most common level takes >= ONE_SIGN (95%)
-                         of the window's inputs, once the window holds min_samples
-                         rows: "3 of 16 bits keep one sign for 96% of inputs over the
-                         last 200 steps" (a bit that never flips halves the cells
-                         reachable; "code dimensions keep one level" for levels > 2)
-    dims_correlated      the mean over the window's batches of the mean |Pearson
-                         correlation| between the level indices of two dimensions of
-                         one codebook (dimensions constant in a batch left out, batches
-                         of >= CORRELATION_ROWS (16) rows) is >= CORRELATION (0.5):
-                         each dimension spread, yet together they reach few cells.
-                         "code dimensions move together: mean |correlation| 0.9
-                         across the batch"
+    one_sided            a dimension that sits at one of its two end levels (LFQ/BSQ:
+                         keeps one sign) for >= ONE_SIGN (95%) of the window's inputs,
+                         once the window holds min_samples rows: "3 of 16 bits keep
+                         one sign for 96% of inputs over the last 200 steps" (a bit
+                         that never flips halves the cells reachable; "code dimensions
+                         keep one end level" for levels > 2; a middle level is left
+                         out: small inputs start there)
+    dims_correlated      the mean over the last CORRELATION_STEPS (20) batches of the
+                         mean |Pearson correlation| between the level indices of two
+                         dimensions of one codebook (dimensions constant in a batch
+                         left out, batches of >= CORRELATION_ROWS (16) rows) is
+                         >= CORRELATION (0.7): each dimension spread, yet together
+                         they reach few cells. "code dimensions move together: mean
+                         |correlation| 0.90 across the batch over the last 20 steps:
+                         few cells are reached"
 
 A module whose codes are a fixed frozen basis times one learned square linear map
 (SimVQ: ``C = B W^T``, its ``transform`` or the peer's ``code_transform``), every
@@ -25,7 +28,7 @@ MAP_EVERY (50) steps from the first:
     map_singular         the fewest singular values of W carrying SPAN_ENERGY (99%)
                          of sum(sigma^2) are <= SPAN_FRACTION (1/2) x dim: the codes
                          lie near a subspace of that dimension. "the codebook's map W
-                         is near-singular (singular values 62 to 0.002): 1 of 32
+                         is near-singular (singular values 62 to 0.0016): 33 of 128
                          directions carry 99% of its energy, so the codes span few
                          directions". nn.Linear's random start needs ~3/4 of them,
                          the identity all.
@@ -33,7 +36,7 @@ MAP_EVERY (50) steps from the first:
 A module that normalises its input (``pre_norm`` BatchNorm, ``spherical`` BSQ,
 ``cosine`` / ``use_cosine_sim`` codebooks) has codes that do not depend on the
 input's scale: :func:`normalises` tells :class:`~stabq.health.mechanisms.Mechanisms`
-not to judge lag there.
+not to judge lag there. Every figure is read in the step's one device sync.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from stabq.health.probe import attr, percent
 from stabq.quantizers.fsq import fsq_indices_to_levels
 
 ONE_SIGN = 0.95
-CORRELATION = 0.5
+CORRELATION = 0.7
 CORRELATION_ROWS = 16
+CORRELATION_STEPS = 20
 SPAN_ENERGY = 0.99
 SPAN_FRACTION = 0.5
 MAP_EVERY = 50
@@ -116,7 +120,7 @@ class GridWatch:
 
     def reset(self) -> None:
         self.counts: deque[list[float]] = deque(maxlen=self.window)  # (D x L_max) a step
-        self.correlations: deque[float] = deque(maxlen=self.window)
+        self.correlations: deque[float] = deque(maxlen=min(self.window, CORRELATION_STEPS))
         self.total: list[float] = []  # the sum of ``counts``
 
     def state_dict(self) -> dict[str, Any]:
@@ -219,6 +223,7 @@ def judge_map(values: list[float], dim: int) -> Verdict:
 
 __all__ = [
     "CORRELATION",
+    "CORRELATION_STEPS",
     "MAP_EVERY",
     "ONE_SIGN",
     "SPAN_ENERGY",
