@@ -145,6 +145,20 @@ def test_the_mean_absolute_correlation_matches_numpy():
     found = float(_mean_abs_correlation(level))
     assert found == pytest.approx(np.mean(pairs), rel=1e-5)
     assert torch.isnan(_mean_abs_correlation(level[:15]))  # too few rows to judge
+    # rows weighted 0 (invalid indices) count as absent
+    weight = (torch.arange(400) < 200).float()
+    padded = torch.cat([level, torch.randn(200, 2, 3, generator=g).round()])
+    assert float(_mean_abs_correlation(padded, weight)) == pytest.approx(found, rel=1e-5)
+
+
+def test_rows_whose_indices_are_negative_are_not_counted():
+    q = LFQ(8, bits=8)
+    monitor = CollapseMonitor(q, warn=False, min_samples=256)
+    watch = monitor.mechanisms.grid
+    indices = torch.tensor([[3], [-1], [3], [1]])  # -1: a row quantization left out
+    counts = watch.fields(indices, 1)[:-1].view(8, 2)
+    assert counts.sum(1).tolist() == [3.0] * 8
+    assert counts[:2].tolist() == [[0.0, 3.0], [1.0, 2.0]]  # bits 0 and 1 of 3, 3, 1
 
 
 def test_dimensions_of_different_residual_layers_are_not_compared():

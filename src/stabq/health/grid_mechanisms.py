@@ -116,6 +116,7 @@ class GridWatch:
 
     def __init__(self, levels: Sequence[int], window: int, min_samples: int) -> None:
         self.levels, self.window, self.min_samples = list(levels), window, min_samples
+        self._levels: Tensor | None = None  # ``levels`` on the indices' device
         self.reset()
 
     def reset(self) -> None:
@@ -134,17 +135,20 @@ class GridWatch:
 
     def fields(self, indices: Tensor, books: int) -> Tensor:
         """Device figures of one step, 1-D: the level counts ``(D * L_max,)`` of the valid
-        rows, then their mean |correlation| within a codebook (NaN when not measured)."""
+        rows, then their mean |correlation| within a codebook (NaN when not measured).
+        Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync."""
         k, width = math.prod(self.levels), max(self.levels)
         flat = indices.detach().reshape(-1, books).long()
-        rows = flat[((flat >= 0) & (flat < k)).all(-1)]
-        levels = torch.tensor(self.levels, device=rows.device)
-        level = fsq_indices_to_levels(rows, levels)  # (n, C, d)
+        valid = ((flat >= 0) & (flat < k)).all(-1).float()  # (n,)
+        if self._levels is None or self._levels.device != flat.device:
+            self._levels = torch.tensor(self.levels, device=flat.device)
+        level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
         n, dims = level.shape[0], books * len(self.levels)
-        ids = level.reshape(n, dims) + torch.arange(dims, device=rows.device) * width
-        counts = torch.zeros(dims * width, device=rows.device)  # index_add_: no sync
-        counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=rows.device))
-        return torch.cat([counts, _mean_abs_correlation(level.float()).reshape(1)])
+        ids = level.reshape(n, dims) + torch.arange(dims, device=flat.device) * width
+        counts = torch.zeros(dims * width, device=flat.device)  # index_add_: no sync
+        counts.index_add_(0, ids.reshape(-1), valid[:, None].expand(n, dims).reshape(-1))
+        correlation = _mean_abs_correlation(level.float(), valid)
+        return torch.cat([counts, correlation.reshape(1)])
 
     def judge(self, values: list[float]) -> list[Verdict]:
         """Verdicts from :meth:`fields`' values (read back) and the window so far."""
@@ -183,22 +187,26 @@ def _steps(n: int) -> str:
     return f"{n} step" + "s" * (n != 1)
 
 
-def _mean_abs_correlation(level: Tensor) -> Tensor:
+def _mean_abs_correlation(level: Tensor, weight: Tensor | None = None) -> Tensor:
     """Mean |Pearson correlation| over the pairs of non-constant dimensions of one codebook,
-    ``level`` ``(n, C, d)``; NaN for fewer than CORRELATION_ROWS rows or no such pair."""
-    n = level.shape[0]
-    if n < CORRELATION_ROWS or level.shape[-1] < 2:
+    ``level`` ``(n, C, d)``, rows weighted 0 or 1 by ``weight`` ``(n,)`` (default all 1);
+    NaN for fewer than CORRELATION_ROWS rows or no such pair."""
+    if level.shape[-1] < 2:
         return level.new_tensor(math.nan)
-    centred = level - level.mean(0)
-    cov = torch.einsum("ncd,nce->cde", centred, centred) / n
+    w = level.new_ones(level.shape[0]) if weight is None else weight.to(level.dtype)
+    rows, w = w.sum(), w[:, None, None]
+    mean = (level * w).sum(0) / rows.clamp_min(1)
+    centred = (level - mean) * w
+    cov = torch.einsum("ncd,nce->cde", centred, centred) / rows.clamp_min(1)
     std = cov.diagonal(dim1=-2, dim2=-1).sqrt()  # (C, d)
     spread = std > 1e-6 * level.abs().amax().clamp_min(1)
     pairs = spread[:, :, None] & spread[:, None, :]
     pairs &= torch.ones_like(pairs[0]).triu(1)
     corr = cov / (std[:, :, None] * std[:, None, :]).clamp_min(1e-30)
     count = pairs.sum()
-    mean = (corr.abs() * pairs).sum() / count.clamp_min(1)
-    return torch.where(count > 0, mean, level.new_tensor(math.nan))
+    found = (corr.abs() * pairs).sum() / count.clamp_min(1)
+    judged = (count > 0) & (rows >= CORRELATION_ROWS)
+    return torch.where(judged, found, level.new_tensor(math.nan))
 
 
 def map_fields(weight: Tensor) -> Tensor:
