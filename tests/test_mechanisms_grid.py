@@ -17,6 +17,7 @@ from torch import nn
 
 from stabq import FSP, FSQ, LFQ, GumbelQuantizer, SimVQ, VectorQuantizer
 from stabq.health.grid_mechanisms import (
+    CORRELATION_STEPS,
     MAP_EVERY,
     _mean_abs_correlation,
     grid_levels,
@@ -115,13 +116,28 @@ def test_an_fsq_fed_equal_dimensions_is_named_with_correlation_1():
     q = FSQ([5, 5, 5, 5], dim=4)
     monitor = CollapseMonitor(q, warn=False)
     t = torch.linspace(-2, 2, 64)[:, None]
-    q(t.expand(64, 4))
+    for _ in range(CORRELATION_STEPS):
+        q(t.expand(64, 4))
     (alert,) = [a for a in monitor.alerts if a.kind == "dims_correlated"]
-    assert alert.step == 1 and alert.value == pytest.approx(1.0, abs=1e-6)
+    assert alert.step == CORRELATION_STEPS and alert.value == pytest.approx(1.0, abs=1e-6)
     assert alert.message == (
         "code dimensions move together: mean |correlation| 1.00 across the batch over the "
-        "last 1 step: few cells are reached"
+        "last 20 steps: few cells are reached"
     )
+
+
+def test_the_correlation_is_the_mean_of_the_last_batches():
+    q = FSQ([5, 5, 5, 5], dim=4)
+    monitor = CollapseMonitor(q, warn=False, window=4)  # the last min(window, 20) batches
+    together = torch.linspace(-2, 2, 64)[:, None].expand(64, 4)
+    spread = torch.atanh(torch.cartesian_prod(*[torch.linspace(-0.8, 0.8, 5)] * 4) / 2)[::5]
+    for x in [together, spread, spread, together, together]:
+        q(x)  # means 1 (too few batches), 0.5, 0.5 (steps 4 and 5)
+    assert kinds(monitor, GRID_KINDS) == []
+    q(together)  # 3 of the last 4: 0.75
+    (alert,) = monitor.alerts
+    assert alert.step == 6 and alert.value == pytest.approx(0.75, abs=1e-6)
+    assert "0.75 across the batch over the last 4 steps" in alert.message
 
 
 def test_an_fsq_whose_cells_are_all_reached_once_raises_nothing():

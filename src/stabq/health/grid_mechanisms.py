@@ -15,8 +15,9 @@ levels, its signs). Over the monitor's window, and per batch:
     dims_correlated      the mean over the last CORRELATION_STEPS (20) batches of the
                          mean |Pearson correlation| between the level indices of two
                          dimensions of one codebook (dimensions constant in a batch
-                         left out, batches of >= CORRELATION_ROWS (16) rows) is
-                         >= CORRELATION (0.7): each dimension spread, yet together
+                         left out, batches of >= CORRELATION_ROWS (16) rows; judged
+                         once there are 20) is >= CORRELATION (0.7): each dimension
+                         spread, yet together
                          they reach few cells. "code dimensions move together: mean
                          |correlation| 0.90 across the batch over the last 20 steps:
                          few cells are reached"
@@ -173,7 +174,7 @@ class GridWatch:
                 f"inputs over the last {_steps(len(self.counts))}"
             )
             verdicts.append(("one_sided", bool(stuck), message, float(len(stuck))))
-        if self.correlations:
+        if len(self.correlations) == self.correlations.maxlen:  # not on a start's few batches
             mean = sum(self.correlations) / len(self.correlations)
             message = (
                 f"code dimensions move together: mean |correlation| {mean:.2f} across the "
