@@ -26,9 +26,12 @@ A module whose codes are a fixed frozen basis times one learned square linear ma
 (SimVQ: ``C = B W^T``, its ``transform`` or the peer's ``code_transform``), every
 MAP_EVERY (50) steps from the first:
 
-    map_singular         the fewest singular values of W carrying SPAN_ENERGY (99%)
-                         of sum(sigma^2) are <= SPAN_FRACTION (1/2) x dim: the codes
-                         lie near a subspace of that dimension. "the codebook's map W
+    map_singular         while CollapseMonitor's collapse holds (judged with it), the
+                         fewest singular values of W carrying SPAN_ENERGY (99%) of
+                         sum(sigma^2) are <= SPAN_FRACTION (1/2) x dim: the codes lie
+                         near a subspace of that dimension. Alone it names no failure
+                         (the simvq preset's W concentrates too under AdamW 3e-2, its
+                         codes in use). "the codebook's map W
                          is near-singular (singular values 62 to 0.0016): 33 of 128
                          directions carry 99% of its energy, so the codes span few
                          directions". nn.Linear's random start needs ~3/4 of them,

@@ -55,9 +55,11 @@ from torch import Tensor, nn
 from stabq.health.grid_mechanisms import (
     MAP_EVERY,
     GridWatch,
+    grid_levels,
     judge_map,
     linear_map,
     map_fields,
+    normalises,
 )
 from stabq.health.probe import attr
 from stabq.quantizers.base import QuantizerOutput
@@ -157,9 +159,21 @@ class Mechanisms:
         self.task_loss: float | None = None
         self.reset()
 
+    @classmethod
+    def of(cls, module: nn.Module, monitor: Any) -> Mechanisms:
+        """The checks for quantizer ``module`` under ``monitor`` (a :class:`CollapseMonitor`:
+        its window, codebook shape, ``grid`` and ``min_samples``)."""
+        return cls(
+            monitor.window, bounded=monitor.grid, single=monitor.num_codebooks == 1,
+            normalised=normalises(module), books=monitor.num_codebooks,
+            min_samples=monitor.min_samples,
+            levels=grid_levels(module, monitor.codebook_size, monitor.levels, monitor.grid),
+        )  # fmt: skip
+
     def reset(self) -> None:
         self.norms: deque[tuple[float, float]] = deque(maxlen=self.window)  # (|x|, |q|) a step
         self.steps = 0  # steps recorded (the map's singular values every MAP_EVERY of them)
+        self.map_verdict: Verdict | None = None  # the latest map_singular reading
         if self.grid is not None:
             self.grid.reset()
 
@@ -167,12 +181,15 @@ class Mechanisms:
         """Plain numbers (JSON): the window's norms and grid counts, the last task loss."""
         grid = None if self.grid is None else self.grid.state_dict()
         norms = [list(n) for n in self.norms]
-        return {"norms": norms, "task_loss": self.task_loss, "steps": self.steps, "grid": grid}
+        return {"norms": norms, "task_loss": self.task_loss, "steps": self.steps, "grid": grid,
+                "map": self.map_verdict}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.norms = deque((tuple(n) for n in state["norms"]), maxlen=self.window)
         self.task_loss = state["task_loss"]
         self.steps = state.get("steps", 0)  # absent in checkpoints of before it
+        found = state.get("map")
+        self.map_verdict = None if found is None else tuple(found)
         if self.grid is not None and state.get("grid") is not None:
             self.grid.load_state_dict(state["grid"])
 
@@ -209,8 +226,8 @@ class Mechanisms:
             size = len(self.grid.levels) * self.books * max(self.grid.levels) + 1
             verdicts += self.grid.judge(values[:size])
             values = values[size:]
-        if weight is not None:
-            verdicts.append(judge_map(values, weight.shape[0]))
+        if weight is not None:  # judged by the monitor with its collapse check
+            self.map_verdict = judge_map(values, weight.shape[0])
         return verdicts
 
     @staticmethod

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from stabq.errors import ShapeError, check, check_int, check_number
 from stabq.health.alerts import Alert, CollapseWarning
-from stabq.health.grid_mechanisms import grid_levels, normalises
 from stabq.health.mechanisms import Mechanisms
 from stabq.health.probe import (
     caller_level,
@@ -155,10 +154,7 @@ class CollapseMonitor:
         self.module = module
         self.alerts: list[Alert] = []
         self._handle = None
-        self.mechanisms = Mechanisms(
-            self.window, bounded=self.grid, single=self.num_codebooks == 1,
-            normalised=normalises(q), books=self.num_codebooks, min_samples=self.min_samples,
-            levels=grid_levels(q, self.codebook_size, self.levels, self.grid))  # fmt: skip
+        self.mechanisms = Mechanisms.of(q, self)
         self.reset()
         self.attach()
 
@@ -381,6 +377,9 @@ class CollapseMonitor:
             self._loss_min, self._loss_min_step = loss, self.step
         if (tau := self._tau.verdict()) is not None:
             self._set(*tau)
+        if (found := self.mechanisms.map_verdict) is not None:  # named with the collapse
+            kind, holds, message, value = found
+            self._set(kind, holds and "collapse" in self._active, message, value)
 
     def _set(self, kind: str, holds: bool, message: str, value: float) -> None:
         """Fire ``kind`` when it starts to hold; forget it when it clears."""
