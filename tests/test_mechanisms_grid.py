@@ -114,7 +114,7 @@ def test_the_peer_lfq_is_read_as_bits_too():
 
 def test_an_fsq_fed_equal_dimensions_is_named_with_correlation_1():
     q = FSQ([5, 5, 5, 5], dim=4)
-    monitor = CollapseMonitor(q, warn=False)
+    monitor = CollapseMonitor(q, warn=False, window=CORRELATION_STEPS)  # judged once full
     t = torch.linspace(-2, 2, 64)[:, None]
     for _ in range(CORRELATION_STEPS):
         q(t.expand(64, 4))

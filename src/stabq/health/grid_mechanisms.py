@@ -16,8 +16,9 @@ levels, its signs). Over the monitor's window, and per batch:
                          mean |Pearson correlation| between the level indices of two
                          dimensions of one codebook (dimensions constant in a batch
                          left out, batches of >= CORRELATION_ROWS (16) rows; judged
-                         once there are 20) is >= CORRELATION (0.7): each dimension
-                         spread, yet together
+                         once the window is full: under a high learning rate the
+                         first batches move together) is >= CORRELATION (0.7): each
+                         dimension spread, yet together
                          they reach few cells. "code dimensions move together: mean
                          |correlation| 0.90 across the batch over the last 20 steps:
                          few cells are reached"
@@ -177,7 +178,7 @@ class GridWatch:
                 f"inputs over the last {_steps(len(self.counts))}"
             )
             verdicts.append(("one_sided", bool(stuck), message, float(len(stuck))))
-        if len(self.correlations) == self.correlations.maxlen:  # not on a start's few batches
+        if len(self.counts) == self.window:  # not on the first batches, which move together
             mean = sum(self.correlations) / len(self.correlations)
             message = (
                 f"code dimensions move together: mean |correlation| {mean:.2f} across the "
