@@ -31,7 +31,8 @@ class Alert:
     Attributes:
         kind: `"collapse"`, `"loss_growth"`, `"loss_nonfinite"`, `"saturation"`,
             `"tau_not_annealed"`, or a mechanism: `"lag"`, `"codes_blown_up"`,
-            `"blown_code_chosen"`, `"loss_reduction"`, `"fp16_overflow"`.
+            `"blown_code_chosen"`, `"loss_reduction"`, `"fp16_overflow"`,
+            `"one_sided"`, `"dims_correlated"`, `"map_singular"`.
         step: the forward call (counted from 1) it fired at.
         message: one plain sentence saying what happened.
         value: the figure that crossed its threshold.

@@ -30,21 +30,37 @@ its code table ``E`` (:func:`code_table`):
                          finite value: ``|x|^2 - 2 x.e + |e|^2`` overflows), or
                          finite x gave non-finite q or a
 
-``|x|_t`` is the mean L2 row norm at step t. FSQ-like modules (levels known)
-have bounded codes: lag and blow-up are not judged there (their failure is
-saturation). Steps whose indices are all negative (quantization off) are skipped.
+``|x|_t`` is the mean L2 row norm at step t. Grids (FSQ, FSP, residual FSQ, LFQ,
+BSQ: ``grid`` or levels known) have bounded codes: lag and blow-up are not judged
+there (their failure is saturation, or the grid mechanisms below). A module that
+normalises its input (:func:`~stabq.health.grid_mechanisms.normalises`: ``pre_norm``,
+``spherical``, ``cosine``) has codes that ignore the input's scale: lag is not judged
+there, and the blow-ups measure codes against the chosen codes' median norm, not
+``|x|_t``. Steps whose indices are all negative (quantization off) are skipped.
+
+The grid mechanisms (``one_sided``, ``dims_correlated``) and SimVQ's ``map_singular``
+are in :mod:`stabq.health.grid_mechanisms`; their figures are read in the same sync.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from stabq.health.grid_mechanisms import (
+    MAP_EVERY,
+    GridWatch,
+    grid_levels,
+    judge_map,
+    linear_map,
+    map_fields,
+    normalises,
+)
 from stabq.health.probe import attr
 from stabq.quantizers.base import QuantizerOutput
 
@@ -116,45 +132,107 @@ def _fp16_autocast(device: torch.device) -> bool:
 
 
 class Mechanisms:
-    """The readings of the last ``window`` steps and the five mechanism checks above.
+    """The readings of the last ``window`` steps, the five mechanism checks above and
+    those of :mod:`stabq.health.grid_mechanisms`.
 
-    ``bounded``: the codes are an FSQ-like grid (no lag or blow-up checks);
-    ``single``: one codebook (the reduction check applies, unless ``bounded``).
+    ``bounded``: the codes are a grid (no lag or blow-up checks); ``single``: one
+    codebook (the reduction check applies, unless ``bounded``); ``normalised``: the
+    module normalises its input (no lag check); ``levels``: a grid's levels per code
+    dimension, of ``books`` codebooks (the one-sign and correlation checks, judged once
+    the window holds ``min_samples`` rows).
     """
 
-    def __init__(self, window: int, *, bounded: bool, single: bool) -> None:
+    def __init__(
+        self,
+        window: int,
+        *,
+        bounded: bool,
+        single: bool,
+        normalised: bool = False,
+        levels: Sequence[int] | None = None,
+        books: int = 1,
+        min_samples: int = 256,
+    ) -> None:
         self.window, self.bounded, self.single = window, bounded, single
+        self.normalised, self.books = normalised, books
+        self.grid = None if levels is None else GridWatch(levels, window, min_samples)
         self.task_loss: float | None = None
         self.reset()
 
+    @classmethod
+    def of(cls, module: nn.Module, monitor: Any) -> Mechanisms:
+        """The checks for quantizer ``module`` under ``monitor`` (a :class:`CollapseMonitor`:
+        its window, codebook shape, ``grid`` and ``min_samples``)."""
+        return cls(
+            monitor.window, bounded=monitor.grid, single=monitor.num_codebooks == 1,
+            normalised=normalises(module), books=monitor.num_codebooks,
+            min_samples=monitor.min_samples,
+            levels=grid_levels(module, monitor.codebook_size, monitor.levels, monitor.grid),
+        )  # fmt: skip
+
     def reset(self) -> None:
         self.norms: deque[tuple[float, float]] = deque(maxlen=self.window)  # (|x|, |q|) a step
+        self.steps = 0  # steps recorded (the map's singular values every MAP_EVERY of them)
+        self.map_verdict: Verdict | None = None  # the latest map_singular reading
+        if self.grid is not None:
+            self.grid.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain numbers (JSON): the window's norms and the last task loss."""
-        return {"norms": [list(n) for n in self.norms], "task_loss": self.task_loss}
+        """Plain numbers (JSON): the window's norms and grid counts, the last task loss."""
+        grid = None if self.grid is None else self.grid.state_dict()
+        norms = [list(n) for n in self.norms]
+        return {"norms": norms, "task_loss": self.task_loss, "steps": self.steps, "grid": grid,
+                "map": self.map_verdict}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.norms = deque((tuple(n) for n in state["norms"]), maxlen=self.window)
         self.task_loss = state["task_loss"]
+        self.steps = state.get("steps", 0)  # absent in checkpoints of before it
+        found = state.get("map")
+        self.map_verdict = None if found is None else tuple(found)
+        if self.grid is not None and state.get("grid") is not None:
+            self.grid.load_state_dict(state["grid"])
 
     @torch.no_grad()
     def record(
         self, module: nn.Module, x: Tensor | None, output: Any, indices: Tensor, loss: Tensor | None
     ) -> list[Verdict]:
         """Read one step and judge it; the verdicts for :meth:`CollapseMonitor._set`."""
-        q = quantized_of(output)
-        if (
-            x is None
-            or q is None
-            or q.shape != x.shape
-            or x.numel() == 0
-            or bool((indices < 0).all())
-        ):
+        if indices.numel() == 0 or bool((indices < 0).all()):
             return []
-        table = None if self.bounded else code_table(module)
-        half = any(t is not None and t.dtype == torch.float16 for t in (x, q, table))
-        half = half or _fp16_autocast(x.device)
+        self.steps += 1
+        q = quantized_of(output)
+        usable = x is not None and q is not None and q.shape == x.shape and x.numel() > 0
+        parts, half = [], False
+        if usable:
+            table = None if self.bounded else code_table(module)
+            half = any(t is not None and t.dtype == torch.float16 for t in (x, q, table))
+            parts.append(self._fields(x, q, table, loss))
+            half = half or _fp16_autocast(x.device)
+        if self.grid is not None:
+            parts.append(self.grid.fields(indices, self.books))
+        weight = linear_map(module) if (self.steps - 1) % MAP_EVERY == 0 else None
+        if weight is not None:
+            parts.append(map_fields(weight))
+        if not parts:
+            return []
+        device = parts[0].device  # one device sync for every figure of the step
+        values = torch.cat([p.float().to(device) for p in parts]).tolist()
+        verdicts: list[Verdict] = []
+        if usable:
+            verdicts += self._judge(values[:10], half)
+            values = values[10:]
+        if self.grid is not None:
+            size = len(self.grid.levels) * self.books * max(self.grid.levels) + 1
+            verdicts += self.grid.judge(values[:size])
+            values = values[size:]
+        if weight is not None:  # judged by the monitor with its collapse check
+            self.map_verdict = judge_map(values, weight.shape[0])
+        return verdicts
+
+    @staticmethod
+    def _fields(x: Tensor, q: Tensor, table: Tensor | None, loss: Tensor | None) -> Tensor:
+        """The ten device figures :meth:`_judge` reads."""
         xf, qf = x.detach().float(), q.detach().float()
         xr, qr = xf.norm(dim=-1), qf.norm(dim=-1)
         nan = xf.new_tensor(math.nan)
@@ -163,26 +241,33 @@ class Mechanisms:
         aux = loss.detach().float().sum().to(xf.device) if has_loss else nan
         q_ok = qf.isfinite().all() & (aux.isfinite() | (not has_loss))
         fields = [xr.mean(), qr.mean(), xr.max(), qr.max(), book, (xf - qf).pow(2).mean(), aux]
-        fields += [xf.isfinite().all().float(), q_ok.float()]
-        x_norm, q_norm, x_max, q_max, book_max, mse, a, x_ok, q_ok = torch.stack(fields).tolist()
+        fields += [xf.isfinite().all().float(), q_ok.float(), qr.median()]
+        return torch.stack(fields)
+
+    def _judge(self, values: list[float], half: bool) -> list[Verdict]:
+        x_norm, q_norm, x_max, q_max, book_max, mse, a, x_ok, q_ok, q_median = values
         verdicts: list[Verdict] = []
         if half:
             verdicts.append(self._fp16(max(x_max, q_max, _nan0(book_max)), x_ok, q_ok))
         if not (math.isfinite(x_norm) and math.isfinite(q_norm)) or x_norm <= 0:
             return verdicts
-        if not self.bounded:
+        if not (self.bounded or self.normalised):  # normalised codes ignore the input's scale
             self.norms.append((x_norm, q_norm))
             verdicts.append(self._lag(x_norm, q_norm))
+        # the codes of a module that normalises its input are measured against the chosen
+        # codes (in the normalised space), not against the input's scale
+        ref, what = (q_median, "chosen codes' median") if self.normalised else (x_norm, "input")
+        if not self.bounded and ref > 0:
             if math.isfinite(book_max):
-                ratio = book_max / x_norm
+                ratio = book_max / ref
                 verdicts.append((
                     "codes_blown_up", ratio >= BLOWUP,
                     f"codes of norm {sci(book_max)} wait in the codebook, {sci(ratio)} x the "
-                    "input norm: never-used codes have blown up",
+                    f"{what} norm: never-used codes have blown up",
                     book_max,
                 ))  # fmt: skip
             verdicts.append((
-                "blown_code_chosen", q_max >= BLOWUP * x_norm,
+                "blown_code_chosen", q_max >= BLOWUP * ref,
                 f"a code of norm {sci(q_max)} was chosen: never-used codes have blown up",
                 q_max,
             ))  # fmt: skip

@@ -55,7 +55,8 @@ class CollapseMonitor:
     steps above `loss_growth` x the lowest such median so far; a non-finite loss warns
     at once), FSQ saturation (a `saturation` share of the per-dimension levels at a
     bound) and a Gumbel temperature that nothing anneals; it also names mechanisms
-    behind a blow-up (codes lagging or blown up, a sum-reduced loss, fp16 overflow).
+    (codes lagging or blown up, a sum-reduced loss, fp16 overflow; grid dimensions
+    stuck at one level or moving together; a SimVQ map near singular).
     Each condition alerts once when it starts to hold, and again only after it cleared.
     Usage figures are `CodebookUsage`'s over the window. It sees only this process's
     forward calls.
@@ -153,9 +154,7 @@ class CollapseMonitor:
         self.module = module
         self.alerts: list[Alert] = []
         self._handle = None
-        self.mechanisms = Mechanisms(
-            self.window, bounded=self.levels is not None, single=self.num_codebooks == 1
-        )
+        self.mechanisms = Mechanisms.of(q, self)
         self.reset()
         self.attach()
 
@@ -378,6 +377,9 @@ class CollapseMonitor:
             self._loss_min, self._loss_min_step = loss, self.step
         if (tau := self._tau.verdict()) is not None:
             self._set(*tau)
+        if (found := self.mechanisms.map_verdict) is not None:  # named with the collapse
+            kind, holds, message, value = found
+            self._set(kind, holds and "collapse" in self._active, message, value)
 
     def _set(self, kind: str, holds: bool, message: str, value: float) -> None:
         """Fire ``kind`` when it starts to hold; forget it when it clears."""
