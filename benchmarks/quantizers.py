@@ -16,7 +16,8 @@ plus backward (EMA update included) of each row, two ways, all four steps
 It prints the medians, each way's ratio peer / stabq, and the peak memory of
 each side (fixed way, see ``_measure.py``). Each row's floor is timed in the
 same run: the matrix products nearest-code search cannot avoid (VQ rows), one
-elementwise pass over the input (grid rows: FSQ, residual FSQ, LFQ, BSQ).
+elementwise pass over the input (grid rows: FSQ, iFSQ, FSP, residual FSQ, LFQ, BSQ).
+iFSQ and ReinMax have no peer: their rows time stabq alone.
 ``--sweep`` adds VQ-EMA from 1,024 to 262,144 inputs and 256 to
 65,536 codes, FSQ from 1,024 to 262,144 inputs, and the memory of a 65,536-code
 search over 65,536 inputs (the peer is not run where its full distance matrix
