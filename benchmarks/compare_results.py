@@ -1,7 +1,7 @@
 """Keep a measured comparison in ``benchmarks/results/``, with its command and provenance.
 
     python benchmarks/compare_results.py OUT_DIR NAME --command "stabq compare ..." \\
-        [--threads 1] [--note "..."] [--also OTHER_OUT_DIR --classes 10]
+        --classes 10 [--threads 1] [--note "..."] [--also OTHER_OUT_DIR]
 
 ``OUT_DIR`` is a comparison's ``--out`` directory. Its ``results.json`` is kept whole, less
 each run's code frequencies (a grid's run holds 64,000 counts) and with each epoch's
@@ -11,10 +11,12 @@ each run's packed correct test rows (the paired intervals) stay as they were. Wr
 the commit, the date, the processor, the threads: ``--threads`` when the comparison set
 its own, else torch's default here) so the benchmark pages can say where it came from.
 
-``--also`` adds the runs of another comparison of the same data, preset, seeds and
+The rows and the verdict are summarised again from the runs by this checkout's rules
+(``--classes``: the data's number of classes), so a kept comparison reads as one made now
+would. ``--also`` adds the runs of another comparison of the same data, preset, seeds and
 training options (methods run later, say): runs do not depend on which other methods ran,
-each seeded alone, so the rows and the verdict are summarised again over all the runs, as
-one comparison of every method would give them. The settings must agree, or it refuses.
+each seeded alone, so the result is what one comparison of every method would give. The
+settings must agree, or it refuses.
 """
 
 from __future__ import annotations
@@ -40,12 +42,8 @@ def trimmed(results: dict) -> dict:
     return {**results, "runs": runs}
 
 
-def merged(first: dict, others: list[dict], classes: int | None) -> dict:
-    """``first`` with the runs of ``others`` added, its rows and verdict summarised anew."""
-    from stabq.compare.runs import summarise, verdict
-
-    if classes is None:
-        sys.exit("compare_results.py: --also needs --classes (the data's number of classes)")
+def merged(first: dict, others: list[dict]) -> dict:
+    """``first`` with the runs of ``others`` added (the same data, preset and settings)."""
     for other in others:
         same = {k: other[k] == first[k] for k in ("data", "preset", "settings")}
         if not all(same.values()):
@@ -55,10 +53,27 @@ def merged(first: dict, others: list[dict], classes: int | None) -> dict:
     runs = first["runs"] + [run for other in others for run in other["runs"]]
     order = list(dict.fromkeys(run["method"] for run in runs))
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
-    rows = summarise(runs, classes)
     seconds = first["seconds"] + sum(other["seconds"] for other in others)
-    return {**first, "verdict": verdict(rows, first["data"]), "seconds": seconds,
-            "rows": rows, "runs": runs}  # fmt: skip
+    return {**first, "seconds": seconds, "runs": runs}
+
+
+def summarised(results: dict, classes: int) -> dict:
+    """``results`` with its rows and verdict summarised from its runs by this checkout's
+    rules (an explode comparison per scenario and guard setting, as ``compare`` does)."""
+    from stabq.compare.runs import summarise, verdict
+    from stabq.compare.scenarios import explode_verdict
+
+    runs = results["runs"]
+    if results["preset"] != "explode":
+        rows = summarise(runs, classes)
+        return {**results, "rows": rows, "verdict": verdict(rows, results["data"])}
+    rows = []
+    for scenario, guards in dict.fromkeys((r["scenario"], r["guards"]) for r in runs):
+        part = [r for r in runs if (r["scenario"], r["guards"]) == (scenario, guards)]
+        rows += [
+            {"scenario": scenario, "guards": guards, **row} for row in summarise(part, classes)
+        ]
+    return {**results, "rows": rows, "verdict": explode_verdict(rows)}
 
 
 def main() -> None:
@@ -69,12 +84,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--note", default="")
     parser.add_argument("--also", type=Path, action="append", default=[])
-    parser.add_argument("--classes", type=int, default=None)
+    parser.add_argument("--classes", type=int, required=True, help="classes in the data")
     args = parser.parse_args()
     results = json.loads((args.out_dir / "results.json").read_text())
-    if args.also:
-        results = merged(results, [json.loads((d / "results.json").read_text()) for d in args.also],
-                         args.classes)  # fmt: skip
+    results = merged(results, [json.loads((d / "results.json").read_text()) for d in args.also])
+    results = summarised(results, args.classes)
     document = {**provenance(args.command, args.threads), "note": args.note,
                 **trimmed(results)}  # fmt: skip
     target = Path(__file__).parent / "results" / f"compare-{args.name}.json"
