@@ -45,7 +45,7 @@ def test_train_marks_data_and_out_required_unless_resuming():
 
 
 def test_train_lists_every_preset():
-    flat = " ".join(help_of("train").split())
+    flat = " ".join(help_of("train").split()).replace("- ", "-")  # rich wraps at hyphens
     assert f"Preset: {', '.join(preset_names())}." in flat
 
 
