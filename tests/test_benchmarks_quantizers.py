@@ -16,14 +16,14 @@ import quantizers as bench
 @pytest.mark.parametrize("row", bench.ROWS, ids=lambda row: row.key)
 def test_each_row_steps_both_sides_both_ways(row):
     """On 64 inputs each side of a row takes a fixed-gradient step and a user-style step;
-    the input's gradient is finite, and only PQ and Gumbel lack a peer."""
+    the input's gradient is finite, and only PQ, Gumbel, iFSQ and ReinMax lack a peer."""
     small = dataclasses.replace(row, inputs=64)
     torch.manual_seed(0)
     x = torch.randn(small.inputs, small.dim)
     for side in ("stabq", "peer"):
         module = bench.build(small, side, "cpu")
         if module is None:
-            assert side == "peer" and row.key in ("pq", "gumbel"), row
+            assert side == "peer" and row.key in ("pq", "gumbel", "ifsq", "gumbel-reinmax"), row
             continue
         for make in bench.MODES.values():
             leaf = x.clone().requires_grad_()
