@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +14,7 @@ from vector_quantize_pytorch import ResidualVQ as PeerResidualVQ
 from vector_quantize_pytorch import VectorQuantize
 
 import stabq
-from stabq import BottleneckClassifier, CodebookUsage, CollapseMonitor, ConfigError, TrainConfig
+from stabq import CodebookUsage, CollapseMonitor, ConfigError
 from stabq.quantizers.gradients import directional_reparam
 
 DIM, K = 16, 64
@@ -179,7 +178,7 @@ def test_bad_options_are_refused(options):
 @pytest.mark.parametrize(("name", "cls", "codebooks"), [
     ("diveq", stabq.VectorQuantizer, 1), ("rvq-diveq", stabq.ResidualVQ, 4),
 ])  # fmt: skip
-def test_the_preset_builds_counts_and_trains(name, cls, codebooks):
+def test_the_preset_builds_and_counts(name, cls, codebooks):
     q = stabq.build_quantizer(name, 128)
     assert type(q) is cls and q.directional_reparam and q.num_codebooks == codebooks
     assert isinstance(q.pre_norm, nn.BatchNorm1d) and not q.pre_norm.affine  # stress
@@ -192,16 +191,7 @@ def test_the_preset_builds_counts_and_trains(name, cls, codebooks):
     per = usage.compute()["per_codebook"][0]
     distinct = indices.reshape(64, -1)[:, 0].unique().numel()
     assert per["usage"] == pytest.approx(distinct / q.codebook_size) and distinct > 1
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 12)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
-    torch.manual_seed(0)
-    model = BottleneckClassifier(input_dim=12, num_classes=2, quantizer=name, hidden=32)
-    result = stabq.train(model, (x, y), config=TrainConfig(epochs=2, batch_size=32))
-    for epoch in result.history:
-        assert all(math.isfinite(v) for v in epoch.values() if isinstance(v, float))
-    logits, out = model.eval()(torch.from_numpy(x))
-    assert torch.isfinite(logits).all() and (out.indices >= 0).all()
+    # a few training steps: tests/test_new_presets.py, for every newer preset
 
 
 def test_swap_a_peer_vector_quantize_for_diveq_and_train_its_codebook():

@@ -53,7 +53,7 @@ def test_usage_counts_the_preset_indices(name):
     assert found["samples"] == 64 and rows[:, 0].unique().numel() > 1
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", [*NEW, "diveq", "rvq-diveq", "fsp", "ifsq", "gumbel-reinmax"])
 def test_a_few_training_steps_stay_finite(name):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 12)).astype(np.float32)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from stabq import distributed
-from stabq.errors import check, check_number, is_int
+from stabq.errors import check, is_int
 from stabq.quantizers.gradients import (  # noqa: F401  (their earlier path)
     REDUCTIONS,
     commitment_loss,
@@ -334,32 +334,6 @@ class Codebook(nn.Module):
             f"decay={self.decay}, kmeans_init={self.kmeans_init}, "
             f"dead_code_threshold={self.dead_code_threshold}, cosine={self.cosine}"
         )
-
-
-def check_directional(
-    owner: str, variance: object, rotation: bool, cosine: bool, dead_code_threshold: object
-) -> float:
-    """Validate the DiVeQ options (``directional_reparam=True``); returns the variance.
-
-    DiVeQ passes gradients its own way (not with the rotation trick) to a codebook
-    learned by gradient (not on the unit sphere, which a gradient step leaves), and a
-    code reached by no input gets no gradient: dead codes must be replaced.
-    """
-    check(
-        not rotation,
-        f"{owner}: rotation_trick=True with directional_reparam=True, allowed is one of them",
-    )
-    check(
-        not cosine,
-        f"{owner}: cosine=True with directional_reparam=True, allowed is False "
-        "(a codebook learned by gradient leaves the unit sphere)",
-    )
-    check(
-        isinstance(dead_code_threshold, float | int) and dead_code_threshold > 0,
-        f"{owner}: dead_code_threshold={dead_code_threshold!r} with directional_reparam=True, "
-        "allowed is a number > 0 (unused codes get no gradient and must be replaced)",
-    )
-    return check_number(owner, "directional_reparam_variance", variance, 0)
 
 
 def batch_norm(owner: str, pre_norm: object, dim: int) -> nn.BatchNorm1d | None:

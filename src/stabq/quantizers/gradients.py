@@ -5,6 +5,8 @@
   rotation and scaling that carry the input onto it.
 - :func:`directional_reparam` (DiVeQ, Vali et al. 2025): value about the code, the input
   plus the error's length along a noisy, constant direction; gradient to input and code.
+  :func:`check_directional` and :func:`directional_decays` check its options and set the
+  codebook it trains.
 - :func:`commitment_loss`: ``weight |z - sg(c)|^2`` (plus the codebook term for a learned
   codebook), and :func:`residual_commitment_loss`, the same for residual levels in one pass.
 """
@@ -16,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from stabq.errors import check, check_number
 
 REDUCTIONS = ("mean", "sum")  # of the commitment loss; "sum" reproduces the failure
 
@@ -155,7 +159,55 @@ def estimate(z: Tensor, codes: Tensor, rotation: bool) -> Tensor:
     return rotation_trick(z, codes) if rotation else straight_through(z, codes)
 
 
+def check_directional(
+    owner: str, variance: object, rotation: bool, cosine: bool, dead_code_threshold: object
+) -> float:
+    """Validate the DiVeQ options (``directional_reparam=True``); returns the variance.
+
+    DiVeQ passes gradients its own way (not with the rotation trick) to a codebook
+    learned by gradient (not on the unit sphere, which a gradient step leaves), and a
+    code reached by no input gets no gradient: dead codes must be replaced.
+    """
+    check(
+        not rotation,
+        f"{owner}: rotation_trick=True with directional_reparam=True, allowed is one of them",
+    )
+    check(
+        not cosine,
+        f"{owner}: cosine=True with directional_reparam=True, allowed is False "
+        "(a codebook learned by gradient leaves the unit sphere)",
+    )
+    check(
+        isinstance(dead_code_threshold, float | int) and dead_code_threshold > 0,
+        f"{owner}: dead_code_threshold={dead_code_threshold!r} with directional_reparam=True, "
+        "allowed is a number > 0 (unused codes get no gradient and must be replaced)",
+    )
+    return check_number(owner, "directional_reparam_variance", variance, 0)
+
+
+def directional_decays(
+    owner: str,
+    enabled: bool,
+    variance: object,
+    rotation: bool,
+    cosine: bool,
+    dead_code_threshold: object,
+    decay: float | None,
+) -> tuple[object, float | None, float]:
+    """``(variance, decay, usage_decay)`` for a codebook with DiVeQ ``enabled`` or not.
+
+    With DiVeQ the options are checked (:func:`check_directional`) and the codebook learns
+    by its gradient (``decay`` None); the given ``decay`` (None: 0.99) then only sets the
+    horizon its use is counted over. Without, everything passes as given.
+    """
+    if not enabled:
+        return variance, decay, 0.99
+    variance = check_directional(owner, variance, rotation, cosine, dead_code_threshold)
+    return variance, None, 0.99 if decay is None else decay
+
+
 __all__ = [
-    "REDUCTIONS", "commitment_loss", "directional_reparam", "estimate", "l2norm",
+    "REDUCTIONS", "check_directional", "commitment_loss", "directional_decays",
+    "directional_reparam", "estimate", "l2norm",
     "residual_commitment_loss", "rotation_trick", "straight_through",
 ]  # fmt: skip

@@ -91,6 +91,8 @@ def _diveq(dim: int) -> dict:
     }
 
 
+_RVQ = {"num_quantizers": 4, "codebook_size": 256, "kmeans_init": True, "dead_code_threshold": 2.0}
+
 PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
     "fsq": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16], "pre_norm": True}),
     "fsq-plain": (FSQ, lambda dim: {"levels": FSQ_LEVELS[2**16]}),
@@ -115,25 +117,14 @@ PRESETS: dict[str, tuple[Callable[..., Quantizer], Callable[[int], dict]]] = {
         FSQ,
         lambda dim: {"levels": [16, 16, 16, 16], "bound": "distribution", "pre_norm": True},
     ),
-    "rvq": (
-        ResidualVQ,
-        lambda dim: {
-            "num_quantizers": 4,
-            "codebook_size": 256,
-            "kmeans_init": True,
-            "dead_code_threshold": 2.0,
-        },
-    ),
+    "rvq": (ResidualVQ, lambda dim: dict(_RVQ)),
     "vq-ema": (VectorQuantizer, lambda dim: {"codebook_size": 512}),
     "vq": (VectorQuantizer, _vq_repaired),
     "diveq": (VectorQuantizer, _diveq),
     "rvq-diveq": (
         ResidualVQ,
         lambda dim: {
-            "num_quantizers": 4,
-            "codebook_size": 256,
-            "kmeans_init": True,
-            "dead_code_threshold": 2.0,
+            **_RVQ,
             "directional_reparam": True,
             "decay": 0.95,  # as diveq; with 0.99 12 of 256 codes used under explode
             "pre_norm": True,  # as diveq: stress 15.8% without, 53.6% with (3 seeds)

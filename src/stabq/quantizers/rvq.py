@@ -24,15 +24,14 @@ from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import (
     Codebook,
     batch_norm,
-    check_directional,
     commitment_loss,
     estimate,
     projections,
     residual_commitment_loss,
 )
 from stabq.quantizers.fsq import pre_normalise
+from stabq.quantizers.gradients import directional_decays, straight_through
 from stabq.quantizers.gradients import directional_reparam as diveq
-from stabq.quantizers.gradients import straight_through
 
 
 class ResidualVQ(Quantizer):
@@ -114,13 +113,11 @@ class ResidualVQ(Quantizer):
         self.commitment_weight = check_number(name, "commitment_weight", commitment_weight, 0)
         self.rotation_trick = rotation_trick
         self.directional_reparam = directional_reparam
-        self.directional_reparam_variance = directional_reparam_variance
-        usage_decay = 0.99
-        if directional_reparam:  # the codebooks learn by DiVeQ's gradient; decay: usage only
-            self.directional_reparam_variance = check_directional(
-                name, directional_reparam_variance, rotation_trick, False, dead_code_threshold
-            )
-            decay, usage_decay = None, 0.99 if decay is None else decay
+        # with DiVeQ the codebooks learn by its gradient; decay then sets the usage horizon only
+        self.directional_reparam_variance, decay, usage_decay = directional_decays(
+            name, directional_reparam, directional_reparam_variance, rotation_trick, False,
+            dead_code_threshold, decay,
+        )  # fmt: skip
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.pre_norm = batch_norm(name, pre_norm, codebook_dim or dim)
         self.layers = nn.ModuleList(

@@ -28,15 +28,14 @@ from stabq.quantizers.codebook import (
     REDUCTIONS,
     Codebook,
     batch_norm,
-    check_directional,
     commitment_loss,
     estimate,
     l2norm,
     projections,
 )
 from stabq.quantizers.fsq import pre_normalise
+from stabq.quantizers.gradients import directional_decays, straight_through
 from stabq.quantizers.gradients import directional_reparam as diveq
-from stabq.quantizers.gradients import straight_through
 
 
 class VectorQuantizer(Quantizer):
@@ -128,13 +127,11 @@ class VectorQuantizer(Quantizer):
         )
         self.commitment_reduction = commitment_reduction
         self.directional_reparam = directional_reparam
-        self.directional_reparam_variance = directional_reparam_variance
-        usage_decay = 0.99
-        if directional_reparam:  # the codebook learns by DiVeQ's gradient; decay: usage only
-            self.directional_reparam_variance = check_directional(
-                name, directional_reparam_variance, rotation_trick, cosine, dead_code_threshold
-            )
-            decay, usage_decay = None, 0.99 if decay is None else decay
+        # with DiVeQ the codebook learns by its gradient; decay then sets the usage horizon only
+        self.directional_reparam_variance, decay, usage_decay = directional_decays(
+            name, directional_reparam, directional_reparam_variance, rotation_trick, cosine,
+            dead_code_threshold, decay,
+        )  # fmt: skip
         self.project_in, self.project_out = projections(dim, codebook_dim, name)
         self.pre_norm = batch_norm(name, pre_norm, codebook_dim or dim)
         self.codebook = Codebook(
