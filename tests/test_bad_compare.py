@@ -8,7 +8,7 @@ import pytest
 
 from bad_input import assert_user_error, cli
 from stabq import compare
-from stabq.compare import planned_runs, resolve_methods
+from stabq.compare import PRESETS, planned_runs, resolve_methods
 from stabq.errors import ConfigError
 
 CASES = [
@@ -49,6 +49,6 @@ def test_a_duplicate_is_not_counted_as_a_seed():
     with pytest.raises(ConfigError, match="fsq named more than once"):
         planned_runs("default", "fsq,fsq", 1)
     assert planned_runs("default", "fsq,vq", 1) == 2
-    assert planned_runs("default", None, 2) == 2 * 14
+    assert planned_runs("default", None, 2) == 2 * len(PRESETS["default"]["methods"]) == 2 * 19
     assert planned_runs("explode", "fsq", 3) == (1 + 4) * 3  # 2 baselines, guards off and on
     assert [m.name for m in resolve_methods(" fsq , vq ")] == ["fsq", "vq"]
