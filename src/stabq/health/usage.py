@@ -119,28 +119,7 @@ class CodebookUsage:
             ShapeError: float indices, a trailing axis other than `num_codebooks`, or an
                 index >= `codebook_size`.
         """
-        c, k = self.num_codebooks, self.codebook_size
-        check(
-            not indices.is_floating_point(),
-            f"CodebookUsage.update: indices must be integers, found {indices.dtype}",
-            ShapeError,
-        )
-        if c > 1:
-            check(
-                indices.dim() >= 1 and indices.shape[-1] == c,
-                f"CodebookUsage.update: indices of shape {tuple(indices.shape)} must end in "
-                f"num_codebooks={c}",
-                ShapeError,
-            )
-        flat = indices.detach().reshape(-1, c).long().cpu()
-        valid = flat >= 0
-        if flat.numel() and int(flat.max()) >= k:
-            raise ShapeError(
-                f"CodebookUsage.update: index {int(flat.max())} out of range for codebook_size={k}"
-            )
-        offsets = torch.arange(c)[None, :] * k
-        bins = torch.bincount((flat + offsets)[valid], minlength=c * k)
-        self.counts += bins.view(c, k)
+        self.counts += count_codes(indices, self.codebook_size, self.num_codebooks).cpu()
 
     def compute(self) -> dict:
         """The figures, means over codebooks.
@@ -154,16 +133,53 @@ class CodebookUsage:
         counts = self.counts.clone()
         if self.sync:
             distributed.all_reduce_sum_(counts)
-        per = [codebook_figures(row, grid=self.grid) for row in counts]
-        mean = {key: _mean([p[key] for p in per]) for key in per[0]}
-        samples = int(counts[0].sum())
-        return {
-            **mean,
-            "samples": samples,
-            "fillable": min(self.codebook_size, samples),
-            "grid": self.grid,
-            "per_codebook": per,
-        }
+        return usage_figures(counts, grid=self.grid)
+
+
+def count_codes(indices: Tensor, codebook_size: int, num_codebooks: int = 1) -> Tensor:
+    """How often each code occurs in ``indices``: ``(num_codebooks, codebook_size)`` int64 on
+    ``indices``' device; entries of -1 (quantization off) are left out.
+
+    Raises :class:`ShapeError` for float indices, a trailing axis other than
+    ``num_codebooks`` (when there are several) or an index >= ``codebook_size``.
+    """
+    c, k = num_codebooks, codebook_size
+    check(
+        not indices.is_floating_point(),
+        f"CodebookUsage.update: indices must be integers, found {indices.dtype}",
+        ShapeError,
+    )
+    if c > 1:
+        check(
+            indices.dim() >= 1 and indices.shape[-1] == c,
+            f"CodebookUsage.update: indices of shape {tuple(indices.shape)} must end in "
+            f"num_codebooks={c}",
+            ShapeError,
+        )
+    flat = indices.detach().reshape(-1, c).long()
+    if flat.numel() and int(flat.max()) >= k:
+        raise ShapeError(
+            f"CodebookUsage.update: index {int(flat.max())} out of range for codebook_size={k}"
+        )
+    offsets = torch.arange(c, device=flat.device)[None, :] * k
+    bins = torch.bincount((flat + offsets)[flat >= 0], minlength=c * k)
+    return bins.view(c, k)
+
+
+def usage_figures(counts: Tensor, *, grid: bool = False) -> dict:
+    """:meth:`CodebookUsage.compute`'s figures from code counts ``(C, K)``: the means over
+    codebooks, ``samples``, ``fillable``, ``grid`` and ``per_codebook``."""
+    counts = counts.cpu()
+    per = [codebook_figures(row, grid=grid) for row in counts]
+    mean = {key: _mean([p[key] for p in per]) for key in per[0]}
+    samples = int(counts[0].sum())
+    return {
+        **mean,
+        "samples": samples,
+        "fillable": min(counts.shape[1], samples),
+        "grid": grid,
+        "per_codebook": per,
+    }
 
 
 def _mean(values: list) -> float | None:
@@ -195,4 +211,4 @@ def codebook_figures(counts: Tensor, *, grid: bool = False) -> dict[str, float |
     return figures
 
 
-__all__ = ["CodebookUsage", "codebook_figures"]
+__all__ = ["CodebookUsage", "codebook_figures", "count_codes", "usage_figures"]
