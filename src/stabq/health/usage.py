@@ -136,30 +136,33 @@ class CodebookUsage:
         return usage_figures(counts, grid=self.grid)
 
 
-def count_codes(indices: Tensor, codebook_size: int, num_codebooks: int = 1) -> Tensor:
+def count_codes(
+    indices: Tensor, codebook_size: int, num_codebooks: int = 1, owner: str = "CodebookUsage"
+) -> Tensor:
     """How often each code occurs in ``indices``: ``(num_codebooks, codebook_size)`` int64 on
     ``indices``' device; entries of -1 (quantization off) are left out.
 
     Raises :class:`ShapeError` for float indices, a trailing axis other than
-    ``num_codebooks`` (when there are several) or an index >= ``codebook_size``.
+    ``num_codebooks`` (when there are several) or an index >= ``codebook_size``, its
+    message naming ``owner``'s ``update``.
     """
     c, k = num_codebooks, codebook_size
     check(
         not indices.is_floating_point(),
-        f"CodebookUsage.update: indices must be integers, found {indices.dtype}",
+        f"{owner}.update: indices must be integers, found {indices.dtype}",
         ShapeError,
     )
     if c > 1:
         check(
             indices.dim() >= 1 and indices.shape[-1] == c,
-            f"CodebookUsage.update: indices of shape {tuple(indices.shape)} must end in "
+            f"{owner}.update: indices of shape {tuple(indices.shape)} must end in "
             f"num_codebooks={c}",
             ShapeError,
         )
     flat = indices.detach().reshape(-1, c).long()
     if flat.numel() and int(flat.max()) >= k:
         raise ShapeError(
-            f"CodebookUsage.update: index {int(flat.max())} out of range for codebook_size={k}"
+            f"{owner}.update: index {int(flat.max())} out of range for codebook_size={k}"
         )
     offsets = torch.arange(c, device=flat.device)[None, :] * k
     bins = torch.bincount((flat + offsets)[flat >= 0], minlength=c * k)

@@ -86,7 +86,7 @@ class CodebookUsageMetric(Metric):
             ShapeError: float indices, a trailing axis other than `num_codebooks`, or an
                 index >= `codebook_size`.
         """
-        counts = count_codes(indices, self.codebook_size, self.num_codebooks)
+        counts = count_codes(indices, self.codebook_size, self.num_codebooks, type(self).__name__)
         self.counts += counts.to(self.counts.device)
 
     def compute(self) -> dict:
