@@ -43,7 +43,10 @@ def trimmed(results: dict) -> dict:
 
 
 def merged(first: dict, others: list[dict]) -> dict:
-    """``first`` with the runs of ``others`` added (the same data, preset and settings)."""
+    """``first`` with the runs of ``others`` added (the same data, preset and settings), in
+    the order of the methods, then seeds; ``first`` itself when there are none."""
+    if not others:
+        return first
     for other in others:
         same = {k: other[k] == first[k] for k in ("data", "preset", "settings")}
         if not all(same.values()):
