@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e '.[dev,lightning,tensorboard,torchmetrics]'
+	$(BIN)/pip install --quiet -e '.[dev,lightning,tensorboard,torchmetrics,transformers,onnx]'
 	touch $(STAMP)
 
 # the quick preset: 6 methods x 2 seeds on mnist1d, each run until it stops improving,
