@@ -37,7 +37,9 @@ from stabq.errors import ConfigError
 from stabq.health.monitor import CollapseMonitor
 from stabq.health.usage import CodebookUsage
 from stabq.integrations.common import (
+    FIGURES,
     PEER_CLASSES,
+    PER_CODEBOOK,
     _figures,
     count_eval_codes,
     find_quantizers,
@@ -249,7 +251,9 @@ class GuardCallback(pl.Callback):
 
 
 __all__ = [
+    "FIGURES",
     "PEER_CLASSES",
+    "PER_CODEBOOK",
     "CodebookHealth",
     "GuardCallback",
     "_figures",
