@@ -175,4 +175,24 @@ def first_tensor(batch: Any) -> Tensor:
     )
 
 
-__all__ = ["count_eval_codes", "find_quantizers", "first_tensor", "is_quantizer"]
+def float_input(batch: Any) -> Tensor | None:
+    """The inputs the Trainer's `GuardCallback` checks by default: a batch's first float tensor.
+
+    Args:
+        batch: the Trainer's batch, a mapping of tensors (or a tensor).
+
+    Returns:
+        The batch itself if a float tensor, its first float entry, or None (token ids
+            only: nothing to check).
+
+    Examples:
+        >>> import torch
+        >>> from stabq.integrations.common import float_input
+        >>> float_input({"input_ids": torch.ones(2, 3, dtype=torch.long), "x": torch.zeros(2)})
+        tensor([0., 0.])
+    """
+    values = batch.values() if isinstance(batch, Mapping) else [batch]
+    return next((v for v in values if isinstance(v, Tensor) and v.is_floating_point()), None)
+
+
+__all__ = ["count_eval_codes", "find_quantizers", "first_tensor", "float_input", "is_quantizer"]
