@@ -148,7 +148,7 @@ class CodebookHealthCallback(_LogsFigures):
         self._model: nn.Module | None = None
 
     def set_trainer(self, trainer: transformers.Trainer) -> None:
-        super().set_trainer(trainer)
+        self.trainer = trainer
         self.watch(trainer.model)
 
     def watch(self, model: nn.Module) -> None:
@@ -160,8 +160,7 @@ class CodebookHealthCallback(_LogsFigures):
             monitor = CollapseMonitor(module, training_only=True, **self.monitor_kwargs)
             self.monitors[name] = monitor
             usage = CodebookUsage(monitor.codebook_size, monitor.num_codebooks, grid=monitor.grid)
-            usage.sync = torch.distributed.is_available() and torch.distributed.is_initialized()
-            self.eval_usage[name] = usage
+            self.eval_usage[name] = usage  # sync: compute() sums over the processes
             self._handles.append(module.register_forward_hook(count_eval_codes(usage)))
         self._model = model
 
@@ -184,7 +183,6 @@ class CodebookHealthCallback(_LogsFigures):
     def _reset(self, *_: Any, **__: Any) -> None:
         for usage in self.eval_usage.values():
             usage.reset()
-            usage.sync = torch.distributed.is_available() and torch.distributed.is_initialized()
 
     on_step_end = on_predict = _reset  # an evaluation's forward calls come after them
 
@@ -205,10 +203,13 @@ class CodebookHealthCallback(_LogsFigures):
 
 def _refuse(trainer: Any) -> None:
     """Raise `ConfigError` for a Trainer set up in a way that `GuardCallback` cannot guard."""
+    if not isinstance(trainer, GuardedTrainer):
+        raise ConfigError(
+            "GuardCallback needs stabq.integrations.transformers.GuardedTrainer (a Trainer's "
+            "callbacks never see its batches)"
+        )
     args = trainer.args
     checks = [
-        (not isinstance(trainer, GuardedTrainer), "stabq.integrations.transformers.GuardedTrainer "
-         f"(a Trainer's callbacks never see its batches), not {type(trainer).__name__}"),
         (args.gradient_accumulation_steps != 1, "gradient_accumulation_steps=1, "
          f"not {args.gradient_accumulation_steps}"),
         (args.fp16, "no fp16 GradScaler (fp16=False; bf16 is fine)"),
@@ -230,17 +231,14 @@ def _loss_of(output: Any) -> Tensor | None:
 class GuardCallback(_LogsFigures):
     """A Trainer callback that runs `stabq.StabilityGuard`; it needs `GuardedTrainer`.
 
-    Under a `GuardedTrainer` each batch first goes to `admit` (its inputs as `input`
-    picks them): a refused one is never run (no forward, no gradient, the weights and
-    optimiser state as they were; its loss is NaN, which the Trainer's
-    `logging_nan_inf_filter` leaves out of the logged loss). Before each optimiser step,
-    a non-finite gradient norm (after the Trainer's clipping) drops every gradient, so
-    the step moves nothing, and the guard's snapshot comes back at a lower rate. After
-    each step the loss the model returned (`outputs.loss`) and the largest feature norm
-    at the quantizers' inputs are reviewed: a bad one is undone the same way. The
-    guard's rate scale multiplies the rates only during `optimizer.step()`; the Trainer's
-    scheduler sets them otherwise, as without the guard. The guard is made when
-    training starts.
+    Under a `GuardedTrainer` each batch goes to `admit` first (its inputs as `input`
+    picks them); a refused one is never run, its loss NaN (the Trainer's
+    `logging_nan_inf_filter` leaves it out of the logged loss). A non-finite gradient
+    norm (after the Trainer's clipping) drops every gradient before the optimiser step,
+    and the guard's snapshot comes back at a lower rate; after each step the model's
+    loss (`outputs.loss`) and the largest norm at the quantizers' inputs are reviewed,
+    and a bad step is undone likewise. The guard's rate scale multiplies the rates only
+    during `optimizer.step()`, so the Trainer's scheduler keeps setting them.
 
     Args:
         input: picks the inputs to check out of a batch (default None: `float_input`,
@@ -399,10 +397,4 @@ class GuardedTrainer(transformers.Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-__all__ = [
-    "CodebookHealthCallback",
-    "GuardCallback",
-    "GuardedTrainer",
-    "attach",
-    "float_input",
-]
+__all__ = ["CodebookHealthCallback", "GuardCallback", "GuardedTrainer", "attach", "float_input"]
