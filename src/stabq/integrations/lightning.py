@@ -256,7 +256,6 @@ __all__ = [
     "PER_CODEBOOK",
     "CodebookHealth",
     "GuardCallback",
-    "_figures",
     "find_quantizers",
     "first_tensor",
     "is_quantizer",
