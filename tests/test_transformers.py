@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import transformers
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import stabq
 from stabq.integrations.transformers import (
@@ -148,6 +150,8 @@ def test_the_evaluation_figures_are_the_whole_eval_set_counted_here(guarded):
 
 
 def test_tensorboard_received_every_figure(guarded):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     (events,) = Path(guarded["args"].output_dir).rglob("events.out.tfevents.*")
     board = EventAccumulator(str(events))
     board.Reload()
@@ -273,3 +277,50 @@ def test_fp16_is_refused_and_health_must_come_before_the_reporters(tmp_path):
     assert "codebook/quantizer/usage" in attached.state.log_history[0]
     with pytest.raises(stabq.ConfigError, match="found no quantizer in Linear"):
         trainer(tmp_path, [CodebookHealthCallback()], model=torch.nn.Linear(2, 2))
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    return [{"x": row, "labels": torch.tensor(0)} for row in x]
+
+
+def _rank(rank: int, init: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        args = transformers.TrainingArguments(
+            out, use_cpu=True, report_to="none", save_strategy="no", max_steps=3,
+            per_device_train_batch_size=4, per_device_eval_batch_size=16, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = GuardedTrainer(
+            model=Pair(), args=args, train_dataset=rows(64, rank), eval_dataset=rows(64, 7),
+            callbacks=[CodebookHealthCallback(), GuardCallback()],
+        )  # fmt: skip
+        trainer.train()  # under DistributedDataParallel, the guard agreeing over the ranks
+        trainer.evaluate()
+        logged = {k: v for k, v in trainer.state.log_history[-1].items() if "codebook" in k}
+        torch.save({"logged": logged, "model": trainer.model.state_dict()}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_log_the_codes_of_the_whole_eval_set(tmp_path):
+    """64 evaluation rows, 32 per process: each logs the figures of all 64."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    saved = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert same(saved[0]["model"], saved[1]["model"])
+    model = Pair().eval()
+    model.load_state_dict(saved[0]["model"])
+    x = torch.stack([r["x"] for r in rows(64, 7)])
+    whole, half = stabq.CodebookUsage(25, grid=True), stabq.CodebookUsage(25, grid=True)
+    with torch.no_grad():
+        whole.update(model.quantizer(model.linear(x)).indices)
+        half.update(model.quantizer(model.linear(x[:32])).indices)
+    want = whole.compute()
+    assert want["codes_used"] != half.compute()["codes_used"]  # so the sum over both matters
+    for rank in range(2):
+        got = saved[rank]["logged"]
+        for key in ("usage", "fill", "codes_used", "perplexity", "entropy_bits"):
+            assert got[f"eval_codebook/quantizer/{key}"] == pytest.approx(want[key]), key

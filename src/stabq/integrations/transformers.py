@@ -177,7 +177,7 @@ class CodebookHealthCallback(_LogsFigures):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         super().on_train_begin(args, state, control, **kwargs)
-        self.watch(kwargs["model"])
+        self.watch(self.trainer.model if self.trainer else kwargs["model"])  # model_init's
         self._reset()
 
     def _reset(self, *_: Any, **__: Any) -> None:
