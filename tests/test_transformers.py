@@ -15,6 +15,8 @@ import copy
 import io
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,6 +279,18 @@ def test_fp16_is_refused_and_health_must_come_before_the_reporters(tmp_path):
     assert "codebook/quantizer/usage" in attached.state.log_history[0]
     with pytest.raises(stabq.ConfigError, match="found no quantizer in Linear"):
         trainer(tmp_path, [CodebookHealthCallback()], model=torch.nn.Linear(2, 2))
+
+
+def test_without_transformers_stabq_imports_and_the_module_says_what_to_install():
+    probe = (
+        "import sys; sys.modules['transformers'] = None\n"  # what a missing package looks like
+        "import stabq, stabq.cli\n"
+        "try:\n    import stabq.integrations.transformers\n"
+        "except stabq.ConfigError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("pip install 'stabq[transformers]'")
 
 
 def rows(n: int, seed: int) -> list[dict]:
