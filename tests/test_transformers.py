@@ -281,6 +281,15 @@ def test_fp16_is_refused_and_health_must_come_before_the_reporters(tmp_path):
         trainer(tmp_path, [CodebookHealthCallback()], model=torch.nn.Linear(2, 2))
 
 
+def test_a_process_group_without_gloo_is_refused(tmp_path, monkeypatch):
+    """NCCL alone (a GPU run's default) cannot sum the counts, kept as CPU tensors."""
+    nccl = trainer(tmp_path, [CodebookHealthCallback(), GuardCallback()])
+    monkeypatch.setattr(stabq.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *group: "nccl")
+    with pytest.raises(stabq.ConfigError, match="needs a process group with gloo"):
+        nccl.train()
+
+
 def test_without_transformers_stabq_imports_and_the_module_says_what_to_install():
     probe = (
         "import sys; sys.modules['transformers'] = None\n"  # what a missing package looks like

@@ -21,8 +21,7 @@ Why `GuardedTrainer` (or `attach`): the Trainer calls its reporting callbacks be
 those passed to it, so figures added to the logs in `on_log` would reach no backend;
 and callbacks see neither a batch nor the optimiser the Trainer makes.
 
-Needs `pip install 'stabq[transformers]'`; without it, importing this module raises a
-`ConfigError` saying so.
+Needs `pip install 'stabq[transformers]'` (else importing this raises a `ConfigError`).
 """
 
 from __future__ import annotations
@@ -31,8 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from stabq import distributed
 from stabq.errors import ConfigError
 from stabq.health.monitor import CollapseMonitor
 from stabq.health.usage import CodebookUsage
@@ -70,12 +71,14 @@ class _LogsFigures(TrainerCallback):
             state.log_history[-1].update(figures)  # Trainer.log copied `logs` there already
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        name, group = type(self).__name__, distributed.is_distributed() and dist.get_backend()
         if self.trainer is None and args.report_to:
             raise ConfigError(
-                f"{type(self).__name__}: with report_to={args.report_to} it must come before "
-                "the reporting callbacks: use stabq.integrations.transformers.GuardedTrainer "
-                "or attach(trainer, callback)"
+                f"{name}: with report_to={args.report_to} it must come before the reporting "
+                "callbacks: use stabq.integrations.transformers.GuardedTrainer or attach()"
             )
+        if group and "gloo" not in str(group):  # stabq agrees its figures as CPU tensors
+            raise ConfigError(f"{name} needs a process group with gloo (CPU tensors), not {group}")
 
 
 def attach(trainer: transformers.Trainer, *callbacks: TrainerCallback) -> None:
@@ -120,7 +123,8 @@ class CodebookHealthCallback(_LogsFigures):
     Raises:
         ConfigError: (when the Trainer is made) no quantizer found, or a name in
             `modules` that is not one; (when training starts) `report_to` set while the
-            callback comes after the reporting callbacks (see `attach`).
+            callback comes after the reporting callbacks (see `attach`), or a process
+            group without gloo (stabq sums its counts as CPU tensors).
 
     Examples:
         >>> from stabq.integrations.transformers import CodebookHealthCallback
@@ -223,11 +227,6 @@ def _refuse(trainer: Any) -> None:
             raise ConfigError(f"GuardCallback needs {needs}")
 
 
-def _loss_of(output: Any) -> Tensor | None:
-    """The loss in a model's output (`output.loss`, `output["loss"]`), or None."""
-    return output.get("loss") if isinstance(output, Mapping) else None
-
-
 class GuardCallback(_LogsFigures):
     """A Trainer callback that runs `stabq.StabilityGuard`; it needs `GuardedTrainer`.
 
@@ -249,8 +248,8 @@ class GuardCallback(_LogsFigures):
         ConfigError: (when training starts) a Trainer that is not a `GuardedTrainer`,
             gradient accumulation, fp16 (its GradScaler), DeepSpeed, FSDP,
             `torch.nn.DataParallel` over several GPUs, `compute_loss_func` or label
-            smoothing (the trained loss is not the model's); (at a step) a model that
-            returns no loss.
+            smoothing (the trained loss is not the model's), a process group without
+            gloo; (at a step) a model that returns no loss.
         TrainingError: more recoveries than the guard's `max_recoveries` allows.
 
     Examples:
@@ -281,7 +280,7 @@ class GuardCallback(_LogsFigures):
     @torch.compiler.disable
     def _take_loss(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module.training and torch.is_grad_enabled():
-            loss = _loss_of(output)
+            loss = output.get("loss") if isinstance(output, Mapping) else None  # ModelOutput too
             self._loss = None if loss is None else loss.detach()
 
     @torch.compiler.disable
@@ -384,8 +383,8 @@ class GuardedTrainer(transformers.Trainer):
     @property
     def guard_callback(self) -> GuardCallback | None:
         """The `GuardCallback` among the callbacks, or None."""
-        found = [c for c in self.callback_handler.callbacks if isinstance(c, GuardCallback)]
-        return found[0] if found else None
+        found = (c for c in self.callback_handler.callbacks if isinstance(c, GuardCallback))
+        return next(found, None)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
