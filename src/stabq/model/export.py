@@ -43,7 +43,11 @@ def _quiet():
     logger.setLevel(logging.ERROR)
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:

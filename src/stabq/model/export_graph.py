@@ -11,7 +11,6 @@ its longest row first, a length read from the data that a graph cannot hold.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from stabq.model.classifier import BottleneckClassifier
