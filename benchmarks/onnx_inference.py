@@ -30,7 +30,7 @@ BATCHES = (1, 1024)
 FEATURES, CLASSES = 40, 10
 
 
-def _session(path: str):
+def _runtime(path: str):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -51,7 +51,7 @@ def measure(preset: str, repeats: int, exporter: str, folder: str) -> list[dict]
     """Median ms a call of each side, per batch size, for one preset."""
     model = _model(preset)
     path = str(stabq.export(model, os.path.join(folder, f"{preset}.onnx"), exporter=exporter))
-    session = _session(path)
+    runtime = _runtime(path)
     rows = []
     for batch in BATCHES:
         x = torch.randn(batch, FEATURES)
@@ -62,7 +62,7 @@ def measure(preset: str, repeats: int, exporter: str, folder: str) -> list[dict]
                 return model(x)
 
         times = alternate(
-            {"torch": eager, "onnxruntime": lambda feed=feed: session.run(None, feed)},
+            {"torch": eager, "onnxruntime": lambda feed=feed: runtime.run(None, feed)},
             repeats,
             "cpu",
         )
