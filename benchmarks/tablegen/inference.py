@@ -13,7 +13,8 @@ def onnx_inference(stem: str) -> str:
     batches = sorted({row["batch"] for row in rows})
     header = ["preset"]
     for batch in batches:
-        header += [f"{batch} rows: torch ms", "onnxruntime ms", "speedup"]
+        rows_text = "1 row" if batch == 1 else f"{batch:,} rows"
+        header += [f"{rows_text}: torch ms", "onnxruntime ms", "speedup"]
     found = {(row["preset"], row["batch"]): row for row in rows}
     body = []
     for preset in dict.fromkeys(row["preset"] for row in rows):
@@ -27,7 +28,8 @@ def onnx_inference(stem: str) -> str:
             cells.append(f"{row['speedup']:.2f}x")
         body.append(cells)
     ranges = ", ".join(
-        f"{span([r['speedup'] for r in rows if r['batch'] == b], '{:.2f}x')} at {b} rows"
+        f"{span([r['speedup'] for r in rows if r['batch'] == b], '{:.2f}x')} at "
+        f"{'1 row' if b == 1 else f'{b:,} rows'}"
         for b in batches
     )
     summary = (
