@@ -28,10 +28,12 @@ OPSET = 18
 
 
 def _sample(model: BottleneckClassifier) -> torch.Tensor:
-    """Two rows of the model's input: zeros, or padding ids for token ids."""
+    """Two rows of the model's input on its device: zeros, or padding ids for token ids."""
+    device = model.feature_mean.device
     if model.vocab_size is not None:
-        return torch.full((2, *model.input_shape), model.arch["pad_id"], dtype=torch.long)
-    return torch.zeros(2, *model.input_shape, dtype=model.feature_mean.dtype)
+        shape, pad = (2, *model.input_shape), model.arch["pad_id"]
+        return torch.full(shape, pad, dtype=torch.long, device=device)
+    return torch.zeros(2, *model.input_shape, dtype=model.feature_mean.dtype, device=device)
 
 
 @contextlib.contextmanager

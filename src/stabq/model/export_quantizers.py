@@ -45,6 +45,7 @@ Pass = Callable[[Quantizer, Tensor], tuple[Tensor, Tensor]]
 def mixed_radix(level_idx: Tensor, levels: Sequence[int]) -> Tensor:
     """int64 index ``sum_i k_i prod_{j<i} L_j`` of level indices ``k`` ``(n, d)``."""
     basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))])
+    basis = basis.to(level_idx.device)
     return (level_idx.long() * basis).sum(-1)
 
 
@@ -125,7 +126,7 @@ def _pq(q: ProductQuantizer, x: Tensor) -> tuple[Tensor, Tensor]:
     parts = x.reshape(x.shape[0], groups, q.codebook.dim).transpose(0, 1)  # (M, n, dim / M)
     embed = q.codebook.embed.detach()
     indices = nearest(parts, embed).T  # (n, M)
-    offsets = torch.arange(groups) * size  # one table of M * K rows: a single gather
+    offsets = torch.arange(groups, device=x.device) * size  # one table of M * K rows
     codes = embed.reshape(groups * size, -1)[indices + offsets].reshape(x.shape)
     return straight_value(x, codes.to(x.dtype)), indices
 
