@@ -40,6 +40,7 @@ from stabq.errors import (
 from stabq.health.monitor import Alert, CollapseMonitor, CollapseWarning
 from stabq.health.usage import CodebookUsage
 from stabq.model.classifier import BottleneckClassifier
+from stabq.model.export import export
 from stabq.model.saving import load, save_model
 from stabq.model.swap import SwapReport, swap_quantizers
 from stabq.quantizers import (
@@ -141,6 +142,7 @@ __all__ = [
     "__version__",
     "build_quantizer",
     "compare",
+    "export",
     "load",
     "preset_caution",
     "preset_names",

@@ -1,4 +1,5 @@
-"""``stabq evaluate``, ``encode`` and ``levels``: what a saved model or a codebook size gives."""
+"""``stabq evaluate``, ``encode``, ``export`` and ``levels``: what a saved model or a codebook
+size gives."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from stabq.cli.app import (
     load_model,
     run_user_command,
 )
-from stabq.errors import ConfigError
+from stabq.errors import ConfigError, check
+from stabq.model.export import EXPORTERS, FORMATS
 from stabq.quantizers.registry import FSQ_LEVELS, recommended_levels
 
 
@@ -136,3 +138,30 @@ def levels(
     found = run_user_command(lambda: recommended_levels(codebook_size), debug)
     levels_text = ",".join(map(str, found))
     typer.echo(f"{levels_text}\t({math.prod(found)} codes; use: --option levels=[{levels_text}])")
+
+
+@app.command(name="export", short_help="Write a saved model as an ONNX graph.")
+def export_model(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by stabq train.")],
+    out: Annotated[Path, typer.Option(help="Where to write the graph.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="onnx, the only format.")] = "onnx",
+    exporter: Annotated[
+        str, typer.Option(help="dynamo (torch.export) or torchscript (the tracing exporter).")
+    ] = "dynamo",
+    trust_encoder: TrustOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write MODEL_DIR as an ONNX graph: raw rows (or token ids) in, logits and codes out.
+
+    The codes are those stabq encode writes; a continuous model (quantizer 'none') gives
+    logits alone. A model whose encoder is a user factory loads only with --trust-encoder.
+    """
+
+    def run() -> Path:
+        from stabq.model.export import export
+
+        check(format in FORMATS, f"--format {format!r}, allowed: {', '.join(FORMATS)}")
+        check(exporter in EXPORTERS, f"--exporter {exporter!r}, allowed: {', '.join(EXPORTERS)}")
+        return export(load_model(model_dir, trust_encoder), out, format=format, exporter=exporter)
+
+    typer.echo(f"{model_dir} -> {run_user_command(run, debug)}")
