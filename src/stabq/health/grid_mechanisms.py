@@ -138,16 +138,18 @@ class GridWatch:
         self.total = [sum(column) for column in zip(*self.counts, strict=True)]
         self.correlations.extend(state["correlations"])
 
-    def fields(self, indices: Tensor, books: int) -> Tensor:
+    def fields(self, indices: Tensor, books: int, level: Tensor | None = None) -> Tensor:
         """Device figures of one step, 1-D: the level counts ``(D * L_max,)`` of the valid
         rows, then their mean |correlation| within a codebook (NaN when not measured).
-        Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync."""
+        Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync.
+        ``level``: ``fsq_indices_to_levels`` of the clamped indices, when already known."""
         k, width = math.prod(self.levels), max(self.levels)
         flat = indices.detach().reshape(-1, books).long()
         valid = ((flat >= 0) & (flat < k)).all(-1).float()  # (n,)
         if self._levels is None or self._levels.device != flat.device:
             self._levels = torch.tensor(self.levels, device=flat.device)
-        level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
+        if level is None:
+            level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
         n, dims = level.shape[0], books * len(self.levels)
         ids = level.reshape(n, dims) + torch.arange(dims, device=flat.device) * width
         counts = torch.zeros(dims * width, device=flat.device)  # index_add_: no sync

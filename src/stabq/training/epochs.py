@@ -238,9 +238,10 @@ def _train_epoch(
         xb, yb = x[idx], y[idx]
         if batch_transform is not None:
             xb, yb = batch_transform(step, xb, yb)
+        rate = plan.lr(epoch, i, 1.0)
         for group in optimizer.param_groups:  # the guard scales it while it steps
-            group["lr"] = plan.lr(epoch, i, 1.0)
-        sums["lr"] = plan.lr(epoch, i, guard.lr_scale)
+            group["lr"] = rate
+        sums["lr"] = rate * guard.lr_scale
         model.quantizer.set_progress(plan.progress(epoch, i))
         # the guard takes the largest norm over all ranks: every rank skips the same batches
         if not guard.admit(standardized(model, xb), step=step, epoch=epoch):

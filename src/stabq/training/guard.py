@@ -3,7 +3,6 @@ at the end of each epoch it may go back to the best epoch (:mod:`~.best_epoch`).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import statistics
@@ -38,9 +37,20 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
 
 
 def _finite_state(model: nn.Module) -> bool:
-    return all(
-        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
-    )
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True  # one device sync
+
+
+def cloned(value: Any) -> Any:
+    """``value`` with every tensor in it cloned (dicts and lists rebuilt, other values kept):
+    a deep copy of a state dict at the cost of its tensors' copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: cloned(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(cloned(v) for v in value)
+    return value
 
 
 class StabilityGuard(BestEpoch):
@@ -140,12 +150,12 @@ class StabilityGuard(BestEpoch):
 
     def _copy(self) -> tuple[dict, dict]:
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return state, copy.deepcopy(self.optimizer.state_dict())
+        return state, cloned(self.optimizer.state_dict())
 
     def _restore(self, saved: tuple[dict, dict]) -> None:
         rates = [group["lr"] for group in self.optimizer.param_groups]
         self.model.load_state_dict(saved[0])
-        self.optimizer.load_state_dict(copy.deepcopy(saved[1]))
+        self.optimizer.load_state_dict(cloned(saved[1]))
         for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = rate  # the schedule's, not the saved one (each step sets it anyway)
 
