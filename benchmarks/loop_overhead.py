@@ -16,9 +16,11 @@ AdamW, batches of 128 and the gradient norm clipped to 1.0, for ``--epochs`` epo
 - **guards off**: the same with ``TrainConfig(guards=False)``.
 
 The sides run in turn within each repeat, in one process, each from a fresh copy of the
-preset's initial model; each figure is the median over repeats. The plain loop of a
-quantized model is also set against the plain loop of the continuous model (``none``).
-Other processes may load the machine: only the ratios, measured side by side, carry over.
+preset's initial model. Each run's wall and CPU seconds are recorded (torch on one thread:
+the CPU seconds are the run's own, whatever else loads the machine); the ratios are the
+medians over repeats of each repeat's ratio of CPU seconds. The plain loop of a quantized
+model is also set against the plain loop of the continuous model (``none``). Other
+processes may load the machine: only the ratios, measured side by side, carry over.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def plain_loop(model, x, y, vx, vy, epochs: int, lr: float, weight_decay: float)
     return accuracy if val_loss == val_loss else 0.0
 
 
-def seconds(fn) -> float:
-    started = time.perf_counter()
+def seconds(fn) -> tuple[float, float]:
+    """Wall and CPU seconds of one call (torch on one thread: the CPU time is the run's own,
+    whatever else loads the machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - started
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def sides(data, preset: str, epochs: int) -> dict:
@@ -102,6 +106,7 @@ def sides(data, preset: str, epochs: int) -> dict:
 COLUMNS = [
     ("preset", "preset", "{}"),
     ("plain loop s", "plain_s", "{:.3f}"),
+    ("plain loop CPU s", "plain_cpu_s", "{:.3f}"),
     ("stabq.train / plain", "train_ratio", "{:.2f}x"),
     ("guards off / plain", "guards_off_ratio", "{:.2f}x"),
     ("quantized / continuous (plain)", "plain_vs_none", "{:.2f}x"),
@@ -109,7 +114,8 @@ COLUMNS = [
 
 
 def measure(data, presets: list[str], epochs: int, repeats: int) -> list[dict]:
-    """Median seconds of each side of each preset, the sides alternated within a repeat."""
+    """Median seconds of each side of each preset, the sides alternated within a repeat;
+    the ratios are medians of each repeat's ratios of CPU seconds."""
     cases = {preset: sides(data, preset, epochs) for preset in presets}
     for case in cases.values():  # warm-up: lazy initialisation is no per-run cost
         for run in case["runs"].values():
@@ -122,24 +128,20 @@ def measure(data, presets: list[str], epochs: int, repeats: int) -> list[dict]:
                 times[preset, side].append(seconds(lambda: run(model)))  # noqa: B023
     rows = []
     for preset in presets:
-        plain = statistics.median(times[preset, "plain"])
-        rows.append({
-            "preset": preset,
-            "plain_s": plain,
-            "train_s": statistics.median(times[preset, "train"]),
-            "guards_off_s": statistics.median(times[preset, "guards_off"]),
-            # ratios of medians of per-repeat ratios: a drift of the machine hits both sides
-            "train_ratio": statistics.median(
-                t / p for t, p in zip(times[preset, "train"], times[preset, "plain"], strict=True)
-            ),
-            "guards_off_ratio": statistics.median(
-                t / p
-                for t, p in zip(times[preset, "guards_off"], times[preset, "plain"], strict=True)
-            ),
-        })  # fmt: skip
-    none = next((r["plain_s"] for r in rows if r["preset"] == "none"), None)
+        cpu = {
+            side: [t[1] for t in times[preset, side]] for side in ("plain", "train", "guards_off")
+        }
+        row = {"preset": preset}
+        for side in cpu:
+            row[f"{side}_s"] = statistics.median(t[0] for t in times[preset, side])
+            row[f"{side}_cpu_s"] = statistics.median(cpu[side])
+        for side in ("train", "guards_off"):
+            ratios = [t / p for t, p in zip(cpu[side], cpu["plain"], strict=True)]
+            row[f"{side}_ratio"] = statistics.median(ratios)
+        rows.append(row)
+    none = next((r["plain_cpu_s"] for r in rows if r["preset"] == "none"), None)
     for row in rows:
-        row["plain_vs_none"] = None if none is None else row["plain_s"] / none
+        row["plain_vs_none"] = None if none is None else row["plain_cpu_s"] / none
     return rows
 
 
