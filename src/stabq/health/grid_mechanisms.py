@@ -122,6 +122,7 @@ class GridWatch:
     def __init__(self, levels: Sequence[int], window: int, min_samples: int) -> None:
         self.levels, self.window, self.min_samples = list(levels), window, min_samples
         self._levels: Tensor | None = None  # ``levels`` on the indices' device
+        self._offsets: Tensor | None = None  # each dimension's first bin
         self.reset()
 
     def reset(self) -> None:
@@ -151,7 +152,9 @@ class GridWatch:
         if level is None:
             level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
         n, dims = level.shape[0], books * len(self.levels)
-        ids = level.reshape(n, dims) + torch.arange(dims, device=flat.device) * width
+        if self._offsets is None or self._offsets.shape != (dims,):  # made once
+            self._offsets = torch.arange(dims, device=flat.device) * width
+        ids = level.reshape(n, dims) + self._offsets.to(flat.device)
         counts = torch.zeros(dims * width, device=flat.device)  # index_add_: no sync
         counts.index_add_(0, ids.reshape(-1), valid[:, None].expand(n, dims).reshape(-1))
         correlation = _mean_abs_correlation(level.float(), valid)

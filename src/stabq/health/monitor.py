@@ -249,7 +249,8 @@ class CollapseMonitor:
         check(c == 1 or indices.shape[-1:] == (c,), f"CollapseMonitor: indices of shape "
               f"{tuple(indices.shape)} must end in num_codebooks={c}", ShapeError)  # fmt: skip
         flat = indices.detach().reshape(-1, c).long()
-        ids = torch.where(flat < 0, c * k, flat + torch.arange(c, device=flat.device) * k)
+        ids = flat if c == 1 else flat + torch.arange(c, device=flat.device) * k
+        ids = torch.where(flat < 0, c * k, ids)
         ids = torch.where(flat >= k, c * k + 1, ids).reshape(-1)  # c*k: ignored, c*k+1: too big
         is_counts = ids.numel() > c * k + 2
         if is_counts:  # more indices than bins: keep the counts (no device sync)
