@@ -14,7 +14,7 @@ from torch import nn
 
 from stabq import distributed
 from stabq.errors import TrainingError
-from stabq.training.best_epoch import BestEpoch
+from stabq.training.best_epoch import BestEpoch, cloned, finite_state
 
 GROWTH_STEPS = 10  # features 100x their smallest norm of the last 10 steps are exploding
 
@@ -34,23 +34,6 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     """The 2-norm of all of ``model``'s gradients together (0 when there are none)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
-
-
-def _finite_state(model: nn.Module) -> bool:
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True  # one device sync
-
-
-def cloned(value: Any) -> Any:
-    """``value`` with every tensor in it cloned (dicts and lists rebuilt, other values kept):
-    a deep copy of a state dict at the cost of its tensors' copies."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: cloned(v) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(cloned(v) for v in value)
-    return value
 
 
 class StabilityGuard(BestEpoch):
@@ -326,7 +309,7 @@ class StabilityGuard(BestEpoch):
         if self.clean_steps % self.window == 0 and self.lr_scale < self.lr_ceiling:
             self.lr_scale = min(self.lr_ceiling, self.lr_scale / self.lr_backoff)
         if self.enabled and self.clean_steps % self.snapshot_every == 0:
-            if _finite_state(self.model):
+            if finite_state(self.model):
                 self.snapshot()
             else:
                 self.recover(reason="non-finite weights after a step", step=-1, epoch=-1)
