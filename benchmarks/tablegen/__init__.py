@@ -27,6 +27,7 @@ SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,
     "distributed": runs.distributed,
     "fsq-paths": runs.fsq_paths,
+    "loop-overhead": speed.loop_overhead,
     "summary": summary.summary,
 }
 NONE: dict[str, Callable[[], str]] = {"results": index.results, "machine": index.machine}

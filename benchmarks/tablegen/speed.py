@@ -1,5 +1,6 @@
-"""Speed tables: the quantizers against vector-quantize-pytorch (``benchmarks/quantizers.py``)
-and training throughput (``benchmarks/train.py``)."""
+"""Speed tables: the quantizers against vector-quantize-pytorch (``benchmarks/quantizers.py``),
+training throughput (``benchmarks/train.py``) and the trainer against a plain loop
+(``benchmarks/loop_overhead.py``)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,36 @@ def train_compile(stem: str) -> str:
         f"(median {statistics.median(ratios):.0f}%).\n"
     )
     return f"{table(header, body)}\n{summary}\n{sources([stem])}"
+
+
+def loop_overhead(stems: list[str]) -> str:
+    """``stabq.train`` against the plain loop per preset (``benchmarks/loop_overhead.py``);
+    a second result, of the trainer before a change, adds its ratio beside."""
+    document = load(stems[0])
+    before = {r["preset"]: r for r in load(stems[1])["rows"]} if len(stems) > 1 else {}
+    header = ["preset", "plain loop s", "stabq.train / plain", "guards off / plain",
+              "quantized / continuous (plain)"]  # fmt: skip
+    if before:
+        header[3:3] = ["before: stabq.train / plain"]
+    body = []
+    for row in document["rows"]:
+        cells = [
+            f"`{row['preset']}`", f"{row['plain_cpu_s']:.3f}", f"{row['train_ratio']:.2f}x",
+            f"{row['guards_off_ratio']:.2f}x", num(row.get("plain_vs_none"), "{:.2f}x"),
+        ]  # fmt: skip
+        if before:
+            old = before.get(row["preset"])
+            cells[3:3] = [num(old and old["train_ratio"], "{:.2f}x")]
+        body.append(cells)
+    ratios = [row["train_ratio"] for row in document["rows"]]
+    summary = (
+        f"{document['data']}, {document['epochs']} epochs a run, median of "
+        f"{document['repeats']} alternated repeats; CPU seconds. `stabq.train` took "
+        f"{span(ratios, '{:.2f}x')} the plain loop's time (median "
+        f"{statistics.median(ratios):.2f}x)"
+    )
+    if before:
+        old = [r["train_ratio"] for r in before.values()]
+        median = statistics.median(old)
+        summary += f"; before the change, {span(old, '{:.2f}x')} (median {median:.2f}x)"
+    return f"{table(header, body)}\n{summary}.\n\n{sources(stems)}"

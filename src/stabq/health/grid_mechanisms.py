@@ -122,6 +122,7 @@ class GridWatch:
     def __init__(self, levels: Sequence[int], window: int, min_samples: int) -> None:
         self.levels, self.window, self.min_samples = list(levels), window, min_samples
         self._levels: Tensor | None = None  # ``levels`` on the indices' device
+        self._offsets: Tensor | None = None  # each dimension's first bin
         self.reset()
 
     def reset(self) -> None:
@@ -138,18 +139,22 @@ class GridWatch:
         self.total = [sum(column) for column in zip(*self.counts, strict=True)]
         self.correlations.extend(state["correlations"])
 
-    def fields(self, indices: Tensor, books: int) -> Tensor:
+    def fields(self, indices: Tensor, books: int, level: Tensor | None = None) -> Tensor:
         """Device figures of one step, 1-D: the level counts ``(D * L_max,)`` of the valid
         rows, then their mean |correlation| within a codebook (NaN when not measured).
-        Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync."""
+        Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync.
+        ``level``: ``fsq_indices_to_levels`` of the clamped indices, when already known."""
         k, width = math.prod(self.levels), max(self.levels)
         flat = indices.detach().reshape(-1, books).long()
         valid = ((flat >= 0) & (flat < k)).all(-1).float()  # (n,)
         if self._levels is None or self._levels.device != flat.device:
             self._levels = torch.tensor(self.levels, device=flat.device)
-        level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
+        if level is None:
+            level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
         n, dims = level.shape[0], books * len(self.levels)
-        ids = level.reshape(n, dims) + torch.arange(dims, device=flat.device) * width
+        if self._offsets is None or self._offsets.shape != (dims,):  # made once
+            self._offsets = torch.arange(dims, device=flat.device) * width
+        ids = level.reshape(n, dims) + self._offsets.to(flat.device)
         counts = torch.zeros(dims * width, device=flat.device)  # index_add_: no sync
         counts.index_add_(0, ids.reshape(-1), valid[:, None].expand(n, dims).reshape(-1))
         correlation = _mean_abs_correlation(level.float(), valid)

@@ -195,9 +195,11 @@ class Mechanisms:
 
     @torch.no_grad()
     def record(
-        self, module: nn.Module, x: Tensor | None, output: Any, indices: Tensor, loss: Tensor | None
-    ) -> list[Verdict]:
-        """Read one step and judge it; the verdicts for :meth:`CollapseMonitor._set`."""
+        self, module: nn.Module, x: Tensor | None, output: Any, indices: Tensor,
+        loss: Tensor | None, level: Tensor | None = None,
+    ) -> list[Verdict]:  # fmt: skip
+        """Read one step and judge it; the verdicts for :meth:`CollapseMonitor._set`.
+        ``level``: the grid's per-dimension levels of ``indices``, when the caller has them."""
         if indices.numel() == 0 or bool((indices < 0).all()):
             return []
         self.steps += 1
@@ -207,10 +209,13 @@ class Mechanisms:
         if usable:
             table = None if self.bounded else code_table(module)
             half = any(t is not None and t.dtype == torch.float16 for t in (x, q, table))
-            parts.append(self._fields(x, q, table, loss))
             half = half or _fp16_autocast(x.device)
+            # a grid's figures judge only fp16 overflow: none to read in full precision
+            usable = half or not self.bounded
+        if usable:
+            parts.append(self._fields(x, q, table, loss))
         if self.grid is not None:
-            parts.append(self.grid.fields(indices, self.books))
+            parts.append(self.grid.fields(indices, self.books, level))
         weight = linear_map(module) if (self.steps - 1) % MAP_EVERY == 0 else None
         if weight is not None:
             parts.append(map_fields(weight))

@@ -135,6 +135,7 @@ class CollapseMonitor:
             q, name, codebook_size, num_codebooks, levels
         )
         self.grid = is_grid_module(q, self.levels)  # no dead codes in its figures
+        self._levels = None if self.levels is None else torch.tensor(self.levels)
         self.window = check_int(name, "window", window, 1)
         self.check_every = check_int(name, "check_every", check_every, 1)
         self.min_samples = check_int(name, "min_samples", min_samples, 1)
@@ -155,6 +156,8 @@ class CollapseMonitor:
         self.alerts: list[Alert] = []
         self._handle = None
         self.mechanisms = Mechanisms.of(q, self)
+        grid = self.mechanisms.grid
+        self._shared = grid is not None and grid.levels == list(self.levels or []) != []
         self.reset()
         self.attach()
 
@@ -243,23 +246,20 @@ class CollapseMonitor:
             return
         indices, loss = read_output(output)
         c, k = self.num_codebooks, self.codebook_size
-        check(
-            c == 1 or indices.shape[-1:] == (c,),
-            f"CollapseMonitor: indices of shape {tuple(indices.shape)} must end in "
-            f"num_codebooks={c}",
-            ShapeError,
-        )
+        check(c == 1 or indices.shape[-1:] == (c,), f"CollapseMonitor: indices of shape "
+              f"{tuple(indices.shape)} must end in num_codebooks={c}", ShapeError)  # fmt: skip
         flat = indices.detach().reshape(-1, c).long()
-        ids = torch.where(flat < 0, c * k, flat + torch.arange(c, device=flat.device) * k)
+        ids = flat if c == 1 else flat + torch.arange(c, device=flat.device) * k
+        ids = torch.where(flat < 0, c * k, ids)
         ids = torch.where(flat >= k, c * k + 1, ids).reshape(-1)  # c*k: ignored, c*k+1: too big
         is_counts = ids.numel() > c * k + 2
         if is_counts:  # more indices than bins: keep the counts (no device sync)
             ids = torch.zeros(c * k + 2, dtype=torch.long, device=ids.device).index_add_(
                 0, ids, torch.ones_like(ids)
             )
-        at_bound = values = None
+        at_bound = values = level = None
         if self.levels is not None:
-            levels = flat.new_tensor(self.levels)
+            levels = self._levels.to(flat.device)  # made once
             valid = (flat >= 0) & (flat < k)
             level = fsq_indices_to_levels(flat.clamp(0, k - 1), levels)
             at_bound = (((level == 0) | (level == levels - 1)) & valid.unsqueeze(-1)).sum()
@@ -276,7 +276,8 @@ class CollapseMonitor:
             message = f"commitment loss is {value} at step {self.step}"
             self._set("loss_nonfinite", not math.isfinite(value), message, value)
         x = first_input(args, kwargs)
-        for verdict in self.mechanisms.record(target(module), x, output, indices, loss):
+        level = level if self._shared else None  # the grid checks' levels: computed once
+        for verdict in self.mechanisms.record(target(module), x, output, indices, loss, level):
             self._set(*verdict)
         if self.step % self.check_every == 0:
             self._check()

@@ -18,10 +18,29 @@ scale and ceiling, the counters).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from stabq.errors import TrainingError
+
+
+def finite_state(model: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``model`` is finite."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True  # one device sync
+
+
+def cloned(value: Any) -> Any:
+    """``value`` with every tensor in it cloned (dicts and lists rebuilt, other values kept):
+    a deep copy of a state dict at the cost of its tensors' copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: cloned(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(cloned(v) for v in value)
+    return value
 
 
 class BestEpoch:

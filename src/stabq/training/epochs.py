@@ -238,21 +238,22 @@ def _train_epoch(
         xb, yb = x[idx], y[idx]
         if batch_transform is not None:
             xb, yb = batch_transform(step, xb, yb)
+        rate = plan.lr(epoch, i, 1.0)
         for group in optimizer.param_groups:  # the guard scales it while it steps
-            group["lr"] = plan.lr(epoch, i, 1.0)
-        sums["lr"] = plan.lr(epoch, i, guard.lr_scale)
+            group["lr"] = rate
+        sums["lr"] = rate * guard.lr_scale
         model.quantizer.set_progress(plan.progress(epoch, i))
         # the guard takes the largest norm over all ranks: every rank skips the same batches
-        if not guard.admit(standardized(model, xb), step=step, epoch=epoch):
+        if guard.enabled and not guard.admit(standardized(model, xb), step=step, epoch=epoch):
             continue
         logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
         loss = ce + out.loss
-        norm = float(z.detach().norm(dim=-1).max()) if z.numel() else 0.0
+        norm = z.detach().norm(dim=-1).max() if z.numel() else loss.new_zeros(())
+        # one device sync for the step's figures (the promotion to a common dtype is exact)
+        *means, norm = torch.stack([loss.detach(), ce.detach(), out.loss.detach(), norm]).tolist()
         # the guard must decide the same on every rank: it sees the mean loss, the max norm
-        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(
-            [float(loss.detach()), float(ce.detach()), float(out.loss.detach())], [norm]
-        )
+        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(means, [norm])
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
         optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,6 @@ at the end of each epoch it may go back to the best epoch (:mod:`~.best_epoch`).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import statistics
@@ -15,7 +14,7 @@ from torch import nn
 
 from stabq import distributed
 from stabq.errors import TrainingError
-from stabq.training.best_epoch import BestEpoch
+from stabq.training.best_epoch import BestEpoch, cloned, finite_state
 
 GROWTH_STEPS = 10  # features 100x their smallest norm of the last 10 steps are exploding
 
@@ -35,12 +34,6 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     """The 2-norm of all of ``model``'s gradients together (0 when there are none)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
-
-
-def _finite_state(model: nn.Module) -> bool:
-    return all(
-        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
-    )
 
 
 class StabilityGuard(BestEpoch):
@@ -140,12 +133,12 @@ class StabilityGuard(BestEpoch):
 
     def _copy(self) -> tuple[dict, dict]:
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return state, copy.deepcopy(self.optimizer.state_dict())
+        return state, cloned(self.optimizer.state_dict())
 
     def _restore(self, saved: tuple[dict, dict]) -> None:
         rates = [group["lr"] for group in self.optimizer.param_groups]
         self.model.load_state_dict(saved[0])
-        self.optimizer.load_state_dict(copy.deepcopy(saved[1]))
+        self.optimizer.load_state_dict(cloned(saved[1]))
         for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = rate  # the schedule's, not the saved one (each step sets it anyway)
 
@@ -316,7 +309,7 @@ class StabilityGuard(BestEpoch):
         if self.clean_steps % self.window == 0 and self.lr_scale < self.lr_ceiling:
             self.lr_scale = min(self.lr_ceiling, self.lr_scale / self.lr_backoff)
         if self.enabled and self.clean_steps % self.snapshot_every == 0:
-            if _finite_state(self.model):
+            if finite_state(self.model):
                 self.snapshot()
             else:
                 self.recover(reason="non-finite weights after a step", step=-1, epoch=-1)
