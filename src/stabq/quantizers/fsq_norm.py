@@ -42,10 +42,12 @@ def fusable(norm: nn.Module | None, z: Tensor) -> bool:
     """Does :func:`norm_bound_round` stand for ``pre_normalise(norm, z)`` before the bound?
 
     For stabq's own ``pre_norm`` (a BatchNorm1d without affine that tracks running
-    statistics) on at least :data:`FUSED_MIN_ELEMENTS` elements, outside distributed
-    training."""
+    statistics) on at least :data:`FUSED_MIN_ELEMENTS` float32 or float64 elements on the
+    CPU (where torch's batch norm is the slow part), outside distributed training."""
     return (
         z.numel() >= FUSED_MIN_ELEMENTS
+        and z.device.type == "cpu"
+        and z.dtype in (torch.float32, torch.float64)
         and type(norm) is nn.BatchNorm1d
         and not norm.affine
         and norm.track_running_stats
