@@ -70,6 +70,7 @@ ROWS = [
     Row("fsq 16k", 16384, "fsq", dim=6),
     Row("fsq 262k", 262144, "fsq", dim=6),
     # the `fsq` preset standardises z first (BatchNorm); the peer has no such option
+    Row("fsq 16k, pre_norm (preset; peer without)", 16384, "fsq-pre", dim=6),
     Row("fsq 262k, pre_norm (preset; peer without)", 262144, "fsq-pre", dim=6),
     Row("vq-ema 1024x128", 16384, "vq-ema"),
     Row("vq repaired 512 (cosine, 32-d)", 16384, "vq", codes=512),

@@ -46,7 +46,9 @@ from stabq.quantizers.fsq_kernel import (  # noqa: F401
     fsq_bound_round_plain,
     fsq_constants,
     fsq_level_indices_to_index,
+    kernel_constants,
 )
+from stabq.quantizers.fsq_norm import fusable, norm_bound_round
 
 
 def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
@@ -202,12 +204,28 @@ class FSQ(Quantizer):
         return pre_normalise(self.pre_norm, z)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = self._normalise(self.project_in(x))
+        z = self.project_in(x)
         if compiling():  # the fast eager Function's in-place tricks stay out of graphs
-            codes, indices = fsq_bound_round_plain(z, self.levels, self.bound)
+            codes, indices = fsq_bound_round_plain(self._normalise(z), self.levels, self.bound)
         else:
-            codes, indices = fsq_bound_round(z, self._levels, self._cache, bound=self.bound)
+            found = self._fused(z) if fusable(self.pre_norm, z) else None
+            if found is None:
+                found = fsq_bound_round(
+                    self._normalise(z), self._levels, self._cache, bound=self.bound
+                )
+            codes, indices = found
         return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
+
+    def _fused(self, z: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``pre_norm`` and the bound in one Function (:mod:`~stabq.quantizers.fsq_norm`);
+        None where the unfused form must run."""
+        g, tiled, index = kernel_constants(z, self._levels, self._cache, self.bound)
+        found = norm_bound_round(z, self.pre_norm, tiled, index, _use_sigmoid(z, tiled), g,
+                                 self.bound)  # fmt: skip
+        if found is None:
+            return None
+        codes, indices = found
+        return codes.view(z.shape), indices
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Grid codes `(..., len(levels))` (before `project_out`) to int64 indices `(...,)`;

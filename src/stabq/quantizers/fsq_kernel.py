@@ -208,7 +208,19 @@ def fsq_bound_round(
     n, d = z.shape
     if bound == "distribution":
         z = z * DISTRIBUTION_SCALE
-    g = _row_group(n)
+    g, tiled, index = kernel_constants(z, levels, cache, bound)
+    sigmoid = _use_sigmoid(z, tiled) if sigmoid is None else sigmoid
+    codes, indices = _BoundRound.apply(z.contiguous().view(n // g, g * d), tiled, index, sigmoid)
+    return codes.view(n, d), indices
+
+
+def kernel_constants(
+    z: Tensor, levels: Tensor, cache: dict | None, bound: str = "tanh"
+) -> tuple[int, _Tiled, _RoundIndex]:
+    """The row group ``g`` of ``z`` ``(n, d)``, :func:`_tiled`'s constants and the index of
+    :func:`fsq_bound_round`, from ``cache`` (keyed by device, dtype, ``g`` and a bound other
+    than tanh) or made and put there."""
+    g = _row_group(z.shape[0])
     key = (z.device, z.dtype, g) + ((bound,) if bound != "tanh" else ())
     found = cache.get(key) if cache is not None else None
     if found is None:
@@ -218,10 +230,7 @@ def fsq_bound_round(
         )
         if cache is not None:
             cache[key] = found
-    tiled, index = found
-    sigmoid = _use_sigmoid(z, tiled) if sigmoid is None else sigmoid
-    codes, indices = _BoundRound.apply(z.contiguous().view(n // g, g * d), tiled, index, sigmoid)
-    return codes.view(n, d), indices
+    return (g, *found)
 
 
 class _RoundIndex:

@@ -111,7 +111,7 @@ class SimVQ(Quantizer):
         if self.training and not bool(self.initted):
             self.init_basis(x)
         codebook = self.codebook
-        indices, _ = nearest_code(x, codebook.detach())
+        indices, _ = nearest_code(x, codebook.detach(), distances=False)
         codes = codebook[indices]
         loss = commitment_loss(x, codes, self.commitment_weight, learned=True)
         return estimate(x, codes, self.rotation_trick), indices, loss

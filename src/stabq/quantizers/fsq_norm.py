@@ -1,0 +1,161 @@
+"""FSQ's ``pre_norm`` folded into its bound and round: one autograd Function for both.
+
+``pre_norm`` is a BatchNorm without affine: ``zn = (z - mean) * invstd``, ``invstd =
+1 / sqrt(var + eps)``, with the batch's mean and biased variance in training (the running
+averages take a step towards the mean and the unbiased variance, as ``nn.BatchNorm1d``
+does) and the running ones at eval. The bound then computes ``tanh(a zn + shift)``
+(``a = 1``, or 0.8 for ``bound="distribution"``), which is ``tanh(u)`` with
+
+    u = c * s + t,   c = z - mean, s = a invstd, t = shift      (training)
+    u = z * s + t,   s = a invstd, t = shift - a mean invstd     (eval: running statistics)
+
+so the normalisation costs the statistics' passes and no pass of its own: the bound's
+first pass computes ``u`` where it computed ``z + shift``. Backward is BatchNorm's
+gradient, ``invstd (g - mean(g) - zn mean(g zn))`` with ``g`` the gradient reaching ``zn``,
+from the centred ``c`` kept by forward; at eval ``g invstd``.
+
+The results are those of ``nn.BatchNorm1d`` followed by the bound up to float rounding
+(the statistics are summed in another order, and ``u`` is rounded once where the unfused
+form rounds ``zn`` and then ``zn + shift``): an input within an ulp or so of a rounding
+boundary may take the neighbouring code. ``tests/test_fsq_fused_norm.py`` compares both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from stabq import distributed
+from stabq.quantizers._graph import graph_kept
+from stabq.quantizers.fsq_kernel import DISTRIBUTION_SCALE, _RoundIndex, _Tiled
+
+# Below this many elements of ``z`` torch's own batch norm, one native call, costs less than
+# the fused form's dozen small operations for the statistics (CPU, float32, torch 2.13:
+# even at 16,384 x 6, slower at 128 x 6; benchmarks/quantizers.py). Above it the native
+# call's per-dimension strided loop over ``(n, d)`` costs more than the whole bound.
+FUSED_MIN_ELEMENTS = 2**17
+
+
+def fusable(norm: nn.Module | None, z: Tensor) -> bool:
+    """Does :func:`norm_bound_round` stand for ``pre_normalise(norm, z)`` before the bound?
+
+    For stabq's own ``pre_norm`` (a BatchNorm1d without affine that tracks running
+    statistics) on at least :data:`FUSED_MIN_ELEMENTS` float32 or float64 elements on the
+    CPU (where torch's batch norm is the slow part), outside distributed training."""
+    return (
+        z.numel() >= FUSED_MIN_ELEMENTS
+        and z.device.type == "cpu"
+        and z.dtype in (torch.float32, torch.float64)
+        and type(norm) is nn.BatchNorm1d
+        and not norm.affine
+        and norm.track_running_stats
+        and z.shape[0] >= (2 if norm.training else 1)
+        and not (norm.training and distributed.is_distributed())
+    )
+
+
+def _clamp_limit(z: Tensor) -> float:
+    """``pre_normalise``'s clamp: beyond it the batch variance would overflow."""
+    return math.sqrt(torch.finfo(z.dtype).max) / 1024
+
+
+def _fold(packed: Tensor, g: int, d: int) -> Tensor:
+    """Column sums of a packed ``(n / g, g d)`` tensor, per dimension: ``(d,)``."""
+    return packed.sum(0).view(g, d).sum(0)
+
+
+def _batch_terms(norm: nn.BatchNorm1d, z: Tensor, g: int, d: int) -> tuple | None:
+    """Training: ``(c, invstd)`` of the packed ``z`` with the running averages updated;
+    None (nothing updated) where ``pre_normalise``'s clamp would change ``z``."""
+    n = z.shape[0] * g
+    mean = _fold(z, g, d) / n
+    c = z - mean.repeat(g)
+    squares = _fold(c * c, g, d)
+    # no |z_i| passes |mean| + sqrt(sum (z - mean)^2): beyond the clamp's limit the
+    # unfused form runs instead (margin for the sums' rounding; NaN and inf fail too)
+    if not bool(((mean.abs() + squares.sqrt()) * 1.01 < _clamp_limit(z)).all()):
+        return None
+    var = squares / n
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum
+        step = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
+        norm.running_mean.mul_(1 - step).add_(mean, alpha=step)
+        norm.running_var.mul_(1 - step).add_(var, alpha=step * n / (n - 1))
+    return c, (var + norm.eps).rsqrt()
+
+
+class _NormBoundRound(torch.autograd.Function):
+    """:class:`~stabq.quantizers.fsq_kernel._BoundRound` on ``u = x s + t`` (the module
+    docstring): ``x`` the packed input (centred in training), ``s``, ``t`` tiled ``(g d,)``.
+    ``batch`` holds ``(g, d, invstd, a)`` in training (BatchNorm's gradient), else None."""
+
+    @staticmethod
+    def forward(ctx, z, x, c: _Tiled, index, sigmoid: bool, s, t, batch):
+        if sigmoid:
+            y = torch.addcmul(2 * t, x, 2 * s).sigmoid_()
+            b = torch.addcmul(c.sig_offset, y, c.two_half_l)
+            r = torch.round(b)
+            near = (b.sub_(r).abs_().amax(dim=1) > 0.5 - c.window).nonzero().squeeze(1)
+            if near.numel():  # within the window of a tie: decide by tanh itself
+                again = torch.addcmul(t, x.index_select(0, near), s).tanh_()
+                r.index_copy_(0, near, torch.addcmul(c.neg_offset, again, c.half_l).round_())
+        else:
+            y = torch.addcmul(t, x, s).tanh_()
+            r = torch.addcmul(c.neg_offset, y, c.half_l).round_()
+        indices = index(r)
+        ctx.sigmoid, ctx.batch = sigmoid, batch
+        slope = c.four_slope if sigmoid else c.slope
+        ctx.save_for_backward(y, slope, s, x if batch is not None else None)
+        ctx.mark_non_differentiable(indices)
+        return r.div_(c.half_width), indices
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        y, slope, s, x = ctx.saved_tensors
+        kernel = torch.ops.aten.sigmoid_backward if ctx.sigmoid else torch.ops.aten.tanh_backward
+        kept = graph_kept()
+        gy = kernel(grad, y) if kept else kernel.grad_input(grad, y, grad_input=y)
+        if ctx.batch is None:  # running statistics: constants
+            return gy.mul_(slope * s), *(None,) * 7
+        g, d, invstd, a = ctx.batch
+        n = x.shape[0] * g
+        # g_zn = gy * slope * a; grad_z = invstd (g_zn - mean g_zn) - c invstd^3 mean(g_zn c)
+        slope_a = slope[:d] * a
+        mean_g = _fold(gy, g, d) * slope_a / n
+        mean_gc = _fold(gy * x, g, d) * slope_a / n
+        out = (
+            torch.mul(x, (-invstd.pow(3) * mean_gc).repeat(g))
+            if kept
+            else x.mul_((-invstd.pow(3) * mean_gc).repeat(g))
+        )
+        out.add_((-invstd * mean_g).repeat(g)).addcmul_(gy, slope * s)
+        return out, *(None,) * 7
+
+
+def norm_bound_round(
+    z: Tensor, norm: nn.BatchNorm1d, tiled: _Tiled, index: _RoundIndex, sigmoid: bool,
+    g: int, bound: str,
+) -> tuple[Tensor, Tensor] | None:  # fmt: skip
+    """Codes and indices of ``norm(z)`` through the bound (packed ``(n / g, g d)`` codes),
+    the running averages updated in training; None where the unfused form must run."""
+    n, d = z.shape
+    packed = z.contiguous().view(n // g, g * d)
+    a = DISTRIBUTION_SCALE if bound == "distribution" else 1.0
+    shift = tiled.shift[:d]
+    if norm.training:
+        terms = _batch_terms(norm, packed.detach(), g, d)
+        if terms is None:
+            return None
+        x, invstd = terms
+        s, t, batch = (a * invstd).repeat(g), tiled.shift, (g, d, invstd, a)
+    else:
+        low, high = torch.aminmax(packed.detach())
+        if not bool(torch.maximum(-low, high) <= _clamp_limit(z)):  # NaN fails too
+            return None
+        invstd = (norm.running_var + norm.eps).rsqrt()
+        x, s, batch = packed, (a * invstd).repeat(g), None
+        t = (shift - a * norm.running_mean * invstd).repeat(g)
+    return _NormBoundRound.apply(packed, x, tiled, index, sigmoid, s, t, batch)
