@@ -23,7 +23,7 @@ THREADS = int(os.environ.get("STABQ_TEST_THREADS", "1"))
 # The processes the tests start (`stabq` commands, fresh interpreters, torchrun ranks) run on
 # as many threads as the tests themselves: left to torch's default of one a core, each of the
 # two test processes' children would spin two OpenMP threads against the other's, which cost
-# a 3-epoch `stabq train` 4.5x its CPU time on this 2-core machine (measured under load).
+# a 3-epoch `stabq train` over 4x its CPU time on this 2-core machine (measured under load).
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = str(THREADS)
 if os.environ.get("STABQ_DERANDOMIZE") == "1":
