@@ -8,9 +8,10 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 # the docs extra (mkdocs and its plugins), installed by `make docs` only
 DOCS_STAMP := $(VENV)/.installed-docs
-# test processes (pytest-xdist), one a core; each runs torch on one thread (tests/conftest.py)
+# test processes (pytest-xdist), one a core; each runs torch on one thread; a file's tests
+# share a process unless tests/conftest.py sends them out one by one, longest first
 WORKERS ?= 2
-XDIST  := -n $(WORKERS) --dist loadfile
+XDIST  := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: demo test test-portable lint format bench docs clean
 

@@ -10,6 +10,8 @@ chance.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -29,21 +31,23 @@ STABLE = ["fsq", "rvq", "vq", "gumbel", "pq"]
 EPOCHS, FLOOR = 40, 0.55
 
 
-@pytest.fixture(scope="module")
-def accuracies():
-    """Test accuracy of each preset after EPOCHS of default training (seed 0; conftest: one
-    thread)."""
+@functools.cache
+def mnist1d():
+    """The mnist1d splits, read once a process: the training split, the test split as
+    tensors."""
     train_set, test_set = load_data("mnist1d", "train"), load_data("mnist1d", "test")
-    tx, ty = torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
-    found = {}
-    for name in ["none", *STABLE]:
-        torch.manual_seed(0)
-        model = BottleneckClassifier(train_set.num_features, train_set.num_classes, name)
-        train(model, train_set, config=TrainConfig(progress=False, epochs=EPOCHS))
-        found[name] = evaluate_model(model, tx, ty)["accuracy"]
-    return found
+    return train_set, torch.from_numpy(test_set.x), torch.from_numpy(test_set.y)
 
 
+# One preset a test (no fixture shares the trainings): the six runs are the longest work of
+# the suite, and so the two test processes share them instead of one running all six.
 @pytest.mark.parametrize("name", ["none", *STABLE])
-def test_each_preset_learns_mnist1d_with_default_settings(accuracies, name):
-    assert accuracies[name] > FLOOR, accuracies
+def test_each_preset_learns_mnist1d_with_default_settings(name):
+    """Test accuracy of the preset after EPOCHS of default training (seed 0; conftest: one
+    thread)."""
+    train_set, tx, ty = mnist1d()
+    torch.manual_seed(0)
+    model = BottleneckClassifier(train_set.num_features, train_set.num_classes, name)
+    train(model, train_set, config=TrainConfig(progress=False, epochs=EPOCHS))
+    accuracy = evaluate_model(model, tx, ty)["accuracy"]
+    assert accuracy > FLOOR, (name, accuracy)
