@@ -21,6 +21,7 @@ ONE: dict[str, Callable[[str], str]] = {
     "train-compile": speed.train_compile,
     "attacks": runs.attacks,
     "presets-paths": runs.presets_paths,
+    "memory-copies": runs.memory_copies,
 }
 SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,
