@@ -89,8 +89,8 @@ def memory_copies(stem: str) -> str:
     summary = (
         f"`stabq compare --methods fsq --seeds 1 --epochs {document['epochs']}` on "
         f"{document['rows']:,} x {document['features']} float32 rows and a test file of "
-        f"{document['test_rows']:,}: {document['data_mib']:.0f} MiB of features, held once "
-        f"is 1 copy. The base is the same command on files of {document['base_rows']:,} "
+        f"{document['test_rows']:,}: {document['data_mib']:.0f} MiB of features; held once, "
+        f"they are 1 copy. The base is the same command on files of {document['base_rows']:,} "
         f"rows. Above its base the run held {first['copies']:.2f} copies with `{first['tree']}`"
         f" and {last['copies']:.2f} with `{last['tree']}`.\n"
     )

@@ -99,6 +99,8 @@ class Rows:
         else:
             positions = np.asarray(rows)
             positions = np.flatnonzero(positions) if positions.dtype == bool else positions
+            if positions.size and positions.min() < 0:  # counted from the end
+                positions = np.arange(self._count)[positions]
         dtype = index_dtype(len(self.base))
         index = positions if self.index is None else self.index[positions]
         return Rows(self.base, self.source, self.row_shape, index.astype(dtype, copy=False))
