@@ -22,6 +22,7 @@ ONE: dict[str, Callable[[str], str]] = {
     "attacks": runs.attacks,
     "presets-paths": runs.presets_paths,
     "onnx-inference": inference.onnx_inference,
+    "memory-copies": runs.memory_copies,
 }
 SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from tablegen.common import load, num, pct, sources, span, table
+from tablegen.common import load, num, pct, provenance_of, sources, span, table
 
 
 def attacks(stem: str) -> str:
@@ -53,6 +53,7 @@ def bigdata(stems: list[str]) -> str:
     """Each file size and row width: the memory limit, how the run ended, its peaks."""
     body, ratios = [], []
     for stem in stems:
+        commit = provenance_of(load(stem)).get("commit", "-")
         for r in load(stem)["results"]:
             ended = "trained" if r["exit_code"] == 0 else f"killed (exit {r['exit_code']})"
             if r["exit_code"] == 0:
@@ -61,16 +62,39 @@ def bigdata(stems: list[str]) -> str:
                 _gib(r["file_mib"]), f"{r['rows']:,} x {r['features']}", f"{r['limit_mib']} MiB",
                 ended, f"{r['peak_rss_mib']:.0f} MiB", f"{r['cgroup_max_usage_mib']} MiB",
                 r["cgroup_failcnt"], f"{r['seconds']:.0f} s",
-                num(r.get("val_accuracy"), "{:.3f}"),
+                num(r.get("val_accuracy"), "{:.3f}"), f"`{commit}`",
             ])  # fmt: skip
     header = ["file", "rows x features", "memory limit", "run", "peak resident (VmHWM)",
-              "cgroup peak", "cgroup failcnt", "time", "val accuracy"]  # fmt: skip
+              "cgroup peak", "cgroup failcnt", "time", "val accuracy", "commit"]  # fmt: skip
     summary = (
         f"The largest file that trained is {max(ratios):.1f} times its memory limit.\n"
         if ratios
         else ""
     )
     return f"{table(header, body)}\n{summary}\n{sources(stems)}"
+
+
+def memory_copies(stem: str) -> str:
+    """Per source tree: the peak of a run on arrays in memory, above the process's base,
+    as copies of the features held."""
+    document = load(stem)
+    body = [
+        [f"`{r['tree']}`", f"{r['base_rss_mib']:.0f} MiB", f"{r['peak_rss_mib']:.0f} MiB",
+         f"{r['above_base_mib']:.0f} MiB", f"{r['copies']:.2f}", r["fsq_row"].split()[1]]
+        for r in document["results"]
+    ]  # fmt: skip
+    header = ["source", "base peak (small files)", "peak", "above the base",
+              "copies of the features", "fsq test accuracy %"]  # fmt: skip
+    first, last = document["results"][0], document["results"][-1]
+    summary = (
+        f"`stabq compare --methods fsq --seeds 1 --epochs {document['epochs']}` on "
+        f"{document['rows']:,} x {document['features']} float32 rows and a test file of "
+        f"{document['test_rows']:,}: {document['data_mib']:.0f} MiB of features; held once, "
+        f"they are 1 copy. The base is the same command on files of {document['base_rows']:,} "
+        f"rows. Above its base the run held {first['copies']:.2f} copies with `{first['tree']}`"
+        f" and {last['copies']:.2f} with `{last['tree']}`.\n"
+    )
+    return f"{table(header, body)}\n{summary}\n{sources([stem])}"
 
 
 def distributed(stems: list[str]) -> str:

@@ -39,10 +39,10 @@ from stabq.data.labeled import (
     LabeledData,
     require_classes,
     require_fit,
-    train_val_split,
     with_classes,
 )
 from stabq.data.load import load_data
+from stabq.data.rows import view_split
 from stabq.integrations.tensorboard import check_log_dir, run_dir
 from stabq.model.encoders import check_encoder, check_input_shape, encoder_name
 from stabq.training.batches import as_labeled_data
@@ -251,7 +251,7 @@ def _train_test(data: Data, test_data: Data | None) -> tuple[LabeledData, Labele
         return full, with_classes(as_labeled_data(test_data), full.classes)
     if named and full.source.endswith(":train"):
         return full, load_data(data, "test", classes=full.classes)
-    train_set, test_set = train_val_split(full, 0.2, seed=0)
+    train_set, test_set = view_split(full, 0.2, seed=0)  # rows held once, as in train
     return train_set, test_set
 
 

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from stabq.data.ids import check_ids, is_ids, require_kind
+from stabq.data.labels import encode_labels, known
 from stabq.data.messages import Columns, data_error, first_bad, position, where
+from stabq.data.split import CHUNK_ROWS, split_indices
 from stabq.errors import DataError
-
-_SHOWN = 10  # class names shown in a message before "..."
 
 
 def as_numpy(a: Any, source: str, name: str) -> np.ndarray:
@@ -104,7 +104,9 @@ def to_features(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """``x`` ``(n, ...)`` as the C-contiguous ``dtype`` features a model is fed, ``uint8``
     values (images) scaled to ``[0, 1]``; nothing checked (:func:`check_features` checks)."""
     if x.dtype == np.uint8:
-        return np.ascontiguousarray(x, dtype=dtype) / dtype(255)
+        out = np.asarray(x, dtype=dtype, order="C")  # a new array: divided in place
+        out /= dtype(255)
+        return out
     with np.errstate(over="ignore", invalid="ignore"):  # check_features reports them
         return np.ascontiguousarray(x, dtype=dtype)
 
@@ -129,9 +131,9 @@ def check_features(
     if x.dtype == np.uint8:
         return to_features(x, dtype)
     xd = to_features(x, dtype)
-    bad = ~np.isfinite(xd)
-    if bad.any():
-        row, flat = first_bad(bad)
+    found = _first_nonfinite(xd)
+    if found is not None:
+        row, flat = found
         named = row if rows is None else int(rows[row])
         at = position(x, row, flat, named, columns)
         v = float(x.reshape(len(x), -1)[row, flat])
@@ -145,56 +147,16 @@ def check_features(
     return xd
 
 
-def _label_values(y: np.ndarray, source: str, columns: Columns) -> np.ndarray:
-    """Labels as int64, or as str when any label is a string; whole floats count as integers."""
-    kind = y.dtype.kind
-    if kind in "biu":
-        return y.astype(np.int64)
-    if kind in "US":
-        return (np.char.decode(y, "utf-8", errors="replace") if kind == "S" else y).astype(str)
-    if kind not in "fO":
-        raise data_error(source, f"labels must be integers or strings, found dtype {y.dtype}")
-    if kind == "f" and (np.isfinite(y) & (y == np.round(y)) & (np.abs(y) < 2.0**62)).all():
-        return y.astype(np.int64)
-    values = y.tolist()
-    for row, v in enumerate(values):
-        if not isinstance(v, str) and not (
-            isinstance(v, numbers.Real) and abs(v) < 2**62 and v == int(v)  # False for NaN
-        ):
-            raise data_error(
-                source, f"{where(row, columns)}: label {v!r} is not a whole number or a string"
-            )
-    if any(isinstance(v, str) for v in values):
-        strings = [v if isinstance(v, str) else str(int(v)) for v in values]
-        return np.asarray(strings, dtype=object)  # not dtype=str: it drops trailing "\0"
-    return np.asarray([int(v) for v in values], dtype=np.int64)
-
-
-def encode_labels(
-    y: np.ndarray, classes: Sequence[str] | None, source: str, columns: Columns
-) -> tuple[np.ndarray, list[str]]:
-    """Class ids ``(n,)`` int64 and the class names; labels match names by ``str(label)``."""
-    values = _label_values(y, source, columns)
-    unique, inverse = np.unique(values, return_inverse=True)
-    names = [str(v) for v in unique.tolist()]
-    if classes is None:
-        return inverse.astype(np.int64).reshape(-1), names
-    if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
-        raise data_error(source, f"classes must be a list of strings, found {classes!r}")
-    classes = list(classes)
-    if len(set(classes)) != len(classes):
-        raise data_error(source, f"classes must be distinct, found {classes!r}")
-    index = {c: i for i, c in enumerate(classes)}
-    ids = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)[inverse.reshape(-1)]
-    bad = np.flatnonzero(ids < 0)
-    if bad.size:
-        others = f" ({bad.size - 1} more rows too)" if bad.size > 1 else ""
-        raise data_error(
-            source,
-            f"{where(int(bad[0]), columns)}: label {str(values[bad[0]])!r} is not one of "
-            f"the {len(classes)} known classes {_known(classes)}{others}",
-        )
-    return ids, classes
+def _first_nonfinite(x: np.ndarray) -> tuple[int, int] | None:
+    """Row and flat column of the first value of ``x`` ``(n, ...)`` that is not finite, or
+    None; a chunk of rows at a time, so the check holds no mask of the whole array."""
+    step = max(1, (CHUNK_ROWS * 16) // max(1, math.prod(x.shape[1:])))
+    for start in range(0, len(x), step):
+        bad = ~np.isfinite(x[start : start + step])
+        if bad.any():
+            row, flat = first_bad(bad)
+            return start + row, flat
+    return None
 
 
 def from_arrays(
@@ -248,12 +210,6 @@ def require_classes(data: LabeledData, minimum: int = 2) -> LabeledData:
     return data
 
 
-def _known(classes: Sequence[str]) -> str:
-    """``[a, b, ...]``: the first class names, for messages."""
-    shown = ", ".join(repr(c) for c in classes[:_SHOWN])
-    return f"[{shown}{', ...' if len(classes) > _SHOWN else ''}]"
-
-
 def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
     """``data`` with its class ids re-mapped to ``classes`` by name (the training data's, a
     saved model's), so id ``i`` means ``classes[i]`` in both; a label outside ``classes``
@@ -268,7 +224,7 @@ def with_classes(data: LabeledData, classes: Sequence[str]) -> LabeledData:
         label = data.classes[int(data.y[bad[0]])]
         raise data_error(
             data.source, f"row {bad[0]}: label {label!r} is not one of the {len(classes)} "
-            f"known classes {_known(classes)}",
+            f"known classes {known(classes)}",
         )  # fmt: skip
     return LabeledData(data.x, ids, classes, data.source)
 
@@ -299,7 +255,7 @@ def require_fit(
         label = data.classes[int(data.y.max())]
         raise data_error(
             data.source, f"label {label!r} is class {int(data.y.max())} of "
-            f"{_known(data.classes)}, but {model} has {num_classes} classes",
+            f"{known(data.classes)}, but {model} has {num_classes} classes",
         )  # fmt: skip
     return data
 
@@ -353,10 +309,10 @@ def train_val_split(
     """Split off ``ceil(n * val_fraction)`` rows (at least 1, at most n - 1) for validation.
 
     Stratified by class when every class present has >= 2 rows and both parts
-    can hold one row of each; a plain shuffle otherwise. Rows keep their order.
+    can hold one row of each; a plain shuffle otherwise. Rows keep their order. The rows
+    of each part are scikit-learn's ``train_test_split`` with ``random_state=seed``
+    (:func:`stabq.data.split.split_indices`), numbered in int32 below 2**31 rows.
     """
-    from sklearn.model_selection import train_test_split
-
     n = len(data.y)
     if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
         raise data_error(
@@ -368,11 +324,8 @@ def train_val_split(
     counts = np.bincount(data.y)
     counts = counts[counts > 0]
     can_stratify = counts.min() >= 2 and min(n_val, n - n_val) >= len(counts)
-    train, val = train_test_split(
-        np.arange(n), test_size=n_val, random_state=seed,
-        stratify=data.y if can_stratify else None,
-    )  # fmt: skip
-    return _subset(data, np.sort(train), "train split"), _subset(data, np.sort(val), "val split")
+    train, val = split_indices(data.y, n_val, seed, bool(can_stratify))
+    return _subset(data, train, "train split"), _subset(data, val, "val split")
 
 
 __all__ = [

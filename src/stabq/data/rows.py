@@ -38,10 +38,11 @@ from stabq.data.labeled import (
     data_error,
     encode_labels,
     to_features,
+    train_val_split,
 )
-from stabq.data.standardize import Standardizer
+from stabq.data.split import index_dtype
+from stabq.data.standardize import CHUNK_BYTES, Standardizer, chunk_rows
 
-CHUNK_BYTES = 16 << 20  # float64 bytes of rows one step of a streaming pass holds
 RESIDENT_BYTES = 16 << 20  # mapped bytes a read may leave resident before they are dropped
 _PAGE_SLACK = 64 << 10  # what one row read may map beyond its bytes (the kernel's fault-around)
 
@@ -85,10 +86,24 @@ class Rows:
     def __repr__(self) -> str:
         return f"Rows({self.source!r}, shape={self.shape})"
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether ``base`` is an array held in memory (not a mapped file, not a Dataset)."""
+        return isinstance(self.base, np.ndarray) and self._map is None
+
     def __getitem__(self, rows: Any) -> Rows:
-        """The subset at ``rows`` (an index array, a mask or a slice); nothing is read."""
-        positions = np.arange(self._count)[rows]
-        return Rows(self.base, self.source, self.row_shape, self._file_rows(positions))
+        """The subset at ``rows`` (an index array, a mask or a slice); nothing is read. Its
+        row numbers are int32 below 2**31 rows of ``base``."""
+        if isinstance(rows, slice):
+            positions = np.arange(*rows.indices(self._count), dtype=np.int64)
+        else:
+            positions = np.asarray(rows)
+            positions = np.flatnonzero(positions) if positions.dtype == bool else positions
+            if positions.size and positions.min() < 0:  # counted from the end
+                positions = np.arange(self._count)[positions]
+        dtype = index_dtype(len(self.base))
+        index = positions if self.index is None else self.index[positions]
+        return Rows(self.base, self.source, self.row_shape, index.astype(dtype, copy=False))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """Every row in memory (``np.asarray(rows)``): only for data known to be small."""
@@ -96,8 +111,9 @@ class Rows:
         return x if dtype is None else x.astype(dtype, copy=False)
 
     def _file_rows(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        return positions if self.index is None else self.index[positions]
+        positions = np.asarray(positions).reshape(-1)
+        rows = positions if self.index is None else self.index[positions]
+        return rows.astype(np.int64, copy=False)
 
     def read(self, positions: np.ndarray, check: bool = True) -> np.ndarray:
         """The rows at ``positions`` ``(k,)`` as float32 ``(k, *row_shape)``, in that order;
@@ -151,20 +167,20 @@ class Rows:
         if self._map is not None and hasattr(self._map, "madvise"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
-    def chunks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
+    def chunks(self, max_bytes: int | None = None, check: bool = True) -> Iterator[np.ndarray]:
         """Every row in order, as float32 chunks ``(k, *row_shape)`` of at most ``max_bytes``
-        (default ``CHUNK_BYTES``) in float64, one row at least."""
-        max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
-        step = max(1, max_bytes // (8 * max(1, math.prod(self.row_shape))))
+        (default ``CHUNK_BYTES``) in float64, one row at least (``check``: as in
+        :meth:`read`)."""
+        step = chunk_rows(self.row_shape, max_bytes)
         for start in range(0, self._count, step):
-            yield self.read(np.arange(start, min(self._count, start + step)))
+            yield self.read(np.arange(start, min(self._count, start + step)), check=check)
         self.release()
 
     def digest_into(self, h: Any) -> None:
         """Feed ``h`` (a hashlib hash) what :func:`stabq.training.checkpoint.data_digest` feeds
         it for these rows held in memory: dtype, shape, then the float32 bytes."""
         h.update(f"{self.dtype.str}{self.shape}".encode())
-        for x in self.chunks():
+        for x in self.chunks(check=not self.in_memory):  # arrays in memory were checked
             h.update(x.tobytes())
 
 
@@ -266,7 +282,7 @@ def open_npy(path: Any, classes: Sequence[str] | None = None) -> LabeledData:
         if not p.is_file():
             raise data_error(source, f"no labels file {p}" if p == y_path else "no such file")
     x = _load_npy(x_path, source, "x")
-    y = np.array(_load_npy(y_path, source, "y"))  # labels: small, held in memory
+    y = _load_npy(y_path, source, "y")  # labels: encoded a chunk at a time, then held
     return _labeled(x, source, tuple(x.shape[1:]), x.dtype, y, classes)
 
 
@@ -294,7 +310,22 @@ def scan(data: LabeledData, stats_shape: Sequence[int] | None = None) -> Standar
         return None
     if not isinstance(data.x, Rows):
         return Standardizer.fit(data.x, stats_shape)
-    return Standardizer.fit_chunks(data.x.chunks(), data.x.shape, stats_shape)
+    chunks = data.x.chunks(check=not data.x.in_memory)  # arrays in memory were checked
+    return Standardizer.fit_chunks(chunks, data.x.shape, stats_shape)
 
 
-__all__ = ["CHUNK_BYTES", "Rows", "from_dataset", "from_memmap", "open_npy", "scan"]
+def view_split(
+    data: LabeledData, val_fraction: float, seed: int
+) -> tuple[LabeledData, LabeledData]:
+    """:func:`~stabq.data.labeled.train_val_split` whose parts share ``data``'s float32
+    features: each part's ``x`` is :class:`Rows` of ``data.x`` at its row numbers (int32),
+    so the rows are held once; other features (token ids) are copied, as there."""
+    if isinstance(data.x, Rows) or data.x.dtype != np.float32:
+        return train_val_split(data, val_fraction, seed)
+    rows = Rows(data.x, data.source, data.x.shape[1:])
+    return train_val_split(LabeledData(rows, data.y, data.classes, data.source), val_fraction, seed)
+
+
+__all__ = [
+    "CHUNK_BYTES", "Rows", "from_dataset", "from_memmap", "open_npy", "scan", "view_split",
+]  # fmt: skip

@@ -10,11 +10,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stabq.data.labeled import data_error
+from stabq.data.messages import data_error
+
+CHUNK_BYTES = 16 << 20  # float64 bytes of rows one step of a streaming pass holds
+
+
+def chunk_rows(row_shape: Sequence[int], max_bytes: int | None = None) -> int:
+    """Rows of ``row_shape`` a chunk of a pass holds: ``max_bytes`` (default
+    ``CHUNK_BYTES``) in float64, one row at least."""
+    max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
+    return max(1, max_bytes // (8 * max(1, math.prod(row_shape))))
 
 
 def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _finite(chunk: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if not np.isfinite(chunk).all():
+        raise data_error("Standardizer", f"fit needs finite x of shape (n >= 1, d), found {shape}")
+    return chunk
 
 
 @dataclass(eq=False)
@@ -52,11 +67,14 @@ class Standardizer:
             Standardizer.fit(np.array([[0.0, 1.0], [2.0, 1.0]])).std  # [1., 1.]
         """
         x = np.asarray(x)
-        if x.ndim < 2 or x.shape[0] == 0 or not np.isfinite(x).all():
+        if x.ndim < 2 or x.shape[0] == 0:
             raise data_error(
                 "Standardizer", f"fit needs finite x of shape (n >= 1, d), found {x.shape}"
             )
-        return cls.fit_chunks([x], x.shape, shape)
+        step = chunk_rows(x.shape[1:])
+        return cls.fit_chunks(
+            (_finite(x[s : s + step], x.shape) for s in range(0, len(x), step)), x.shape, shape
+        )
 
     @classmethod
     def fit_chunks(
@@ -67,7 +85,9 @@ class Standardizer:
     ) -> Standardizer:
         """:meth:`fit` over rows that come in chunks (of one array ``full_shape``), in one
         pass: each chunk's float64 mean and sum of squared deviations are merged (Chan et
-        al.), which for one chunk is exactly numpy's ``mean`` and ``std``."""
+        al.), which for one chunk is exactly numpy's ``mean`` and ``std``. :meth:`fit` and
+        a pass over :class:`~stabq.data.rows.Rows` cut the rows alike (:func:`chunk_rows`):
+        the same rows give the same statistics, in memory or in a file."""
         found = tuple(full_shape)
         shape = found[1:] if shape is None else tuple(shape)
         if len(shape) != len(found) - 1 or any(

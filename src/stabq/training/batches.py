@@ -31,6 +31,23 @@ class RowReader:
         return torch.from_numpy(self.rows.read(positions, check=False)).to(self.device)
 
 
+class ViewReader:
+    """Rows of an array held in memory at row numbers ``index`` (a split's part), indexed
+    like a tensor: ``reader[idx]`` gathers them, so the array is never copied whole.
+
+    ``base`` ``(N, ...)`` a tensor sharing the array's memory, ``index`` ``(n,)`` int32 (or
+    int64) row numbers of ``base``; ``reader[idx]`` is ``base[index[idx]]`` on ``device``.
+    """
+
+    def __init__(self, base: torch.Tensor, index: torch.Tensor, device: torch.device | str) -> None:
+        self.base, self.index, self.device = base, index, torch.device(device)
+        self.shape = torch.Size((len(index), *base.shape[1:]))
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        rows = self.index[idx if isinstance(idx, slice) else idx.cpu()]
+        return self.base.index_select(0, rows).to(self.device)
+
+
 def as_labeled_data(data: Any) -> LabeledData:
     """What :func:`stabq.train` and :func:`stabq.compare` take as data, as LabeledData.
 
@@ -54,15 +71,23 @@ def as_labeled_data(data: Any) -> LabeledData:
 
 def on_device(
     x: np.ndarray | Rows, device: torch.device | str, shard: bool = False
-) -> torch.Tensor | RowReader:
-    """Features as the loop indexes them: a tensor on ``device`` for an array, a
-    :class:`RowReader` for :class:`Rows`. ``shard``: this rank's rows ``r::W`` only."""
+) -> torch.Tensor | RowReader | ViewReader:
+    """Features as the loop indexes them: a tensor on ``device`` for an array (sharing its
+    memory on the CPU), a :class:`RowReader` for :class:`Rows` of a file or Dataset, and
+    for :class:`Rows` of an array in memory (a split's part) a :class:`ViewReader` on the
+    CPU, the part's rows copied to another device. ``shard``: this rank's rows ``r::W``
+    only."""
     if isinstance(x, Rows):
         if shard and distributed.is_distributed():
             x = x[distributed.rank() :: distributed.world_size()]
-        return RowReader(x, device)
+        if not x.in_memory:
+            return RowReader(x, device)
+        if torch.device(device).type != "cpu":
+            return torch.from_numpy(x.read(np.arange(len(x)), check=False)).to(device)
+        base = torch.from_numpy(x.base)
+        return base if x.index is None else ViewReader(base, torch.from_numpy(x.index), device)
     t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     return distributed.shard_rows(t) if shard else t
 
 
-__all__ = ["RowReader", "as_labeled_data", "on_device"]
+__all__ = ["RowReader", "ViewReader", "as_labeled_data", "on_device"]

@@ -69,7 +69,7 @@ def data_digest(*arrays: np.ndarray | Rows) -> str:
             continue
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes of tobytes(), not a copy of them
     return h.hexdigest()
 
 

@@ -22,10 +22,9 @@ from stabq.data.labeled import (
     LabeledData,
     require_classes,
     require_fit,
-    train_val_split,
     with_classes,
 )  # fmt: skip
-from stabq.data.rows import scan
+from stabq.data.rows import scan, view_split
 from stabq.errors import ConfigError, StabqError, TrainingError
 from stabq.files import AppendLog
 from stabq.health.monitor import CollapseMonitor
@@ -181,7 +180,7 @@ def _checked_parts(
     part is a stratified ``config.val_fraction`` of the training data unless given."""
     data = require_classes(as_labeled_data(train_data))
     if val is None:
-        data, val_data = train_val_split(data, config.val_fraction, config.seed)
+        data, val_data = view_split(data, config.val_fraction, config.seed)  # rows held once
     else:  # class ids follow the training data's classes, by name
         val_data = with_classes(as_labeled_data(val), data.classes)
     for part in (data, val_data):
