@@ -54,7 +54,7 @@ SPLIT = {
     "test_accuracy.py", "test_bigdata.py", "test_cli_encoders.py", "test_cli_resume.py",
     "test_compile.py", "test_distributed.py", "test_distributed_resume.py",
     "test_docs_blocks.py", "test_explode.py", "test_gpu_check.py", "test_imports.py",
-    "test_tensorboard.py",
+    "test_tensorboard.py", "test_transformers.py", "test_export.py", "test_trainer_overhead.py",
 }  # fmt: skip
 LONGEST_FIRST = [
     "tests/test_cli_encoders.py",
@@ -71,6 +71,9 @@ LONGEST_FIRST = [
     "tests/test_distributed.py",
     "tests/test_compare.py",
     "tests/test_docs_site.py",
+    "tests/test_transformers.py",
+    "tests/test_export.py",
+    "tests/test_trainer_overhead.py",
 ]
 
 
