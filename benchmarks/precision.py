@@ -98,10 +98,10 @@ def main() -> None:
         provenance(command_line(), threads=1), data=args.data, epochs=args.epochs,
         seeds=args.seeds, precisions=precisions, workers=args.workers,
     )  # fmt: skip
-    jobs = [
+    jobs = [  # seed by seed: a cut-short benchmark has every preset's first seeds
         (args.data, preset, seed, precision, args.epochs)
-        for preset in presets
         for seed in range(args.seeds)
+        for preset in presets
         for precision in precisions
         if (preset, seed, precision) not in done
     ]
