@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tablegen import index, quality, runs, speed, summary
+from tablegen import index, precision, quality, runs, speed, summary
 
 ONE: dict[str, Callable[[str], str]] = {
     "presets": quality.presets,
@@ -21,6 +21,7 @@ ONE: dict[str, Callable[[str], str]] = {
     "train-compile": speed.train_compile,
     "attacks": runs.attacks,
     "presets-paths": runs.presets_paths,
+    "precision": precision.precision,
 }
 SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,

@@ -53,6 +53,7 @@ PAUSE_ENV = "STABQ_TEST_CHECKPOINT_PAUSE"
 FREE_OPTIONS = ("device", "progress")  # TrainConfig fields a resumed run may change
 # the (model, optimiser) states to go back to: the guard's, and the plateau's best epoch
 SAVED_STATES = ("snapshot", "anchor", "best")
+PREDATED = {"precision": "32"}  # options a checkpoint may predate, as they then were
 
 
 def checkpoint_path(directory: str | Path) -> Path:
@@ -231,6 +232,8 @@ class Checkpoint:
         found = self.document["fingerprint"]
         for section in ("model", "options"):
             ours, theirs = expected[section], found[section]
+            if section == "options":
+                theirs = {**PREDATED, **theirs}
             for key in sorted(set(ours) | set(theirs)):
                 if ours.get(key) != theirs.get(key):
                     raise CheckpointError(
