@@ -252,3 +252,15 @@ def test_precision_reaches_every_run_of_stabq_compare(monkeypatch):
                  "--epochs", "1", "--precision", "bf16-mixed", "--quiet")  # fmt: skip
     assert result.exit_code == 0, (result.output, result.exception)
     assert seen == ["bf16-mixed", "bf16-mixed"]
+
+
+@pytest.mark.outcome
+def test_two_stage_training_under_bf16_seeds_the_codebooks_in_float32(blobs):
+    model = tiny("rvq", num_quantizers=2, codebook_size=16)
+    options = config(epochs=3, lr=3e-2, two_stage=True, stage1_epochs=1, precision="bf16-mixed")
+    result = train(model, blobs, config=options)
+    assert [row["quantized"] for row in result.history] == [False, True, True]
+    assert all(t.dtype == torch.float32 for t in model.quantizer.state_dict().values()
+               if t.is_floating_point())  # fmt: skip
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert result.final["val_accuracy"] > 0.3  # 10 classes: chance is 0.1

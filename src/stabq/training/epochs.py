@@ -234,10 +234,7 @@ def _train_epoch(
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One pass over the data; each step checked by the guard. Returns the epoch's sums.
-
-    The forward runs under ``config.precision``'s autocast; with a ``scaler`` ("16-mixed")
-    the backward is scaled, and a step it skips for overflow counts in ``scaler_skips``.
-    """
+    Forwards run under ``config.precision``'s autocast; ``scaler``'s skips: ``scaler_skips``."""
     config = plan.config
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
     sums["scaler_skips"] = 0
@@ -270,11 +267,8 @@ def _train_epoch(
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-        else:
-            scaler.scale(loss).backward()
-            scale = scaler.get_scale()
+        scale = scaler.get_scale() if scaler is not None else None  # "16-mixed": scaled
+        (loss if scaler is None else scaler.scale(loss)).backward()
         applied = guard.step(
             loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch, scaler=scaler
         )
