@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from stabq.errors import ShapeError, check
 from stabq.quantizers.codebook import Codebook
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")  # others ("meta") have no autocast to ask
+
 
 def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off inside the quantizer's math (a no-op when autocast is not on)."""
-    if torch.is_autocast_enabled(device_type):
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
