@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tablegen import index, inference, quality, runs, speed, summary
+from tablegen import index, precision, quality, runs, speed, summary
 
 ONE: dict[str, Callable[[str], str]] = {
     "presets": quality.presets,
@@ -23,6 +24,7 @@ ONE: dict[str, Callable[[str], str]] = {
     "presets-paths": runs.presets_paths,
     "onnx-inference": inference.onnx_inference,
     "memory-copies": runs.memory_copies,
+    "precision": precision.precision,
 }
 SEVERAL: dict[str, Callable[[list[str]], str]] = {
     "bigdata": runs.bigdata,

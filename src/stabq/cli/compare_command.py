@@ -97,6 +97,13 @@ def compare_command(
             metavar="KEY=VALUE",
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="32, bf16-mixed or 16-mixed: each run's forward under autocast (default: 32).",
+            metavar="P",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Report directory (results.csv/json, report.md/html).", metavar="DIR"),
@@ -129,6 +136,7 @@ def compare_command(
         if tensorboard is not None:  # and not where --out will replace the events
             check_log_dir(tensorboard, outside=out)
         recipe = {"lr": lr, "batch_size": batch_size, "optimizer": optimizer}
+        recipe["precision"] = precision
         recipe = {k: v for k, v in recipe.items() if v is not None}
         options = {**parse_options(option or [], "weight_decay=0"), **recipe}
         with RunProgress(quiet or not is_main()) as progress:

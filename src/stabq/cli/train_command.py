@@ -50,6 +50,7 @@ class TrainOptions:
     init_from: Path | None
     guards: bool
     encoder: str
+    precision: str
 
 
 RUN_OPTIONS = tuple(f.name for f in fields(TrainOptions))
@@ -115,6 +116,14 @@ def train(
         typer.Option(help="Start stage 2 from this trained continuous stabq model directory."),
     ] = None,
     guards: Annotated[bool, typer.Option(help="Stability guards (undo exploding steps).")] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="32, bf16-mixed or 16-mixed: the forward under autocast in bfloat16 or "
+            "float16 (16-mixed with a gradient scaler); weights and codebooks stay float32.",
+            metavar="P",
+        ),
+    ] = "32",
     tensorboard: TensorBoardOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     resume: Annotated[
@@ -178,7 +187,7 @@ def _config(options: TrainOptions, device: str, quiet: bool) -> Any:
         device=device, guards=options.guards, two_stage=options.two_stage or seeded,
         stage1_epochs=0 if seeded else options.stage1_epochs,
         freeze_projector=options.freeze_projector, ramp_epochs=options.ramp_epochs,
-        progress=None if not quiet else False,
+        progress=None if not quiet else False, precision=options.precision,
     )  # fmt: skip
 
 
@@ -275,7 +284,7 @@ def _resumed_options(
     typed = {k: v for k, v in given.items() if typed_in(k)}
     recorded = resume_arguments(resume, typed)
     # a run recorded before --encoder existed used the MLP
-    earlier = {"encoder": "mlp", "patience": None}  # options a run may predate
+    earlier = {"encoder": "mlp", "patience": None, "precision": "32"}  # options a run may predate
     values = {k: recorded[k] if k in recorded else earlier[k] for k in RUN_OPTIONS}
     trusted = trust_encoder or run_started_here(resume, values["encoder"])
     require_trusted(

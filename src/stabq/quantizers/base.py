@@ -2,13 +2,15 @@
 
 A quantizer maps ``x`` of shape ``(..., dim)`` to a :class:`QuantizerOutput`.
 The base class flattens the leading dims, casts half-precision input to the
-module's own float dtype (codebooks and projections stay float32), and handles
+module's own float dtype (codebooks and projections stay float32; autocast is off
+inside the quantizer's math, so distances are float32 too), and handles
 the continuous pass-through used by the first stage of two-stage training.
 Subclasses implement only ``_quantize`` on a 2-D ``(n, dim)`` tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -16,6 +18,15 @@ from torch import Tensor, nn
 
 from stabq.errors import ShapeError, check
 from stabq.quantizers.codebook import Codebook
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")  # others ("meta") have no autocast to ask
+
+
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside the quantizer's math (a no-op when autocast is not on)."""
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class QuantizerOutput(NamedTuple):
@@ -136,7 +147,8 @@ class Quantizer(nn.Module):
             )
             return QuantizerOutput(x, indices, x.new_zeros((), dtype=torch.float32))
         flat = x.reshape(-1, self.dim).to(self.compute_dtype(x))
-        quantized, indices, loss = self._quantize(flat)
+        with _full_precision(flat.device.type):  # autocast would halve the distances
+            quantized, indices, loss = self._quantize(flat)
         return QuantizerOutput(
             quantized.to(x.dtype).reshape(x.shape),
             indices.reshape(*lead, *self.indices_shape),

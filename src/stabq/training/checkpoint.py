@@ -12,7 +12,8 @@ whole. It holds
                            uint8; numpy's MT19937 key: int64)
     JSON (its metadata)    epochs done, the history so far, the guard's
                            counters, recent losses and events, optimiser
-                           hyper-parameters, numpy's and Python's RNG
+                           hyper-parameters, the fp16 GradScaler's scale and
+                           growth count ("16-mixed"), numpy's and Python's RNG
                            positions, and a fingerprint of the model, the
                            options and the data that resuming must match
 
@@ -52,6 +53,7 @@ PAUSE_ENV = "STABQ_TEST_CHECKPOINT_PAUSE"
 FREE_OPTIONS = ("device", "progress")  # TrainConfig fields a resumed run may change
 # the (model, optimiser) states to go back to: the guard's, and the plateau's best epoch
 SAVED_STATES = ("snapshot", "anchor", "best")
+PREDATED = {"precision": "32"}  # options a checkpoint may predate, as they then were
 
 
 def checkpoint_path(directory: str | Path) -> Path:
@@ -163,8 +165,10 @@ def save_checkpoint(
     seconds: float,
     fingerprint: dict[str, Any],
     run_info: dict[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write the state after ``epoch`` epochs to ``directory`` atomically."""
+    """Write the state after ``epoch`` epochs to ``directory`` atomically (with ``scaler``,
+    the fp16 GradScaler's state too)."""
     path = checkpoint_path(directory)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_meta = _optimizer_split("optim", optimizer.state_dict())
@@ -190,6 +194,7 @@ def save_checkpoint(
         "optimizer": optim_meta,
         "guard": {**guard_state, "optimizers": saved_meta},
         "rng": rng_plain,
+        "scaler": None if scaler is None else scaler.state_dict(),
         "fingerprint": fingerprint,
         "run": run_info or {},
     }
@@ -227,6 +232,8 @@ class Checkpoint:
         found = self.document["fingerprint"]
         for section in ("model", "options"):
             ours, theirs = expected[section], found[section]
+            if section == "options":
+                theirs = {**PREDATED, **theirs}
             for key in sorted(set(ours) | set(theirs)):
                 if ours.get(key) != theirs.get(key):
                     raise CheckpointError(
@@ -246,8 +253,10 @@ class Checkpoint:
         optimizer: torch.optim.Optimizer,
         guard: Any,
         generator: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> list[dict[str, Any]]:
-        """Put the model, optimiser, guard and RNGs back; return the history so far."""
+        """Put the model, optimiser, guard, RNGs (and ``scaler``'s state) back; return the
+        history so far."""
         doc, tensors = self.document, self.tensors
         device = next(iter(model.state_dict().values())).device
 
@@ -271,6 +280,8 @@ class Checkpoint:
                     guard_doc[name] = (part(f"{name}."), optim)
             guard.load_state_dict(guard_doc)
             _set_rng_state(tensors, doc["rng"], generator)
+            if scaler is not None and doc.get("scaler"):
+                scaler.load_state_dict(doc["scaler"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             message = " ".join(str(err).split())[:300]
             raise CheckpointError(f"{self.path}: cannot restore the run ({message})") from None

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from stabq.errors import ConfigError
+from stabq.errors import ConfigError, check
 
 OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 MONITORS = ("val_accuracy", "val_loss")
 
 
@@ -36,6 +37,14 @@ class TrainConfig:
     better `monitor` figure drop the rate 10x and start the count again; once it has
     dropped `lr_drops` times, `patience` more such epochs end the stage (`epochs` is the
     ceiling), and the model goes back to its best epoch.
+
+    Precision (`precision`, Lightning's names): `"32"` trains in float32;
+    `"bf16-mixed"` runs each forward (training and validation) under
+    `torch.autocast` in bfloat16; `"16-mixed"` in float16, its backward through a
+    `torch.amp.GradScaler` whose overflow steps are skipped and counted as the
+    scaler's (`scaler_skips` in the history), not as guard recoveries; a non-finite
+    loss is still undone by the guard. Weights, the
+    optimiser, the loss and the quantizer's math (codebooks, distances) stay float32.
 
     Attributes:
         epochs: epochs to train (an integer >= 1); with `patience`, the most.
@@ -83,6 +92,7 @@ class TrainConfig:
             integer >= 0).
         monitor: the figure `patience` watches: `"val_accuracy"` (the validation loss
             breaks ties) or `"val_loss"`.
+        precision: `"32"` (float32), `"bf16-mixed"` or `"16-mixed"` (see above).
 
     Raises:
         ConfigError: a field outside the range given above.
@@ -97,6 +107,9 @@ class TrainConfig:
         >>> stabq.TrainConfig(lr=0)
         Traceback (most recent call last):
         stabq.errors.ConfigError: lr=0, allowed is a finite number > 0
+        >>> stabq.TrainConfig(precision="bf16")
+        Traceback (most recent call last):
+        stabq.errors.ConfigError: precision='bf16', allowed: 32, bf16-mixed, 16-mixed
     """
 
     epochs: int = 100
@@ -125,6 +138,7 @@ class TrainConfig:
     patience: int | None = None
     lr_drops: int = 2
     monitor: str = "val_accuracy"
+    precision: str = "32"
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "guard_window")
@@ -153,6 +167,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r}, allowed is a number in ({low}, {high})")
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor={self.monitor!r}, allowed: {', '.join(MONITORS)}")
+        check(
+            self.precision in PRECISIONS,
+            f"precision={self.precision!r}, allowed: {', '.join(PRECISIONS)}",
+        )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r}, allowed: {', '.join(OPTIMIZERS)}")
         if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
@@ -209,7 +227,8 @@ class TrainResult:
             `codes_used`, `perplexity`, `dead_codes` (None for a grid), `entropy_bits`,
             `tau`, `mix`, `max_feature_norm`, `max_loss`, `lr`, `guard_events` (how many
             this epoch), `alerts` (the `CollapseMonitor` messages of this epoch),
-            `stage_end` and `seconds`.
+            `stage_end` and `seconds`; with `precision="16-mixed"` also `scaler_skips`
+            (the steps its GradScaler skipped this epoch).
         guard_events: each batch skipped or step undone: `step`, `epoch`, `reason` and
             the `lr_scale` after it.
         seconds: the run's training time (a resumed run's included).

@@ -23,6 +23,7 @@ from stabq.model.classifier import BottleneckClassifier
 from stabq.training.config import TrainConfig, TrainResult
 from stabq.training.evaluation import HEALTH_FIGURES, Features, evaluate_model, standardized
 from stabq.training.guard import StabilityGuard
+from stabq.training.precision import autocast, grad_scaler
 from stabq.training.schedule import cosine_with_warmup, linear_ramp, warmup_then_constant
 from stabq.training.stopping import Stopping
 
@@ -134,6 +135,7 @@ class Epochs:
         self.result = TrainResult(model=model)
         self.start, self.seconds_before, self.resumed = 0, 0.0, False
         self.forward: Callable | None = None
+        self.scaler = grad_scaler(config.precision, device)  # "16-mixed" only, else None
 
     def restore(self, state: Any) -> TrainResult:
         """Continue from a checkpoint's ``state`` (None: a fresh run); every rank restores
@@ -147,7 +149,9 @@ class Epochs:
         if self.config.two_stage and self.start > self.plan.stage1:  # stage 2 had begun
             _freeze_projector(self.model, self.config)
             self.optimizer = _rebuild_optimizer(self.model, self.config, self.guard)
-        self.result.history = state.restore(self.model, self.optimizer, self.guard, self.gen)
+        self.result.history = state.restore(
+            self.model, self.optimizer, self.guard, self.gen, scaler=self.scaler
+        )
         return self.result
 
     def run(self, show: bool | None) -> Iterator[dict[str, Any]]:
@@ -196,12 +200,13 @@ class Epochs:
         alerts_before = len(monitor.alerts) if monitor is not None else 0
         sums = _train_epoch(
             model, self.forward, self.optimizer, guard, plan, epoch, rows.x, rows.y, self.gen,
-            self.batch_transform,
+            self.batch_transform, scaler=self.scaler,
         )  # fmt: skip
         guard.require_progress(sums["applied"], epoch)
-        figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # each rank holds a share
-        if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
-            figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # back at the best
+        with autocast(self.config.precision, self.device):  # validation as it trains
+            figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # a share a rank
+            if guard.end_epoch(len(guard.events) > events_before, figures["loss"], epoch):
+                figures = evaluate_model(model, rows.vx, rows.vy, sync=True)  # at the best
         row = _epoch_row(model, plan, epoch, sums, figures)
         row["stage_end"] = plan.end_of(epoch, figures, model, self.optimizer)
         row.update(
@@ -210,6 +215,8 @@ class Epochs:
             alerts=[a.message for a in monitor.alerts[alerts_before:]] if monitor else [],
             seconds=time.perf_counter() - started,
         )
+        if self.scaler is not None:
+            row["scaler_skips"] = sums["scaler_skips"]
         return row
 
 
@@ -224,10 +231,13 @@ def _train_epoch(
     y: torch.Tensor,
     gen: torch.Generator,
     batch_transform: BatchTransform | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over the data; each step checked by the guard. Returns the epoch's sums."""
+    """One pass over the data; each step checked by the guard. Returns the epoch's sums.
+    Forwards run under ``config.precision``'s autocast; ``scaler``'s skips: ``scaler_skips``."""
     config = plan.config
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
+    sums["scaler_skips"] = 0
     sums["lr"] = optimizer.param_groups[0]["lr"]
     model.train()
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
@@ -246,7 +256,8 @@ def _train_epoch(
         # the guard takes the largest norm over all ranks: every rank skips the same batches
         if guard.enabled and not guard.admit(standardized(model, xb), step=step, epoch=epoch):
             continue
-        logits, out, z = forward(xb)
+        with autocast(config.precision, xb.device):
+            logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
         loss = ce + out.loss
         norm = z.detach().norm(dim=-1).max() if z.numel() else loss.new_zeros(())
@@ -257,8 +268,15 @@ def _train_epoch(
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not guard.step(loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch):
+        scale = scaler.get_scale() if scaler is not None else None  # "16-mixed": scaled
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        applied = guard.step(
+            loss_value, feature_norm=norm, agreed=True, step=step, epoch=epoch, scaler=scaler
+        )
+        if scaler is not None and scaler.get_scale() < scale:  # fp16 overflow: the scaler's
+            sums["scaler_skips"] += 1
+            continue
+        if not applied:
             continue
         sums["applied"] += 1
         sums["loss"] += loss_value

@@ -149,13 +149,13 @@ def train(
         log = AppendLog(metrics_path, ConfigError, "the metrics", lines)
     try:
         if saver and main and not epochs.resumed:
-            saver.save(0, model, epochs.optimizer, guard, gen, [], run_info)
+            saver.save(0, model, epochs.optimizer, guard, gen, [], run_info, epochs.scaler)
         for row in epochs.run(show=config.progress if main else False):
             if log is not None:
                 log.write(json.dumps(row))
             if saver and main:
                 saver.save(row["epoch"], model, epochs.optimizer, guard, gen, result.history,
-                           run_info)  # fmt: skip
+                           run_info, epochs.scaler)  # fmt: skip
             if on_epoch is not None:
                 on_epoch(row)
     except TrainingError:

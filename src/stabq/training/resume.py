@@ -118,6 +118,7 @@ class Checkpointer:
         generator: torch.Generator,
         history: list[dict[str, Any]],
         run_info: dict[str, Any] | None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Path:
         """Write the state after ``epoch`` epochs (a failed first write leaves nothing).
 
@@ -128,7 +129,7 @@ class Checkpointer:
             return save_checkpoint(
                 self.directory, epoch=epoch, model=model, optimizer=optimizer, guard=guard,
                 generator=generator, history=history, fingerprint=self.fingerprint,
-                run_info=run_info, seconds=time.perf_counter() - self.started,
+                run_info=run_info, seconds=time.perf_counter() - self.started, scaler=scaler,
             )  # fmt: skip
         except CheckpointError as err:
             if self.resumed is not None or epoch != 0:
