@@ -8,6 +8,7 @@ import statistics
 from tablegen.common import load, pct, sources, span, table
 
 HEALTHY = ("ok", "rescued")
+CODE_FIGURES = (("fill", "{:.3f}"), ("test_perplexity", "{:.1f}"), ("test_dead_codes", "{:.1f}"))
 WORST_FIRST = ("diverged", "stalled", "collapsed", "under-used", "rescued", "ok")
 
 
@@ -41,8 +42,8 @@ def _row(preset: str, runs: dict[str, list[dict]]) -> tuple[list, list[float]]:
     row = [
         f"`{preset}`", len(paired), *accuracy,
         pct(statistics.mean(gaps), sign=True) if gaps else "-",
-        _pair(runs, "fill", "{:.3f}"), _pair(runs, "test_perplexity", "{:.1f}"),
-        _pair(runs, "test_dead_codes", "{:.1f}"),
+        *(_pair(runs, key, fmt) if preset != "none" else "-"  # no codebook: no code figures
+          for key, fmt in CODE_FIGURES),
         " / ".join(str(sum(r["guard_events"] for r in runs[p])) for p in ("32", "bf16-mixed")),
         " / ".join(_worst(runs[p]) for p in ("32", "bf16-mixed")),
         _pair(runs, "seconds", "{:.0f}"),
