@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tablegen import index, inference, quality, runs, speed, summary
-from tablegen import index, precision, quality, runs, speed, summary
+from tablegen import index, inference, precision, quality, runs, speed, summary
 
 ONE: dict[str, Callable[[str], str]] = {
     "presets": quality.presets,
