@@ -26,8 +26,10 @@ pytestmark = pytest.mark.outcome  # the events depend on how training goes
 
 
 def reference_train_epoch(model, forward, optimizer, guard, plan, epoch, x, y, gen,
-                          batch_transform):  # fmt: skip
-    """One epoch as the trainer ran it before: host figures at every step (one process)."""
+                          batch_transform, scaler=None):  # fmt: skip
+    """One epoch as the trainer ran it before: host figures at every step (one process),
+    float32 (no GradScaler)."""
+    assert scaler is None
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "applied": 0, "max_loss": 0.0, "max_norm": 0.0}
     sums["lr"] = optimizer.param_groups[0]["lr"]
     model.train()

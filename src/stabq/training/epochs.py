@@ -260,11 +260,7 @@ def _train_epoch(
             logits, out, z = forward(xb)
         ce = F.cross_entropy(logits.float(), yb)
         loss = ce + out.loss
-        norm = z.detach().norm(dim=-1).max() if z.numel() else loss.new_zeros(())
-        # one device sync for the step's figures (the promotion to a common dtype is exact)
-        *means, norm = torch.stack([loss.detach(), ce.detach(), out.loss.detach(), norm]).tolist()
-        # the guard must decide the same on every rank: it sees the mean loss, the max norm
-        (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(means, [norm])
+        loss_value, ce_value, aux_value, norm = _step_figures(loss, ce, out.loss, z)
         sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
         sums["max_norm"] = max(sums["max_norm"], norm)
         optimizer.zero_grad(set_to_none=True)
@@ -283,6 +279,18 @@ def _train_epoch(
         sums["ce"] += ce_value
         sums["aux"] += aux_value
     return sums
+
+
+def _step_figures(
+    loss: torch.Tensor, ce: torch.Tensor, aux: torch.Tensor, z: torch.Tensor
+) -> tuple[float, float, float, float]:
+    """The step's loss, cross-entropy and auxiliary loss, averaged over the ranks, and the
+    largest feature norm over them: what the guard decides from, the same on every rank."""
+    norm = z.detach().norm(dim=-1).max() if z.numel() else loss.new_zeros(())
+    # one device sync for the step's figures (the promotion to a common dtype is exact)
+    *means, norm = torch.stack([loss.detach(), ce.detach(), aux.detach(), norm]).tolist()
+    (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(means, [norm])
+    return loss_value, ce_value, aux_value, norm
 
 
 def _epoch_row(
