@@ -5,7 +5,7 @@
     logits = head(h), codes = the quantizer's indices
 
 Token ids are not standardised; the transformer runs over all ``L`` positions with the
-padding masked (:func:`transformer_features`) where its own forward cuts each batch to
+padding masked (`TokenTransformer.features_of`) where its own forward cuts each batch to
 its longest row first, a length read from the data that a graph cannot hold.
 """
 
@@ -16,24 +16,6 @@ from torch import Tensor, nn
 from stabq.model.classifier import BottleneckClassifier
 from stabq.model.export_quantizers import quantizer_graph
 from stabq.model.transformer import TokenTransformer
-
-
-def transformer_features(encoder: TokenTransformer, ids: Tensor) -> Tensor:
-    """:class:`TokenTransformer`'s features of token ids ``(n, L)`` over every position.
-
-    Padding is masked as attention keys, zeroed before and after the layers and left out
-    of the mean, as in the encoder's forward; a row of padding only gives ``out.bias``.
-    The values agree with the forward's to float rounding (it runs on fewer positions).
-    """
-    length = ids.shape[1]
-    pad = ids == encoder.pad_id
-    h = encoder.tokens(ids).masked_fill(pad.unsqueeze(-1), 0.0) + encoder.positions.weight[:length]
-    keys = pad & ~pad.all(dim=1, keepdim=True)
-    for layer in encoder.layers:
-        h = layer(h, src_key_padding_mask=keys)
-    h = encoder.norm(h).masked_fill(pad.unsqueeze(-1), 0.0)
-    count = (~pad).sum(dim=1, keepdim=True).clamp(min=1)
-    return encoder.out(h.sum(dim=1) / count)
 
 
 class ExportGraph(nn.Module):
@@ -51,7 +33,7 @@ class ExportGraph(nn.Module):
         if self.model.vocab_size is not None:
             ids = x.long()
             if isinstance(encoder, TokenTransformer):
-                return transformer_features(encoder, ids)
+                return encoder.features_of(ids)
             return encoder(ids)
         x = x.to(self.model.feature_mean.dtype)
         return encoder((x - self.model.feature_mean) / self.model.feature_std)
@@ -73,4 +55,4 @@ def graph_of(model: BottleneckClassifier) -> ExportGraph:
     return ExportGraph(model).eval()
 
 
-__all__ = ["ExportGraph", "graph_of", "transformer_features"]
+__all__ = ["ExportGraph", "graph_of"]

@@ -253,7 +253,21 @@ class TokenTransformer(nn.Module):
         length = content_length(x, self.pad_id)
         if length == 0:  # nothing but padding: the features of an empty sequence
             return self.out(self.norm.weight.new_zeros(x.shape[0], self.d_model))
-        ids = x[:, :length].long()
+        return self.features_of(x[:, :length].long())
+
+    def features_of(self, ids: Tensor) -> Tensor:
+        """The features of checked token ids `(n, L)`, over all `L` positions.
+
+        Padding is zeroed before and after the layers, masked as attention keys and left
+        out of the mean; a row of padding only gives `out.bias`.
+
+        Args:
+            ids: `(n, L)` int64 token ids, `L <= max_len`, already checked.
+
+        Returns:
+            `(n, out_dim)` features.
+        """
+        length = ids.shape[1]
         pad = ids == self.pad_id
         h = self.tokens(ids).masked_fill(pad.unsqueeze(-1), 0.0) + self.positions.weight[:length]
         # a row of padding only attends to its own positions, left out of the mean anyway:
