@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,6 +134,12 @@ def provenance(command: str, threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def save_report(report: dict, path: str | Path) -> None:
+    """Write a benchmark's report as JSON at ``path``, making its folder if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
 
 
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -15,14 +15,13 @@ alternated in one loop, median of ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import alternate, command_line, machine, markdown, provenance
+from _measure import alternate, command_line, machine, markdown, provenance, save_report
 
 LEVELS = [8, 8, 8, 5, 5, 5]
 SIZES = (256, 1024, 4096, 8192, 16384, 65536, 262144)  # rows of len(LEVELS)
@@ -87,8 +86,7 @@ def main() -> None:
     print(f"\n{report['machine']}, {report['cpu_capability']}, median of {args.repeats}\n")
     print(markdown(report["rows"], COLUMNS))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        save_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 sys.path.insert(0, str(Path(__file__).parent))
 import quantizers as bench
 import stabq
-from _measure import alternate, command_line, machine, markdown, provenance
+from _measure import alternate, command_line, machine, markdown, provenance, save_report
 from gpu_cli_runs import compare_run, start_smoke_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,8 +294,7 @@ def section(report: dict, name: str, out: str | None, calls: list[tuple]) -> Non
 
 def save(report: dict, out: str | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
+        save_report(report, out)
 
 
 def failures(report: dict) -> list[str]:

@@ -27,7 +27,6 @@ would pass 1 GiB).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +36,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import alternate, command_line, elapsed_ms, machine, markdown, peak_mib, provenance
+from _measure import (
+    alternate,
+    command_line,
+    elapsed_ms,
+    machine,
+    markdown,
+    peak_mib,
+    provenance,
+    save_report,
+)
 from tablegen.speed import QUANTIZER_COLUMNS as COLUMNS  # the docs' tables show the same
 
 LEVELS = [8, 8, 8, 5, 5, 5]
@@ -358,8 +366,7 @@ def main() -> None:
 def save(report: dict, path: str | None) -> None:
     """Write the results so far (the main table survives a sweep that fails)."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=1))
+        save_report(report, path)
 
 
 if __name__ == "__main__":

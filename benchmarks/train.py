@@ -18,7 +18,6 @@ measured in the same alternation, after one untimed run that pays the compilatio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import command_line, machine, markdown, peak_mib, provenance
+from _measure import command_line, machine, markdown, peak_mib, provenance, save_report
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data, train_val_split
 
@@ -111,8 +110,7 @@ def main() -> None:
     print(f"\n{report['machine']}, {args.data}, {args.epochs} epochs, median of {args.repeats}\n")
     print(markdown(rows, COLUMNS))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        save_report(report, args.json)
 
 
 if __name__ == "__main__":
