@@ -132,8 +132,7 @@ class StabilityGuard(BestEpoch):
         self.snapshot()
 
     def _copy(self) -> tuple[dict, dict]:
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return state, cloned(self.optimizer.state_dict())
+        return cloned(self.model.state_dict()), cloned(self.optimizer.state_dict())
 
     def _restore(self, saved: tuple[dict, dict]) -> None:
         rates = [group["lr"] for group in self.optimizer.param_groups]
