@@ -53,6 +53,7 @@ from stabq.errors import check, check_int, check_number
 from stabq.quantizers._graph import compiling, graph_kept
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.fsq import pre_normalise
+from stabq.quantizers.gumbel_fused import log_neg_log_, noisy_argmax, reinmax_mixture, soft_mixture
 from stabq.quantizers.reinmax import reinmax, reinmax_at
 
 ESTIMATORS = ("softmax", "reinmax")
@@ -70,8 +71,7 @@ def gumbel_from_uniform(u: Tensor) -> Tensor:
     The inverse of the Gumbel CDF ``exp(-exp(-g))``, so ``u ~ U[0, 1)`` gives
     ``g ~ Gumbel(0, 1)``. Overwrites and returns ``u``.
     """
-    eps = torch.finfo(u.dtype).eps
-    return u.clamp_(eps, 1.0 - eps).log_().neg_().log_().neg_()
+    return log_neg_log_(u).neg_()
 
 
 def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -121,10 +121,10 @@ def gumbel_reinmax(
     The sample is ``one_hot(argmax(logits + g))``, ``g = gumbel_noise(logits)``: a draw of
     ``softmax(logits)``, whatever ``tau``; ``tau`` enters the gradient only.
     """
+    if not compiling():
+        return reinmax_at(logits, noisy_argmax(logits.detach(), generator), tau)
     with torch.no_grad():
         index = gumbel_noise(logits, generator).add_(logits).argmax(-1, keepdim=True)
-    if not compiling():
-        return reinmax_at(logits, index, tau)
     sample = torch.zeros_like(logits, memory_format=torch.contiguous_format)
     return reinmax(logits, sample.scatter_(-1, index, 1.0), tau)  # plain ops when compiled
 
@@ -327,19 +327,31 @@ class GumbelQuantizer(Quantizer):
         logits = self.to_logits(pre_normalise(self.pre_norm, x)).float()
         if self.training:
             tau = self._counted_tau() if self.counting else self.tau
-            if self.estimator == "reinmax":
-                weights = gumbel_reinmax(logits, tau)
-            else:  # the weights feed only the product below, done with them in backward
-                weights = _sample(logits, tau, self.hard, None, reuse=True)
-            indices = weights.detach().argmax(-1)
+            quantized, indices = self._mix(logits, tau)
         else:
             indices = logits.argmax(-1)
             weights = F.one_hot(indices, self.codebook_size).float()
+            quantized = weights.to(self.embed.dtype) @ self.embed
         loss = self.kl_weight * kl_to_uniform(logits) if self.kl_weight else logits.new_zeros(())
         if self.diversity_weight and self.training:  # the same on every rank
             sync = distributed.is_distributed()
             loss = loss + self.diversity_weight * diversity_loss(logits, sync)
-        return weights.to(self.embed.dtype) @ self.embed, indices, loss
+        return quantized, indices, loss
+
+    def _mix(self, logits: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+        """The training sample's mixture of codes ``(n, dim)`` and its indices ``(n,)``: in one
+        autograd Function where it can (``gumbel_fused``), else in plain operations."""
+        fused = not compiling() and logits.dtype == self.embed.dtype and logits.dim() == 2
+        reuse = not self.kl_weight and not self.diversity_weight  # no loss reads the logits
+        if fused and self.estimator == "reinmax":
+            return reinmax_mixture(logits, self.embed, tau, reuse=reuse)
+        if fused and not self.hard:
+            return soft_mixture(logits, self.embed, tau, reuse=reuse)
+        if self.estimator == "reinmax":
+            weights = gumbel_reinmax(logits, tau)
+        else:  # the weights feed only the product below, done with them in backward
+            weights = _sample(logits, tau, self.hard, None, reuse=True)
+        return weights.to(self.embed.dtype) @ self.embed, weights.detach().argmax(-1)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Indices ``(...,)`` to ``(..., dim)``: rows of the code table."""

@@ -73,6 +73,27 @@ def reinmax(logits: Tensor, sample: Tensor, tau: float | Tensor) -> Tensor:
     return pi2 - pi2.detach() + sample
 
 
+def reinmax_grad_into(
+    grad: Tensor, logits: Tensor, index: Tensor, tau: float | Tensor, pi1: Tensor, out: Tensor
+) -> Tensor:
+    """ReinMax's gradient to ``logits`` ``(n, K)`` of the sample ``one_hot(index)`` (``index``
+    int64 ``(n, 1)``) for the upstream gradient ``grad`` ``(n, K)``, written into ``out``
+    (returned) with ``pi1`` as scratch: two contiguous ``(n, K)`` buffers of ``logits``'
+    dtype. Each Jacobian product is written over its own softmax, row by row (in place is
+    safe)."""
+    softmax, times_jacobian = (
+        torch.ops.aten._softmax.out,
+        torch.ops.aten._softmax_backward_data.out,
+    )
+    torch.div(logits, tau, out=pi1)
+    softmax(pi1, -1, False, out=pi1)
+    pi1.scatter_add_(-1, index, torch.ones_like(index, dtype=pi1.dtype)).mul_(0.5)
+    times_jacobian(grad, pi1, -1, pi1.dtype, grad_input=pi1)
+    softmax(logits, -1, False, out=out)
+    times_jacobian(grad, out, -1, out.dtype, grad_input=out)
+    return torch.sub(pi1.mul_(2.0), out, alpha=0.5, out=out)
+
+
 class _ReinMax(torch.autograd.Function):
     """``one_hot(index)`` forward; ReinMax's gradient to ``logits`` backward."""
 
@@ -87,19 +108,9 @@ class _ReinMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         logits, index = ctx.saved_tensors
-        # two (n, K) buffers in all: each Jacobian product is written over its own
-        # softmax, row by row (in place is safe)
-        softmax, times_jacobian = (
-            torch.ops.aten._softmax.out,
-            torch.ops.aten._softmax_backward_data.out,
-        )
-        pi1 = torch.div(logits, ctx.tau)
-        softmax(pi1, -1, False, out=pi1)
-        pi1.scatter_add_(-1, index, torch.ones_like(index, dtype=pi1.dtype)).mul_(0.5)
-        times_jacobian(grad, pi1, -1, pi1.dtype, grad_input=pi1)
-        pi0 = logits.softmax(-1)
-        times_jacobian(grad, pi0, -1, pi0.dtype, grad_input=pi0)
-        return pi1.mul_(2.0).sub_(pi0, alpha=0.5), None, None
+        pi1 = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        pi0 = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        return reinmax_grad_into(grad, logits, index, ctx.tau, pi1, pi0), None, None
 
 
 def reinmax_at(logits: Tensor, index: Tensor, tau: float | Tensor) -> Tensor:
@@ -131,4 +142,4 @@ def reinmax_at(logits: Tensor, index: Tensor, tau: float | Tensor) -> Tensor:
     return _ReinMax.apply(logits, index, tau)
 
 
-__all__ = ["reinmax", "reinmax_at"]
+__all__ = ["reinmax", "reinmax_at", "reinmax_grad_into"]
