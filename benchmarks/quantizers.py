@@ -1,6 +1,6 @@
 """stabq's quantizers against vector-quantize-pytorch, side by side in one process.
 
-    python benchmarks/quantizers.py [--repeats 7] [--device cpu|cuda] [--sweep]
+    python benchmarks/quantizers.py [--repeats 7] [--device cpu|cuda] [--sweep] [--rows gumbel]
                                     [--json benchmarks/results/quantizers-userstyle-cpu.json]
 
 Checks correctness before timing anything (stabq's FSQ indices equal the
@@ -16,12 +16,13 @@ plus backward (EMA update included) of each row, two ways, all four steps
 It prints the medians, each way's ratio peer / stabq, and the peak memory of
 each side (fixed way, see ``_measure.py``). Each row's floor is timed in the
 same run: the matrix products nearest-code search cannot avoid (VQ rows), one
-elementwise pass over the input (grid rows: FSQ, iFSQ, FSP, residual FSQ, LFQ, BSQ).
-iFSQ and ReinMax have no peer: their rows time stabq alone.
-``--sweep`` adds VQ-EMA from 1,024 to 262,144 inputs and 256 to
-65,536 codes, FSQ from 1,024 to 262,144 inputs, and the memory of a 65,536-code
-search over 65,536 inputs (the peer is not run where its full distance matrix
-would pass 1 GiB).
+elementwise pass over the input (grid rows: FSQ, iFSQ, FSP, residual FSQ, LFQ, BSQ), the
+products of a Gumbel step (``gumbel_products``; ``product_ms``: one of them).
+iFSQ and ReinMax have no peer: their rows time stabq alone. ``--sweep`` adds VQ-EMA
+from 1,024 to 262,144 inputs and 256 to 65,536 codes, FSQ from 1,024 to 262,144 inputs,
+and the memory of a 65,536-code search over 65,536 inputs (the peer is not run where its
+full distance matrix would pass 1 GiB). ``--rows`` keeps the rows whose name contains
+one of its comma-separated words.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tablegen.speed import QUANTIZER_COLUMNS as COLUMNS  # the docs' tables show
 LEVELS = [8, 8, 8, 5, 5, 5]
 RFSQ_LEVELS = [8, 5, 5, 5]
 GRID_KEYS = ("fsq", "fsq-pre", "ifsq", "fsp", "rfsq", "lfq", "bsq")  # floor: one elementwise pass
+GUMBEL_KEYS = ("gumbel", "gumbel-reinmax")  # floor: the products of a step (gumbel_products)
 # bytes of float32 distances the peer builds at once: its search holds several such
 # matrices, and at 4 GiB (262,144 x 4,096) it was killed for memory on a 24 GB machine
 PEER_DISTANCE_LIMIT = 2**30
@@ -265,25 +267,49 @@ def time_row(row: Row, repeats: int, device: str) -> dict:
         for side, module in sides.items()
         if module is not None
     }
+    if row.key in GUMBEL_KEYS:  # the floor alternated with the steps, under the same load
+        runs["floor_ms"] = gumbel_products(row, device)
     result = {**asdict(row), **alternate(runs, repeats, device)}
     for mode in MODES:
         if f"peer_{mode}ms" in result:
             result[f"{mode}speedup"] = result[f"peer_{mode}ms"] / result[f"stabq_{mode}ms"]
+    result.update(time_floor(row, device))
+    for floor in ("floor", "product")[: 1 + ("product_ms" in result)]:
+        result[f"{floor}_ratio"] = result["stabq_ms"] / result[f"{floor}_ms"]
+    return result
+
+
+def gumbel_products(row: Row, device: str) -> Callable[[], None]:
+    """The products a Gumbel step cannot avoid: ``x W^T`` and ``Y E`` forward, backward
+    ``G E^T``, ``Y^T G``, ``H W``, ``H^T x`` (``H`` the logits' gradient); ReinMax's one-hot
+    mixture is a row lookup forward and an index-add backward: the four others alone."""
+    rows = (row.inputs, row.inputs, row.codes, row.codes)
+    x, g, w, e = (torch.randn(m, row.dim, device=device) for m in rows)  # w, e: (K, d)
+
+    def run() -> None:
+        logits = x @ w.t()
+        if row.key == "gumbel":
+            logits @ e, logits.t() @ g  # logits stand in for the mixture weights Y
+        to_logits = g @ e.t()
+        to_logits @ w, to_logits.t() @ x
+
+    return run
+
+
+def time_floor(row: Row, device: str) -> dict:
+    """The row's floor in ms (``floor_ms``); for Gumbel rows, whose floor ``time_row``
+    alternates with the steps, one product of the input with the logits' weights."""
     if row.key in GRID_KEYS:
         z = torch.randn(row.inputs, row.dim, device=device)
-        floor = alternate({"f": lambda: torch.tanh(z)}, 9, device)["f"]
-    else:
-        pairs = [
-            (count, torch.randn(row.inputs, d, device=device), torch.randn(d, k, device=device))
-            for count, d, k in row.floor_products
-        ]
-        floor = sum(
-            count * alternate({"f": lambda a=a, c=c: a @ c}, 5, device)["f"]
-            for count, a, c in pairs
-        )
-    result["floor_ms"] = floor
-    result["floor_ratio"] = result["stabq_ms"] / floor
-    return result
+        return {"floor_ms": alternate({"f": lambda: torch.tanh(z)}, 9, device)["f"]}
+    pairs = [
+        (count, torch.randn(row.inputs, d, device=device), torch.randn(d, k, device=device))
+        for count, d, k in row.floor_products
+    ]
+    runs = {f"p{i}": lambda a=a, c=c: a @ c for i, (_, a, c) in enumerate(pairs)}
+    times = alternate(runs, 5, device)
+    products = sum(count * times[f"p{i}"] for i, (count, _, _) in enumerate(pairs))
+    return {"product_ms" if row.key in GUMBEL_KEYS else "floor_ms": products}
 
 
 def make_search(n: int, k: int, d: int, device: str) -> Callable[[], None]:
@@ -336,7 +362,7 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         default=None,
-        help="only the rows whose name starts with one of these (comma-separated)",
+        help="only the rows whose name contains one of these (comma-separated)",
     )
     args = parser.parse_args()
     check_correctness(args.device)
@@ -345,7 +371,7 @@ def main() -> None:
                     "peer": peer, "repeats": args.repeats}  # fmt: skip
     rows = ROWS
     if args.rows:
-        rows = [row for row in ROWS if row.name.startswith(tuple(args.rows.split(",")))]
+        rows = [row for row in ROWS if any(part in row.name for part in args.rows.split(","))]
     report["rows"] = measure(rows, args.repeats, args.device, not args.no_memory)
     print(f"\n{report['machine']}, median of {args.repeats}\n")
     print(markdown(report["rows"], COLUMNS))

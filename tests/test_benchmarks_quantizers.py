@@ -37,3 +37,11 @@ def test_aux_loss_is_summed_and_absent_for_two_entry_outputs():
     assert bench.aux_loss((torch.ones(3), torch.zeros(3, dtype=torch.long))) is None
     assert bench.aux_loss((torch.ones(3), torch.zeros(3), torch.ones(1, 4))).item() == 4.0
     assert bench.aux_loss((torch.ones(3), torch.zeros(3), None)) is None
+
+
+@pytest.mark.parametrize("key", ["gumbel", "gumbel-reinmax"])
+def test_a_gumbel_rows_floor_is_its_products_and_one_product_is_beside_it(key):
+    row = next(r for r in bench.ROWS if r.key == key)
+    result = bench.time_row(dataclasses.replace(row, inputs=64, codes=16, dim=8), 1, "cpu")
+    for floor in ("floor", "product"):
+        assert result[f"{floor}_ratio"] == result["stabq_ms"] / result[f"{floor}_ms"]
