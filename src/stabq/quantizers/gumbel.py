@@ -38,6 +38,10 @@ The noise is ``g = -log(-log u)``, ``u ~ U[0, 1)`` clamped to ``[eps, 1 - eps]``
 ``exp(-exp(-g))``, about three times faster on CPU than ``F.gumbel_softmax``'s
 ``-log(Exp(1))`` (PyTorch's ``exponential_``). The clamp bounds ``g`` to about
 [-2.8, 15.9] in float32, a tail mass near 1e-7 on either side, and keeps it finite.
+
+In eager training the step from the logits to the mixed codes is one autograd Function
+(:mod:`stabq.quantizers.gumbel_fused`), worked a block of rows at a time: the same noise
+and values as the formulas above, without their extra ``(n, K)`` tensors.
 """
 
 from __future__ import annotations
