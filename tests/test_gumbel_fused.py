@@ -124,6 +124,8 @@ def test_a_generator_drawn_block_by_block_gives_the_noise_of_one_draw(monkeypatc
     found = gumbel_fused.noisy_argmax(logits, torch.Generator().manual_seed(4))
     assert torch.equal(found, expected)
     assert len(gumbel_fused.blocks(97, 13, logits.device)) == 33  # 3 rows a block
+    batched = gumbel_fused.noisy_argmax(logits.reshape(1, 97, 13), torch.Generator().manual_seed(4))
+    assert torch.equal(batched, expected[None])
 
 
 @pytest.mark.parametrize("estimator", ["softmax", "reinmax"])

@@ -47,18 +47,20 @@ def _draw(u: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def noisy_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``argmax(logits + g)`` over the last dim of ``logits`` ``(n, K)``, ``g`` Gumbel noise
-    drawn as ``gumbel_noise(logits, generator)`` would: int64 ``(n, 1)``."""
-    n, k = logits.shape
+    """``argmax(logits + g)`` over the last dim of ``logits`` ``(..., K)``, ``g`` Gumbel noise
+    drawn as ``gumbel_noise(logits, generator)`` would: int64 ``(..., 1)``."""
+    k = logits.shape[-1]
+    flat = logits.reshape(-1, k)
+    n = flat.shape[0]
     index = torch.empty(n, 1, dtype=torch.long, device=logits.device)
     parts = blocks(n, k, logits.device)
     u = logits.new_empty(max((stop - start for start, stop in parts), default=0), k)
     with torch.no_grad():
         for start, stop in parts:
             shifted = log_neg_log_(_draw(u[: stop - start], generator))
-            torch.sub(logits[start:stop], shifted, out=shifted)  # logits + g, exactly
+            torch.sub(flat[start:stop], shifted, out=shifted)  # logits + g, exactly
             torch.argmax(shifted, -1, keepdim=True, out=index[start:stop])
-    return index
+    return index.reshape(*logits.shape[:-1], 1)
 
 
 class _SoftMixture(torch.autograd.Function):
