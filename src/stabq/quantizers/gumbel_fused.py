@@ -70,6 +70,7 @@ class _SoftMixture(torch.autograd.Function):
     def forward(ctx, logits: Tensor, embed: Tensor, tau, generator, reuse: bool):
         n, k = logits.shape
         ctx.set_materialize_grads(False)
+        reuse = reuse and logits.is_contiguous()
         if reuse:  # the sample goes over the logits, returned as they now are (dirty)
             ctx.mark_dirty(logits)
         y = logits if reuse else torch.empty_like(logits, memory_format=torch.contiguous_format)
