@@ -18,6 +18,13 @@ The results are those of ``nn.BatchNorm1d`` followed by the bound up to float ro
 (the statistics are summed in another order, and ``u`` is rounded once where the unfused
 form rounds ``zn`` and then ``zn + shift``): an input within an ulp or so of a rounding
 boundary may take the neighbouring code. ``tests/test_fsq_fused_norm.py`` compares both.
+
+Below :data:`PACKED_MIN_ELEMENTS` elements the Function is :class:`_NativeNormBoundRound`:
+the same clamp, torch's own batch norm and its backward, and the bound, in one autograd
+node. It runs the unfused form's operations on the same values, so its codes, indices,
+running statistics and gradients are the unfused form's bit for bit
+(``tests/test_fsq_native_norm.py``); what it saves is the autograd nodes, the Python of
+the module calls and the clamp's four-operation backward: the cost of a small batch.
 """
 
 from __future__ import annotations
@@ -29,24 +36,23 @@ from torch import Tensor, nn
 
 from stabq import distributed
 from stabq.quantizers._graph import graph_kept
-from stabq.quantizers.fsq_kernel import DISTRIBUTION_SCALE, _RoundIndex, _Tiled
+from stabq.quantizers.fsq_kernel import DISTRIBUTION_SCALE, _RoundIndex, _Tiled, bound_round
 
 # Below this many elements of ``z`` torch's own batch norm, one native call, costs less than
-# the fused form's dozen small operations for the statistics (CPU, float32, torch 2.13:
-# even at 16,384 x 6, slower at 128 x 6; benchmarks/quantizers.py). Above it the native
-# call's per-dimension strided loop over ``(n, d)`` costs more than the whole bound.
-FUSED_MIN_ELEMENTS = 2**17
+# the packed form's dozen small operations for the statistics (CPU, float32, torch 2.13:
+# 7 us against 45 us at 128 x 6); above it the native call's per-dimension strided loop
+# over ``(n, d)`` costs more than the packed passes (670 us against 100 us at 16,384 x 6).
+PACKED_MIN_ELEMENTS = 2**13
 
 
 def fusable(norm: nn.Module | None, z: Tensor) -> bool:
     """Does :func:`norm_bound_round` stand for ``pre_normalise(norm, z)`` before the bound?
 
     For stabq's own ``pre_norm`` (a BatchNorm1d without affine that tracks running
-    statistics) on at least :data:`FUSED_MIN_ELEMENTS` float32 or float64 elements on the
-    CPU (where torch's batch norm is the slow part), outside distributed training."""
+    statistics) on float32 or float64 elements on the CPU, outside distributed training,
+    at every size."""
     return (
-        z.numel() >= FUSED_MIN_ELEMENTS
-        and z.device.type == "cpu"
+        z.device.type == "cpu"
         and z.dtype in (torch.float32, torch.float64)
         and type(norm) is nn.BatchNorm1d
         and not norm.affine
@@ -142,8 +148,10 @@ def norm_bound_round(
     """Codes and indices of ``norm(z)`` through the bound (packed ``(n / g, g d)`` codes),
     the running averages updated in training; None where the unfused form must run."""
     n, d = z.shape
-    packed = z.contiguous().view(n // g, g * d)
     a = DISTRIBUTION_SCALE if bound == "distribution" else 1.0
+    if z.numel() < PACKED_MIN_ELEMENTS:
+        return _native(z, norm, tiled, index, g, a)
+    packed = z.contiguous().view(n // g, g * d)
     shift = tiled.shift[:d]
     if norm.training:
         terms = _batch_terms(norm, packed.detach(), g, d)
@@ -159,3 +167,59 @@ def norm_bound_round(
         x, s, batch = packed, (a * invstd).repeat(g), None
         t = (shift - a * norm.running_mean * invstd).repeat(g)
     return _NormBoundRound.apply(packed, x, tiled, index, sigmoid, s, t, batch)
+
+
+def _native(
+    z: Tensor, norm: nn.BatchNorm1d, tiled: _Tiled, index: _RoundIndex, g: int, a: float
+) -> tuple[Tensor, Tensor]:
+    """:class:`_NativeNormBoundRound` with ``norm``'s momentum as ``nn.BatchNorm1d`` takes it
+    (counting the batch; ``1 / batches`` when its momentum is None)."""
+    factor = 0.0
+    if norm.training:
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum
+        factor = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
+    stats = (norm.running_mean, norm.running_var, norm.training, factor, norm.eps)
+    return _NativeNormBoundRound.apply(z.contiguous(), stats, tiled, index, g, a)
+
+
+class _NativeNormBoundRound(torch.autograd.Function):
+    """``pre_normalise``'s clamp, torch's batch norm (running statistics updated in training)
+    and the tanh form of the bound (``zn`` times ``a`` first where ``a != 1``), in one node;
+    backward runs the same operations' backward formulas. ``z`` is ``(n, d)``; the bound
+    runs on it packed ``g`` rows at a time, as the unfused form packs it."""
+
+    @staticmethod
+    def forward(ctx, z, stats, c: _Tiled, index, g: int, a: float):
+        running_mean, running_var, training, momentum, eps = stats
+        limit = _clamp_limit(z)
+        clamped = z.clamp(-limit, limit)
+        zn, mean, invstd = torch.native_batch_norm(
+            clamped, None, None, running_mean, running_var, training, momentum, eps
+        )
+        n, d = z.shape
+        packed = zn.view(n // g, g * d)
+        if a != 1.0:
+            packed = packed.mul_(a)
+        y, codes, indices = bound_round(packed, c, index, False)
+        ctx.a, ctx.training, ctx.eps, ctx.limit = a, training, eps, limit
+        running = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(y, c.slope, z, clamped, mean, invstd, *running)
+        ctx.mark_non_differentiable(indices)
+        return codes.view(n, d), indices
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        y, slope, z, clamped, mean, invstd, running_mean, running_var = ctx.saved_tensors
+        grad = grad.reshape(y.shape)
+        kernel = torch.ops.aten.tanh_backward
+        gy = kernel(grad, y) if graph_kept() else kernel.grad_input(grad, y, grad_input=y)
+        gy = gy.mul_(slope)
+        if ctx.a != 1.0:
+            gy = gy.mul_(ctx.a)
+        grad_zn = torch.ops.aten.native_batch_norm_backward(
+            gy.view(z.shape), clamped, None, running_mean, running_var, mean, invstd,
+            ctx.training, ctx.eps, [True, False, False],
+        )[0]  # fmt: skip
+        # the clamp's gradient, as autograd's: where -limit <= z <= limit (not at NaN)
+        return torch.where(z.abs() <= ctx.limit, grad_zn, 0.0), *(None,) * 5
