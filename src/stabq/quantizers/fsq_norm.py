@@ -67,39 +67,37 @@ def _clamp_limit(z: Tensor) -> float:
     return math.sqrt(torch.finfo(z.dtype).max) / 1024
 
 
-def _fold(packed: Tensor, g: int, d: int) -> Tensor:
-    """Column sums of a packed ``(n / g, g d)`` tensor, per dimension: ``(d,)``."""
-    return packed.sum(0).view(g, d).sum(0)
-
-
-def _batch_terms(norm: nn.BatchNorm1d, z: Tensor, g: int, d: int) -> tuple | None:
-    """Training: ``(c, invstd)`` of the packed ``z`` with the running averages updated;
-    None (nothing updated) where ``pre_normalise``'s clamp would change ``z``."""
+def _batch_terms(norm: nn.BatchNorm1d, z: Tensor, g: int, d: int, a: float) -> tuple | None:
+    """Training: the centred packed ``z``, the tiled scale ``s = a invstd`` and backward's
+    per-dimension factors ``(2, d)``, with the running averages updated; None (nothing
+    updated) where ``pre_normalise``'s clamp would change ``z``."""
     n = z.shape[0] * g
-    mean = _fold(z, g, d) / n
+    mean = z.sum(0).view(g, d).sum(0).div_(n)
     c = z - mean.repeat(g)
-    squares = _fold(c * c, g, d)
+    squares = (c * c).sum(0).view(g, d).sum(0)
     # no |z_i| passes |mean| + sqrt(sum (z - mean)^2): beyond the clamp's limit the
     # unfused form runs instead (margin for the sums' rounding; NaN and inf fail too)
-    if not bool(((mean.abs() + squares.sqrt()) * 1.01 < _clamp_limit(z)).all()):
+    if not float((squares.sqrt().add_(mean.abs())).max()) * 1.01 < _clamp_limit(z):
         return None
-    var = squares / n
-    with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-        momentum = norm.momentum
-        step = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
-        norm.running_mean.mul_(1 - step).add_(mean, alpha=step)
-        norm.running_var.mul_(1 - step).add_(var, alpha=step * n / (n - 1))
-    return c, (var + norm.eps).rsqrt()
+    var = squares.div_(n)
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum
+    step = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
+    norm.running_mean.mul_(1 - step).add_(mean, alpha=step)
+    norm.running_var.mul_(1 - step).add_(var, alpha=step * n / (n - 1))
+    invstd = var.add_(norm.eps).rsqrt_()
+    # grad_z = invstd (g_zn - mean g_zn) - c invstd^3 mean(g_zn c), g_zn = a slope gy
+    factors = torch.stack((invstd, invstd.pow(3))).mul_(-a / n)
+    return c, (a * invstd).repeat(g), factors
 
 
 class _NormBoundRound(torch.autograd.Function):
     """:class:`~stabq.quantizers.fsq_kernel._BoundRound` on ``u = x s + t`` (the module
     docstring): ``x`` the packed input (centred in training), ``s``, ``t`` tiled ``(g d,)``.
-    ``batch`` holds ``(g, d, invstd, a)`` in training (BatchNorm's gradient), else None."""
+    ``factors`` ``(2, d)`` in training (BatchNorm's gradient, with ``g``), else None."""
 
     @staticmethod
-    def forward(ctx, z, x, c: _Tiled, index, sigmoid: bool, s, t, batch):
+    def forward(ctx, z, x, c: _Tiled, index, sigmoid: bool, s, t, factors, g: int):
         if sigmoid:
             y = torch.addcmul(2 * t, x, 2 * s).sigmoid_()
             b = torch.addcmul(c.sig_offset, y, c.two_half_l)
@@ -112,33 +110,27 @@ class _NormBoundRound(torch.autograd.Function):
             y = torch.addcmul(t, x, s).tanh_()
             r = torch.addcmul(c.neg_offset, y, c.half_l).round_()
         indices = index(r)
-        ctx.sigmoid, ctx.batch = sigmoid, batch
+        ctx.sigmoid, ctx.g = sigmoid, g
         slope = c.four_slope if sigmoid else c.slope
-        ctx.save_for_backward(y, slope, s, x if batch is not None else None)
+        if factors is not None:  # BatchNorm's gradient: gy times a slope per dimension
+            factors = factors * slope[: factors.shape[1]]
+        ctx.save_for_backward(y, slope * s, x if factors is not None else None, factors)
         ctx.mark_non_differentiable(indices)
         return r.div_(c.half_width), indices
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
-        y, slope, s, x = ctx.saved_tensors
+        y, scale, x, factors = ctx.saved_tensors
         kernel = torch.ops.aten.sigmoid_backward if ctx.sigmoid else torch.ops.aten.tanh_backward
         kept = graph_kept()
         gy = kernel(grad, y) if kept else kernel.grad_input(grad, y, grad_input=y)
-        if ctx.batch is None:  # running statistics: constants
-            return gy.mul_(slope * s), *(None,) * 7
-        g, d, invstd, a = ctx.batch
-        n = x.shape[0] * g
-        # g_zn = gy * slope * a; grad_z = invstd (g_zn - mean g_zn) - c invstd^3 mean(g_zn c)
-        slope_a = slope[:d] * a
-        mean_g = _fold(gy, g, d) * slope_a / n
-        mean_gc = _fold(gy * x, g, d) * slope_a / n
-        out = (
-            torch.mul(x, (-invstd.pow(3) * mean_gc).repeat(g))
-            if kept
-            else x.mul_((-invstd.pow(3) * mean_gc).repeat(g))
-        )
-        out.add_((-invstd * mean_g).repeat(g)).addcmul_(gy, slope * s)
-        return out, *(None,) * 7
+        if factors is None:  # running statistics: constants
+            return gy.mul_(scale), *(None,) * 8
+        g, d = ctx.g, factors.shape[1]
+        sums = torch.stack((gy.sum(0), (gy * x).sum(0))).view(2, g, d).sum(1)
+        coef = sums.mul_(factors).repeat(1, g)
+        out = torch.addcmul(coef[0], x, coef[1], out=None if kept else x)
+        return out.addcmul_(gy, scale), *(None,) * 8
 
 
 def norm_bound_round(
@@ -152,21 +144,20 @@ def norm_bound_round(
     if z.numel() < PACKED_MIN_ELEMENTS:
         return _native(z, norm, tiled, index, g, a)
     packed = z.contiguous().view(n // g, g * d)
-    shift = tiled.shift[:d]
     if norm.training:
-        terms = _batch_terms(norm, packed.detach(), g, d)
+        terms = _batch_terms(norm, packed.detach(), g, d, a)
         if terms is None:
             return None
-        x, invstd = terms
-        s, t, batch = (a * invstd).repeat(g), tiled.shift, (g, d, invstd, a)
+        x, s, factors = terms
+        t = tiled.shift
     else:
         low, high = torch.aminmax(packed.detach())
         if not bool(torch.maximum(-low, high) <= _clamp_limit(z)):  # NaN fails too
             return None
         invstd = (norm.running_var + norm.eps).rsqrt()
-        x, s, batch = packed, (a * invstd).repeat(g), None
-        t = (shift - a * norm.running_mean * invstd).repeat(g)
-    return _NormBoundRound.apply(packed, x, tiled, index, sigmoid, s, t, batch)
+        x, s, factors = packed, (a * invstd).repeat(g), None
+        t = (tiled.shift[:d] - a * norm.running_mean * invstd).repeat(g)
+    return _NormBoundRound.apply(packed, x, tiled, index, sigmoid, s, t, factors, g)
 
 
 def _native(
