@@ -225,7 +225,7 @@ class FSQ(Quantizer):
         if found is None:
             return None
         codes, indices = found
-        return codes.view(z.shape), indices
+        return (codes if codes.shape == z.shape else codes.view(z.shape)), indices
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Grid codes `(..., len(levels))` (before `project_out`) to int64 indices `(...,)`;
