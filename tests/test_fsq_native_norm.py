@@ -3,6 +3,8 @@ nn.BatchNorm1d(affine=False) then FSQ without pre_norm. Below PACKED_MIN_ELEMENT
 Function runs torch's own batch norm and its backward: codes, indices, running statistics
 and gradients equal bit for bit; above it the packed form agrees up to float rounding."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,7 @@ from stabq.quantizers import fsq_norm
 from stabq.quantizers.fsq import pre_normalise
 
 LEVELS = [[8, 8, 8, 5, 5, 5], [8, 5, 5, 5], [16, 16, 16, 16], [3], [2, 7]]
+EXACT = {"rtol": 0, "atol": 0, "equal_nan": True}
 
 
 def _pair(levels, bound, dtype, momentum=0.1):
@@ -52,7 +55,7 @@ def _function(out):
 
 
 def _assert_same(out, grad, ref, ref_grad, fused, reference):
-    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    exact = EXACT
     assert torch.equal(out.indices, ref.indices)
     torch.testing.assert_close(out.quantized, ref.quantized, **exact)
     torch.testing.assert_close(grad, ref_grad, **exact)
@@ -135,3 +138,37 @@ def test_large_batches_agree_with_the_unfused_form(rows, dtype, training):
     torch.testing.assert_close(grad[same], ref_grad[same], **tol)
     for name, buffer in reference.state_dict().items():
         torch.testing.assert_close(fused.pre_norm.state_dict()[name], buffer, **tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(2, 300),
+    dim=st.sampled_from([3, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    bound=st.sampled_from(["tanh", "distribution"]),
+    seed=st.integers(0, 2**16),
+)
+def test_projections_in_the_same_node_equal_the_modules_bit_for_bit(rows, dim, dtype, bound, seed):
+    """``FSQ(dim=...)``: project_in, pre_norm, the bound and project_out in one node give
+    the outputs, indices, input and weight gradients and running statistics of the modules
+    run one after the other (three training steps, then eval)."""
+    torch.manual_seed(seed)
+    fused = stabq.FSQ(LEVELS[0], dim=dim, pre_norm=True, bound=bound).to(dtype)
+    apart = copy.deepcopy(fused)
+    apart._projected = lambda x: False
+    gen = torch.Generator().manual_seed(seed)
+    for training in (True, True, True, False):
+        x = torch.randn(rows, dim, generator=gen, dtype=dtype) * 2
+        up = torch.randn(rows, dim, generator=gen, dtype=dtype)
+        results, ran = [], []
+        for q in (fused, apart):
+            q.train(training)
+            xx = x.clone().requires_grad_()
+            out = q(xx)
+            out.quantized.backward(up)
+            grads = [p.grad for p in q.parameters()]
+            results.append([out.quantized, out.indices, xx.grad, *grads, *q.state_dict().values()])
+            ran.append(_function(out))
+        assert ran[0] == "_NativeNormBoundRoundBackward"
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, **EXACT)

@@ -161,28 +161,45 @@ def norm_bound_round(
 
 
 def _native(
-    z: Tensor, norm: nn.BatchNorm1d, tiled: _Tiled, index: _RoundIndex, g: int, a: float
-) -> tuple[Tensor, Tensor]:
+    z: Tensor, norm: nn.BatchNorm1d, tiled: _Tiled, index: _RoundIndex, g: int, a: float,
+    linear: tuple = (None,) * 4,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """:class:`_NativeNormBoundRound` with ``norm``'s momentum as ``nn.BatchNorm1d`` takes it
-    (counting the batch; ``1 / batches`` when its momentum is None)."""
+    (counting the batch; ``1 / batches`` when its momentum is None); ``linear`` the weights
+    and biases of the projections in and out to run in the same node, or Nones."""
     factor = 0.0
     if norm.training:
         norm.num_batches_tracked.add_(1)
         momentum = norm.momentum
         factor = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
     stats = (norm.running_mean, norm.running_var, norm.training, factor, norm.eps)
-    return _NativeNormBoundRound.apply(z.contiguous(), stats, tiled, index, g, a)
+    return _NativeNormBoundRound.apply(z.contiguous(), *linear, stats, tiled, index, g, a)
+
+
+def native_projected(
+    x: Tensor, norm: nn.BatchNorm1d, tiled: _Tiled, index: _RoundIndex, g: int, bound: str,
+    project_in: nn.Linear, project_out: nn.Linear,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``project_out`` of the codes of ``norm(project_in(x))`` and the indices, all in one
+    autograd node (below :data:`PACKED_MIN_ELEMENTS` code values, ``x`` contiguous): the
+    same operations as the modules one after the other, the same values and gradients."""
+    a = DISTRIBUTION_SCALE if bound == "distribution" else 1.0
+    weights = (project_in.weight, project_in.bias, project_out.weight, project_out.bias)
+    return _native(x, norm, tiled, index, g, a, weights)
 
 
 class _NativeNormBoundRound(torch.autograd.Function):
     """``pre_normalise``'s clamp, torch's batch norm (running statistics updated in training)
     and the tanh form of the bound (``zn`` times ``a`` first where ``a != 1``), in one node;
     backward runs the same operations' backward formulas. ``z`` is ``(n, d)``; the bound
-    runs on it packed ``g`` rows at a time, as the unfused form packs it."""
+    runs on it packed ``g`` rows at a time, as the unfused form packs it. Given weights,
+    ``z = x W_in^T + b_in`` first and ``codes W_out^T + b_out`` last, as ``nn.Linear``
+    computes them (``addmm``), with ``addmm``'s gradients."""
 
     @staticmethod
-    def forward(ctx, z, stats, c: _Tiled, index, g: int, a: float):
+    def forward(ctx, x, w_in, b_in, w_out, b_out, stats, c: _Tiled, index, g: int, a: float):
         running_mean, running_var, training, momentum, eps = stats
+        z = x if w_in is None else torch.addmm(b_in, x, w_in.t())
         limit = _clamp_limit(z)
         clamped = z.clamp(-limit, limit)
         zn, mean, invstd = torch.native_batch_norm(
@@ -193,15 +210,23 @@ class _NativeNormBoundRound(torch.autograd.Function):
         if a != 1.0:
             packed = packed.mul_(a)
         y, codes, indices = bound_round(packed, c, index, False)
+        codes = codes.view(n, d)
         ctx.a, ctx.training, ctx.eps, ctx.limit = a, training, eps, limit
         running = (None, None) if training else (running_mean, running_var)
-        ctx.save_for_backward(y, c.slope, z, clamped, mean, invstd, *running)
+        linear = (x, w_in, codes, w_out) if w_in is not None else (None,) * 4
+        ctx.save_for_backward(y, c.slope, z, clamped, mean, invstd, *running, *linear)
         ctx.mark_non_differentiable(indices)
-        return codes.view(n, d), indices
+        return (codes if w_out is None else torch.addmm(b_out, codes, w_out.t())), indices
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
-        y, slope, z, clamped, mean, invstd, running_mean, running_var = ctx.saved_tensors
+        y, slope, z, clamped, mean, invstd, r_mean, r_var, x, w_in, codes, w_out = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads_out = (None, None)
+        if w_out is not None:  # addmm's gradients: grad W_out^T ... as autograd computes them
+            grads_out = (grad.t().mm(codes) if needs[3] else None,
+                         grad.sum(0) if needs[4] else None)  # fmt: skip
+            grad = grad.mm(w_out)
         grad = grad.reshape(y.shape)
         kernel = torch.ops.aten.tanh_backward
         gy = kernel(grad, y) if graph_kept() else kernel.grad_input(grad, y, grad_input=y)
@@ -209,8 +234,13 @@ class _NativeNormBoundRound(torch.autograd.Function):
         if ctx.a != 1.0:
             gy = gy.mul_(ctx.a)
         grad_zn = torch.ops.aten.native_batch_norm_backward(
-            gy.view(z.shape), clamped, None, running_mean, running_var, mean, invstd,
+            gy.view(z.shape), clamped, None, r_mean, r_var, mean, invstd,
             ctx.training, ctx.eps, [True, False, False],
         )[0]  # fmt: skip
         # the clamp's gradient, as autograd's: where -limit <= z <= limit (not at NaN)
-        return torch.where(z.abs() <= ctx.limit, grad_zn, 0.0), *(None,) * 5
+        grad_z = torch.where(z.abs() <= ctx.limit, grad_zn, 0.0)
+        if w_in is None:
+            return grad_z, None, None, *grads_out, *(None,) * 5
+        grad_x = grad_z.mm(w_in) if needs[0] else None
+        grads_in = (grad_z.t().mm(x) if needs[1] else None, grad_z.sum(0) if needs[2] else None)
+        return grad_x, *grads_in, *grads_out, *(None,) * 5
