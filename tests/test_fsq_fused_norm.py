@@ -55,7 +55,7 @@ def test_fused_equals_batch_norm_then_fsq_float64(
     levels, rows, training, bound, momentum, scale, seed
 ):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fsq_norm, "FUSED_MIN_ELEMENTS", 0)
+        patch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", 0)
         _compare_float64(levels, rows, training, bound, momentum, scale, seed)
 
 
@@ -79,7 +79,7 @@ def _compare_float64(levels, rows, training, bound, momentum, scale, seed):
 @pytest.mark.parametrize("bound", ["tanh", "distribution"])
 def test_fused_float32_large_batch_agrees(training, bound):
     """The default threshold (the sigmoid form too): float32, up to float rounding."""
-    rows = fsq_norm.FUSED_MIN_ELEMENTS // 6 + 16
+    rows = fsq_norm.PACKED_MIN_ELEMENTS // 6 + 16
     fused, reference, plain = _pair(LEVELS[0], bound, torch.float32)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(rows, 6, generator=gen) * 3 + 1
@@ -98,7 +98,7 @@ def test_fused_float32_large_batch_agrees(training, bound):
 def test_beyond_the_clamp_runs_the_unfused_form(bad, training, monkeypatch):
     """Where pre_normalise's clamp would change z (or z is not finite), the result is the
     unfused form's, bit for bit."""
-    monkeypatch.setattr(fsq_norm, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", 0)
     fused, reference, plain = _pair(LEVELS[1], "tanh", torch.float32)
     z = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
     z[3, 2] = bad
@@ -111,7 +111,7 @@ def test_beyond_the_clamp_runs_the_unfused_form(bad, training, monkeypatch):
 
 
 def test_kept_graph_backward_twice_gives_the_same_gradient(monkeypatch):
-    monkeypatch.setattr(fsq_norm, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", 0)
     q = stabq.FSQ(LEVELS[0], pre_norm=True).train()
     z = torch.randn(40, 6, requires_grad=True)
     out = q(z).quantized
@@ -134,7 +134,7 @@ def test_saved_pre_norm_state_loads():
     q.load_state_dict(old)
     reference = torch.nn.BatchNorm1d(6, affine=False)
     reference.load_state_dict({k.split(".", 1)[1]: v for k, v in old.items()})
-    z = torch.randn(fsq_norm.FUSED_MIN_ELEMENTS // 6 + 16, 6) * 2
+    z = torch.randn(fsq_norm.PACKED_MIN_ELEMENTS // 6 + 16, 6) * 2
     q.eval(), reference.eval()
     out = q(z)
     ref = stabq.FSQ(levels)(reference(z))

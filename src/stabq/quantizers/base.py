@@ -146,11 +146,14 @@ class Quantizer(nn.Module):
                 (*lead, *self.indices_shape), -1, dtype=torch.long, device=x.device
             )
             return QuantizerOutput(x, indices, x.new_zeros((), dtype=torch.float32))
-        flat = x.reshape(-1, self.dim).to(self.compute_dtype(x))
+        # a 2-D input is taken as it is: a reshape to its own shape would add an autograd node
+        flat = x if x.dim() == 2 else x.reshape(-1, self.dim)
+        flat = flat.to(self.compute_dtype(x))
         with _full_precision(flat.device.type):  # autocast would halve the distances
             quantized, indices, loss = self._quantize(flat)
+        quantized = quantized.to(x.dtype)
         return QuantizerOutput(
-            quantized.to(x.dtype).reshape(x.shape),
+            quantized if quantized.shape == x.shape else quantized.reshape(x.shape),
             indices.reshape(*lead, *self.indices_shape),
             loss,
         )

@@ -82,7 +82,8 @@ def nearest_code(
         idx, dist = nearest_code(x[None], codes[None], chunk_elements, distances)
         return idx[0], None if dist is None else dist[0]
     work = torch.float64 if codes.dtype == torch.float64 else torch.float32
-    x, codes = x.to(work), codes.to(work)
+    if x.dtype != work or codes.dtype != work:
+        x, codes = x.to(work), codes.to(work)
     groups, n, d = x.shape
     k = codes.shape[1]
     codes_t = codes.transpose(1, 2)
@@ -303,12 +304,18 @@ class Codebook(nn.Module):
         )
         if not distributed.sum_statistics_(counts, sums):  # summed over ranks
             return
-        self.cluster_size.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
         if self.learned:
+            self.cluster_size.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
             return
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        embed = self.embed_sum / laplace_smooth(self.cluster_size, self.eps)[..., None]
-        self.embed.copy_(l2norm(embed) if self.cosine else embed)
+        # both EMAs in two calls (the same decay: the same mul_ and add_ on each)
+        averages = [self.cluster_size, self.embed_sum]
+        torch._foreach_mul_(averages, self.decay)
+        torch._foreach_add_(averages, [counts, sums], alpha=1 - self.decay)
+        # written in place: l2norm's values (x / max(|x|, 1e-12)) in two operations fewer
+        smooth = laplace_smooth(self.cluster_size, self.eps).unsqueeze_(-1)
+        embed = torch.div(self.embed_sum, smooth, out=self.embed)
+        if self.cosine:
+            embed.div_(torch.linalg.vector_norm(embed, dim=-1, keepdim=True).clamp_min_(1e-12))
 
     @torch.no_grad()
     def replace_dead_codes(self, x: Tensor) -> int:
@@ -335,12 +342,12 @@ class Codebook(nn.Module):
 
     def _set_codes(self, mask: Tensor, codes: Tensor, cluster_size: Tensor) -> None:
         """Where ``mask`` ``(G, K)``: codes, cluster sizes and EMA sums set consistently."""
-        m = mask[..., None]
-        self.embed.data.copy_(torch.where(m, codes.to(self.embed.dtype), self.embed.data))
-        self.cluster_size.copy_(torch.where(mask, cluster_size, self.cluster_size))
+        m = mask[..., None]  # each written in place (out=), no copy
+        torch.where(m, codes.to(self.embed.dtype), self.embed.data, out=self.embed.data)
+        torch.where(mask, cluster_size, self.cluster_size, out=self.cluster_size)
         if not self.learned:
             sums = codes * cluster_size[..., None]
-            self.embed_sum.copy_(torch.where(m, sums.to(self.embed_sum.dtype), self.embed_sum))
+            torch.where(m, sums.to(self.embed_sum.dtype), self.embed_sum, out=self.embed_sum)
 
     def extra_repr(self) -> str:
         return (

@@ -48,7 +48,12 @@ from stabq.quantizers.fsq_kernel import (  # noqa: F401
     fsq_level_indices_to_index,
     kernel_constants,
 )
-from stabq.quantizers.fsq_norm import fusable, norm_bound_round
+from stabq.quantizers.fsq_norm import (
+    PACKED_MIN_ELEMENTS,
+    fusable,
+    native_projected,
+    norm_bound_round,
+)
 
 
 def _levels_tensor(levels: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
@@ -204,6 +209,12 @@ class FSQ(Quantizer):
         return pre_normalise(self.pre_norm, z)
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self._projected(x) and not compiling():  # projections, norm and bound: one node
+            g, tiled, index = kernel_constants(x, self._levels, self._cache, self.bound)
+            out, indices = native_projected(x, self.pre_norm, tiled, index, g, self.bound,
+                                            self.project_in, self.project_out)  # fmt: skip
+            return out, indices, loss
         z = self.project_in(x)
         if compiling():  # the fast eager Function's in-place tricks stay out of graphs
             codes, indices = fsq_bound_round_plain(self._normalise(z), self.levels, self.bound)
@@ -214,7 +225,21 @@ class FSQ(Quantizer):
                     self._normalise(z), self._levels, self._cache, bound=self.bound
                 )
             codes, indices = found
-        return self.project_out(codes), indices, x.new_zeros((), dtype=torch.float32)
+        return self.project_out(codes), indices, loss
+
+    def _projected(self, x: Tensor) -> bool:
+        """Do both projections and ``pre_norm`` run as one node
+        (:func:`~stabq.quantizers.fsq_norm.native_projected`)? For a small contiguous batch
+        through two Linear layers with biases, where the fused normalisation runs."""
+        return (
+            isinstance(self.project_in, nn.Linear)
+            and isinstance(self.project_out, nn.Linear)
+            and self.project_in.bias is not None
+            and self.project_out.bias is not None
+            and x.is_contiguous()
+            and x.shape[0] * len(self.levels) < PACKED_MIN_ELEMENTS
+            and fusable(self.pre_norm, x)
+        )
 
     def _fused(self, z: Tensor) -> tuple[Tensor, Tensor] | None:
         """``pre_norm`` and the bound in one Function (:mod:`~stabq.quantizers.fsq_norm`);
@@ -225,7 +250,7 @@ class FSQ(Quantizer):
         if found is None:
             return None
         codes, indices = found
-        return codes.view(z.shape), indices
+        return (codes if codes.shape == z.shape else codes.view(z.shape)), indices
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Grid codes `(..., len(levels))` (before `project_out`) to int64 indices `(...,)`;

@@ -113,6 +113,24 @@ def _use_sigmoid(z: Tensor, tiled: _Tiled) -> bool:
     )
 
 
+def bound_round(z: Tensor, c: _Tiled, index, sigmoid: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_BoundRound`'s forward without autograd: ``(y, codes, indices)`` of the packed
+    ``z``, ``y`` the tanh (or sigmoid) that backward needs."""
+    if sigmoid:
+        y = torch.add(c.two_shift, z, alpha=2).sigmoid_()
+        b = torch.addcmul(c.sig_offset, y, c.two_half_l)
+        r = torch.round(b)
+        near = (b.sub_(r).abs_().amax(dim=1) > 0.5 - c.window).nonzero().squeeze(1)
+        if near.numel():  # within the window of a tie: decide by tanh itself
+            again = torch.add(z.index_select(0, near), c.shift).tanh_()
+            r.index_copy_(0, near, torch.addcmul(c.neg_offset, again, c.half_l).round_())
+    else:
+        y = torch.add(z, c.shift).tanh_()
+        r = torch.addcmul(c.neg_offset, y, c.half_l).round_()
+    indices = index(r)
+    return y, r.div_(c.half_width), indices  # divided, not times 1 / w: the peer's values
+
+
 class _BoundRound(torch.autograd.Function):
     """``r = round(tanh(z + shift) * half_l - offset)``, its index, ``codes = r / half_width``.
 
@@ -135,22 +153,11 @@ class _BoundRound(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, c: _Tiled, index, sigmoid: bool):
-        if sigmoid:
-            y = torch.add(c.two_shift, z, alpha=2).sigmoid_()
-            b = torch.addcmul(c.sig_offset, y, c.two_half_l)
-            r = torch.round(b)
-            near = (b.sub_(r).abs_().amax(dim=1) > 0.5 - c.window).nonzero().squeeze(1)
-            if near.numel():  # within the window of a tie: decide by tanh itself
-                again = torch.add(z.index_select(0, near), c.shift).tanh_()
-                r.index_copy_(0, near, torch.addcmul(c.neg_offset, again, c.half_l).round_())
-        else:
-            y = torch.add(z, c.shift).tanh_()
-            r = torch.addcmul(c.neg_offset, y, c.half_l).round_()
-        indices = index(r)
+        y, codes, indices = bound_round(z, c, index, sigmoid)
         ctx.sigmoid = sigmoid
         ctx.save_for_backward(y, c.four_slope if sigmoid else c.slope)
         ctx.mark_non_differentiable(indices)
-        return r.div_(c.half_width), indices  # divided, not times 1 / w: the peer's values
+        return codes, indices
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):

@@ -29,6 +29,35 @@ def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
     return F.normalize(x, dim=-1, eps=eps)
 
 
+class _UnitRows(torch.autograd.Function):
+    """:func:`l2norm`'s value, ``y = x / max(|x|, eps)``, in one autograd node; backward
+    ``(g - y (y . g)) / |x|`` per row, and ``g / eps`` where ``|x| < eps`` (the clamp holds
+    the denominator): autograd's gradient through ``F.normalize``, in three fewer nodes."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        denom = norm.clamp_min(eps)
+        y = x / denom
+        ctx.save_for_backward(y, denom, norm < eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, denom, held = ctx.saved_tensors
+        along = (y * grad).sum(-1, keepdim=True).masked_fill_(held, 0)
+        return torch.addcmul(grad, y, along, value=-1).div_(denom), None
+
+
+def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """:func:`l2norm` (``x / max(|x|, eps)`` over the last dim) as one autograd node where
+    ``x`` needs a gradient; the values are :func:`l2norm`'s, the gradient autograd's up to
+    float rounding."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _UnitRows.apply(x, eps)
+    return l2norm(x, eps)
+
+
 def straight_through(x: Tensor, q: Tensor) -> Tensor:
     """Value ``q``, gradient the identity to ``x``."""
     return x + (q - x).detach()
@@ -133,6 +162,58 @@ def residual_commitment_loss(
     return _ResidualLoss.apply(z, residual_sum, value, 2 * weight / n)
 
 
+class _StraightThroughLoss(torch.autograd.Function):
+    """Forward: ``z + (codes - z)`` (:func:`straight_through`'s value) and a loss ``value``
+    computed without autograd. Backward: the output's gradient to ``z`` as it is, plus the
+    loss's times ``scale * residual`` (:class:`_ResidualLoss`'s), in one node."""
+
+    @staticmethod
+    def forward(ctx, z, delta, residual, value, scale):
+        ctx.set_materialize_grads(False)  # an unused output passes no gradient, as apart
+        ctx.save_for_backward(residual)
+        ctx.scale, ctx.dtype = scale, z.dtype
+        return z + delta, value
+
+    @staticmethod
+    def backward(ctx, grad, grad_loss):
+        (residual,) = ctx.saved_tensors
+        if grad_loss is not None:
+            from_loss = residual.mul(grad_loss * ctx.scale).to(ctx.dtype)
+            grad = from_loss if grad is None else grad + from_loss
+        return grad, None, None, None, None
+
+
+def straight_through_loss(
+    z: Tensor,
+    codes: Tensor,
+    weight: float,
+    reduction: str = "mean",
+    residual: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(straight_through(z, codes), loss)`` in one autograd node, the same values and
+    gradients as the two apart (EMA codebooks: ``codes`` take no gradient).
+
+    The loss is :func:`commitment_loss`'s ``weight |z - sg(codes)|^2`` or, given
+    ``residual = (sum_l r_l, sum_l |r_l|^2)``, :func:`residual_commitment_loss`'s. For
+    float32 ``z`` and ``codes`` one difference serves both: ``z - codes`` is exactly
+    ``-(codes - z)``."""
+    n = z.numel() if reduction == "mean" else 1
+    with torch.no_grad():
+        delta = codes.detach() - z.detach()
+        if residual is not None:
+            residual_sum, squared, scale = residual[0], residual[1], 2 * weight / max(n, 1)
+        elif z.dtype == codes.dtype == torch.float32:
+            residual_sum, scale = delta, -2 * weight / max(n, 1)
+            squared = delta.reshape(-1).dot(delta.reshape(-1))
+        else:
+            residual_sum, scale = z.float() - codes.float(), 2 * weight / max(n, 1)
+            squared = residual_sum.reshape(-1).dot(residual_sum.reshape(-1))
+    if not z.numel():
+        return straight_through(z, codes), z.new_zeros((), dtype=torch.float32)
+    value = (squared.float() * (weight / n)).reshape(())
+    return _StraightThroughLoss.apply(z, delta, residual_sum, value, scale)
+
+
 def commitment_loss(
     z: Tensor, codes: Tensor, weight: float, learned: bool, reduction: str = "mean"
 ) -> Tensor:
@@ -208,6 +289,6 @@ def directional_decays(
 
 __all__ = [
     "REDUCTIONS", "check_directional", "commitment_loss", "directional_decays",
-    "directional_reparam", "estimate", "l2norm",
-    "residual_commitment_loss", "rotation_trick", "straight_through",
+    "directional_reparam", "estimate", "l2norm", "residual_commitment_loss", "rotation_trick",
+    "straight_through", "straight_through_loss", "unit_rows",
 ]  # fmt: skip

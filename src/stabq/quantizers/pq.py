@@ -21,6 +21,7 @@ from torch import Tensor
 from stabq.errors import check, check_int, check_number, is_int
 from stabq.quantizers.base import Quantizer
 from stabq.quantizers.codebook import Codebook, commitment_loss, estimate
+from stabq.quantizers.gradients import straight_through_loss
 
 
 class ProductQuantizer(Quantizer):
@@ -105,6 +106,9 @@ class ProductQuantizer(Quantizer):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         codes, indices = self.codebook(self._split(x))
         codes = codes.transpose(0, 1).reshape(x.shape).to(x.dtype)
+        if not (self.codebook.learned or self.rotation_trick):  # one autograd node for both
+            out, loss = straight_through_loss(x, codes, self.commitment_weight)
+            return out, indices.T, loss
         loss = commitment_loss(x, codes, self.commitment_weight, self.codebook.learned)
         return estimate(x, codes, self.rotation_trick), indices.T, loss
 

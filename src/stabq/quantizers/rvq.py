@@ -30,7 +30,7 @@ from stabq.quantizers.codebook import (
     residual_commitment_loss,
 )
 from stabq.quantizers.fsq import pre_normalise
-from stabq.quantizers.gradients import directional_decays, straight_through
+from stabq.quantizers.gradients import directional_decays, straight_through, straight_through_loss
 from stabq.quantizers.gradients import directional_reparam as diveq
 
 
@@ -141,7 +141,12 @@ class ResidualVQ(Quantizer):
         if self.layers[0].learned:
             total, indices, loss = self._descend_learned(z)
         else:
-            total, indices, loss = self._descend_ema(z)
+            total, indices, residual = self._descend_ema(z)
+            if not self.rotation_trick:  # the output and the loss in one autograd node
+                weight = self.commitment_weight
+                out, loss = straight_through_loss(z, total, weight, "mean", residual)
+                return self.project_out(out), torch.stack(indices, dim=-1), loss
+            loss = residual_commitment_loss(z, *residual, self.commitment_weight)
         quantized = self.project_out(estimate(z, total, self.rotation_trick))
         return quantized, torch.stack(indices, dim=-1), loss
 
@@ -160,8 +165,9 @@ class ResidualVQ(Quantizer):
         loss = z.new_zeros((), dtype=torch.float32)
         return self.project_out(out), torch.stack(indices, dim=-1), loss
 
-    def _descend_ema(self, z: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        """EMA codebooks: the descent runs without autograd.
+    def _descend_ema(self, z: Tensor) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor]]:
+        """EMA codebooks: the descent runs without autograd; returns the sum of the codes,
+        the indices and the loss's terms ``(sum_i r_{i+1}, sum_i |r_{i+1}|^2)``.
 
         Since ``r_i - sg(c_i) = r_{i+1}``, the loss is ``beta sum_i mean(r_{i+1}^2)``
         with gradient ``2 beta / numel * sum_i r_{i+1}`` to ``z``: one pass
@@ -187,8 +193,7 @@ class ResidualVQ(Quantizer):
                 residual_sum.add_(left.view_as(residual_sum))
                 squared += left.dot(left).float()
                 indices.append(idx[0])
-        loss = residual_commitment_loss(z, residual_sum, squared, self.commitment_weight)
-        return total, indices, loss
+        return total, indices, (residual_sum, squared)
 
     def _descend_learned(self, z: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Learned codebooks: each layer's codebook loss needs autograd through its codes."""

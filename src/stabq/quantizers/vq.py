@@ -30,11 +30,15 @@ from stabq.quantizers.codebook import (
     batch_norm,
     commitment_loss,
     estimate,
-    l2norm,
     projections,
 )
 from stabq.quantizers.fsq import pre_normalise
-from stabq.quantizers.gradients import directional_decays, straight_through
+from stabq.quantizers.gradients import (
+    directional_decays,
+    straight_through,
+    straight_through_loss,
+    unit_rows,
+)
 from stabq.quantizers.gradients import directional_reparam as diveq
 
 
@@ -150,7 +154,7 @@ class VectorQuantizer(Quantizer):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = pre_normalise(self.pre_norm, self.project_in(x))
         if self.cosine:
-            z = l2norm(z)
+            z = unit_rows(z)
         codes, indices = self.codebook(z[None])
         codes, indices = codes[0].to(z.dtype), indices[0]
         if self.directional_reparam:  # no loss: the codebook learns through the output
@@ -159,6 +163,11 @@ class VectorQuantizer(Quantizer):
             else:
                 out = straight_through(z, codes)
             return self.project_out(out), indices, z.new_zeros((), dtype=torch.float32)
+        if not (self.codebook.learned or self.rotation_trick):  # one autograd node for both
+            out, loss = straight_through_loss(
+                z, codes, self.commitment_weight, self.commitment_reduction
+            )
+            return self.project_out(out), indices, loss
         loss = commitment_loss(
             z, codes, self.commitment_weight, self.codebook.learned, self.commitment_reduction
         )
