@@ -217,18 +217,19 @@ class Mechanisms:
 
     @torch.no_grad()
     def judge_steps(
-        self, steps: Sequence[tuple[int, Capture, float | None]], quantized: Sequence[bool],
+        self, steps: Sequence[Kept], quantized: Sequence[bool],
         grid: Sequence[list[float]] | None = None,
     ) -> list[tuple[int, Verdict]]:  # fmt: skip
-        """The verdicts of ``steps`` ``(step, capture, aux loss)``, oldest first, each
-        with its step, for :meth:`CollapseMonitor._set`; ``quantized``: whether each step
-        had an index >= 0 (steps of quantization off are skipped); ``grid``: each step's
-        :meth:`GridWatch.fields` values. Their figures are computed together."""
-        kept = [(c, a) for (_, c, a), on in zip(steps, quantized, strict=True) if on]
-        fields = iter(_batch_fields([(c, a) for c, a in kept if c.x is not None]))
+        """The verdicts of ``steps`` ``(step, capture, aux loss, input norm)``, oldest
+        first, each with its step, for :meth:`CollapseMonitor._set`; ``quantized``: whether
+        each step had an index >= 0 (steps of quantization off are skipped); ``grid``: each
+        step's :meth:`GridWatch.fields` values. Their figures are computed together."""
+        kept = [s[1:] for s, on in zip(steps, quantized, strict=True) if on and s[1].x is not None]
+        reduction = self.single and not self.bounded  # the only check of the mean distance
+        fields = iter(_batch_fields(kept, mse=reduction, median=self.normalised))
         found: list[tuple[int, Verdict]] = []
         grid = grid or [None] * len(steps)
-        for (step, capture, _), on, values in zip(steps, quantized, grid, strict=True):
+        for (step, capture, *_), on, values in zip(steps, quantized, grid, strict=True):
             if not on:
                 continue
             self.steps += 1
@@ -328,23 +329,38 @@ class Capture(NamedTuple):
     weight: Tensor | None  # a copy of SimVQ's map W at the step
 
 
-def _batch_fields(steps: Sequence[tuple[Capture, float | None]]) -> list[list[float]]:
+Kept = tuple[int, Capture, float | None, float | None]  # step, capture, aux loss, input norm
+
+
+def _batch_fields(
+    steps: Sequence[tuple[Capture, float | None, float | None]], mse: bool, median: bool
+) -> list[list[float]]:
     """The ten figures :meth:`Mechanisms._judge` reads of each step, in one pass over the
-    steps whose rows have one shape and dtype (one device sync for them all)."""
-    keys = [(c.x.shape, c.x.dtype, c.q.dtype, c.x.device) for c, _ in steps]
+    steps whose rows have one shape and dtype (one device sync for them all). Figures no
+    check reads are NaN: the mean squared distance without ``mse``, the codes' median
+    norm without ``median``, the inputs' largest norm and the finiteness (1) off fp16.
+    Each step is ``(capture, aux loss, the input's mean row norm if known)``."""
+    keys = [(c.x.shape, c.x.dtype, c.q.dtype, c.x.device, c.half) for c, *_ in steps]
     rows: list[list[float]] = [[] for _ in steps]
     for key in dict.fromkeys(keys):
         at = [i for i, k in enumerate(keys) if k == key]
-        d = key[0][-1] if len(key[0]) else 1
-        xf = torch.stack([steps[i][0].x for i in at]).float().reshape(len(at), -1, d)
+        d, half = key[0][-1] if len(key[0]) else 1, key[-1]
         qf = torch.stack([steps[i][0].q for i in at]).float().reshape(len(at), -1, d)
-        xr, qr = xf.norm(dim=-1), qf.norm(dim=-1)
-        nan = xf.new_tensor(math.nan)
-        book = torch.stack([nan if steps[i][0].book is None else steps[i][0].book.to(nan)
+        qr = qf.norm(dim=-1)
+        nan, one = qr.new_full((len(at),), math.nan), qr.new_ones(len(at))
+        norms = [steps[i][2] for i in at]
+        xf = xr = None
+        if mse or half or None in norms:  # the inputs read again only where a check needs it
+            xf = torch.stack([steps[i][0].x for i in at]).float().reshape(len(at), -1, d)
+            xr = xf.norm(dim=-1)
+        book = torch.stack([nan[0] if steps[i][0].book is None else steps[i][0].book.to(nan)
                             for i in at])  # fmt: skip
-        fields = [xr.mean(1), qr.mean(1), xr.amax(1), qr.amax(1), book,
-                  (xf - qf).pow(2).mean((1, 2)), xf.isfinite().all(2).all(1).float(),
-                  qf.isfinite().all(2).all(1).float(), qr.median(1).values]  # fmt: skip
+        x_norm = xr.mean(1) if None in norms else torch.tensor(norms).to(nan)
+        fields = [x_norm, qr.mean(1), xr.amax(1) if half else nan, qr.amax(1), book,
+                  (xf - qf).pow(2).mean((1, 2)) if mse else nan,
+                  xf.isfinite().all(2).all(1).float() if half else one,
+                  qf.isfinite().all(2).all(1).float() if half else one,
+                  qr.median(1).values if median else nan]  # fmt: skip
         for i, values in zip(at, torch.stack(fields, 1).tolist(), strict=True):
             aux = steps[i][1]
             a = math.nan if aux is None else aux

@@ -287,9 +287,8 @@ class CollapseMonitor:
             return
         steps, quantized, grid = window_figures(pending, self)
         self._steps.extend(steps)
-        found = self.mechanisms.judge_steps(
-            [(p.step, p.capture, p.loss) for p in pending], quantized, grid
-        )
+        kept = [(p.step, p.capture, p.loss, s.norm) for p, s in zip(pending, steps, strict=True)]
+        found = self.mechanisms.judge_steps(kept, quantized, grid)
         for step, verdict in found:
             self._set(*verdict, step=step)
 
