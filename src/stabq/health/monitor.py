@@ -128,7 +128,7 @@ class CollapseMonitor:
     ) -> None:
         name = type(self).__name__
         check(isinstance(module, nn.Module), f"{name}: module={module!r} is not a torch.nn.Module")
-        q = target(module)
+        self._target = q = target(module)  # the quantizer the hook reads
         self.codebook_size, self.num_codebooks, self.levels = codebook_shape(
             q, name, codebook_size, num_codebooks, levels
         )
@@ -249,7 +249,6 @@ class CollapseMonitor:
 
     # -- recording ----------------------------------------------------------------
 
-    @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.training_only and not module.training:
             return
@@ -263,7 +262,7 @@ class CollapseMonitor:
         value = None if loss is None else loss_value(loss)
         rows = x is not None and x.is_floating_point() and x.dim() > 0 and x.numel() > 0
         entry = Pending(self.step, indices.detach(), value, x.detach() if rows else None,
-                        self.mechanisms.capture(target(module), x, output))  # fmt: skip
+                        self.mechanisms.capture(self._target, x, output))  # fmt: skip
         if self.step == 1 and bool((indices >= k).any()):  # fail at once on too big an index
             self._pending.append(entry)
             require_fit(int((indices >= k).sum()), k)
