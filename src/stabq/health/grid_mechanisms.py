@@ -41,7 +41,8 @@ MAP_EVERY (50) steps from the first:
 A module that normalises its input (``pre_norm`` BatchNorm, ``spherical`` BSQ,
 ``cosine`` / ``use_cosine_sim`` codebooks) has codes that do not depend on the
 input's scale: :func:`normalises` tells :class:`~stabq.health.mechanisms.Mechanisms`
-not to judge lag there. Every figure is read in the step's one device sync.
+not to judge lag there. The figures of many steps are computed at once
+(:meth:`GridWatch.batch_fields`).
 """
 
 from __future__ import annotations

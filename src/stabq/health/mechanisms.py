@@ -1,11 +1,13 @@
 """Why a quantizer fails, named while it happens: the detectors behind :class:`CollapseMonitor`.
 
 :class:`CollapseMonitor`'s collapse / loss / saturation alerts name symptoms.
-These name mechanisms. After every forward call ("step") :class:`Mechanisms`
-reads, in one device sync, from the input ``x`` (rows along the last dim), the
-output ``q`` (the quantized rows, ``x``'s shape; straight-through, so its value
-is the chosen codes), the auxiliary loss ``a`` and, where the module has one,
-its code table ``E`` (:func:`code_table`):
+These name mechanisms. Each forward call ("step") :class:`Mechanisms` judges
+figures of the input ``x`` (rows along the last dim), the output ``q`` (the
+quantized rows, ``x``'s shape; straight-through, so its value is the chosen
+codes), the auxiliary loss ``a`` and, where the module has one, its code table
+``E`` (:func:`code_table`), computed for many steps at once
+(:meth:`Mechanisms.capture` keeps a step, :meth:`Mechanisms.judge_steps` judges
+the steps kept, in order, each verdict with its step):
 
     lag                  g = |x|_t / min_{s in window} |x|_s >= LAG_GROWTH (100) and
                          g >= LAG_RATIO (10) x c, where c = the codes' mean norm |q|
@@ -39,7 +41,7 @@ there, and the blow-ups measure codes against the chosen codes' median norm, not
 ``|x|_t``. Steps whose indices are all negative (quantization off) are skipped.
 
 The grid mechanisms (``one_sided``, ``dims_correlated``) and SimVQ's ``map_singular``
-are in :mod:`stabq.health.grid_mechanisms`; their figures are read in the same sync.
+are in :mod:`stabq.health.grid_mechanisms`; their figures are read in the same pass.
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ class CollapseMonitor:
     (codes lagging or blown up, a sum-reduced loss, fp16 overflow; grid dimensions
     stuck at one level or moving together; a SimVQ map near singular).
     Each condition alerts once when it starts to hold, and again only after it cleared.
-    Usage figures are `CodebookUsage`'s over the window. It sees only this process's
-    forward calls.
+    A step's figures are computed with those of the steps around it, at a check or when
+    alerts or figures are read; each alert names its step. Usage figures are
+    `CodebookUsage`'s over the window. It sees only this process's forward calls.
 
     Args:
         module: any module returning code indices: stabq's quantizers,
