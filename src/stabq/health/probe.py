@@ -194,7 +194,8 @@ def codes_carrying(counts: Tensor, fraction: float) -> int:
     if total == 0:
         return 0
     need = math.ceil(fraction * total - 1e-9)
-    return int((counts.sort(descending=True).values.cumsum(0) < need).sum()) + 1
+    used = counts[counts > 0]  # unused codes add nothing: sort only the used ones
+    return int((used.sort(descending=True).values.cumsum(0) < need).sum()) + 1
 
 
 def percent(fraction: float) -> str:
