@@ -41,7 +41,8 @@ MAP_EVERY (50) steps from the first:
 A module that normalises its input (``pre_norm`` BatchNorm, ``spherical`` BSQ,
 ``cosine`` / ``use_cosine_sim`` codebooks) has codes that do not depend on the
 input's scale: :func:`normalises` tells :class:`~stabq.health.mechanisms.Mechanisms`
-not to judge lag there. Every figure is read in the step's one device sync.
+not to judge lag there. The figures of many steps are computed at once
+(:meth:`GridWatch.batch_fields`).
 """
 
 from __future__ import annotations
@@ -144,21 +145,28 @@ class GridWatch:
         rows, then their mean |correlation| within a codebook (NaN when not measured).
         Invalid rows (an index < 0 or too big) are weighted 0, not dropped: no sync.
         ``level``: ``fsq_indices_to_levels`` of the clamped indices, when already known."""
+        flat = indices.detach().reshape(1, -1, books)
+        return self.batch_fields(flat, None if level is None else level.unsqueeze(0))[0]
+
+    def batch_fields(self, flat: Tensor, level: Tensor | None = None) -> Tensor:
+        """:meth:`fields` of ``S`` steps of ``n`` rows each at once: ``flat`` ``(S, n, C)``
+        indices, ``level`` their ``(S, n, C, d)`` levels when known; ``(S, D * L_max + 1)``."""
         k, width = math.prod(self.levels), max(self.levels)
-        flat = indices.detach().reshape(-1, books).long()
-        valid = ((flat >= 0) & (flat < k)).all(-1).float()  # (n,)
+        flat = flat.long()
+        valid = ((flat >= 0) & (flat < k)).all(-1).float()  # (S, n)
         if self._levels is None or self._levels.device != flat.device:
             self._levels = torch.tensor(self.levels, device=flat.device)
         if level is None:
-            level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (n, C, d)
-        n, dims = level.shape[0], books * len(self.levels)
+            level = fsq_indices_to_levels(flat.clamp(0, k - 1), self._levels)  # (S, n, C, d)
+        s, n, dims = level.shape[0], level.shape[1], flat.shape[-1] * len(self.levels)
         if self._offsets is None or self._offsets.shape != (dims,):  # made once
             self._offsets = torch.arange(dims, device=flat.device) * width
-        ids = level.reshape(n, dims) + self._offsets.to(flat.device)
-        counts = torch.zeros(dims * width, device=flat.device)  # index_add_: no sync
-        counts.index_add_(0, ids.reshape(-1), valid[:, None].expand(n, dims).reshape(-1))
-        correlation = _mean_abs_correlation(level.float(), valid)
-        return torch.cat([counts, correlation.reshape(1)])
+        steps = torch.arange(s, device=flat.device)[:, None, None] * (dims * width)
+        ids = level.reshape(s, n, dims) + self._offsets.to(flat.device) + steps
+        counts = torch.zeros(s * dims * width, device=flat.device)  # index_add_: no sync
+        counts.index_add_(0, ids.reshape(-1), valid[:, :, None].expand(s, n, dims).reshape(-1))
+        correlation = mean_abs_correlations(level.float(), valid)
+        return torch.cat([counts.view(s, dims * width), correlation[:, None]], dim=1)
 
     def judge(self, values: list[float]) -> list[Verdict]:
         """Verdicts from :meth:`fields`' values (read back) and the window so far."""
@@ -183,7 +191,7 @@ class GridWatch:
                 f"inputs over the last {_steps(len(self.counts))}"
             )
             verdicts.append(("one_sided", bool(stuck), message, float(len(stuck))))
-        if len(self.counts) == self.window:  # not on the first batches, which move together
+        if len(self.counts) == self.window and self.correlations:  # not on the first batches
             mean = sum(self.correlations) / len(self.correlations)
             message = (
                 f"code dimensions move together: mean |correlation| {mean:.2f} across the "
@@ -201,20 +209,28 @@ def _mean_abs_correlation(level: Tensor, weight: Tensor | None = None) -> Tensor
     """Mean |Pearson correlation| over the pairs of non-constant dimensions of one codebook,
     ``level`` ``(n, C, d)``, rows weighted 0 or 1 by ``weight`` ``(n,)`` (default all 1);
     NaN for fewer than CORRELATION_ROWS rows or no such pair."""
+    w = level.new_ones(level.shape[0]) if weight is None else weight
+    return mean_abs_correlations(level.unsqueeze(0), w.unsqueeze(0))[0]
+
+
+def mean_abs_correlations(level: Tensor, weight: Tensor) -> Tensor:
+    """:func:`_mean_abs_correlation` of ``S`` steps at once: ``level`` ``(S, n, C, d)``,
+    ``weight`` ``(S, n)``; ``(S,)``."""
     if level.shape[-1] < 2:
-        return level.new_tensor(math.nan)
-    w = level.new_ones(level.shape[0]) if weight is None else weight.to(level.dtype)
-    rows, w = w.sum(), w[:, None, None]
-    mean = (level * w).sum(0) / rows.clamp_min(1)
-    centred = (level - mean) * w
-    cov = torch.einsum("ncd,nce->cde", centred, centred) / rows.clamp_min(1)
-    std = cov.diagonal(dim1=-2, dim2=-1).sqrt()  # (C, d)
-    spread = std > 1e-6 * level.abs().amax().clamp_min(1)
-    pairs = spread[:, :, None] & spread[:, None, :]
-    pairs &= torch.ones_like(pairs[0]).triu(1)
-    corr = cov / (std[:, :, None] * std[:, None, :]).clamp_min(1e-30)
-    count = pairs.sum()
-    found = (corr.abs() * pairs).sum() / count.clamp_min(1)
+        return level.new_full(level.shape[:1], math.nan)
+    w = weight.to(level.dtype)
+    rows, w = w.sum(1), w[:, :, None, None]
+    scale = rows.clamp_min(1)[:, None, None]
+    mean = (level * w).sum(1) / scale  # (S, C, d)
+    centred = (level - mean[:, None]) * w
+    cov = torch.einsum("sncd,snce->scde", centred, centred) / scale[..., None]
+    std = cov.diagonal(dim1=-2, dim2=-1).sqrt()  # (S, C, d)
+    spread = std > 1e-6 * level.abs().amax((1, 2, 3)).clamp_min(1)[:, None, None]
+    pairs = spread[..., :, None] & spread[..., None, :]
+    pairs &= torch.ones_like(pairs[0, 0]).triu(1)
+    corr = cov / (std[..., :, None] * std[..., None, :]).clamp_min(1e-30)
+    count = pairs.sum((1, 2, 3))
+    found = (corr.abs() * pairs).sum((1, 2, 3)) / count.clamp_min(1)
     judged = (count > 0) & (rows >= CORRELATION_ROWS)
     return torch.where(judged, found, level.new_tensor(math.nan))
 

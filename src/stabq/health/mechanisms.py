@@ -1,11 +1,13 @@
 """Why a quantizer fails, named while it happens: the detectors behind :class:`CollapseMonitor`.
 
 :class:`CollapseMonitor`'s collapse / loss / saturation alerts name symptoms.
-These name mechanisms. After every forward call ("step") :class:`Mechanisms`
-reads, in one device sync, from the input ``x`` (rows along the last dim), the
-output ``q`` (the quantized rows, ``x``'s shape; straight-through, so its value
-is the chosen codes), the auxiliary loss ``a`` and, where the module has one,
-its code table ``E`` (:func:`code_table`):
+These name mechanisms. Each forward call ("step") :class:`Mechanisms` judges
+figures of the input ``x`` (rows along the last dim), the output ``q`` (the
+quantized rows, ``x``'s shape; straight-through, so its value is the chosen
+codes), the auxiliary loss ``a`` and, where the module has one, its code table
+``E`` (:func:`code_table`), computed for many steps at once
+(:meth:`Mechanisms.capture` keeps a step, :meth:`Mechanisms.judge_steps` judges
+the steps kept, in order, each verdict with its step):
 
     lag                  g = |x|_t / min_{s in window} |x|_s >= LAG_GROWTH (100) and
                          g >= LAG_RATIO (10) x c, where c = the codes' mean norm |q|
@@ -39,7 +41,7 @@ there, and the blow-ups measure codes against the chosen codes' median norm, not
 ``|x|_t``. Steps whose indices are all negative (quantization off) are skipped.
 
 The grid mechanisms (``one_sided``, ``dims_correlated``) and SimVQ's ``map_singular``
-are in :mod:`stabq.health.grid_mechanisms`; their figures are read in the same sync.
+are in :mod:`stabq.health.grid_mechanisms`; their figures are read in the same pass.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -157,6 +159,7 @@ class Mechanisms:
         self.normalised, self.books = normalised, books
         self.grid = None if levels is None else GridWatch(levels, window, min_samples)
         self.task_loss: float | None = None
+        self.task_loss_at: float | None = None  # the task loss as it was at the step judged
         self.reset()
 
     @classmethod
@@ -193,61 +196,56 @@ class Mechanisms:
         if self.grid is not None and state.get("grid") is not None:
             self.grid.load_state_dict(state["grid"])
 
-    @torch.no_grad()
-    def record(
-        self, module: nn.Module, x: Tensor | None, output: Any, indices: Tensor,
-        loss: Tensor | None, level: Tensor | None = None,
-    ) -> list[Verdict]:  # fmt: skip
-        """Read one step and judge it; the verdicts for :meth:`CollapseMonitor._set`.
-        ``level``: the grid's per-dimension levels of ``indices``, when the caller has them."""
-        if indices.numel() == 0 or bool((indices < 0).all()):
-            return []
-        self.steps += 1
+    def capture(self, module: nn.Module, x: Tensor | None, output: Any) -> Capture:
+        """What one step's figures need and that may change after it, kept on the device (no
+        sync): the input and the quantized rows, the largest code norm, the fp16 flag, the
+        task loss quoted, SimVQ's map."""
         q = quantized_of(output)
         usable = x is not None and q is not None and q.shape == x.shape and x.numel() > 0
-        parts, half = [], False
+        half, book = False, None
         if usable:
             table = None if self.bounded else code_table(module)
             half = any(t is not None and t.dtype == torch.float16 for t in (x, q, table))
             half = half or _fp16_autocast(x.device)
             # a grid's figures judge only fp16 overflow: none to read in full precision
             usable = half or not self.bounded
-        if usable:
-            parts.append(self._fields(x, q, table, loss))
-        if self.grid is not None:
-            parts.append(self.grid.fields(indices, self.books, level))
-        weight = linear_map(module) if (self.steps - 1) % MAP_EVERY == 0 else None
-        if weight is not None:
-            parts.append(map_fields(weight))
-        if not parts:
-            return []
-        device = parts[0].device  # one device sync for every figure of the step
-        values = torch.cat([p.float().to(device) for p in parts]).tolist()
-        verdicts: list[Verdict] = []
-        if usable:
-            verdicts += self._judge(values[:10], half)
-            values = values[10:]
-        if self.grid is not None:
-            size = len(self.grid.levels) * self.books * max(self.grid.levels) + 1
-            verdicts += self.grid.judge(values[:size])
-            values = values[size:]
-        if weight is not None:  # judged by the monitor with its collapse check
-            self.map_verdict = judge_map(values, weight.shape[0])
-        return verdicts
+            if usable and table is not None and table.numel():
+                book = table.float().norm(dim=-1).max()  # the codes move: read them now
+        weight = linear_map(module)
+        return Capture(
+            x.detach() if usable else None, q.detach() if usable else None, book, half,
+            self.task_loss, None if weight is None else weight.clone(),
+        )  # fmt: skip
 
-    @staticmethod
-    def _fields(x: Tensor, q: Tensor, table: Tensor | None, loss: Tensor | None) -> Tensor:
-        """The ten device figures :meth:`_judge` reads."""
-        xf, qf = x.detach().float(), q.detach().float()
-        xr, qr = xf.norm(dim=-1), qf.norm(dim=-1)
-        nan = xf.new_tensor(math.nan)
-        book = table.float().norm(dim=-1).max() if table is not None and table.numel() else nan
-        has_loss = loss is not None
-        aux = loss.detach().float().sum().to(xf.device) if has_loss else nan
-        q_ok = qf.isfinite().all() & (aux.isfinite() | (not has_loss))
-        fields = [xr.mean(), qr.mean(), xr.max(), qr.max(), book, (xf - qf).pow(2).mean(), aux]
-        fields += [xf.isfinite().all().float(), q_ok.float(), qr.median()]
-        return torch.stack(fields)
+    @torch.no_grad()
+    def judge_steps(
+        self, steps: Sequence[Kept], quantized: Sequence[bool],
+        grid: Sequence[list[float]] | None = None,
+    ) -> list[tuple[int, Verdict]]:  # fmt: skip
+        """The verdicts of ``steps`` ``(step, capture, aux loss, input norm)``, oldest
+        first, each with its step, for :meth:`CollapseMonitor._set`; ``quantized``: whether
+        each step had an index >= 0 (steps of quantization off are skipped); ``grid``: each
+        step's :meth:`GridWatch.fields` values. Their figures are computed together."""
+        kept = [s[1:] for s, on in zip(steps, quantized, strict=True) if on and s[1].x is not None]
+        reduction = self.single and not self.bounded  # the only check of the mean distance
+        fields = iter(_batch_fields(kept, mse=reduction, median=self.normalised))
+        found: list[tuple[int, Verdict]] = []
+        grid = grid or [None] * len(steps)
+        for (step, capture, *_), on, values in zip(steps, quantized, grid, strict=True):
+            if not on:
+                continue
+            self.steps += 1
+            self.task_loss_at = capture.task_loss
+            verdicts: list[Verdict] = []
+            if capture.x is not None:
+                verdicts += self._judge(next(fields), capture.half)
+            if self.grid is not None and values is not None:
+                verdicts += self.grid.judge(values)
+            if capture.weight is not None and (self.steps - 1) % MAP_EVERY == 0:
+                self.map_verdict = judge_map(map_fields(capture.weight).tolist(),
+                                             capture.weight.shape[0])  # fmt: skip
+            found += [(step, v) for v in verdicts]
+        return found
 
     def _judge(self, values: list[float], half: bool) -> list[Verdict]:
         x_norm, q_norm, x_max, q_max, book_max, mse, a, x_ok, q_ok, q_median = values
@@ -296,9 +294,9 @@ class Mechanisms:
         )
 
     def _reduction(self, aux: float, ratio: float) -> Verdict:
-        task = ""
-        if self.task_loss is not None and self.task_loss > 0:
-            task = f" and {sci(aux / self.task_loss)} x the classification loss"
+        task, quoted = "", self.task_loss_at
+        if quoted is not None and quoted > 0:
+            task = f" and {sci(aux / quoted)} x the classification loss"
         return (
             "loss_reduction",
             ratio >= REDUCTION,
@@ -320,6 +318,57 @@ class Mechanisms:
             f"float16's largest value {FP16_MAX:g}",
             square,
         )
+
+
+class Capture(NamedTuple):
+    """One step as :meth:`Mechanisms.capture` keeps it until its figures are computed."""
+
+    x: Tensor | None  # the input rows (None: no lag, blow-up or fp16 figures this step)
+    q: Tensor | None  # the quantized rows, x's shape
+    book: Tensor | None  # 0-dim: the largest code norm at the step
+    half: bool  # float16 tensors or fp16 autocast at the step
+    task_loss: float | None  # the task loss :meth:`CollapseMonitor.observe` gave by then
+    weight: Tensor | None  # a copy of SimVQ's map W at the step
+
+
+Kept = tuple[int, Capture, float | None, float | None]  # step, capture, aux loss, input norm
+
+
+def _batch_fields(
+    steps: Sequence[tuple[Capture, float | None, float | None]], mse: bool, median: bool
+) -> list[list[float]]:
+    """The ten figures :meth:`Mechanisms._judge` reads of each step, in one pass over the
+    steps whose rows have one shape and dtype (one device sync for them all). Figures no
+    check reads are NaN: the mean squared distance without ``mse``, the codes' median
+    norm without ``median``, the inputs' largest norm and the finiteness (1) off fp16.
+    Each step is ``(capture, aux loss, the input's mean row norm if known)``."""
+    keys = [(c.x.shape, c.x.dtype, c.q.dtype, c.x.device, c.half) for c, *_ in steps]
+    rows: list[list[float]] = [[] for _ in steps]
+    for key in dict.fromkeys(keys):
+        at = [i for i, k in enumerate(keys) if k == key]
+        d, half = key[0][-1] if len(key[0]) else 1, key[-1]
+        qf = torch.stack([steps[i][0].q for i in at]).float().reshape(len(at), -1, d)
+        qr = qf.norm(dim=-1)
+        nan, one = qr.new_full((len(at),), math.nan), qr.new_ones(len(at))
+        norms = [steps[i][2] for i in at]
+        xf = xr = None
+        if mse or half or None in norms:  # the inputs read again only where a check needs it
+            xf = torch.stack([steps[i][0].x for i in at]).float().reshape(len(at), -1, d)
+            xr = xf.norm(dim=-1)
+        book = torch.stack([nan[0] if steps[i][0].book is None else steps[i][0].book.to(nan)
+                            for i in at])  # fmt: skip
+        x_norm = xr.mean(1) if None in norms else torch.tensor(norms).to(nan)
+        fields = [x_norm, qr.mean(1), xr.amax(1) if half else nan, qr.amax(1), book,
+                  (xf - qf).pow(2).mean((1, 2)) if mse else nan,
+                  xf.isfinite().all(2).all(1).float() if half else one,
+                  qf.isfinite().all(2).all(1).float() if half else one,
+                  qr.median(1).values if median else nan]  # fmt: skip
+        for i, values in zip(at, torch.stack(fields, 1).tolist(), strict=True):
+            aux = steps[i][1]
+            a = math.nan if aux is None else aux
+            q_ok = float(bool(values[7]) and (aux is None or math.isfinite(aux)))
+            rows[i] = [*values[:6], a, values[6], q_ok, values[8]]
+    return rows
 
 
 def _nan0(value: float) -> float:

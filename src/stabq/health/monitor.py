@@ -9,7 +9,7 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,6 @@ from stabq.health.probe import (
     first_input,
     fraction,
     gather,
-    input_norm,
     is_grid_module,
     percent,
     read_output,
@@ -32,18 +31,17 @@ from stabq.health.probe import (
 )
 from stabq.health.tau import UNANNEALED_STEPS, TauWatch
 from stabq.health.usage import CodebookUsage
-from stabq.quantizers.fsq import fsq_indices_to_levels
+from stabq.health.window import (
+    PENDING_STEPS,
+    Pending,
+    Step,
+    loss_value,
+    require_fit,
+    tally,
+    window_figures,
+)
 
 LOSS_FLOOR = 1e-8  # a loss baseline below this counts as this: growth from ~0 is not alarming
-
-
-class _Step(NamedTuple):
-    bins: Tensor  # bin ids (n * c,), or their counts (c * k + 2,) when is_counts
-    is_counts: bool
-    loss: Tensor | None  # 0-dim float
-    norm: Tensor | None  # 0-dim float: mean L2 norm of the input rows
-    at_bound: Tensor | None  # 0-dim: FSQ values at a bound level
-    values: Tensor | None  # 0-dim: FSQ values counted
 
 
 class CollapseMonitor:
@@ -58,8 +56,9 @@ class CollapseMonitor:
     (codes lagging or blown up, a sum-reduced loss, fp16 overflow; grid dimensions
     stuck at one level or moving together; a SimVQ map near singular).
     Each condition alerts once when it starts to hold, and again only after it cleared.
-    Usage figures are `CodebookUsage`'s over the window. It sees only this process's
-    forward calls.
+    A step's figures are computed with those of the steps around it, at a check or when
+    alerts or figures are read; each alert names its step. Usage figures are
+    `CodebookUsage`'s over the window. It sees only this process's forward calls.
 
     Args:
         module: any module returning code indices: stabq's quantizers,
@@ -130,7 +129,7 @@ class CollapseMonitor:
     ) -> None:
         name = type(self).__name__
         check(isinstance(module, nn.Module), f"{name}: module={module!r} is not a torch.nn.Module")
-        q = target(module)
+        self._target = q = target(module)  # the quantizer the hook reads
         self.codebook_size, self.num_codebooks, self.levels = codebook_shape(
             q, name, codebook_size, num_codebooks, levels
         )
@@ -153,7 +152,7 @@ class CollapseMonitor:
         )
         self.callback, self.warn, self.training_only = callback, bool(warn), bool(training_only)
         self.module = module
-        self.alerts: list[Alert] = []
+        self._alerts: list[Alert] = []
         self._handle = None
         self.mechanisms = Mechanisms.of(q, self)
         grid = self.mechanisms.grid
@@ -191,7 +190,8 @@ class CollapseMonitor:
     def reset(self) -> None:
         """Forget the window, the loss baseline and which conditions hold (not ``alerts``)."""
         self.step = 0
-        self._steps: deque[_Step] = deque(maxlen=self.window)
+        self._steps: deque[Step] = deque(maxlen=self.window)
+        self._pending: list[Pending] = []  # steps whose figures are not computed yet
         self._loss_min: float | None = None
         self._loss_min_step = 0
         self._active: set[str] = set()
@@ -207,15 +207,26 @@ class CollapseMonitor:
         """
         self.mechanisms.task_loss = float(torch.as_tensor(task_loss).detach())
 
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first (the steps kept are judged first)."""
+        self._flush()
+        return self._alerts
+
+    @alerts.setter
+    def alerts(self, value: list[Alert]) -> None:
+        self._alerts = value
+
     def holding(self) -> list[str]:
         """The messages of the alerts whose condition holds now (the latest of each kind)."""
+        self._flush()
         latest = {a.kind: a.message for a in self.alerts if a.kind in self._active}
         return list(latest.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next alerts depend on, as plain numbers (JSON), for checkpoints."""
-        steps = [[s.bins.tolist(), s.is_counts, *(None if t is None else float(t) for t in s[2:])]
-                 for s in self._steps]  # fmt: skip
+        self._flush()
+        steps = [[s.bins.tolist(), s.is_counts, *s[2:]] for s in self._steps]
         return {"step": self.step, "steps": steps, "loss_min": self._loss_min,
                 "loss_min_step": self._loss_min_step, "active": sorted(self._active),
                 "alerts": [list(vars(a).values()) for a in self.alerts],
@@ -230,8 +241,7 @@ class CollapseMonitor:
         """
         self.reset()
         for bins, is_counts, *scalars in state["steps"]:
-            tensors = [None if v is None else torch.tensor(v) for v in scalars]
-            self._steps.append(_Step(torch.tensor(bins, dtype=torch.long), is_counts, *tensors))
+            self._steps.append(Step(torch.tensor(bins, dtype=torch.long), is_counts, *scalars))
         self.step, self._loss_min = state["step"], state["loss_min"]
         self._loss_min_step, self._active = state["loss_min_step"], set(state["active"])
         self.alerts = [Alert(*a) for a in state["alerts"]]
@@ -240,7 +250,6 @@ class CollapseMonitor:
 
     # -- recording ----------------------------------------------------------------
 
-    @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.training_only and not module.training:
             return
@@ -248,58 +257,44 @@ class CollapseMonitor:
         c, k = self.num_codebooks, self.codebook_size
         check(c == 1 or indices.shape[-1:] == (c,), f"CollapseMonitor: indices of shape "
               f"{tuple(indices.shape)} must end in num_codebooks={c}", ShapeError)  # fmt: skip
-        flat = indices.detach().reshape(-1, c).long()
-        ids = flat if c == 1 else flat + torch.arange(c, device=flat.device) * k
-        ids = torch.where(flat < 0, c * k, ids)
-        ids = torch.where(flat >= k, c * k + 1, ids).reshape(-1)  # c*k: ignored, c*k+1: too big
-        is_counts = ids.numel() > c * k + 2
-        if is_counts:  # more indices than bins: keep the counts (no device sync)
-            ids = torch.zeros(c * k + 2, dtype=torch.long, device=ids.device).index_add_(
-                0, ids, torch.ones_like(ids)
-            )
-        at_bound = values = level = None
-        if self.levels is not None:
-            levels = self._levels.to(flat.device)  # made once
-            valid = (flat >= 0) & (flat < k)
-            level = fsq_indices_to_levels(flat.clamp(0, k - 1), levels)
-            at_bound = (((level == 0) | (level == levels - 1)) & valid.unsqueeze(-1)).sum()
-            values = valid.sum() * len(self.levels)
-        if loss is not None:
-            loss = loss.detach().float().sum()
         self.step += 1
         self._tau.record()
-        self._steps.append(_Step(ids, is_counts, loss, input_norm(args, kwargs), at_bound, values))
-        if self.step == 1:
-            self._tally([self._steps[-1]])  # fail at once on indices >= codebook_size
-        if loss is not None:
-            value = float(loss)  # one sync a step, so a NaN is reported where it happens
-            message = f"commitment loss is {value} at step {self.step}"
-            self._set("loss_nonfinite", not math.isfinite(value), message, value)
         x = first_input(args, kwargs)
-        level = level if self._shared else None  # the grid checks' levels: computed once
-        for verdict in self.mechanisms.record(target(module), x, output, indices, loss, level):
-            self._set(*verdict)
-        if self.step % self.check_every == 0:
+        value = None if loss is None else loss_value(loss)
+        rows = x is not None and x.is_floating_point() and x.dim() > 0 and x.numel() > 0
+        entry = Pending(self.step, indices.detach(), value, x.detach() if rows else None,
+                        self.mechanisms.capture(self._target, x, output))  # fmt: skip
+        if self.step == 1 and bool((indices >= k).any()):  # fail at once on too big an index
+            self._pending.append(entry)
+            require_fit(int((indices >= k).sum()), k)
+        if value is not None:  # one sync a step, so a NaN is reported where it happens
+            bad = not math.isfinite(value)
+            if bad and "loss_nonfinite" not in self._active:
+                self._flush()  # the steps before it are judged first, as they came first
+            message = f"commitment loss is {value} at step {self.step}"
+            self._set("loss_nonfinite", bad, message, value)
+        self._pending.append(entry)
+        due = self.step % self.check_every == 0
+        if due or len(self._pending) >= PENDING_STEPS:
+            self._flush()
+        if due:
             self._check()
 
-    def _tally(self, steps: Sequence[_Step]) -> Tensor:
+    def _flush(self) -> None:
+        """Compute the figures of the steps kept, add them to the window, judge them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        steps, quantized, grid = window_figures(pending, self)
+        self._steps.extend(steps)
+        kept = [(p.step, p.capture, p.loss, s.norm) for p, s in zip(pending, steps, strict=True)]
+        found = self.mechanisms.judge_steps(kept, quantized, grid)
+        for step, verdict in found:
+            self._set(*verdict, step=step)
+
+    def _tally(self, steps: Sequence[Step]) -> Tensor:
         """Counts ``(num_codebooks, codebook_size)`` over ``steps``; ShapeError on a too big one."""
-        c, k = self.num_codebooks, self.codebook_size
-        total = torch.zeros(c * k + 2, dtype=torch.long)
-        raw = [s.bins for s in steps if not s.is_counts]
-        if raw:
-            ids = torch.cat([r.to(raw[0].device) for r in raw])
-            total += torch.bincount(ids, minlength=c * k + 2).cpu()
-        for s in steps:
-            if s.is_counts:
-                total += s.bins.cpu()
-        check(
-            int(total[-1]) == 0,
-            f"CollapseMonitor: {int(total[-1])} code indices >= codebook_size={k}; "
-            "pass the module's real codebook_size",
-            ShapeError,
-        )
-        return total[: c * k].view(c, k).clone()
+        return tally(steps, self.num_codebooks, self.codebook_size)
 
     # -- figures and checks -------------------------------------------------------
 
@@ -315,6 +310,7 @@ class CollapseMonitor:
         `loss_growth` = loss / max(baseline, 1e-8). Also `step` and `window_steps`;
         figures with nothing to measure are None.
         """
+        self._flush()
         steps = list(self._steps)
         counts = self._tally(steps)
         usage = CodebookUsage(self.codebook_size, self.num_codebooks, sync=False, grid=self.grid)
@@ -382,15 +378,18 @@ class CollapseMonitor:
             kind, holds, message, value = found
             self._set(kind, holds and "collapse" in self._active, message, value)
 
-    def _set(self, kind: str, holds: bool, message: str, value: float) -> None:
-        """Fire ``kind`` when it starts to hold; forget it when it clears."""
+    def _set(
+        self, kind: str, holds: bool, message: str, value: float, step: int | None = None
+    ) -> None:
+        """Fire ``kind`` when it starts to hold (at ``step``, default the latest); forget it
+        when it clears."""
         if not holds or kind in self._active:
             if not holds:
                 self._active.discard(kind)
             return
         self._active.add(kind)
-        alert = Alert(kind, self.step, message, float(value))
-        self.alerts.append(alert)
+        alert = Alert(kind, self.step if step is None else step, message, float(value))
+        self._alerts.append(alert)
         if self.warn:
             warnings.warn(alert.message, CollapseWarning, stacklevel=caller_level())
         if self.callback is not None:

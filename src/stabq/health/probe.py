@@ -167,7 +167,7 @@ def fraction(owner: str, name: str, value: object) -> float:
 
 _OWN_FILES = {
     os.path.join(os.path.dirname(__file__), f"{name}.py")
-    for name in ("monitor", "monitor_probe", "mechanisms")
+    for name in ("monitor", "monitor_probe", "mechanisms", "window")
 }
 
 
@@ -182,12 +182,10 @@ def caller_level() -> int:
     return level
 
 
-def gather(scalars: list[Tensor | None]) -> Tensor | None:
-    """The recorded 0-dim tensors as one float64 CPU tensor (one copy), None if none."""
+def gather(scalars: list[float | None]) -> Tensor | None:
+    """The recorded numbers as one float64 CPU tensor, None if none."""
     found = [t for t in scalars if t is not None]
-    if not found:
-        return None
-    return torch.stack([t.to(found[0].device) for t in found]).double().cpu()
+    return torch.tensor(found, dtype=torch.float64) if found else None
 
 
 def codes_carrying(counts: Tensor, fraction: float) -> int:
@@ -196,7 +194,8 @@ def codes_carrying(counts: Tensor, fraction: float) -> int:
     if total == 0:
         return 0
     need = math.ceil(fraction * total - 1e-9)
-    return int((counts.sort(descending=True).values.cumsum(0) < need).sum()) + 1
+    used = counts[counts > 0]  # unused codes add nothing: sort only the used ones
+    return int((used.sort(descending=True).values.cumsum(0) < need).sum()) + 1
 
 
 def percent(fraction: float) -> str:

@@ -197,7 +197,8 @@ def codebook_figures(counts: Tensor, *, grid: bool = False) -> dict[str, float |
         codebook_figures(torch.tensor([3, 1, 0, 0]))["perplexity"]  # 1.755...
     """
     total, size = int(counts.sum()), counts.numel()
-    used = int((counts > 0).sum())
+    seen = counts[counts > 0]  # one pass over the codebook for the codes used
+    used = seen.numel()
     fillable = min(size, total)
     figures: dict[str, float | None] = {
         "usage": used / size,
@@ -208,7 +209,7 @@ def codebook_figures(counts: Tensor, *, grid: bool = False) -> dict[str, float |
         "dead_codes": None if grid else float(size - used),
     }
     if total:
-        p = counts[counts > 0].double() / total
+        p = seen.double() / total
         figures["entropy_bits"] = float(-(p * p.log2()).sum())
         figures["perplexity"] = math.pow(2.0, figures["entropy_bits"])
     return figures

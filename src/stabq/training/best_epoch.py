@@ -27,8 +27,16 @@ from stabq.errors import TrainingError
 
 def finite_state(model: torch.nn.Module) -> bool:
     """Whether every floating-point weight and buffer of ``model`` is finite."""
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True  # one device sync
+    found = [t.detach() for t in model.state_dict().values() if t.is_floating_point()]
+    found = [t for t in found if t.numel()]
+    if not found:
+        return True
+    # the largest |value| of each tensor, in two calls: NaN where one is NaN, inf where one
+    # is infinite, so finite exactly when every value is
+    largest = torch._foreach_max(torch._foreach_abs(found))
+    if len({(t.dtype, t.device) for t in largest}) > 1:  # one dtype and device to stack
+        largest = [t.float().to(found[0].device) for t in largest]
+    return bool(torch.stack(largest).isfinite().all())  # one device sync
 
 
 def cloned(value: Any) -> Any:

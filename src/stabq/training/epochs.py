@@ -7,12 +7,12 @@ quantized stage; the DDP forward; the history) and yields one history row an epo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -261,7 +261,8 @@ def _train_epoch(
         ce = F.cross_entropy(logits.float(), yb)
         loss = ce + out.loss
         loss_value, ce_value, aux_value, norm = _step_figures(loss, ce, out.loss, z)
-        sums["max_loss"] = max(sums["max_loss"], loss_value if np.isfinite(loss_value) else np.inf)
+        finite = loss_value if math.isfinite(loss_value) else math.inf
+        sums["max_loss"] = max(sums["max_loss"], finite)
         sums["max_norm"] = max(sums["max_norm"], norm)
         optimizer.zero_grad(set_to_none=True)
         scale = scaler.get_scale() if scaler is not None else None  # "16-mixed": scaled
@@ -286,7 +287,8 @@ def _step_figures(
 ) -> tuple[float, float, float, float]:
     """The step's loss, cross-entropy and auxiliary loss, averaged over the ranks, and the
     largest feature norm over them: what the guard decides from, the same on every rank."""
-    norm = z.detach().norm(dim=-1).max() if z.numel() else loss.new_zeros(())
+    # z.norm(dim=-1)'s kernel, without its Python dispatch
+    norm = torch.linalg.vector_norm(z.detach(), dim=-1).max() if z.numel() else loss.new_zeros(())
     # one device sync for the step's figures (the promotion to a common dtype is exact)
     *means, norm = torch.stack([loss.detach(), ce.detach(), aux.detach(), norm]).tolist()
     (loss_value, ce_value, aux_value), (norm,) = distributed.mean_and_max(means, [norm])

@@ -80,6 +80,7 @@ def evaluate_model(
     sync: bool = False,
     keep_indices: bool = False,
     keep_predictions: bool = False,
+    health: bool = True,
 ) -> dict[str, Any]:
     """Eval-mode loss, accuracy and codebook health of ``model`` on ``(x, y)``, in one pass
     (:func:`forward_chunks`, on the model's device wherever ``x`` and ``y`` are).
@@ -91,10 +92,11 @@ def evaluate_model(
     the predicted class of every row on the CPU (``(N,)``, long). ``sync=True``
     (distributed): ``(x, y)`` is this rank's share of the rows and the figures are over
     all ranks' rows (the kept indices and predictions are this rank's); every rank must
-    call it.
+    call it. ``health=False``: loss and accuracy alone (no codes counted).
     """
-    usage = CodebookUsage.for_quantizer(model.quantizer)
-    usage.sync = sync
+    usage = CodebookUsage.for_quantizer(model.quantizer) if health else None
+    if usage is not None:
+        usage.sync = sync
     loss_sum, correct, kept, predicted = 0.0, 0, [], []
     start = 0
     for logits, out in forward_chunks(model, x, batch_size):
@@ -103,18 +105,20 @@ def evaluate_model(
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
         guess = logits.argmax(-1)
         correct += int((guess == yb).sum())
-        usage.update(out.indices)
+        if usage is not None:
+            usage.update(out.indices)
         if keep_indices:
             kept.append(out.indices.cpu())
         if keep_predictions:
             predicted.append(guess.cpu())
-    health = usage.compute()
+    codes = usage.compute() if usage is not None else None  # counts summed over ranks first
     totals = torch.tensor([loss_sum, correct, x.shape[0]], dtype=torch.float64)
     if sync:
         distributed.all_reduce_sum_(totals)
     loss_sum, correct, n = totals[0].item(), totals[1].item(), max(1.0, totals[2].item())
     figures = {"loss": loss_sum / n, "accuracy": correct / n}
-    figures.update({k: health[k] for k in HEALTH_FIGURES})
+    if codes is not None:
+        figures.update({k: codes[k] for k in HEALTH_FIGURES})
     if keep_indices:
         figures["indices"] = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
     if keep_predictions:
@@ -139,7 +143,7 @@ def reference_figures(
     was_training = model.training
     model.eval()
     logits, out, z = model.forward_with_features(x)
-    val_loss = evaluate_model(model, vx, vy)["loss"]
+    val_loss = evaluate_model(model, vx, vy, health=False)["loss"]
     model.train(was_training)
     loss = float(F.cross_entropy(logits.float(), y) + out.loss)
     norm = float(z.norm(dim=-1).max()) if z.numel() else 0.0
