@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stabq import FSQ, LFQ, VectorQuantizer
+from stabq.health import window
 from stabq.health.grid_mechanisms import GridWatch
 from stabq.monitor import CollapseMonitor
 from stabq.training.best_epoch import finite_state
@@ -95,6 +96,27 @@ def test_alerts_are_those_of_judging_every_step_as_it_comes(name):
     report, expected = kept.report(), each.report()
     for key in ("samples", "codes_used", "perplexity", "saturation"):  # over the window
         assert report[key] == expected[key], key
+
+
+def test_steps_holding_many_bytes_are_computed_before_the_check(monkeypatch):
+    """Large batches: the kept steps are computed once they hold ``PENDING_BYTES``, not
+    held until the check, and judged as every step alone."""
+    make, xs = CASES["stabq vq"]
+    each, _ = feed(make, xs, check_every=1)
+    held = []
+    real = window.window_full
+
+    def full(count, size):
+        held.append(count)
+        return real(count, size)
+
+    monkeypatch.setattr(window, "PENDING_BYTES", 10 * xs[0].numel() * 4)
+    monkeypatch.setattr("stabq.health.monitor.window_full", full)
+    kept, _ = feed(make, xs, check_every=50)
+    assert 1 < max(held) < 5  # some steps wait; a few steps' rows reach the bound
+    ours = [(a.kind, a.step, a.message) for a in kept.alerts if a.kind in MECHANISMS]
+    assert ours == [(a.kind, a.step, a.message) for a in each.alerts if a.kind in MECHANISMS]
+    assert ours  # the case raises a mechanism's alert
 
 
 RAISED = {

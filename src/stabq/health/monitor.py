@@ -32,13 +32,14 @@ from stabq.health.probe import (
 from stabq.health.tau import UNANNEALED_STEPS, TauWatch
 from stabq.health.usage import CodebookUsage
 from stabq.health.window import (
-    PENDING_STEPS,
     Pending,
     Step,
+    kept_bytes,
     loss_value,
     require_fit,
     tally,
     window_figures,
+    window_full,
 )
 
 LOSS_FLOOR = 1e-8  # a loss baseline below this counts as this: growth from ~0 is not alarming
@@ -192,6 +193,7 @@ class CollapseMonitor:
         self.step = 0
         self._steps: deque[Step] = deque(maxlen=self.window)
         self._pending: list[Pending] = []  # steps whose figures are not computed yet
+        self._held = 0  # the bytes of the tensors they hold
         self._loss_min: float | None = None
         self._loss_min_step = 0
         self._active: set[str] = set()
@@ -274,15 +276,16 @@ class CollapseMonitor:
             message = f"commitment loss is {value} at step {self.step}"
             self._set("loss_nonfinite", bad, message, value)
         self._pending.append(entry)
+        self._held += kept_bytes(entry)
         due = self.step % self.check_every == 0
-        if due or len(self._pending) >= PENDING_STEPS:
+        if due or window_full(len(self._pending), self._held):
             self._flush()
         if due:
             self._check()
 
     def _flush(self) -> None:
         """Compute the figures of the steps kept, add them to the window, judge them."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._held = self._pending, [], 0
         if not pending:
             return
         steps, quantized, grid = window_figures(pending, self)
@@ -307,14 +310,12 @@ class CollapseMonitor:
         codebooks, and per codebook) and `saturation` (FSQ; else None). Over the last
         `check_every` steps: `loss` (median), `input_norm` (mean L2 norm of the first
         input's rows). `loss_baseline` is the lowest such loss median seen,
-        `loss_growth` = loss / max(baseline, 1e-8). Also `step` and `window_steps`;
-        figures with nothing to measure are None.
+        `loss_growth` = loss / max(baseline, 1e-8). Also `step`, `window_steps`; None: not measured.
         """
         self._flush()
         steps = list(self._steps)
-        counts = self._tally(steps)
         usage = CodebookUsage(self.codebook_size, self.num_codebooks, sync=False, grid=self.grid)
-        usage.counts = counts
+        usage.counts = counts = self._tally(steps)
         figures = usage.compute()
         tops = [codes_carrying(row, self.top_fraction) for row in counts]
         for entry, top in zip(figures["per_codebook"], tops, strict=True):

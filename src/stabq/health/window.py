@@ -25,6 +25,7 @@ from stabq.health.mechanisms import Capture
 from stabq.quantizers.fsq import fsq_indices_to_levels
 
 PENDING_STEPS = 64  # steps kept before their figures are computed, at the latest
+PENDING_BYTES = 32 * 2**20  # or once the tensors they hold reach this many bytes
 
 
 class Pending(NamedTuple):
@@ -46,6 +47,19 @@ class Step(NamedTuple):
     norm: float | None  # mean L2 norm of the input rows
     at_bound: float | None  # FSQ values at a bound level
     values: float | None  # FSQ values counted
+
+
+def kept_bytes(entry: Pending) -> int:
+    """The bytes of the tensors ``entry`` holds on to (a tensor held twice counted twice)."""
+    held = (entry.indices, entry.x, *entry.capture)
+    return sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
+
+
+def window_full(count: int, held: int) -> bool:
+    """Whether ``count`` steps kept, holding ``held`` bytes, are to be computed now: at
+    most ``PENDING_STEPS`` steps or ``PENDING_BYTES`` bytes wait (large batches, a GPU's
+    memory)."""
+    return count >= PENDING_STEPS or held >= PENDING_BYTES
 
 
 def _groups(keys: Sequence[Any]) -> list[list[int]]:
@@ -164,11 +178,14 @@ def tally(steps: Sequence[Step], c: int, k: int) -> Tensor:
 
 
 __all__ = [
+    "PENDING_BYTES",
     "PENDING_STEPS",
     "Pending",
     "Step",
+    "kept_bytes",
     "loss_value",
     "require_fit",
     "tally",
     "window_figures",
+    "window_full",
 ]
