@@ -138,6 +138,7 @@ def loop_overhead(stems: list[str]) -> str:
               "quantized / continuous (plain)"]  # fmt: skip
     if before:
         header[3:3] = ["before: stabq.train / plain"]
+        header.append("before: quantized / continuous")
     body = []
     for row in document["rows"]:
         cells = [
@@ -147,6 +148,7 @@ def loop_overhead(stems: list[str]) -> str:
         if before:
             old = before.get(row["preset"])
             cells[3:3] = [num(old and old["train_ratio"], "{:.2f}x")]
+            cells.append(num(old and old.get("plain_vs_none"), "{:.2f}x"))
         body.append(cells)
     ratios = [row["train_ratio"] for row in document["rows"]]
     summary = (
