@@ -91,10 +91,23 @@ def _rank(item: pytest.Item) -> int:
     )
 
 
+def _join_group(item: pytest.Item, group: str, loadgroup: bool) -> None:
+    """Mark ``item`` for the process that runs ``group``. pytest-xdist 3.8 sends a test to
+    its group's process by the suffix ``@GROUP`` it appends to ``item._nodeid``, which
+    pytest 9 no longer reads (the node id is ``item._id``): without the suffix each test
+    was a group of its own, and a file's module fixtures (a trained model, a reference run)
+    were computed again in each process that ran one of its tests."""
+    item.add_marker(pytest.mark.xdist_group(group))
+    node_id = getattr(item, "_id", None)
+    if loadgroup and node_id is not None and "@" not in item.nodeid:
+        item._id = type(node_id).parse(f"{item.nodeid}@{group}")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: the order within a file is kept
+    loadgroup = bool(getattr(config.option, "loadgroup", False))  # set in xdist's processes
     for item in items:
         file = item.nodeid.split("::", 1)[0]
         alone = file.rsplit("/", 1)[-1] in SPLIT and not _shares_a_module_fixture(item)
-        item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else file))
-    items.sort(key=_rank)  # stable: the order within a file is kept
+        _join_group(item, item.nodeid if alone else file, loadgroup)

@@ -183,9 +183,11 @@ def _peak_training_on(directory: Path, rows: int, limit: int | None) -> int:
     ``directory`` (under a cgroup v1 memory limit of ``limit`` bytes where one can be made)."""
     d = 1024
     x = np.lib.format.open_memmap(directory / "x.npy", mode="w+", dtype=np.float32, shape=(rows, d))
-    rng = np.random.default_rng(0)
+    # one block of random rows, written again and again: the peak depends on the batches
+    # and the pages read, not on the values (drawing 1 GiB of them cost seconds of CPU)
+    block = np.random.default_rng(0).standard_normal((16384, d), np.float32)
     for start in range(0, rows, 16384):
-        x[start : start + 16384] = rng.standard_normal((min(16384, rows - start), d), np.float32)
+        x[start : start + 16384] = block[: min(16384, rows - start)]
     x.flush()
     del x
     np.save(directory / "y.npy", (np.arange(rows) % 3).astype(np.int64))

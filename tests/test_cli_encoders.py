@@ -3,6 +3,8 @@ and encode, its one-line failures; uint8 images; compare with --encoder and --te
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -43,6 +45,7 @@ def make(input_shape, out_dim):
 def too_wide(input_shape, out_dim):
     return Conv(input_shape[-1], out_dim + 3)
 """
+USER_MODULES = ("my_encoders", "nowhere")
 
 
 def stabq_process(*args: object, cwd: Path, pythonpath: Path | None = None):
@@ -54,6 +57,24 @@ def stabq_process(*args: object, cwd: Path, pythonpath: Path | None = None):
         [sys.executable, "-m", "stabq", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def in_project(cwd: Path, pythonpath: Path | None = None):
+    """``stabq`` in this process as if started in ``cwd`` with ``pythonpath`` on its path; the
+    user's modules it imports are forgotten afterwards, so that no other test sees them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        if pythonpath is not None:
+            patch.syspath_prepend(str(pythonpath))
+        for name in USER_MODULES:
+            patch.delitem(sys.modules, name, raising=False)
+        try:
+            yield
+        finally:
+            for name in USER_MODULES:
+                sys.modules.pop(name, None)
+            importlib.invalidate_caches()
 
 
 def one_line(proc, *fragments: str) -> str:
@@ -74,12 +95,15 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(project) -> Path:
+    """Trained through the command line in this process (its module found in the working
+    directory); the tests load it in fresh processes, which did not train it."""
     out = project / "model"
-    proc = stabq_process(
-        "train", "--data", "mnist1d", "--encoder", "my_encoders:make", "--quantizer", "fsq",
-        *SMALL, "--quiet", "--out", out, cwd=project, pythonpath=project,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    with in_project(project):
+        result = cli(
+            "train", "--data", "mnist1d", "--encoder", "my_encoders:make", "--quantizer", "fsq",
+            *SMALL, "--quiet", "--out", out,
+        )  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
     return out
 
 
@@ -105,22 +129,25 @@ def test_a_user_encoder_trains_through_the_cli_and_loads_in_a_fresh_process(proj
     assert np.load(codes).shape == (1000, 1)
 
 
+# The refusals below run in this process (``import stabq`` costs about 3 s a process): what
+# they check is the message, not how a process starts.
 def test_a_factory_that_cannot_be_imported_at_load_is_one_line(project, trained):
     elsewhere = project / "no-path"
     elsewhere.mkdir(exist_ok=True)
-    proc = stabq_process("evaluate", trained, "--data", "mnist1d", "--trust-encoder", cwd=elsewhere)
-    one_line(proc, str(trained), "cannot import 'my_encoders' (ModuleNotFoundError")
+    with in_project(elsewhere):
+        result = cli("evaluate", trained, "--data", "mnist1d", "--trust-encoder")
+    assert_user_error(result, str(trained), "cannot import 'my_encoders' (ModuleNotFoundError")
 
 
 def test_a_factory_that_no_longer_fits_the_weights_is_one_line(project, trained, tmp_path):
     changed = tmp_path / "changed"
     changed.mkdir()
     (changed / "my_encoders.py").write_text(textwrap.dedent(FACTORY.format(width=4)))
-    proc = stabq_process(
-        "evaluate", trained, "--data", "mnist1d", "--trust-encoder", cwd=tmp_path,
-        pythonpath=changed,
-    )  # fmt: skip
-    one_line(proc, str(trained), "the encoder that my_encoders:make builds no longer fits")
+    with in_project(tmp_path, pythonpath=changed):
+        result = cli("evaluate", trained, "--data", "mnist1d", "--trust-encoder")
+    assert_user_error(
+        result, str(trained), "the encoder that my_encoders:make builds no longer fits"
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,11 +159,9 @@ def test_a_factory_that_no_longer_fits_the_weights_is_one_line(project, trained,
 )
 def test_a_missing_or_wrong_shape_factory_stops_train_in_one_line(project, reference, fragments):
     out = project / f"refused-{reference.replace(':', '-')}"
-    proc = stabq_process(
-        "train", "--data", "mnist1d", "--encoder", reference, *SMALL, "--out", out,
-        cwd=project, pythonpath=project,
-    )  # fmt: skip
-    one_line(proc, *fragments)
+    with in_project(project):
+        result = cli("train", "--data", "mnist1d", "--encoder", reference, *SMALL, "--out", out)
+    assert_user_error(result, *fragments)
     assert not out.exists()
 
 

@@ -59,11 +59,20 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, (out, err)
 
 
+_EPOCHS_READ: dict[tuple, int] = {}  # (file, inode, mtime, size) -> its epoch
+
+
 def epochs_done(out: Path) -> int:
-    """Epochs of the checkpoint in ``out``; -1 when there is none yet."""
+    """Epochs of the checkpoint in ``out``; -1 when there is none yet. The file is read again
+    only once it changed (a new checkpoint is a new file moved in): the tests poll this every
+    5 ms while a run trains, and reading each time cost seconds of this process's CPU."""
     try:
-        with safe_open(str(out / CHECKPOINT), framework="pt") as f:
-            return json.loads(f.metadata()["state"])["epoch"]
+        info = (out / CHECKPOINT).stat()
+        key = (str(out), info.st_ino, info.st_mtime_ns, info.st_size)
+        if key not in _EPOCHS_READ:
+            with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+                _EPOCHS_READ[key] = json.loads(f.metadata()["state"])["epoch"]
+        return _EPOCHS_READ[key]
     except FileNotFoundError:
         return -1
 

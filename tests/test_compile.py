@@ -24,8 +24,6 @@ from stabq.data import load_data
 from stabq.training import compiling
 from stabq.training.compiling import inductor_cache_per_kernel_path
 
-pytestmark = pytest.mark.outcome  # the verdict depends on how training ends
-
 WORKER = Path(__file__).with_name("compile_worker.py")
 # Measured on the default, avx2 and avx512 paths: quantized values and indices equal, every
 # gradient within 1.5e-6 of eager relative to the step's largest gradient (the largest in
@@ -62,6 +60,9 @@ def reports() -> dict[str, list[dict]]:
     return found
 
 
+# Not marked `outcome` (the other tests here are): its workers set their own kernel path and
+# one thread whatever this process runs under, so each of `make test-portable`'s three runs
+# would repeat this one unchanged (with a cold inductor cache, about a minute of CPU a path).
 @pytest.mark.parametrize("path", kernel_paths())
 def test_compiled_fsq_forward_and_gradients_equal_eager_on_each_kernel_path(reports, path):
     cases = reports[path]
@@ -75,6 +76,7 @@ def test_compiled_fsq_forward_and_gradients_equal_eager_on_each_kernel_path(repo
         assert max(differences.values()) <= TOLERANCE, case
 
 
+@pytest.mark.outcome  # the verdict depends on how training ends
 def test_the_comparison_sees_a_wrong_gradient():
     """The worker's measure is not blind: a gradient off by the FSQ slope counts as order 1."""
     _, fsq, x = next(compile_worker.cases())
@@ -86,6 +88,7 @@ def test_the_comparison_sees_a_wrong_gradient():
     assert error > 1000 * TOLERANCE
 
 
+@pytest.mark.outcome  # the verdict depends on how training ends
 def test_compile_option_trains_with_a_compiled_quantizer_that_matches_eager():
     data = load_data("synthetic:16", "train")
     torch.manual_seed(0)
@@ -107,6 +110,7 @@ def test_compile_option_trains_with_a_compiled_quantizer_that_matches_eager():
     torch.testing.assert_close(compiled.quantized, eager.quantized)
 
 
+@pytest.mark.outcome  # the verdict depends on how training ends
 def test_a_forced_kernel_path_gets_an_inductor_cache_of_its_own(monkeypatch, tmp_path):
     """torch 2.13's inductor cache key leaves ATEN_CPU_CAPABILITY out: code cached on the
     native path was served under avx2 (a NaN loss at step 17) and default (a C++ error)."""
