@@ -8,37 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stabq
+from fsq_pairs import LEVELS, pair, run_both
 from stabq.quantizers import fsq_norm
-from stabq.quantizers.fsq import pre_normalise
-
-LEVELS = [[8, 8, 8, 5, 5, 5], [8, 5, 5, 5], [16, 16, 16, 16], [3], [2, 7]]
-
-
-def _pair(levels, bound, dtype, momentum=0.1):
-    """The fused FSQ and the unfused reference (its own BatchNorm1d and an FSQ without
-    pre_norm), with the same non-trivial running statistics."""
-    fused = stabq.FSQ(levels, pre_norm=True, bound=bound).to(dtype)
-    norm = fused.pre_norm
-    norm.momentum = momentum
-    gen = torch.Generator().manual_seed(3)
-    norm.running_mean.copy_(torch.randn(len(levels), generator=gen))
-    norm.running_var.copy_(torch.rand(len(levels), generator=gen) + 0.5)
-    norm.num_batches_tracked.fill_(4)
-    reference = torch.nn.BatchNorm1d(len(levels), affine=False, momentum=momentum).to(dtype)
-    reference.load_state_dict(norm.state_dict())
-    return fused, reference, stabq.FSQ(levels, bound=bound).to(dtype)
-
-
-def _run_both(fused, reference, plain, z, training, upstream):
-    for m in (fused, reference, plain):
-        m.train(training)
-    zf = z.clone().requires_grad_()
-    out = fused(zf)
-    out.quantized.backward(upstream)
-    zr = z.clone().requires_grad_()
-    ref = plain(pre_normalise(reference, zr))
-    ref.quantized.backward(upstream)
-    return out, zf.grad, ref, zr.grad
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,14 +31,14 @@ def test_fused_equals_batch_norm_then_fsq_float64(
 
 
 def _compare_float64(levels, rows, training, bound, momentum, scale, seed):
-    fused, reference, plain = _pair(levels, bound, torch.float64, momentum)
+    fused, reference, plain = pair(levels, bound, torch.float64, momentum)
     gen = torch.Generator().manual_seed(seed)
     z = (torch.randn(rows, len(levels), generator=gen, dtype=torch.float64) + 0.3) * scale
     upstream = torch.randn(rows, len(levels), generator=gen, dtype=torch.float64)
     fused.train(training)
     assert fused._fused(z.clone()) is not None  # the fused form is what runs
-    fused, reference, plain = _pair(levels, bound, torch.float64, momentum)
-    out, grad, ref, ref_grad = _run_both(fused, reference, plain, z, training, upstream)
+    fused, reference, plain = pair(levels, bound, torch.float64, momentum)
+    out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
     assert torch.equal(out.indices, ref.indices)
     torch.testing.assert_close(out.quantized, ref.quantized, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
@@ -80,11 +51,11 @@ def _compare_float64(levels, rows, training, bound, momentum, scale, seed):
 def test_fused_float32_large_batch_agrees(training, bound):
     """The default threshold (the sigmoid form too): float32, up to float rounding."""
     rows = fsq_norm.PACKED_MIN_ELEMENTS // 6 + 16
-    fused, reference, plain = _pair(LEVELS[0], bound, torch.float32)
+    fused, reference, plain = pair(LEVELS[0], bound, torch.float32)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(rows, 6, generator=gen) * 3 + 1
     upstream = torch.randn(rows, 6, generator=gen)
-    out, grad, ref, ref_grad = _run_both(fused, reference, plain, z, training, upstream)
+    out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
     same = out.indices == ref.indices
     assert same.float().mean() > 0.9999  # rows within float rounding of a boundary may move
     torch.testing.assert_close(out.quantized[same], ref.quantized[same])
@@ -99,19 +70,20 @@ def test_beyond_the_clamp_runs_the_unfused_form(bad, training, monkeypatch):
     """Where pre_normalise's clamp would change z (or z is not finite), the result is the
     unfused form's, bit for bit."""
     monkeypatch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", 0)
-    fused, reference, plain = _pair(LEVELS[1], "tanh", torch.float32)
+    fused, reference, plain = pair(LEVELS[1], "tanh", torch.float32)
     z = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
     z[3, 2] = bad
     upstream = torch.randn(32, 4)
-    out, grad, ref, ref_grad = _run_both(fused, reference, plain, z, training, upstream)
+    out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
     assert torch.equal(out.indices, ref.indices)
     torch.testing.assert_close(out.quantized, ref.quantized, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(fused.pre_norm.running_var, reference.running_var, equal_nan=True)
 
 
-def test_kept_graph_backward_twice_gives_the_same_gradient(monkeypatch):
-    monkeypatch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", 0)
+@pytest.mark.parametrize("packed_from", [0, 2**30], ids=["packed", "torch's batch norm"])
+def test_kept_graph_backward_twice_gives_the_same_gradient(monkeypatch, packed_from):
+    monkeypatch.setattr(fsq_norm, "PACKED_MIN_ELEMENTS", packed_from)
     q = stabq.FSQ(LEVELS[0], pre_norm=True).train()
     z = torch.randn(40, 6, requires_grad=True)
     out = q(z).quantized

@@ -11,39 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stabq
+from fsq_pairs import LEVELS, pair, run_both
 from stabq.quantizers import fsq_norm
 from stabq.quantizers.fsq import pre_normalise
 
-LEVELS = [[8, 8, 8, 5, 5, 5], [8, 5, 5, 5], [16, 16, 16, 16], [3], [2, 7]]
 EXACT = {"rtol": 0, "atol": 0, "equal_nan": True}
-
-
-def _pair(levels, bound, dtype, momentum=0.1):
-    """The fused FSQ and the unfused reference (a BatchNorm1d and an FSQ without pre_norm)
-    with the same non-trivial running statistics."""
-    fused = stabq.FSQ(levels, pre_norm=True, bound=bound).to(dtype)
-    norm = fused.pre_norm
-    norm.momentum = momentum
-    gen = torch.Generator().manual_seed(3)
-    norm.running_mean.copy_(torch.randn(len(levels), generator=gen))
-    norm.running_var.copy_(torch.rand(len(levels), generator=gen) + 0.5)
-    norm.num_batches_tracked.fill_(4)
-    reference = torch.nn.BatchNorm1d(len(levels), affine=False, momentum=momentum).to(dtype)
-    reference.load_state_dict(norm.state_dict())
-    return fused, reference, stabq.FSQ(levels, bound=bound).to(dtype)
-
-
-def _step(fused, reference, plain, z, upstream, training):
-    """One forward and backward of both forms; the fused form's Function is the one named."""
-    for m in (fused, reference, plain):
-        m.train(training)
-    zf = z.clone().requires_grad_()
-    out = fused(zf)
-    out.quantized.backward(upstream)
-    zr = z.clone().requires_grad_()
-    ref = plain(pre_normalise(reference, zr))
-    ref.quantized.backward(upstream)
-    return out, zf.grad, ref, zr.grad
 
 
 def _function(out):
@@ -77,12 +49,12 @@ def test_small_batches_equal_the_unfused_form_bit_for_bit(
     levels, rows, dtype, bound, momentum, scale, seed
 ):
     """Three training steps then one at eval: every result equal, running averages too."""
-    fused, reference, plain = _pair(levels, bound, dtype, momentum)
+    fused, reference, plain = pair(levels, bound, dtype, momentum)
     gen = torch.Generator().manual_seed(seed)
     for training in (True, True, True, False):
         z = (torch.randn(rows, len(levels), generator=gen, dtype=dtype) + 0.3) * scale
         upstream = torch.randn(rows, len(levels), generator=gen, dtype=dtype)
-        out, grad, ref, ref_grad = _step(fused, reference, plain, z, upstream, training)
+        out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
         assert _function(out) == "_NativeNormBoundRoundBackward"
         _assert_same(out, grad, ref, ref_grad, fused, reference)
 
@@ -91,27 +63,17 @@ def test_small_batches_equal_the_unfused_form_bit_for_bit(
 @pytest.mark.parametrize("training", [True, False])
 def test_small_batches_beyond_the_clamp_equal_the_unfused_form(bad, training):
     """The clamp and its gradient (none beyond the limit, none at NaN) as autograd's."""
-    fused, reference, plain = _pair(LEVELS[1], "tanh", torch.float32)
+    fused, reference, plain = pair(LEVELS[1], "tanh", torch.float32)
     z = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
     z[3, 2] = bad
     upstream = torch.randn(32, 4)
-    out, grad, ref, ref_grad = _step(fused, reference, plain, z, upstream, training)
+    out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
     _assert_same(out, grad, ref, ref_grad, fused, reference)
-
-
-def test_small_batch_kept_graph_backward_twice_gives_the_same_gradient():
-    q = stabq.FSQ(LEVELS[0], pre_norm=True).train()
-    z = torch.randn(40, 6, requires_grad=True)
-    out = q(z).quantized
-    upstream = torch.randn(40, 6)
-    first = torch.autograd.grad(out, z, upstream, retain_graph=True)[0]
-    second = torch.autograd.grad(out, z, upstream)[0]
-    assert torch.equal(first, second)
 
 
 def test_sum_of_codes_gradient_equals_the_unfused_form():
     """A user's ``quantized.sum().backward()`` (an expanded gradient) gives the same."""
-    fused, reference, plain = _pair(LEVELS[0], "tanh", torch.float32)
+    fused, reference, plain = pair(LEVELS[0], "tanh", torch.float32)
     z = torch.randn(128, 6, generator=torch.Generator().manual_seed(2)) * 3
     zf, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
     fused(zf).quantized.sum().backward()
@@ -125,11 +87,11 @@ def test_sum_of_codes_gradient_equals_the_unfused_form():
 def test_large_batches_agree_with_the_unfused_form(rows, dtype, training):
     """The packed form (its own statistics, the sigmoid bound for float32 from 2^16
     elements): the same codes but for rows within float rounding of a boundary."""
-    fused, reference, plain = _pair(LEVELS[0], "tanh", dtype)
+    fused, reference, plain = pair(LEVELS[0], "tanh", dtype)
     gen = torch.Generator().manual_seed(rows)
     z = (torch.randn(rows, 6, generator=gen) * 3 + 1).to(dtype)
     upstream = torch.randn(rows, 6, generator=gen).to(dtype)
-    out, grad, ref, ref_grad = _step(fused, reference, plain, z, upstream, training)
+    out, grad, ref, ref_grad = run_both(fused, reference, plain, z, training, upstream)
     assert _function(out) == "_NormBoundRoundBackward"
     same = out.indices == ref.indices
     assert same.float().mean() > 0.9999
