@@ -151,6 +151,16 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def publish(report: dict, columns: list[tuple[str, str, str]], title: str,
+            path: str | Path | None) -> None:  # fmt: skip
+    """Print ``report["rows"]`` as a markdown table under its machine and ``title``; with
+    ``path``, save the report there as JSON."""
+    print(f"\n{report['machine']}, {title}\n")
+    print(markdown(report["rows"], columns))
+    if path:
+        save_report(report, path)
+
+
 def on_kernel_paths(script: str, args: list[str], paths: list[str]) -> list[dict]:
     """Run ``python script --worker ARGS`` once per CPU kernel path (``ATEN_CPU_CAPABILITY``,
     which sets both ATen's kernels and the inductor's), two processes at a time, torch

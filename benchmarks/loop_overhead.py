@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import command_line, machine, markdown, provenance, save_report
+from _measure import command_line, machine, provenance, publish
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data, train_val_split
 
@@ -160,10 +160,8 @@ def main() -> None:
     report = {**provenance(command_line(), args.threads), "machine": machine("cpu")}
     report.update(data=args.data, epochs=args.epochs, repeats=args.repeats, batch_size=BATCH,
                   grad_clip=CLIP, validation="once an epoch, both sides", rows=rows)  # fmt: skip
-    print(f"\n{report['machine']}, {args.data}, {args.epochs} epochs, median of {args.repeats}\n")
-    print(markdown(rows, COLUMNS))
-    if args.json:
-        save_report(report, args.json)
+    title = f"{args.data}, {args.epochs} epochs, median of {args.repeats}"
+    publish(report, COLUMNS, title, args.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import command_line, machine, markdown, peak_mib, provenance, save_report
+from _measure import command_line, machine, peak_mib, provenance, publish
 from stabq import BottleneckClassifier, TrainConfig, preset_names, train
 from stabq.data import load_data, train_val_split
 
@@ -107,10 +107,8 @@ def main() -> None:
             row["peak_mib"] = peak_mib(make_epoch, args.data, row["preset"], row["encoder"], "cpu")
     report = {**provenance(command_line(), args.threads), "machine": machine("cpu")}
     report.update(data=args.data, epochs=args.epochs, repeats=args.repeats, rows=rows)
-    print(f"\n{report['machine']}, {args.data}, {args.epochs} epochs, median of {args.repeats}\n")
-    print(markdown(rows, COLUMNS))
-    if args.json:
-        save_report(report, args.json)
+    title = f"{args.data}, {args.epochs} epochs, median of {args.repeats}"
+    publish(report, COLUMNS, title, args.json)
 
 
 if __name__ == "__main__":
