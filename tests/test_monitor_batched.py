@@ -170,3 +170,13 @@ def test_finite_state_is_every_value_finite(where, value, half):
             t = tensors[which].view(-1)
             t[at % t.numel()] = value
     assert finite_state(model) == reference_finite(model)
+
+
+def test_finite_state_without_foreach_max_is_the_same(monkeypatch):
+    """On a torch without ``_foreach_max`` (before 2.4) the per-tensor maxima decide."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    monkeypatch.delattr(torch, "_foreach_max", raising=False)
+    assert finite_state(model)
+    with torch.no_grad():
+        model[1].bias[0] = math.nan
+    assert not finite_state(model) and not reference_finite(model)

@@ -22,6 +22,7 @@ from stabq.data import from_arrays, load_data
 from stabq.saving import load_history, read_config
 from stabq.training import epochs as epochs_module
 from stabq.training.checkpoint import load_checkpoint
+from stabq.training.precision import grad_scaler
 
 HALF = (torch.bfloat16, torch.float16)
 runner = CliRunner()
@@ -64,6 +65,13 @@ def test_a_bad_precision_is_a_config_error_naming_the_choices():
     with pytest.raises(ConfigError, match="precision=32,"):
         TrainConfig(precision=32)  # the names are strings, as Lightning's
     assert TrainConfig().precision == "32"
+
+
+def test_16_mixed_on_a_torch_without_amp_grad_scaler_is_one_config_error(monkeypatch):
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    with pytest.raises(ConfigError, match=r"16-mixed.*torch 2\.3"):
+        grad_scaler("16-mixed", torch.device("cpu"))
+    assert grad_scaler("bf16-mixed", torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("name", stabq.preset_names())

@@ -33,7 +33,9 @@ def finite_state(model: torch.nn.Module) -> bool:
         return True
     # the largest |value| of each tensor, in two calls: NaN where one is NaN, inf where one
     # is infinite, so finite exactly when every value is
-    largest = torch._foreach_max(torch._foreach_abs(found))
+    foreach_max = getattr(torch, "_foreach_max", None)  # torch 2.4 on; before, one a tensor
+    absolute = torch._foreach_abs(found)
+    largest = foreach_max(absolute) if foreach_max else [t.max() for t in absolute]
     if len({(t.dtype, t.device) for t in largest}) > 1:  # one dtype and device to stack
         largest = [t.float().to(found[0].device) for t in largest]
     return bool(torch.stack(largest).isfinite().all())  # one device sync

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from stabq.errors import ConfigError, check
+
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -51,6 +53,9 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     Returns:
         The scaler, or None.
 
+    Raises:
+        ConfigError: ``"16-mixed"`` on a torch without ``torch.amp.GradScaler`` (before 2.3).
+
     Examples:
         >>> import torch
         >>> grad_scaler("bf16-mixed", torch.device("cpu")) is None
@@ -60,7 +65,10 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     """
     if precision != "16-mixed":
         return None
-    return torch.amp.GradScaler(device.type)
+    scaler = getattr(torch.amp, "GradScaler", None)  # torch 2.3 on
+    check(scaler is not None, "precision='16-mixed' needs torch 2.3 or later (its "
+          f"torch.amp.GradScaler); this is torch {torch.__version__}", ConfigError)  # fmt: skip
+    return scaler(device.type)
 
 
 __all__ = ["AUTOCAST_DTYPES", "autocast", "grad_scaler"]
